@@ -1,0 +1,112 @@
+"""VQGAN first stage with CompVis/taming's module names, so vq-f4 / vq-f8 / taming checkpoints load strictly.
+
+Built from taming-transformers' ``Encoder``, ``Decoder`` and ``VectorQuantizer2`` (installed
+``--no-deps``; ``taming.models.vqgan`` itself does not import against current Lightning, so the
+thin wrapper lives here). ``encode`` returns the *pre-quantization* latent like LDM's
+``VQModelInterface.encode``; ``decode`` quantizes first, then decodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from taming.modules.diffusionmodules.model import Decoder, Encoder
+from taming.modules.vqvae.quantize import VectorQuantizer2
+from torch import Tensor, nn
+
+DDCONFIG_KEYS = (
+    "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+    "num_res_blocks", "attn_resolutions", "dropout",
+)
+
+
+class VQModel(nn.Module):
+    """VQGAN autoencoder.
+
+    Args:
+        ddconfig: the ``ddconfig`` block of a CompVis/taming first-stage config (``ch``, ``ch_mult``,
+            ``num_res_blocks``, ``attn_resolutions``, ``z_channels``, ``resolution``, ``in_channels``,
+            ``out_ch``, ``dropout``, ``double_z=False``). ``attn_type`` other than ``vanilla`` is refused
+            because taming cannot build it (vq-f4-noattn).
+        n_embed: codebook size (vq-f4: 8192, vq-f8: 16384).
+        embed_dim: codebook vector size = latent channels (vq-f4: 3, vq-f8: 4).
+        beta: commitment weight of the codebook loss.
+        remap, sane_index_shape: passed to ``VectorQuantizer2``.
+    """
+
+    def __init__(
+        self,
+        ddconfig: dict,
+        n_embed: int,
+        embed_dim: int,
+        beta: float = 0.25,
+        remap: str | None = None,
+        sane_index_shape: bool = False,
+    ):
+        super().__init__()
+        ddconfig = dict(ddconfig)
+        attn_type = ddconfig.pop("attn_type", "vanilla")
+        if attn_type != "vanilla":
+            raise ValueError(
+                f"ddconfig.attn_type={attn_type!r} is not supported: taming-transformers only builds "
+                "'vanilla' attention (CompVis vq-f4-noattn cannot be loaded)"
+            )
+        if ddconfig.get("double_z", False):
+            raise ValueError("ddconfig.double_z must be False for a VQ first stage (it is the KL-VAE setting)")
+        self.ddconfig = ddconfig
+        self.n_embed = n_embed
+        self.embed_dim = embed_dim
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
+        self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor (f4: 4, f8: 8)."""
+        return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> pre-quantization latents (B, embed_dim, H/f, W/f)."""
+        if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not divisible by the first-stage factor {self.factor}; "
+                "pad or crop first (refiner.data.images.pad_to_multiple)"
+            )
+        return self.quant_conv(self.encoder(x))
+
+    def quantize_latent(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Snap latents to the codebook; returns (quantized, codebook loss)."""
+        quant, emb_loss, _ = self.quantize(h)
+        return quant, emb_loss
+
+    def decode(self, h: Tensor, force_not_quantize: bool = False) -> Tensor:
+        """Quantize (unless told not to), then decode to images in about [-1, 1]."""
+        quant = h if force_not_quantize else self.quantize_latent(h)[0]
+        return self.decoder(self.post_quant_conv(quant))
+
+    def round_trip(self, x: Tensor) -> Tensor:
+        """encode -> quantize -> decode: the VQ-f8 artifact degradation when this is an f8 model."""
+        return self.decode(self.encode(x))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Training path: (reconstruction, codebook loss)."""
+        quant, emb_loss = self.quantize_latent(self.encode(x))
+        return self.decoder(self.post_quant_conv(quant)), emb_loss
+
+
+def tiny_ddconfig(factor: int = 4, ch: int = 32, resolution: int = 64, attn: bool = False) -> dict:
+    """A small ddconfig for demos and tests: f4 -> ch_mult [1,2,4], f8 -> [1,2,2,4] (as CompVis)."""
+    ch_mult = {4: [1, 2, 4], 8: [1, 2, 2, 4]}.get(factor)
+    if ch_mult is None:
+        raise ValueError(f"tiny_ddconfig supports factor 4 or 8, got {factor}")
+    return dict(
+        double_z=False, z_channels={4: 3, 8: 4}[factor], resolution=resolution, in_channels=3, out_ch=3,
+        ch=ch, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=[resolution // factor] if attn else [],
+        dropout=0.0,
+    )
+
+
+@torch.no_grad()
+def encode_in_chunks(model: VQModel, x: Tensor, chunk: int = 8) -> Tensor:
+    return torch.cat([model.encode(part) for part in x.split(chunk)])
