@@ -1,0 +1,209 @@
+"""Image files <-> arrays <-> tensors, with the conversions every entry point needs.
+
+* ``load_image``: any PIL-readable file -> ``(H, W, 3) uint8`` RGB, EXIF orientation applied.
+* ``list_images``: folder / glob / file / list of these -> sorted image paths.
+* ``to_tensor`` / ``to_uint8``: uint8 ``[0, 255]`` <-> float ``[-1, 1]`` (the first stage's range).
+* ``pad_to_multiple`` / ``crop_to``: make sizes divisible by the first-stage factor and undo it.
+* ``save_png_atomic``: write a PNG without ever leaving a half-written file or clobbering an input.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from refiner.io import atomic_write_bytes
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    """An image file could not be read or converted (the message names the file and the reason)."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _high_depth_gray_to_uint8(img: Image.Image) -> np.ndarray:
+    """Scale a 16/32-bit integer or float greyscale image to uint8.
+
+    Integer modes (``I;16*``, ``I``) are read as 16-bit data (what 16-bit PNG/TIFF give) and
+    mapped 0..65535 -> 0..255. Float (``F``) data is read as [0, 1] when its maximum is <= 1
+    (the usual float-TIFF convention), otherwise as [0, 255]; values outside are clipped.
+    """
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = a.astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+    a = np.clip(a.astype(np.float64), 0, 65535)
+    return np.rint(a / 257.0).astype(np.uint8)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "P" or mode == "PA":
+        has_alpha = mode == "PA" or "transparency" in img.info
+        return np.asarray(_composite_on_white(img) if has_alpha else img.convert("RGB"))
+    if mode in ("RGBA", "LA", "RGBa", "La") or (mode in ("L", "RGB") and "transparency" in img.info):
+        return np.asarray(_composite_on_white(img))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        gray = _high_depth_gray_to_uint8(img)
+        return np.repeat(gray[..., None], 3, axis=2)
+    # L, 1, CMYK, YCbCr, LAB, HSV, RGB: PIL's own conversions
+    return np.asarray(img.convert("RGB"))
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as ``(H, W, 3) uint8`` RGB.
+
+    Transparent images (RGBA, LA, palette with transparency) are composited over white;
+    greyscale (L, I;16, I, F), palette and CMYK are converted to RGB; EXIF orientation is applied.
+
+    Raises:
+        ImageError: the file is missing, empty, truncated, not an image, or has zero size.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # force decoding here, so truncated files fail inside this try
+            img = ImageOps.exif_transpose(img)
+            arr = _to_rgb_array(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
+        reason = "empty file" if path.is_file() and path.stat().st_size == 0 else f"{type(exn).__name__}: {exn}"
+        raise ImageError(f"cannot read image {path}: {reason}") from exn
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"cannot read image {path}: unexpected decoded shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand ``spec`` to a sorted, de-duplicated list of image files.
+
+    ``spec`` is a folder (its direct children), a glob pattern (``**`` allowed), a single file,
+    or a list of any of these. Extensions: png, jpg, jpeg, webp, bmp, tif, tiff (any case).
+
+    Raises:
+        FileNotFoundError: a folder/file does not exist or a pattern matches nothing.
+        ValueError: the spec as a whole yields no image.
+    """
+    specs: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
+    found: set[Path] = set()
+    for item in specs:
+        text = str(item)
+        path = Path(text).expanduser()
+        if any(ch in text for ch in "*?["):
+            matches = [Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)]
+            if not matches:
+                raise FileNotFoundError(f"image pattern {text!r} matched no files")
+            found.update(m for m in matches if _is_image(m))
+        elif path.is_dir():
+            found.update(p for p in path.iterdir() if _is_image(p))
+        elif path.is_file():
+            if not _is_image(path):
+                raise ValueError(f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            found.add(path)
+        else:
+            raise FileNotFoundError(f"image folder or file {text!r} does not exist")
+    if not found:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {spec!r}")
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` in [-1, 1] (x / 127.5 - 1)."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def to_uint8(t: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` float in [-1, 1] -> ``(H, W, 3) uint8`` (clamped, rounded): inverse of ``to_tensor``."""
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
+    x = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 0).contiguous().numpy()
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the bottom/right of ``(..., C, H, W)`` so H and W are divisible by ``multiple``.
+
+    Returns ``(padded, (H, W))``; ``crop_to(padded, (H, W))`` restores the input exactly.
+    Padding goes at the bottom/right only so that cropping back is a plain slice.
+
+    ``mode="reflect"`` mirrors the border without repeating the edge pixel (fewer seams for the
+    autoencoder than zeros). Reflection needs each pad to be smaller than that side (a 3-pixel
+    image cannot be reflected by 5), so for such tiny images it falls back to ``"replicate"``
+    (repeat the edge pixel). Other modes: "replicate", "constant" (zeros).
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    if x.ndim < 3:
+        raise ValueError(f"expected a (..., C, H, W) tensor, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    if mode == "reflect" and (ph >= h or pw >= w):
+        mode = "replicate"
+    lead = x.shape[:-3]
+    x4 = x.reshape(-1, *x.shape[-3:])
+    padded = F.pad(x4, (0, pw, 0, ph), mode=mode)
+    return padded.reshape(*lead, *padded.shape[-3:]), (h, w)
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Keep the top-left ``size = (H, W)`` of ``(..., H', W')``: undoes ``pad_to_multiple``."""
+    h, w = size
+    if h > x.shape[-2] or w > x.shape[-1]:
+        raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to the larger size {(h, w)}")
+    return x[..., :h, :w]
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """``(H, W, 3) uint8`` -> PNG bytes."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png_atomic(path: str | os.PathLike, img: np.ndarray, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``img`` as a PNG at ``path`` atomically (temp file + rename, via ``refiner.io``).
+
+    Raises:
+        ValueError: ``path`` is one of the ``protect`` paths (e.g. the input images), so an
+            output setting can never overwrite a source file.
+    """
+    path = Path(path)
+    target = path.resolve()
+    if any(target == Path(p).resolve() for p in protect):
+        raise ValueError(f"refusing to overwrite input image {path} (choose an output folder different from the inputs)")
+    atomic_write_bytes(path, encode_png(img))
+    return path

@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refiner.data.images import (
+    ImageError,
+    crop_to,
+    list_images,
+    load_image,
+    pad_to_multiple,
+    save_png_atomic,
+    to_tensor,
+    to_uint8,
+)
+
+
+def test_rgba_is_composited_over_white(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (200, 100, 0, 255)  # opaque: unchanged
+    rgba[0, 1] = (200, 100, 0, 0)  # transparent: white
+    rgba[1, 0] = (0, 0, 0, 128)  # half black over white: ~127
+    rgba[1, 1] = (255, 0, 0, 64)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = load_image(tmp_path / "a.png").astype(int)
+    a = rgba[..., 3:].astype(float) / 255
+    expected = rgba[..., :3] * a + 255 * (1 - a)
+    assert out.shape == (2, 2, 3)
+    assert np.abs(out - expected).max() <= 1
+    assert tuple(out[0, 1]) == (255, 255, 255)
+
+
+def test_gray_modes(tmp_path):
+    gray = np.array([[0, 10], [128, 255]], np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "l.png")
+    out = load_image(tmp_path / "l.png")
+    assert (out == gray[..., None]).all()
+
+    Image.fromarray(np.stack([gray, gray * 0 + 255], -1), "LA").save(tmp_path / "la.png")
+    assert (load_image(tmp_path / "la.png") == gray[..., None]).all()  # fully opaque
+
+    g16 = np.array([[0, 257 * 10], [257 * 128, 65535]], np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert (load_image(tmp_path / "g16.png") == gray[..., None]).all()
+
+    Image.fromarray(g16.astype(np.int32)).save(tmp_path / "g32.tif")
+    assert Image.open(tmp_path / "g32.tif").mode == "I"
+    assert (load_image(tmp_path / "g32.tif") == gray[..., None]).all()
+
+    Image.fromarray(gray.astype(np.float32) / 255).save(tmp_path / "f.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    assert (load_image(tmp_path / "f.tif") == gray[..., None]).all()
+
+
+def test_palette_with_transparency(tmp_path):
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6))
+    pal.putpixel((0, 0), 0)
+    pal.putpixel((1, 0), 1)
+    pal.save(tmp_path / "p.png")
+    assert tuple(load_image(tmp_path / "p.png")[0, 1]) == (200, 100, 50)
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "pt.png", transparency=0)
+    out = load_image(tmp_path / "pt.png")
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (200, 100, 50)
+
+
+def test_cmyk(tmp_path):
+    cmyk = np.array([[[100, 0, 50, 20]]], np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.tif")
+    # naive (profile-free) conversion, as Pillow does it: channel = (255 - ink) * (255 - K) / 255
+    c, m, y, k = cmyk[0, 0].astype(float)
+    expected = [(255 - ink) * (255 - k) / 255 for ink in (c, m, y)]  # 142.8, 235, 188.9
+    assert np.abs(load_image(tmp_path / "c.tif")[0, 0].astype(float) - expected).max() <= 0.6
+
+
+def test_exif_orientation_applied(tmp_path):
+    stored = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(stored).save(tmp_path / "r.png", exif=exif)
+    out = load_image(tmp_path / "r.png")
+    assert out.shape == (3, 2, 3)
+    assert (out[:, -1] == stored[0]).all()  # the stored top row becomes the right column
+    assert (out == np.rot90(stored, k=-1)).all()
+
+
+def test_bad_files_raise_image_error_naming_file(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    for name in ("trunc.png", "empty.png", "junk.jpg", "missing.png"):
+        with pytest.raises(ImageError, match=name):
+            load_image(tmp_path / name)
+    with pytest.raises(ImageError, match="empty file"):
+        load_image(tmp_path / "empty.png")
+    assert issubclass(ImageError, ValueError)
+
+
+def test_list_images(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.PNG", "a.jpg", "c.txt", "sub/d.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG"]
+    assert [p.name for p in list_images(str(tmp_path / "**" / "*.webp"))] == ["d.webp"]
+    both = list_images([tmp_path / "a.jpg", tmp_path / "sub", str(tmp_path / "*.jpg")])
+    assert [p.name for p in both] == ["a.jpg", "d.webp"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"\*\.gif"):
+        list_images(str(tmp_path / "*.gif"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        list_images(tmp_path / "empty")
+
+
+def test_tensor_round_trip_and_range():
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    t = to_tensor(img)
+    assert t.shape == (3, 5, 7) and t.dtype == torch.float32
+    assert float(to_tensor(np.full((1, 1, 3), 255, np.uint8)).max()) == 1.0
+    assert float(to_tensor(np.zeros((1, 1, 3), np.uint8)).min()) == -1.0
+    assert (to_uint8(t) == img).all()
+    assert (to_uint8(torch.full((3, 1, 1), 5.0)) == 255).all()  # clamped
+    assert (to_uint8(torch.full((3, 1, 1), -5.0)) == 0).all()
+
+
+def test_pad_crop_round_trip():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6)
+    padded, size = pad_to_multiple(x, 8)
+    assert padded.shape == (2, 3, 8, 8) and size == (5, 6)
+    assert torch.equal(crop_to(padded, size), x)
+    # reflect: row 5 mirrors row 3 (edge row 4 not repeated)
+    assert torch.equal(padded[..., 5, :6], x[..., 3, :])
+    assert torch.equal(padded[..., :5, 6], x[..., :, 4])
+    # too small to reflect by 7 -> replicate the edge
+    tiny = torch.arange(3.0).reshape(1, 1, 3)
+    p, s = pad_to_multiple(tiny, 8)
+    assert p.shape == (1, 8, 8) and torch.equal(p[0, 0], torch.tensor([0, 1, 2, 2, 2, 2, 2, 2.0]))
+    assert torch.equal(crop_to(p, s), tiny)
+    same, s2 = pad_to_multiple(torch.zeros(3, 8, 16), 8)
+    assert same.shape == (3, 8, 16) and s2 == (8, 16)
+    with pytest.raises(ValueError):
+        crop_to(torch.zeros(3, 4, 4), (5, 4))
+
+
+def test_save_png_atomic_protects_inputs(tmp_path):
+    img = np.random.default_rng(1).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    out = save_png_atomic(tmp_path / "o" / "x.png", img)
+    assert (load_image(out) == img).all()
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["x.png"]  # no temp files left
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        save_png_atomic(tmp_path / "o" / "x.png", img, protect={str(tmp_path / "o" / ".." / "o" / "x.png")})
