@@ -154,3 +154,62 @@ def test_save_png_atomic_protects_inputs(tmp_path):
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["x.png"]  # no temp files left
     with pytest.raises(ValueError, match="refusing to overwrite"):
         save_png_atomic(tmp_path / "o" / "x.png", img, protect={str(tmp_path / "o" / ".." / "o" / "x.png")})
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+def test_demo_build_is_deterministic_and_well_formed(tmp_path):
+    from refiner.data.demo import build_demo_images, demo_photos
+
+    kw = dict(crop_size=32, crops_per_photo=3, photos=["astronaut", "chelsea", "flower"], progress=False)
+    counts = build_demo_images(tmp_path / "a", seed=0, **kw)
+    assert counts == {"train": 6, "val": 2}  # astronaut: 3 crops + 3 flips; chelsea, flower held out
+    a = _tree(tmp_path / "a")
+    assert sorted(a) == sorted(
+        [f"train/astronaut_{i:03d}{s}.png" for i in range(3) for s in ("", "_flip")] + ["val/chelsea.png", "val/flower.png"]
+    )
+    build_demo_images(tmp_path / "b", seed=0, **kw)
+    assert _tree(tmp_path / "b") == a
+    build_demo_images(tmp_path / "c", seed=1, **kw)
+    assert _tree(tmp_path / "c")["train/astronaut_000.png"] != a["train/astronaut_000.png"]
+
+    crop = load_image(tmp_path / "a/train/astronaut_001.png")
+    assert crop.shape == (32, 32, 3)
+    assert (load_image(tmp_path / "a/train/astronaut_001_flip.png") == crop[:, ::-1]).all()
+    for name, photo in demo_photos(["chelsea", "flower"]).items():
+        val = load_image(tmp_path / f"a/val/{name}.png")
+        assert val.shape[0] == 64 and val.shape[1] % 8 == 0  # short side 2*crop_size, multiple of 8
+        h, w = photo.shape[:2]
+        assert abs(val.shape[1] - round(w * 64 / h)) < 8  # aspect kept up to the centre crop
+
+    with pytest.raises(FileExistsError):
+        build_demo_images(tmp_path / "a", seed=0, **kw)
+    build_demo_images(tmp_path / "a", seed=0, overwrite=True, **kw)
+    assert _tree(tmp_path / "a") == a
+
+
+def test_demo_full_scale_crop_matches_pil_resize(tmp_path):
+    from refiner.data.demo import build_demo_images, demo_photos
+
+    build_demo_images(tmp_path, crop_size=32, crops_per_photo=1, photos=["astronaut"], scales=(1.0,), progress=False)
+    photo = demo_photos(["astronaut"])["astronaut"]  # square, so the scale-1 crop is the whole photo
+    expected = np.asarray(Image.fromarray(photo).resize((32, 32), Image.Resampling.LANCZOS))
+    assert (load_image(tmp_path / "train/astronaut_000.png") == expected).all()
+
+
+def test_demo_cli(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "refiner.data.demo", str(tmp_path), "--crop-size", "16", "--crops-per-photo", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "wrote 14 training and 2 validation images" in r.stdout
+    assert len(list((tmp_path / "train").glob("*.png"))) == 14
