@@ -1,0 +1,38 @@
+# Every target sets up .venv on first use. On a machine without an NVIDIA GPU, torch is pinned
+# to the CPU build 2.13.0; with `nvidia-smi` present, pip takes the default (CUDA) torch wheel.
+# Override either way: make setup TORCH_SPEC="torch==2.5.1 --index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean-demo
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# taming-transformers' declared deps pull torchvision, which breaks this torch: install it alone
+	$(BIN)/python -m pip install -q --no-deps taming-transformers-rom1504==0.0.6
+	$(BIN)/python -c "import torch, pytorch_lightning, taming.modules.vqvae.quantize; print('torch', torch.__version__)"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+bench: setup
+	$(BIN)/python -m pip install -q "diffusers>=0.30"
+	$(BIN)/python benchmarks/run_all.py
+
+clean-demo:
+	rm -rf data/demo data/shards/demo outputs/demo

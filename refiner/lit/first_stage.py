@@ -1,0 +1,116 @@
+"""LightningModule that trains a small VQGAN first stage (the demo's own VQ-f4 and VQ-f8).
+
+Loss: L1 reconstruction + codebook/commitment loss (VQ-VAE, van den Oord et al. 2017, eq. 3),
+plus, after ``disc_start`` steps, taming's PatchGAN discriminator with the hinge loss
+(taming's LPIPS term needs a weight download and is left out).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from refiner.lit.window_module import plain
+from refiner.models.vq import VQModel
+
+
+class FirstStageModule(pl.LightningModule):
+    """Args:
+    ddconfig, n_embed, embed_dim: ``VQModel`` params (CompVis first-stage ``params`` names).
+    lr: Adam learning rate (taming uses 4.5e-6 per sample at scale; tiny demo models want ~2e-4).
+    codebook_weight: weight of the codebook loss.
+    disc_weight: weight of the generator's adversarial term; 0 disables the discriminator.
+    disc_start: optimizer step at which the discriminator switches on.
+    optimizer: partial optimizer (Hydra ``_partial_: true``); ``lr`` is set here.
+    """
+
+    def __init__(
+        self,
+        ddconfig: dict,
+        n_embed: int,
+        embed_dim: int,
+        lr: float = 2e-4,
+        codebook_weight: float = 1.0,
+        disc_weight: float = 0.0,
+        disc_start: int = 0,
+        optimizer: Optional[Callable] = None,
+    ):
+        super().__init__()
+        ddconfig = plain(ddconfig)
+        self.save_hyperparameters(dict(ddconfig=ddconfig, n_embed=n_embed, embed_dim=embed_dim, lr=lr,
+                                       codebook_weight=codebook_weight, disc_weight=disc_weight,
+                                       disc_start=disc_start))
+        vq = VQModel(ddconfig, n_embed=n_embed, embed_dim=embed_dim)
+        # Register VQModel's parts at top level and the discriminator under ``loss.``, so our
+        # checkpoints have exactly the taming/CompVis first-stage key layout.
+        object.__setattr__(self, "vq", vq)
+        for name, child in vq.named_children():
+            self.add_module(name, child)
+        self.loss = torch.nn.Module()
+        if disc_weight > 0:
+            from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
+
+            self.loss.discriminator = NLayerDiscriminator(input_nc=ddconfig["out_ch"], n_layers=2, ndf=32)
+            self.loss.discriminator.apply(weights_init)
+        self.optimizer_factory = optimizer or torch.optim.Adam
+        self.automatic_optimization = False
+
+    @property
+    def discriminator(self):
+        return getattr(self.loss, "discriminator", None)
+
+    @property
+    def params(self) -> dict:
+        """What ``VQModel(**params)`` needs; stored in first-stage configs next to ``ckpt_path``."""
+        h = self.hparams
+        return dict(ddconfig=h.ddconfig, n_embed=h.n_embed, embed_dim=h.embed_dim)
+
+    def reconstruction_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_rec, codebook_loss = self.vq(x)
+        return x_rec, (x_rec - x).abs().mean(), codebook_loss
+
+    def training_step(self, batch, batch_idx):
+        x = batch["image"]
+        opts = self.optimizers()
+        opt_ae, opt_disc = (opts if isinstance(opts, list) else [opts, None])
+        x_rec, l1, codebook = self.reconstruction_losses(x)
+        loss = l1 + self.hparams.codebook_weight * codebook
+        use_disc = self.discriminator is not None and self.global_step >= self.hparams.disc_start
+        if use_disc:
+            g_loss = -self.discriminator(x_rec).mean()  # hinge generator loss
+            loss = loss + self.hparams.disc_weight * g_loss
+        opt_ae.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt_ae, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        opt_ae.step()
+        if use_disc:
+            # hinge loss, Lim & Ye 2017: E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]
+            d_loss = 0.5 * (F.relu(1 - self.discriminator(x)).mean()
+                            + F.relu(1 + self.discriminator(x_rec.detach())).mean())
+            opt_disc.zero_grad()
+            self.manual_backward(d_loss)
+            opt_disc.step()
+            self.log("train/d_loss", d_loss)
+        self.log_dict({"train/loss": loss, "train/l1": l1, "train/codebook": codebook}, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        x = batch["image"]
+        x_rec, l1, codebook = self.reconstruction_losses(x)
+        self.log("val/loss", l1 + self.hparams.codebook_weight * codebook, prog_bar=True, sync_dist=True,
+                 batch_size=x.shape[0])
+        self.log("val/l1", l1, sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            from refiner.visualize import log_grid
+
+            n = min(4, x.shape[0])
+            log_grid(self, [x[:n], x_rec[:n]], name="val/reconstruction", captions=["input", "reconstruction"])
+
+    def configure_optimizers(self):
+        opt_ae = self.optimizer_factory(self.vq.parameters(), lr=self.hparams.lr)
+        if self.discriminator is None:
+            return opt_ae
+        opt_disc = self.optimizer_factory(self.discriminator.parameters(), lr=self.hparams.lr)
+        return [opt_ae, opt_disc]

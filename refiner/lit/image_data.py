@@ -1,0 +1,89 @@
+"""Image-folder DataModule for training the first-stage autoencoders.
+
+Map-style data, so Lightning's own DistributedSampler splits it across ranks. Unreadable files
+are found in ``setup`` (before any compute), reported with their reason, and left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from refiner.data.images import ImageError, list_images, load_image, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+def _crop(x: torch.Tensor, size: int, random: bool) -> torch.Tensor:
+    """Random (torch's global RNG, seeded by Lightning per worker) or centre crop to size x size;
+    images smaller than that are edge-padded first."""
+    _, h, w = x.shape
+    if h < size or w < size:
+        ph, pw = max(0, size - h), max(0, size - w)
+        x = torch.nn.functional.pad(x[None], (0, pw, 0, ph), mode="replicate")[0]
+        _, h, w = x.shape
+    if not random:
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = (int(torch.randint(0, n - size + 1, ())) for n in (h, w))
+    return x[:, top : top + size, left : left + size]
+
+
+class ImageFolderDataset(Dataset):
+    def __init__(self, files: list[Path], crop_size: int, train: bool):
+        self.files, self.crop_size, self.train = files, crop_size, train
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        x = to_tensor(load_image(self.files[index]))
+        x = _crop(x, self.crop_size, random=self.train)
+        if self.train and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        return {"image": x}
+
+
+def readable_images(spec) -> list[Path]:
+    files, bad = [], []
+    for f in list_images(spec):
+        try:
+            load_image(f)
+            files.append(f)
+        except ImageError as err:
+            bad.append(f"{f}: {err}")
+    if bad:
+        log.warning("skipping %d unreadable image(s):\n  %s", len(bad), "\n  ".join(bad))
+    if not files:
+        raise ValueError(f"no readable images in {spec!r}")
+    return files
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Args:
+    train_dir, val_dir: image folders (or globs).
+    crop_size: training crops and validation centre crops are crop_size x crop_size.
+    batch_size, num_workers: the usual (crops use torch's RNG, seeded by ``seed_everything``).
+    """
+
+    def __init__(self, train_dir: str, val_dir: str, crop_size: int = 64, batch_size: int = 8,
+                 num_workers: int = 0):
+        super().__init__()
+        self.train_dir, self.val_dir = train_dir, val_dir
+        self.crop_size, self.batch_size, self.num_workers = crop_size, batch_size, num_workers
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.train_set = ImageFolderDataset(readable_images(self.train_dir), self.crop_size, True)
+        self.val_set = ImageFolderDataset(readable_images(self.val_dir), self.crop_size, False)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -1,0 +1,172 @@
+"""LightningModule that trains one denoiser on a timestep window ``[t_min, t_max)``.
+
+Thin on purpose: the noise process lives in ``refiner.diffusion``, sampling in ``refiner.sampling``.
+EMA comes from Lightning's ``EMAWeightAveraging`` callback (configured in ``conf/callbacks``), so
+``state_dict`` in a checkpoint holds EMA weights and ``current_model_state`` the raw ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from refiner.diffusion import ScheduleConfig, Window, q_sample, training_target
+from refiner.models.unet import UNetModel
+
+log = logging.getLogger(__name__)
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists, so hyperparameters load with ``weights_only=True``."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers given (seed, rank, step, micro-batch)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class WindowRefiner(pl.LightningModule):
+    """Denoiser trained only on ``t in [t_min, t_max)``.
+
+    Args:
+        unet: ``UNetModel`` params, CompVis ``unet_config.params`` names.
+        window: ``{t_min, t_max, num_timesteps}``; t is drawn uniformly from it, nowhere else.
+        schedule: ``ScheduleConfig`` fields (CompVis ``linear``: 0.0015 -> 0.0195 for VQ-f4 LDMs).
+        parameterization: what the network predicts: ``eps`` (CompVis), ``x0`` or ``v``.
+        conditioning: ``None`` (refiner) or ``"concat"``: the degraded latent is concatenated on
+            channels (LDM ``conditioning_key: concat``), the paired img2img baseline.
+        scale_factor: latents are multiplied by this before diffusion (LDM ``scale_factor``; 1.0 for VQ).
+        base_lr: learning rate per sample when ``scale_lr`` (LDM convention); otherwise the lr itself.
+        scale_lr: lr = base_lr * world_size * batch_size * accumulate_grad_batches.
+        warmup_steps: linear warmup of the lr over this many optimizer steps.
+        optimizer: partial optimizer (Hydra ``_partial_: true``); ``lr`` is set here.
+        seed: seeds t and noise as a pure function of (seed, rank, global step, micro-batch).
+        grid_steps: DDIM steps for the validation image grid.
+        first_stage: optional ``{ckpt_path, params}`` of the f4 autoencoder, to decode the grid.
+    """
+
+    def __init__(
+        self,
+        unet: dict,
+        window: dict,
+        schedule: dict,
+        parameterization: str = "eps",
+        conditioning: Optional[str] = None,
+        scale_factor: float = 1.0,
+        base_lr: float = 1e-4,
+        scale_lr: bool = False,
+        warmup_steps: int = 0,
+        optimizer: Optional[Callable] = None,
+        seed: int = 0,
+        grid_steps: int = 10,
+        grid_samples: int = 4,
+        first_stage: Optional[dict] = None,
+        batch_size: Optional[int] = None,
+    ):
+        super().__init__()
+        unet, window, schedule, first_stage = (plain(v) for v in (unet, window, schedule, first_stage))
+        self.save_hyperparameters(
+            dict(unet=unet, window=window, schedule=schedule, parameterization=parameterization,
+                 conditioning=conditioning, scale_factor=float(scale_factor), base_lr=base_lr, scale_lr=scale_lr,
+                 warmup_steps=warmup_steps, seed=seed, grid_steps=grid_steps, grid_samples=grid_samples,
+                 first_stage=first_stage, batch_size=batch_size)
+        )
+        if conditioning not in (None, "concat"):
+            raise ValueError(f"conditioning must be null or 'concat', got {conditioning!r}")
+        self.schedule = ScheduleConfig(**schedule)
+        self.window = Window(**window)
+        if self.window.num_timesteps != self.schedule.num_timesteps:
+            raise ValueError(
+                f"window.num_timesteps={self.window.num_timesteps} != schedule.num_timesteps="
+                f"{self.schedule.num_timesteps}"
+            )
+        self.unet = UNetModel(**unet)
+        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod(), persistent=False)
+        self.optimizer_factory = optimizer
+        self._grid_batch: Optional[dict] = None
+        self._decoder: list = []  # kept out of state_dict and EMA on purpose
+
+    # -- the window-restricted loss ---------------------------------------------------------
+    def _generator(self, *parts: int) -> torch.Generator:
+        return torch.Generator().manual_seed(step_seed(self.hparams.seed, *parts))
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSE between the network output and its target at t drawn from the window."""
+        z0 = batch["z_clean"].float() * self.hparams.scale_factor
+        t = self.window.sample(z0.shape[0], generator=generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
+        x_t = q_sample(z0, t, self.alphas_cumprod, noise)
+        concat = batch["z_degraded"].float() * self.hparams.scale_factor if self.hparams.conditioning else None
+        target = training_target(self.hparams.parameterization, z0, noise, t, self.alphas_cumprod)
+        return F.mse_loss(self.unet(x_t, t, concat=concat).float(), target.float()), t
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
+        g = self._generator(self.global_rank, self.global_step, micro)
+        loss, t = self.diffusion_loss(batch, g)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/t_min_drawn": t.min().float(), "train/t_max_drawn": t.max().float()})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        g = self._generator(-1, batch_idx)  # fixed t and noise, so val losses compare across evals
+        loss, _ = self.diffusion_loss(batch, g)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["z_clean"].shape[0])
+        if batch_idx == 0:
+            self._grid_batch = batch
+
+    # -- validation image grid: degraded | refined within this window | clean ----------------
+    def on_validation_epoch_end(self) -> None:
+        batch, self._grid_batch = self._grid_batch, None
+        if batch is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            return
+        decoder = self._load_decoder()
+        if decoder is None or "clean" not in batch:
+            return
+        from refiner.visualize import log_grid, refine_within_window
+
+        n = self.hparams.grid_samples
+        z_deg = batch["z_degraded"][:n].float()
+        refined = refine_within_window(self, z_deg, steps=self.hparams.grid_steps)
+        with torch.no_grad():
+            images = decoder.decode(refined.to(next(decoder.parameters()).device)).clamp(-1, 1)
+        rows = [batch["degraded"][:n].float(), images.to(batch["degraded"].device), batch["clean"][:n].float()]
+        log_grid(self, rows, name="val/grid", captions=["degraded", f"refined {self.window}", "clean"])
+
+    def _load_decoder(self):
+        if self._decoder:
+            return self._decoder[0]
+        cfg = self.hparams.first_stage
+        if not cfg or not cfg.get("ckpt_path"):
+            return None
+        from refiner.checkpoints import build_first_stage
+
+        vq = build_first_stage(cfg["ckpt_path"], cfg["params"]).eval().to(self.device)
+        self._decoder.append(vq)
+        return vq
+
+    # -- optimizer --------------------------------------------------------------------------
+    def effective_lr(self) -> float:
+        if not self.hparams.scale_lr:
+            return self.hparams.base_lr
+        trainer = self.trainer
+        batch = self.hparams.batch_size or getattr(trainer.datamodule, "batch_size", 1)
+        return self.hparams.base_lr * trainer.world_size * batch * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        lr = self.effective_lr()
+        log.info("learning rate %.3g (base_lr %.3g, scale_lr=%s)", lr, self.hparams.base_lr, self.hparams.scale_lr)
+        factory = self.optimizer_factory or torch.optim.AdamW
+        opt = factory(self.unet.parameters(), lr=lr)
+        warmup = max(1, int(self.hparams.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

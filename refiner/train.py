@@ -1,0 +1,101 @@
+"""Body of ``train.py``: compose -> validate inputs -> instantiate -> fit. Importable for tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from refiner.diffusion import Window
+from refiner.io import atomic_write_text
+from refiner.lit.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before any compute."""
+
+
+def _require_file(path: str | None, what: str) -> None:
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{what} not found: {path!r} (relative paths are relative to {os.getcwd()})")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail fast, before any compute, on the inputs users most often get wrong."""
+    for name in cfg.get("required_paths") or []:
+        value = cfg.paths.get(name)
+        if not value:
+            raise ConfigError(
+                f"this experiment needs paths.{name}=<file>; see the README's 'Finetuning from CompVis' section"
+            )
+        _require_file(value, f"paths.{name}")
+    if "window" in cfg.model:
+        try:
+            Window(**OmegaConf.to_container(cfg.model.window, resolve=True))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"window: {err}") from err
+    _require_file(cfg.get("ckpt_path"), "ckpt_path (checkpoint to resume from)")
+    _require_file(cfg.get("init_from"), "init_from (checkpoint to finetune from)")
+    if cfg.get("ckpt_path") and cfg.get("init_from"):
+        raise ConfigError("give either ckpt_path (resume) or init_from (finetune), not both")
+    first_stage = cfg.model.get("first_stage")
+    if first_stage and first_stage.get("ckpt_path"):
+        _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)")
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a name -> config mapping (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def apply_init_from(model: pl.LightningModule, cfg: DictConfig) -> dict:
+    """Finetune: copy only weights into ``model.unet`` (strictly); optimizer and step start fresh."""
+    from refiner.checkpoints import load_init_weights, load_strict
+
+    state, info = load_init_weights(cfg.init_from, use_ema=cfg.init_from_ema, trust_checkpoint=cfg.trust_checkpoint)
+    load_strict(model.unet, state, source=str(cfg.init_from))
+    log.info("initialised weights from %s (%s)", cfg.init_from, info)
+    return info
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    if cfg.get("init_from"):
+        apply_init_from(model, cfg)
+
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=instantiate_dict(cfg.get("callbacks")),
+        logger=instantiate_dict(cfg.get("logger")) or False,
+        plugins=[AtomicCheckpointIO(trust_checkpoint=cfg.trust_checkpoint)],
+    )
+    if trainer.is_global_zero:
+        atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt_cb = trainer.checkpoint_callback
+    result = {
+        "output_dir": str(output_dir),
+        "global_step": trainer.global_step,
+        "last_ckpt": getattr(ckpt_cb, "last_model_path", None),
+        "best_ckpt": getattr(ckpt_cb, "best_model_path", None),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        log.info("finished at step %d; last checkpoint: %s", result["global_step"], result["last_ckpt"])
+    return result

@@ -1,0 +1,73 @@
+"""Image grids for validation logging and for sample.py's side-by-side comparisons."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from refiner.io import atomic_path
+
+
+def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
+    """Rows of (N, 3, H, W) images in [-1, 1] -> one uint8 (rows*H, N*W, 3) array.
+
+    Images in a row may differ in size from other rows only if ``rows`` are first resized; all
+    images must share H and W here.
+    """
+    stacked = torch.stack([r.detach().float().cpu().clamp(-1, 1) for r in rows])  # (R, N, 3, H, W)
+    stacked = F_pad(stacked, pad)
+    grid = rearrange(stacked, "r n c h w -> (r h) (n w) c")
+    return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def F_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=1.0) if pad else x
+
+
+def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(make_grid(rows)).save(tmp, format="PNG")
+    return path
+
+
+@torch.no_grad()
+def refine_within_window(module, z_degraded: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """Noise degraded latents to the top of ``module.window`` and DDIM-denoise through it only.
+
+    Returns the x0 prediction at the window's lower edge, unscaled back to first-stage latents.
+    """
+    from refiner.sampling import Stage, refine
+
+    window = module.window
+    scale = module.hparams.scale_factor
+    z = z_degraded.to(module.device) * scale
+    concat = z if module.hparams.conditioning else None
+
+    def model(x, t):
+        return module.unet(x, t, concat=concat)
+
+    steps = max(1, min(steps, window.width))
+    stage = Stage(model=model, window=window, parameterization=module.hparams.parameterization, name="grid")
+    result = refine(
+        [stage], z, t_start=window.t_max - 1, steps=steps, alphas_cumprod=module.alphas_cumprod,
+        eta=0.0, generator=torch.Generator().manual_seed(0), t_end=window.t_min,
+    )
+    return result.x0 / scale
+
+
+def log_grid(module, rows: Sequence[torch.Tensor], name: str, captions: Sequence[str]) -> Path:
+    """Save the grid PNG under the run's ``val_grids/`` and send it to wandb when that logger is on."""
+    step = module.global_step
+    out = Path(module.trainer.default_root_dir) / "val_grids" / f"step_{step:07d}.png"
+    save_grid(out, rows)
+    for logger in module.trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.log_image(key=name, images=[str(out)], caption=[" | ".join(captions)], step=step)
+    return out
