@@ -1,0 +1,413 @@
+"""Samplers as pure functions (k-diffusion style) and staged refinement that switches experts by t.
+
+A *model* is any callable ``model(x_t, t) -> output`` where ``t`` is a ``(B,)`` long tensor of
+diffusion timesteps (t=0 clean, t=T-1 pure noise) and ``output`` is eps, x0 or v, as the caller
+declares with ``parameterization``. Conversions go through :func:`refiner.diffusion.to_x0_eps`.
+
+Conventions shared by every sampler here (they match CompVis LDM's DDIM sampler and diffusers'
+``DDIMScheduler(set_alpha_to_one=False)``):
+
+* A grid is a strictly descending list of timesteps ``[t_0 > t_1 > ... > t_{S-1}]``; step ``i``
+  evaluates the model at ``t_i`` and moves the latent to the noise level of ``t_{i+1}``.
+* After the last grid point the target level is ``alphas_cumprod[0]`` (not 1): the returned latent
+  is at the noise level of t=0, exactly like CompVis (``alphas_prev`` starts with ``ab[0]``).
+* Img2img noising happens at exactly the first evaluated timestep (diffusers style), which avoids
+  the off-by-one of CompVis ``stochastic_encode(t_enc)`` followed by ``ddim_timesteps[:t_enc]``.
+
+Callback protocol (used by artifact detectors and correctors): after step ``i`` has been computed,
+``callback(i, t, x_t, model_output, x0_pred)`` is called with
+
+* ``i``: the step index into the grid, ``t``: the timestep the model was evaluated at (an int),
+* ``x_t``: the *updated* latent, i.e. already at the noise level of the next grid point
+  (``timesteps[i+1]``, or ``ab[0]`` after the last step) — like diffusers' ``callback_on_step_end``,
+* ``model_output``: the raw model output at ``t`` (in the declared parameterization),
+* ``x0_pred``: the model's x0 prediction at ``t`` (not clipped).
+
+If the callback returns a Tensor (same shape as ``x_t``) it replaces the latent for the remaining
+steps (e.g. re-noise a region, blend with a per-pixel strength map); if it returns None, nothing
+changes. The callback is called exactly once per step, including the last one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from refiner.diffusion import PARAMETERIZATIONS, Parameterization, Window, q_sample, to_x0_eps
+
+Model = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, int, Tensor, Tensor, Tensor], "Tensor | None"]
+Spacing = Literal["uniform", "trailing"]
+SPACINGS = ("uniform", "trailing")
+
+
+# --------------------------------------------------------------------------------------------- grids
+def timestep_grid(
+    t_start: int, steps: int, t_end: int = 0, spacing: Spacing = "uniform", num_timesteps: int = 1000
+) -> list[int]:
+    """Strictly descending timesteps to evaluate inside ``[t_end, t_start]``; the first is ``t_start``.
+
+    Let ``L = t_start - t_end + 1`` be the number of available timesteps.
+
+    * ``"uniform"`` (CompVis DDIM 'uniform', top-anchored): constant integer stride
+      ``c = (t_start - t_end) // (steps - 1)`` (the largest stride that fits ``steps`` points in the
+      range), ``t_i = t_start - i*c`` for ``i = 0..steps-1``. The lowest point is ``>= t_end`` and at most
+      ``c - 1`` above it. The CompVis full grid ``range(0, T, T//S) + 1`` (= diffusers "leading" with
+      ``steps_offset=1``), whenever it has S points, is exactly
+      ``timestep_grid((S-1)*(T//S) + 1, S, t_end=1, spacing="uniform")``.
+    * ``"trailing"`` (diffusers 'trailing', generalised): ``t_i = t_end + round(L - i*L/steps) - 1``
+      with round-half-to-even like ``np.round``. For ``t_start = T-1, t_end = 0`` this is diffusers'
+      ``round(arange(T, 0, -T/steps)) - 1``. Strides differ by at most one; the lowest point is
+      ``t_end + round(L/steps) - 1``.
+
+    ``steps = 1`` gives ``[t_start]``. Requires ``0 <= t_end < t_start <= T-1`` and
+    ``1 <= steps <= L``.
+    """
+    for name, value in (("t_start", t_start), ("steps", steps), ("t_end", t_end), ("num_timesteps", num_timesteps)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"timestep_grid: {name} must be an int, got {value!r}")
+    if not 0 <= t_end < t_start <= num_timesteps - 1:
+        raise ValueError(
+            f"timestep_grid: need 0 <= t_end < t_start <= T-1={num_timesteps - 1}, got t_end={t_end}, "
+            f"t_start={t_start} (t=0 is clean, t=T-1 is pure noise)"
+        )
+    available = t_start - t_end + 1
+    if not 1 <= steps <= available:
+        raise ValueError(
+            f"timestep_grid: steps must be in [1, {available}] for the range [t_end={t_end}, t_start={t_start}], "
+            f"got {steps}"
+        )
+    if spacing == "uniform":
+        stride = (t_start - t_end) // (steps - 1) if steps > 1 else 0
+        grid = [t_start - i * stride for i in range(steps)]
+    elif spacing == "trailing":
+        ratio = available / steps
+        grid = [t_end + int(round(available - i * ratio)) - 1 for i in range(steps)]
+    else:
+        raise ValueError(f"timestep_grid: unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    if grid[0] != t_start or grid[-1] < t_end or any(a <= b for a, b in zip(grid, grid[1:])):
+        raise AssertionError(f"timestep_grid produced an invalid grid {grid}")  # internal invariant
+    return grid
+
+
+def _check_grid(timesteps: Sequence[int], alphas_cumprod: Tensor) -> list[int]:
+    timesteps = [int(t) for t in timesteps]
+    T = alphas_cumprod.shape[0]
+    if not timesteps:
+        raise ValueError("timesteps is empty; build it with timestep_grid()")
+    if any(not 0 <= t < T for t in timesteps):
+        raise ValueError(f"timesteps must lie in [0, {T - 1}] (len(alphas_cumprod)={T}), got {timesteps}")
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"timesteps must be unique and strictly descending, got {timesteps}")
+    return timesteps
+
+
+def _alpha_bar(alphas_cumprod: Tensor, t: int) -> float:
+    """ab_t as a python float (float64); t < 0 means "after the last step" and gives ab_0 (CompVis)."""
+    return float(alphas_cumprod[max(t, 0)])
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _t_batch(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def _check_parameterization(parameterization: str) -> None:
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+
+
+# --------------------------------------------------------------------------------------------- steps
+def ddim_step(
+    x_t: Tensor,
+    t: int,
+    t_prev: int,
+    model_output: Tensor,
+    alphas_cumprod: Tensor,
+    parameterization: Parameterization = "eps",
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM update from timestep ``t`` to ``t_prev`` (Song et al. 2021, eq. 12 and 16).
+
+    ``sigma = eta * sqrt((1-a_prev)/(1-a) * (1 - a/a_prev))``,
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma * noise``, x0 not clipped.
+    ``a = ab[t]``; ``a_prev = ab[t_prev]``, or ``ab[0]`` when ``t_prev < 0`` (the last step, like CompVis
+    and diffusers ``set_alpha_to_one=False``). ``noise`` is required when ``sigma > 0``.
+    Returns ``(x_prev, x0_pred)``.
+    """
+    _check_parameterization(parameterization)
+    if t_prev >= t:
+        raise ValueError(f"ddim_step goes down in t: need t_prev < t, got t={t}, t_prev={t_prev}")
+    a, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
+    x0, eps = to_x0_eps(model_output, x_t, _t_batch(t, x_t), alphas_cumprod, parameterization)
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) if eta else 0.0
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        if noise is None:
+            raise ValueError(f"ddim_step with eta={eta} needs a noise tensor (sigma={sigma:.3g} > 0)")
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def ddpm_posterior_step(
+    x_t: Tensor,
+    t: int,
+    t_prev: int,
+    model_output: Tensor,
+    alphas_cumprod: Tensor,
+    parameterization: Parameterization = "eps",
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Ancestral step: sample q(x_prev | x_t, x0_pred) between two grid points (DDPM eqs. 6-7).
+
+    With ``alpha = a/a_prev`` and ``beta = 1 - alpha`` (the effective beta between the two points):
+    mean ``= sqrt(a_prev) beta/(1-a) x0 + sqrt(alpha) (1-a_prev)/(1-a) x_t``, variance
+    ``beta_tilde = (1-a_prev)/(1-a) beta``. On the full grid this is Ho et al.'s sampler; on any grid
+    it equals DDIM with eta=1. ``t_prev < 0`` targets ``ab[0]`` like :func:`ddim_step`.
+    Returns ``(x_prev, x0_pred)``.
+    """
+    _check_parameterization(parameterization)
+    if t_prev >= t:
+        raise ValueError(f"ddpm_posterior_step goes down in t: need t_prev < t, got t={t}, t_prev={t_prev}")
+    a, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
+    x0, _ = to_x0_eps(model_output, x_t, _t_batch(t, x_t), alphas_cumprod, parameterization)
+    alpha = a / a_prev
+    beta = 1 - alpha
+    mean = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a)) * x_t
+    var = (1 - a_prev) / (1 - a) * beta
+    if var > 0:
+        if noise is None:
+            raise ValueError("ddpm_posterior_step needs a noise tensor (posterior variance > 0)")
+        mean = mean + math.sqrt(var) * noise
+    return mean, x0
+
+
+# ------------------------------------------------------------------------------------------ samplers
+def _run_callback(callback, i, t, x, out, x0) -> Tensor:
+    if callback is None:
+        return x
+    replaced = callback(i, t, x, out, x0)
+    if replaced is None:
+        return x
+    if not isinstance(replaced, Tensor) or replaced.shape != x.shape:
+        raise ValueError(
+            f"callback at step {i} (t={t}) must return None or a Tensor of shape {tuple(x.shape)}, "
+            f"got {type(replaced).__name__} {getattr(replaced, 'shape', '')}"
+        )
+    return replaced
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: Model,
+    x: Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: Tensor,
+    parameterization: Parameterization = "eps",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDIM from ``x`` (at the noise level of ``timesteps[0]``) down to the level of ``ab[0]``.
+
+    ``timesteps`` is a strictly descending grid (see :func:`timestep_grid`). With ``eta > 0`` one noise
+    tensor per step is drawn with ``generator`` on ``x``'s device and dtype. See the module docstring
+    for the callback protocol.
+    """
+    timesteps = _check_grid(timesteps, alphas_cumprod)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        out = model(x, _t_batch(t, x))
+        noise = _randn_like(x, generator) if eta > 0 else None
+        x, x0 = ddim_step(x, t, t_prev, out, alphas_cumprod, parameterization, eta, noise)
+        x = _run_callback(callback, i, t, x, out, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: Model,
+    x: Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: Tensor,
+    parameterization: Parameterization = "eps",
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Ancestral DDPM sampling over ``timesteps`` with :func:`ddpm_posterior_step` (also adds noise at
+    the last step, whose target is ``ab[0]``). Draws noise exactly like ``sample_ddim(eta=1)``, so with
+    equal generators the two agree up to float rounding."""
+    timesteps = _check_grid(timesteps, alphas_cumprod)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        out = model(x, _t_batch(t, x))
+        noise = _randn_like(x, generator)
+        x, x0 = ddpm_posterior_step(x, t, t_prev, out, alphas_cumprod, parameterization, noise)
+        x = _run_callback(callback, i, t, x, out, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------- staged refinement
+@dataclass
+class Stage:
+    """One expert: ``model`` is trusted for timesteps in ``window`` (half-open ``[t_min, t_max)``)."""
+
+    model: Model
+    window: Window
+    parameterization: Parameterization = "eps"
+    name: str = ""
+
+    def label(self, index: int) -> str:
+        return f"stage {index}{f' {self.name!r}' if self.name else ''} {self.window}"
+
+
+@dataclass
+class RefineResult:
+    """Output of :func:`refine` with ``return_stage_outputs=True``.
+
+    * ``latent``: the final latent (noise level ``ab[0]``), same as ``refine``'s plain return value.
+    * ``stage_latents[k]``: the latent right after the last step of the k-th stage *that ran*, in run
+      order (noisy for all but the last, at the level of the next grid point).
+    * ``stage_x0[k]``: that stage's x0 prediction at its last step (the clean-looking picture to show
+      in an "input | after stage 1 | after stage 2" grid).
+    * ``timesteps``: the grid; ``stage_of_step[i]``: index into ``stages`` used at ``timesteps[i]``.
+    """
+
+    latent: Tensor
+    stage_latents: list[Tensor]
+    timesteps: list[int]
+    stage_of_step: list[int]
+    stage_x0: list[Tensor] = field(default_factory=list)
+
+
+def _check_stages(stages: Sequence[Stage], alphas_cumprod: Tensor) -> None:
+    if not stages:
+        raise ValueError("refine needs at least one Stage")
+    T = alphas_cumprod.shape[0]
+    for k, s in enumerate(stages):
+        if not isinstance(s, Stage):
+            raise TypeError(f"stages[{k}] must be a refiner.sampling.Stage, got {type(s).__name__}")
+        if not isinstance(s.window, Window):
+            raise TypeError(f"{s.label(k)}: window must be a refiner.diffusion.Window, got {type(s.window).__name__}")
+        _check_parameterization(s.parameterization)
+        if s.window.num_timesteps != T:
+            raise ValueError(
+                f"{s.label(k)} has num_timesteps={s.window.num_timesteps} but alphas_cumprod has {T} entries; "
+                "all stages must share one schedule"
+            )
+    order = sorted(range(len(stages)), key=lambda k: stages[k].window.t_min)
+    for lo, hi in zip(order, order[1:]):
+        if stages[hi].window.t_min < stages[lo].window.t_max:
+            raise ValueError(
+                f"overlapping stage windows: {stages[lo].label(lo)} and {stages[hi].label(hi)}; "
+                "which expert handles the shared timesteps would be ambiguous"
+            )
+
+
+def _assign_stages(
+    stages: Sequence[Stage], grid: list[int], allow_outside_window: bool
+) -> list[int]:
+    """Index of the stage whose window contains each grid t (nearest window if allowed)."""
+    windows = [s.window for s in stages]
+    assignment: list[int | None] = [
+        next((k for k, w in enumerate(windows) if w.contains(t)), None) for t in grid
+    ]
+    uncovered = [t for t, k in zip(grid, assignment) if k is None]
+    if not uncovered:
+        return assignment  # type: ignore[return-value]
+
+    lo = min(w.t_min for w in windows)
+    hi = max(w.t_max for w in windows)
+    ordered = sorted(windows, key=lambda w: w.t_min)
+    problems = []
+    above = [t for t in uncovered if t >= hi]
+    below = [t for t in uncovered if t < lo]
+    if above:
+        problems.append(f"t={above} above the top window (t_start must be <= t_max-1 = {hi - 1})")
+    if below:
+        problems.append(f"t={below} below the bottom window (it starts at t_min={lo})")
+    for a, b in zip(ordered, ordered[1:]):
+        in_gap = [t for t in uncovered if a.t_max <= t < b.t_min]
+        if in_gap:
+            problems.append(f"t={in_gap} in the gap [{a.t_max}, {b.t_min}) between windows {a} and {b}")
+    message = (
+        f"grid timesteps not covered by any stage window: {'; '.join(problems)}. "
+        f"Windows: {', '.join(s.label(k) for k, s in enumerate(stages))}; grid: {grid}"
+    )
+    if not allow_outside_window:
+        raise ValueError(message + ". Pass allow_outside_window=True to use the nearest stage instead.")
+    warnings.warn(message + ". Using the nearest stage for those steps (allow_outside_window=True).", stacklevel=3)
+
+    def distance(w: Window, t: int) -> int:
+        return 0 if w.contains(t) else (w.t_min - t if t < w.t_min else t - (w.t_max - 1))
+
+    return [
+        k if k is not None else min(range(len(windows)), key=lambda j: (distance(windows[j], t), windows[j].t_min))
+        for t, k in zip(grid, assignment)
+    ]
+
+
+@torch.no_grad()
+def refine(
+    stages: Sequence[Stage],
+    z: Tensor,
+    t_start: int,
+    steps: int,
+    alphas_cumprod: Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    spacing: Spacing = "uniform",
+    callback: Callback | None = None,
+    allow_outside_window: bool = False,
+    return_stage_outputs: bool = False,
+    noise: Tensor | None = None,
+) -> Tensor | RefineResult:
+    """Img2img refinement of clean latents ``z`` (any shape ``(B, ...)``) with window experts.
+
+    1. Build one grid ``timestep_grid(t_start, steps, 0, spacing, T)`` and assign each t to the stage
+       whose window contains it; validate before any compute: stage windows must not overlap and must
+       share ``T = len(alphas_cumprod)``; every grid t must be covered (errors name uncovered t, gaps
+       and windows; ``allow_outside_window=True`` warns and uses the nearest stage instead).
+    2. Noise ``z`` to exactly ``t_start`` with ``q_sample`` using ``noise`` if given, else
+       ``randn`` from ``generator``.
+    3. Run DDIM(eta) over the grid, switching experts at window boundaries with no re-noising at the
+       hand-off (as diffusers' SDXL base->refiner). ``eta=1`` is the DDPM posterior sampler.
+
+    Noise draws from ``generator`` happen in this order: the q_sample noise (if ``noise`` is None),
+    then one tensor per step when ``eta > 0``. Returns the final latent, or a :class:`RefineResult`
+    when ``return_stage_outputs``. See the module docstring for ``callback``.
+    """
+    _check_stages(stages, alphas_cumprod)
+    grid = timestep_grid(t_start, steps, 0, spacing, alphas_cumprod.shape[0])
+    stage_of_step = _assign_stages(stages, grid, allow_outside_window)
+    if noise is None:
+        noise = _randn_like(z, generator)
+    elif noise.shape != z.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but z has shape {tuple(z.shape)}")
+
+    x = q_sample(z, _t_batch(t_start, z), alphas_cumprod, noise.to(device=z.device, dtype=z.dtype))
+    stage_latents: list[Tensor] = []
+    stage_x0: list[Tensor] = []
+    for i, t in enumerate(grid):
+        stage = stages[stage_of_step[i]]
+        t_prev = grid[i + 1] if i + 1 < len(grid) else -1
+        out = stage.model(x, _t_batch(t, x))
+        step_noise = _randn_like(x, generator) if eta > 0 else None
+        x, x0 = ddim_step(x, t, t_prev, out, alphas_cumprod, stage.parameterization, eta, step_noise)
+        x = _run_callback(callback, i, t, x, out, x0)
+        if return_stage_outputs and (i + 1 == len(grid) or stage_of_step[i + 1] != stage_of_step[i]):
+            stage_latents.append(x.clone())
+            stage_x0.append(x0.clone())
+    if not return_stage_outputs:
+        return x
+    return RefineResult(latent=x, stage_latents=stage_latents, timesteps=grid, stage_of_step=stage_of_step,
+                        stage_x0=stage_x0)
