@@ -136,7 +136,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` in [-1, 1] (x / 127.5 - 1)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def to_uint8(t: torch.Tensor) -> np.ndarray:
