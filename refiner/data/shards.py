@@ -416,7 +416,9 @@ def latent_dataset(
     """A webdataset pipeline yielding decoded samples (see ``decode_sample``).
 
     Shards are split across ranks (``wds.split_by_node``: torch.distributed or RANK/WORLD_SIZE;
-    or pass ``rank``/``world_size`` explicitly) and then across DataLoader workers. Check
+    or pass ``rank``/``world_size`` explicitly) and then across DataLoader workers. When
+    ``resampled``, rank ``r`` resamples from its own slice ``urls[r::world_size]`` (so ranks never
+    draw the same shard), and its workers thin out that rank's random shard draws. Check
     ``check_enough_shards`` first: a reader with no shard yields nothing. Undecodable samples and
     unreadable shards are skipped and counted by ``counter`` (a new ``SkipCounter`` if None,
     available as ``dataset.skip_counter``).
@@ -442,6 +444,15 @@ def latent_dataset(
         nodesplitter = partial(split_by_rank, rank=rank, world_size=world_size)
     else:
         nodesplitter = wds.split_by_node
+    if resampled:
+        # Splitting a resampled (infinite, random) shard stream by node only thins out the random
+        # draws; instead give each rank its own slice of the shard list to resample from.
+        if rank is None:
+            rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        url_list = url_list[rank::world_size]
+        if not url_list:
+            raise ValueError(f"rank {rank} of {world_size} has no shard to resample from; see check_enough_shards")
+        nodesplitter = None
     ds = wds.WebDataset(
         url_list,
         handler=counter,
