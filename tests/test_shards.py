@@ -36,8 +36,8 @@ def image_dir(tmp_path):
     d.mkdir()
     rng = np.random.default_rng(0)
     for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"img.{i}.png")
-    Image.fromarray(rng.integers(0, 256, (30, 37, 3), dtype=np.uint8)).save(d / "odd.png")
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"img.{i}.png")
+    Image.fromarray(rng.integers(0, 256, (22, 29, 3), dtype=np.uint8)).save(d / "odd.png")
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (d / "img.0.txt").write_text("a red square\n")
     return d
@@ -61,17 +61,17 @@ def test_build_shards_contents_manifest_and_report(tmp_path, image_dir, vqs):
     assert "corrupt.jpg" in report["skipped"][0]["reason"]
     assert report["cropped"] == 1 and report["padded"] == 0 and report["captions"] == 1
     assert report["latent_channels"] == 3 and report["first_stage_factors"] == {"f4": 4, "f8": 8}
-    assert report["image_shapes"] == {"32x32": 4, "24x32": 1}  # 30x37 centre-cropped to 24x32
-    assert report["latent_shapes"] == {"3x8x8": 4, "3x6x8": 1}
+    assert report["image_shapes"] == {"16x16": 4, "16x24": 1}  # 22x29 centre-cropped to 16x24
+    assert report["latent_shapes"] == {"3x4x4": 4, "3x4x6": 1}
 
     samples = read_all_samples(expand_shards(out), images=True)
     keys = [s["__key__"] for s in samples]
     assert keys == ["000001_img_0", "000002_img_1", "000003_img_2", "000004_img_3", "000005_odd"]  # sorted, no dots
     assert samples[0]["txt"] == "a red square" and "txt" not in samples[1]
     odd = samples[-1]
-    assert odd["meta"]["original_size"] == [30, 37] and odd["meta"]["cropped"] and odd["meta"]["size"] == [24, 32]
+    assert odd["meta"]["original_size"] == [22, 29] and odd["meta"]["cropped"] and odd["meta"]["size"] == [16, 24]
     src = load_image(image_dir / "odd.png")
-    assert torch.equal(odd["clean"], to_tensor(np.ascontiguousarray(src[3:27, 2:34])))
+    assert torch.equal(odd["clean"], to_tensor(np.ascontiguousarray(src[3:19, 2:26])))
 
     # independent recomputation: degraded = f8 round trip, latents = f4.encode of clean / uint8 degraded
     with torch.no_grad():
@@ -88,11 +88,11 @@ def test_build_shards_pad_size_and_refusals(tmp_path, image_dir, vqs):
     f4, f8 = vqs
     out = tmp_path / "shards"
     rep = build_shards(image_dir, out, f4, f8, fit="pad", progress=False)
-    assert rep["padded"] == 1 and rep["cropped"] == 0 and rep["image_shapes"] == {"32x32": 4, "32x40": 1}
+    assert rep["padded"] == 1 and rep["cropped"] == 0 and rep["image_shapes"] == {"16x16": 4, "24x32": 1}
     with pytest.raises(FileExistsError, match="overwrite"):
         build_shards(image_dir, out, f4, f8, progress=False)
-    rep = build_shards(image_dir, out, f4, f8, size=16, overwrite=True, maxcount_per_shard=1, progress=False)
-    assert rep["num_shards"] == 5 and rep["image_shapes"] == {"16x16": 5} and rep["resized"] == 5
+    rep = build_shards(image_dir, out, f4, f8, size=8, overwrite=True, maxcount_per_shard=1, progress=False)
+    assert rep["num_shards"] == 5 and rep["image_shapes"] == {"8x8": 5} and rep["resized"] == 5
     assert rep["cropped"] == 1  # only the non-square image needed a centre crop after resizing
     assert len(list(out.glob("shard-*.tar"))) == 5 and not list(out.glob(".build-*"))
     with pytest.raises(ValueError, match="multiple of 8"):
