@@ -218,13 +218,16 @@ _KIND_TEXT = {
 
 def _kind_text(obj: Any) -> str:
     kind = describe_checkpoint(obj)
-    text = _KIND_TEXT[kind]
-    if kind == "unknown":
-        sd = _state_dict_of(obj)
-        top = sorted(Counter(k.split(".")[0] for k in sd))[:6] if sd else sorted(map(str, obj))[:6] \
-            if isinstance(obj, Mapping) else [type(obj).__name__]
-        text += f" (top-level names: {top})"
-    return text
+    if kind != "unknown":
+        return _KIND_TEXT[kind]
+    sd = _state_dict_of(obj)
+    if sd:
+        names = sorted({k.split(".")[0] for k in sd})
+    elif isinstance(obj, Mapping):
+        names = sorted(map(str, obj))
+    else:
+        names = [type(obj).__name__]
+    return f"{_KIND_TEXT['unknown']} (top-level names: {names[:6]})"
 
 
 def _strip(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -346,18 +349,19 @@ def _ldm_from_obj(obj: Any, source: str, use_ema: bool, config_path=None) -> LDM
             unet, used_ema = {k: sd[e] for k, e in ema_names.items()}, True
 
     ema_known = set(ema_names.values()) | {LDM_EMA_PREFIX + "decay", LDM_EMA_PREFIX + "num_updates"}
-    ignored = Counter()
-    for k in sd:
-        if k.startswith((LDM_UNET_PREFIX, LDM_FIRST_STAGE_PREFIX)) or k in ema_known or k in LDM_SCHEDULE_BUFFERS:
-            continue
-        if k.startswith(LDM_COND_STAGE_PREFIX):
-            ignored["cond_stage_model.*"] += 1
-        elif k.startswith("ddim_"):
-            ignored["ddim_* buffers"] += 1
-        elif k not in LDM_OTHER_BUFFERS:
-            ignored[f"other: {k}" if len(ignored) < 8 else "other"] += 1
-    if ignored:
-        log.info("%s: ignored %s", source, ", ".join(f"{n} {p}" for p, n in ignored.items()))
+    known = set(LDM_SCHEDULE_BUFFERS) | set(LDM_OTHER_BUFFERS) | ema_known
+    used_prefixes = (LDM_UNET_PREFIX, LDM_FIRST_STAGE_PREFIX)
+    leftovers = [k for k in sd if k not in known and not k.startswith(used_prefixes)]
+    cond = [k for k in leftovers if k.startswith(LDM_COND_STAGE_PREFIX)]
+    ddim = [k for k in leftovers if k.startswith("ddim_")]
+    other = [k for k in leftovers if k not in cond and k not in ddim]
+    if cond:
+        log.info("%s: ignored %d cond_stage_model.* keys (refiner is unconditional or concat-conditioned)",
+                 source, len(cond))
+    if ddim:
+        log.info("%s: ignored %d leftover ddim_* buffers", source, len(ddim))
+    if other:
+        log.warning("%s: ignored %d unrecognised keys (first 5: %s)", source, len(other), other[:5])
 
     if "alphas_cumprod" not in sd:
         raise CheckpointError(f"{source}: LDM checkpoint has no 'alphas_cumprod' schedule buffer")

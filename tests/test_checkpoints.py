@@ -69,7 +69,8 @@ def test_compvis_ldm_ema_selected_and_loads_strictly(ldm, caplog):
     assert_state_equal(ck.first_stage, ldm["first_stage"])
     assert ck.schedule == ScheduleConfig("linear", 1000, 0.0015, 0.0195)
     torch.testing.assert_close(ck.alphas_cumprod, ScheduleConfig().alphas_cumprod(), atol=1e-6, rtol=0)
-    assert "cond_stage_model" in caplog.text and "ddim_*" in caplog.text
+    assert "ignored 1 cond_stage_model.* keys" in caplog.text and "ignored 4 leftover ddim_*" in caplog.text
+    assert "unrecognised" not in caplog.text  # every other key (schedule buffers, model_ema.*) is accounted for
 
 
 def test_compvis_ldm_raw_weights_and_schedule_inferred_without_config(ldm):
@@ -236,3 +237,10 @@ def test_vq_checkpoint_refused_as_init_from(tmp_path):
     made = make_first_stage_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=r"is a first-stage \(VQ\) checkpoint, not a denoiser"):
         load_init_weights(made["path"])
+
+
+def test_unrecognised_checkpoint_named(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {"backbone.fc.weight": torch.ones(2)}}, path)
+    with pytest.raises(CheckpointError, match=r"other\.pt is not a recognised checkpoint \(top-level names: \['backbone'\]\)"):
+        load_init_weights(path)
