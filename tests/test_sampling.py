@@ -337,7 +337,6 @@ def test_callback_protocol():
     net = TinyNet()
     z = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     stages = [Stage(net, Window(0, 500))]
-    kw = dict(eta=0.5, generator=None)
     base = refine(stages, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1))
 
     calls = []
@@ -371,7 +370,6 @@ def test_callback_protocol():
     torch.testing.assert_close(seen[0][0], expected)
     with pytest.raises(ValueError, match="callback at step 0"):
         sample_ddim(net, z, [400, 300], AB, callback=lambda *a: torch.zeros(1))
-    del kw
 
 
 def test_seeded_generator_reproducible():
