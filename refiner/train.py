@@ -77,10 +77,14 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("init_from"):
         apply_init_from(model, cfg)
 
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=instantiate_dict(cfg.get("callbacks")),
-        logger=instantiate_dict(cfg.get("logger")) or False,
+        callbacks=callbacks,
+        logger=loggers or False,
         plugins=[AtomicCheckpointIO(trust_checkpoint=cfg.trust_checkpoint)],
     )
     if trainer.is_global_zero:

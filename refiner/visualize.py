@@ -43,23 +43,22 @@ def refine_within_window(module, z_degraded: torch.Tensor, steps: int = 10) -> t
 
     Returns the x0 prediction at the window's lower edge, unscaled back to first-stage latents.
     """
-    from refiner.sampling import Stage, refine
+    from refiner.diffusion import q_sample
+    from refiner.sampling import sample_ddim, timestep_grid
 
-    window = module.window
+    window, ac = module.window, module.alphas_cumprod
     scale = module.hparams.scale_factor
     z = z_degraded.to(module.device) * scale
     concat = z if module.hparams.conditioning else None
-
-    def model(x, t):
-        return module.unet(x, t, concat=concat)
-
-    steps = max(1, min(steps, window.width))
-    stage = Stage(model=model, window=window, parameterization=module.hparams.parameterization, name="grid")
-    result = refine(
-        [stage], z, t_start=window.t_max - 1, steps=steps, alphas_cumprod=module.alphas_cumprod,
-        eta=0.0, generator=torch.Generator().manual_seed(0), t_end=window.t_min,
-    )
-    return result.x0 / scale
+    grid = timestep_grid(window.t_max - 1, max(1, min(steps, window.width)), t_end=window.t_min,
+                         num_timesteps=window.num_timesteps)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
+    x_t = q_sample(z, torch.full((z.shape[0],), grid[0], device=z.device), ac, noise)
+    last_x0 = []
+    sample_ddim(lambda x, t: module.unet(x, t, concat=concat), x_t, grid, ac,
+                parameterization=module.hparams.parameterization,
+                callback=lambda i, t, x, out, x0: last_x0.append(x0) if i == len(grid) - 1 else None)
+    return last_x0[-1] / scale
 
 
 def log_grid(module, rows: Sequence[torch.Tensor], name: str, captions: Sequence[str]) -> Path:

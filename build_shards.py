@@ -1,0 +1,15 @@
+"""Build training/validation shards from image folders: `python build_shards.py [overrides]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="build_shards")
+def main(cfg: DictConfig) -> None:
+    from refiner.prepare import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

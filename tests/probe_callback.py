@@ -1,0 +1,41 @@
+"""Test-only Lightning callbacks, importable by subprocess runs through PYTHONPATH=tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+class SleepEachStep(pl.Callback):
+    """Slows training down so a test can SIGKILL it mid-run (numerics are untouched)."""
+
+    def __init__(self, seconds: float = 0.1):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args, **kwargs):
+        time.sleep(self.seconds)
+
+
+class RecordRank(pl.Callback):
+    """Writes, per rank, the sample indices it trained on and a hash of its final raw weights."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.indices.extend(int(i) for i in batch["index"])
+
+    def on_train_end(self, trainer, pl_module):
+        digest = hashlib.sha256()
+        for name, p in sorted(pl_module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        out = Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
+                                   "indices": self.indices, "weights_sha256": digest.hexdigest(),
+                                   "global_step": trainer.global_step}))
