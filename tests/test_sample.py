@@ -1,0 +1,293 @@
+"""sample.py / refiner.refine_images: tiny VQ and window checkpoints in the real layouts, tiny images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
+from conftest import ROOT, compose_config
+from refiner import refine_images
+from refiner.checkpoints import build_first_stage, load_window_weights
+from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
+from refiner.models.unet import UNetModel, tiny_unet_params
+from refiner.models.vq import VQModel, tiny_ddconfig
+from refiner.refine_images import SampleError, plan_outputs, run
+from refiner.sampling import Stage, refine
+
+STEPS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP's second thread
+    made every op ~100x slower (spin-waiting). Restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _vq_checkpoint(d: Path, factor: int, n_embed: int, embed_dim: int, name: str) -> Path:
+    """A taming/CompVis-layout first-stage checkpoint (encoder./decoder./quantize./quant_conv./
+    post_quant_conv. plus loss.* training keys) with default init and a codebook drawn from encoder
+    latents, so decoding depends on the input (helpers_compvis' std-0.05 weights give a near-constant,
+    and very slow, autoencoder)."""
+    torch.manual_seed(factor)
+    vq = VQModel(tiny_ddconfig(factor), n_embed, embed_dim)
+    with torch.no_grad():
+        h = vq.encode(torch.rand(4, 3, 64, 64) * 2 - 1).permute(0, 2, 3, 1).reshape(-1, embed_dim)
+        pick = torch.randint(0, len(h), (n_embed,))
+        vq.quantize.embedding.weight.copy_(h[pick] + 0.01 * torch.randn(n_embed, embed_dim))
+    path = d / name
+    torch.save({"epoch": 1, "global_step": 100, "state_dict": {**vq.state_dict(), **first_stage_loss_keys()}}, path)
+    return path
+
+
+def _window_checkpoint(d: Path, window, name: str, unet_params: dict | None = None, **hp) -> Path:
+    """helpers_compvis.make_window_checkpoint (our Lightning + EMA layout) with default-init UNet weights
+    and a small random output conv (the default zero-init one would predict eps = 0)."""
+    unet_params = unet_params or tiny_unet_params()
+    made = make_window_checkpoint(d, unet_params, window=window, name=name)
+    torch.manual_seed(window[0] + 7)
+    unet = UNetModel(**unet_params)
+    with torch.no_grad():
+        unet.out[2].weight.normal_(0, 0.02)
+    state = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    ckpt = torch.load(made["path"], weights_only=True)
+    ckpt["state_dict"], ckpt["current_model_state"] = state, dict(state)
+    ckpt["hyper_parameters"].update(hp)
+    torch.save(ckpt, made["path"])
+    return made["path"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Demo-shaped first stages (conf/first_stage/demo.yaml params) and window experts."""
+    d = tmp_path_factory.mktemp("models")
+    return dict(
+        f4=_vq_checkpoint(d, 4, n_embed=512, embed_dim=3, name="vq_f4.ckpt"),
+        f8=_vq_checkpoint(d, 8, n_embed=256, embed_dim=4, name="vq_f8.ckpt"),
+        hi=_window_checkpoint(d, (250, 500), "hi.ckpt"),
+        lo=_window_checkpoint(d, (0, 250), "lo.ckpt"),
+        gap_lo=_window_checkpoint(d, (0, 200), "gap_lo.ckpt"),
+        dir=d,
+    )
+
+
+def _overrides(models, inputs, output_dir, *extra, stages=("hi", "lo")):
+    return [
+        f"inputs={inputs}",
+        f"stages=[{','.join(str(models[s]) for s in stages)}]",
+        f"first_stage.f4.ckpt_path={models['f4']}",
+        f"first_stage.f8.ckpt_path={models['f8']}",
+        f"output_dir={output_dir}",
+        f"steps={STEPS}", "progress=false", *extra,
+    ]
+
+
+def _compose(models, inputs, output_dir, *extra, stages=("hi", "lo")):
+    return compose_config("sample", _overrides(models, inputs, output_dir, *extra, stages=stages), output_dir)
+
+
+def _rgb(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def mixed_inputs(tmp_path):
+    """A corrupt PNG, an RGBA PNG, a grayscale JPEG and an odd-sized (37x53) RGB PNG."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    rgba = np.dstack([_rgb(32, 32, 1), np.full((32, 32), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(_rgb(24, 40, 2)[..., 0], "L").save(d / "gray.jpg")
+    Image.fromarray(_rgb(53, 37, 3)).save(d / "odd.png")  # H=53, W=37
+    return d
+
+
+def _sizes(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: Image.open(p).size for p in folder.glob("*.png")}
+
+
+def test_folder_with_bad_and_odd_images(models, mixed_inputs, tmp_path):
+    out = tmp_path / "out"
+    summary = run(_compose(models, mixed_inputs, out, "grid=per_image"))
+    assert _sizes(out) == {"rgba.png": (32, 32), "gray.png": (40, 24), "odd.png": (37, 53)}
+    assert [f["input"] for f in summary["failed"]] == [str(mixed_inputs / "corrupt.png")]
+    assert "cannot read image" in summary["failed"][0]["reason"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["failed"] == summary["failed"] and len(on_disk["processed"]) == 3
+    assert sorted(on_disk["outputs"]) == sorted(str(out / n) for n in ("rgba.png", "gray.png", "odd.png"))
+    assert (out / "config_resolved.yaml").is_file()
+    # per-image grid: 1 row, input | after stage 1 | after stage 2, each padded by 2 px
+    grid = np.asarray(Image.open(out / "grids" / "odd.png"))
+    assert grid.shape == (53 + 4, 3 * (37 + 4), 3)
+    first = grid[2:55, 2:39]
+    assert np.abs(first.astype(int) - load_image(mixed_inputs / "odd.png").astype(int)).max() <= 1
+
+
+def test_refined_output_matches_manual_pipeline(models, mixed_inputs, tmp_path):
+    """Pad to 16 (f4 x UNet downsampling 4), encode, refine with noise seeded seed + index, decode, crop."""
+    out = tmp_path / "out"
+    run(_compose(models, mixed_inputs, out, "seed=5", "grid=none"))
+    paths = sorted(mixed_inputs.iterdir())  # corrupt, gray, odd, rgba
+    index = [p.name for p in paths].index("odd.png")
+    f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
+    stages = []
+    for key in ("hi", "lo"):
+        ww = load_window_weights(models[key])
+        unet = ww.build_unet()
+        stages.append(Stage(lambda x, t, unet=unet: unet(x, t), ww.window, ww.parameterization))
+    image = load_image(mixed_inputs / "odd.png")
+    x, size = pad_to_multiple(to_tensor(image)[None], 16)
+    assert x.shape[-2:] == (64, 48)
+    with torch.no_grad():
+        z = f4.encode(x)
+        noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(5 + index))[None]
+        ab = ww.schedule.alphas_cumprod()
+        expected = to_uint8(crop_to(f4.decode(refine(stages, z, 499, STEPS, ab, noise=noise)), size)[0])
+    got = np.asarray(Image.open(out / "odd.png"))
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - image.astype(int)).mean() > 1  # it did change the picture
+
+
+def test_batching_does_not_change_results(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(_rgb(16, 16, 10 + i)).save(d / f"im{i}.png")
+    run(_compose(models, d, tmp_path / "b1", "batch_size=1", "grid=none"))
+    run(_compose(models, d, tmp_path / "b3", "batch_size=3", "grid=none"))
+    for i in range(3):
+        a = np.asarray(Image.open(tmp_path / "b1" / f"im{i}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "b3" / f"im{i}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
+    a0 = np.asarray(Image.open(tmp_path / "b1" / "im0.png")).astype(int)
+    assert np.abs(a0 - np.asarray(Image.open(tmp_path / "b1" / "im1.png")).astype(int)).mean() > 1
+
+
+def test_output_dir_equal_to_input_folder_is_refused(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
+    Image.fromarray(_rgb(16, 16, 1)).save(d / "b.jpg")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(SampleError, match="would overwrite the input image"):
+        run(_compose(models, d, d))
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written, nothing changed
+
+
+def test_plan_outputs_deduplicates_stems(tmp_path):
+    a, b = tmp_path / "x" / "im.png", tmp_path / "y" / "im.jpg"
+    c = tmp_path / "x" / "im.JPG"
+    outs = plan_outputs([a, b, c], tmp_path / "out")
+    assert [o.name for o in outs] == ["im.png", "im-2.png", "im-3.png"]
+    with pytest.raises(SampleError, match="would overwrite"):
+        plan_outputs([a, b], tmp_path / "x")
+
+
+@pytest.mark.parametrize("stages, extra, message", [
+    (("hi", "gap_lo"), ["steps=50"], r"gap \[200, 250\)"),
+    (("hi", "lo"), ["t_start=700"], "above the top window"),
+])
+def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages, extra, message):
+    def no_images(*a, **k):
+        raise AssertionError("an image was loaded before the chain was validated")
+
+    monkeypatch.setattr(refine_images, "load_image", no_images)
+    monkeypatch.setattr(refine_images, "list_images", no_images)
+    cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
+                   "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
+    with pytest.raises(SampleError, match=message):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stages_must_share_schedule_and_scale_factor(models, tmp_path):
+    for field, value, message in (("schedule", {"linear_end": 0.012}, "share a noise schedule"),
+                                  ("scale_factor", 0.5, "share scale_factor")):
+        ckpt = torch.load(models["lo"], weights_only=True)
+        hp = ckpt["hyper_parameters"]
+        hp[field] = {**hp[field], **value} if isinstance(value, dict) else value
+        path = tmp_path / f"lo_{field}.ckpt"
+        torch.save(ckpt, path)
+        stages = refine_images.load_stages([str(models["hi"]), str(path)])
+        with pytest.raises(SampleError, match=message):
+            refine_images.check_compatible(stages)
+
+
+def test_concat_stage_gets_the_degraded_latent(models, tmp_path):
+    """A conditioning='concat' UNet (in_channels 6) only runs if the latent is concatenated."""
+    concat = _window_checkpoint(tmp_path, (250, 500), "c.ckpt", tiny_unet_params(in_channels=6), conditioning="concat")
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
+    models = {**models, "concat": concat}
+    summary = run(_compose(models, d, tmp_path / "out", stages=("concat", "lo")))
+    assert not summary["failed"] and (tmp_path / "out" / "a.png").is_file()
+    # and a concat UNet whose channels do not fit the f4 latent is refused up front
+    stages = refine_images.load_stages([str(concat)])
+    with pytest.raises(SampleError, match="in/out channels"):
+        refine_images.check_compatible(stages, latent_channels=4)
+
+
+def test_oversized_image_is_refused_others_processed(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "small.png")
+    Image.fromarray(_rgb(40, 40, 1)).save(d / "big.png")
+    summary = run(_compose(models, d, tmp_path / "out", "max_pixels=1000"))
+    assert [f["input"] for f in summary["failed"]] == [str(d / "big.png")]
+    assert "max_pixels=1000" in summary["failed"][0]["reason"]
+    assert _sizes(tmp_path / "out") == {"small.png": (16, 16), "grid.png": (1 * (16 + 4) * 3, 16 + 4)}
+
+
+def test_evaluate_mode_writes_metrics_and_grid(models, tmp_path, capsys):
+    d = tmp_path / "clean"
+    d.mkdir()
+    from skimage import data
+
+    astro = np.asarray(Image.fromarray(data.astronaut()).resize((32, 32)))
+    coffee = np.asarray(Image.fromarray(data.coffee()).resize((48, 32)))  # W 48, H 32: a different size
+    Image.fromarray(astro).save(d / "astro.png")
+    Image.fromarray(coffee).save(d / "coffee.png")
+    out = tmp_path / "out"
+    summary = run(_compose(models, d, out, "mode=evaluate"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("degraded_vs_clean", "refined_vs_clean"):
+        assert {"psnr", "ssim", "swd_x1e3", "psnr_per_image", "ssim_per_image"} <= set(metrics[key])
+        assert len(metrics[key]["psnr_per_image"]) == 2
+    assert metrics["swd_crop_size"] == [32, 32] and metrics["all_same_size"] is False
+    # per-image PSNR is computed on the full images: check one against a hand computation
+    clean = load_image(d / "coffee.png").astype(np.float64) / 255
+    refined = load_image(out / "coffee.png").astype(np.float64) / 255
+    hand = 10 * np.log10(1.0 / np.mean((refined - clean) ** 2))
+    assert metrics["refined_vs_clean"]["psnr_per_image"][1] == pytest.approx(hand, abs=1e-6)
+    assert metrics["degraded_vs_clean"]["psnr"] != metrics["refined_vs_clean"]["psnr"]
+    # comparison grid: one row per image, clean | degraded | after stage 1 | after stage 2, padded to 32x48
+    grid = np.asarray(Image.open(summary["grid"]))
+    assert grid.shape == (2 * (32 + 4), 4 * (48 + 4), 3)
+    assert np.abs(grid[2:34, 2:34].astype(int) - astro.astype(int)).max() <= 1
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "comparison grid:" in printed and summary["grid"] in printed
+
+
+def test_cli_exit_code_and_stderr(models, mixed_inputs, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "sample.py", *_overrides(models, mixed_inputs, out), f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"failed: {mixed_inputs / 'corrupt.png'}" in proc.stderr
+    assert {"rgba.png", "gray.png", "odd.png"} <= set(_sizes(out))
+    assert json.loads((out / "summary.json").read_text())["failed"][0]["input"].endswith("corrupt.png")
