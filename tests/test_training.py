@@ -1,0 +1,193 @@
+"""Training through the real config and entry points: finetune chain, exact resume, presets, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+
+from conftest import CONF, TINY_TRAINER, compose_config
+from pipeline import World, build_world
+
+from refiner.checkpoints import CheckpointError, load_window_checkpoint
+from refiner.train import ConfigError, apply_init_from, run
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def shape_window(world, tmp_path_factory) -> dict:
+    """A trained demo_refiner_500_750 run (t in [250, 500))."""
+    return world.train_refiner("demo_refiner_500_750", tmp_path_factory.mktemp("r500_750"))
+
+
+def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):
+    ckpt = torch.load(shape_window["last_ckpt"], weights_only=True)
+    assert ckpt["global_step"] == 4
+    assert ckpt["hyper_parameters"]["window"] == {"t_min": 250, "t_max": 500, "num_timesteps": 1000}
+    assert ckpt["hyper_parameters"]["schedule"]["kind"] == "linear"
+    assert "current_model_state" in ckpt and "averaging_state" in ckpt  # EMA + raw weights
+    assert (Path(shape_window["output_dir"]) / "config_resolved.yaml").is_file()
+    assert list((Path(shape_window["output_dir"]) / "val_grids").glob("*.png"))
+
+
+def test_detail_window_finetunes_from_the_shape_window(world, shape_window, tmp_path):
+    overrides = world.refiner_overrides("demo_refiner_751_1000", f"init_from={shape_window['last_ckpt']}")
+    cfg = compose_config("train", overrides, tmp_path / "r751")
+    model = hydra.utils.instantiate(cfg.model)
+    info = apply_init_from(model, cfg)
+    source = load_window_checkpoint(shape_window["last_ckpt"], use_ema=True)
+    assert info is not None and source.has_ema
+    for key, value in source.unet_state.items():
+        assert torch.equal(model.unet.state_dict()[key], value), key  # EMA weights were copied
+
+    result = run(cfg)
+    ckpt = torch.load(result["last_ckpt"], weights_only=True)
+    assert ckpt["hyper_parameters"]["window"]["t_max"] == 250  # the new window
+    assert ckpt["global_step"] == 4  # step count starts fresh (weights only, new optimizer)
+    assert ckpt["optimizer_states"][0]["state"][0]["step"].item() == 4
+
+
+def _train_state(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt
+
+
+def _assert_same_training_state(a, b):
+    assert a["global_step"] == b["global_step"]
+    for section in ("state_dict", "current_model_state", "averaging_state"):
+        assert a[section].keys() == b[section].keys()
+        for k in a[section]:
+            assert torch.equal(a[section][k], b[section][k]), f"{section}.{k}"
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        for k in opt_a[i]:
+            assert torch.equal(opt_a[i][k], opt_b[i][k]), f"optimizer state {i}.{k}"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_resume_continues_step_optimizer_ema_and_data_exactly(world, tmp_path):
+    common = ["trainer.val_check_interval=2", "model.warmup_steps=6"]
+    full = world.train_refiner("demo_refiner_500_750", tmp_path / "full", "trainer.max_steps=8", *common)
+    half = world.train_refiner("demo_refiner_500_750", tmp_path / "half", "trainer.max_steps=4", *common)
+    assert torch.load(half["last_ckpt"], weights_only=True)["global_step"] == 4
+    resumed = world.train_refiner("demo_refiner_500_750", tmp_path / "half", "trainer.max_steps=8", *common,
+                                  f"ckpt_path={half['last_ckpt']}")
+    assert resumed["global_step"] == 8
+    _assert_same_training_state(_train_state(full["last_ckpt"]), _train_state(resumed["last_ckpt"]))
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def compvis_files(tmp_path_factory) -> dict:
+    """Small checkpoints in the exact CompVis layouts (LDM + vq-f4 + vq-f8) for the ffhq presets."""
+    from helpers_compvis import make_compvis_ldm_checkpoint, make_first_stage_checkpoint
+
+    from refiner.models.vq import tiny_ddconfig
+
+    root = tmp_path_factory.mktemp("compvis")
+    unet = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2],
+                num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16)
+    ldm = make_compvis_ldm_checkpoint(root, unet)
+    f4 = make_first_stage_checkpoint(root, tiny_ddconfig(4, resolution=32), n_embed=16, embed_dim=3, name="f4.ckpt")
+    f8 = make_first_stage_checkpoint(root, tiny_ddconfig(8, resolution=32), n_embed=16, embed_dim=4, name="f8.ckpt")
+    return dict(ldm=ldm, f4=f4, f8=f8, unet=unet)
+
+
+def _ffhq_overrides(world: World, files: dict) -> list[str]:
+    f4, f8, unet = files["f4"], files["f8"], files["unet"]
+    out = [f"paths.compvis_ldm={files['ldm']['ckpt_path']}", f"paths.vq_f4={f4['path']}", f"paths.vq_f8={f8['path']}",
+           f"paths.shards_dir={world.shards_dir}", "data.train_shards=" + str(world.shards_dir / "demo/train"),
+           "data.val_shards=" + str(world.shards_dir / "demo/val"), "data.num_workers=0", "data.batch_size=2",
+           "data.mode=deterministic", "trainer=cpu"]
+    for name, spec in (("f4", f4), ("f8", f8)):
+        for k, v in spec["params"]["ddconfig"].items():
+            out.append(f"first_stage.{name}.params.ddconfig.{k}={v}".replace(" ", ""))
+        out.append(f"first_stage.{name}.params.n_embed={spec['params']['n_embed']}")
+    for k, v in unet.items():
+        out.append(f"model.unet.{k}={v}".replace(" ", ""))
+    return out
+
+
+@pytest.mark.parametrize("experiment", experiment_names())
+def test_every_experiment_preset_runs_fast_dev_run(experiment, world, compvis_files, tmp_path):
+    paths = [p for p in world.paths() if not (experiment.startswith("ffhq") and p.startswith("first_stage"))]
+    overrides = [f"experiment={experiment}", *TINY_TRAINER, *paths, "+trainer.fast_dev_run=true"]
+    if experiment.startswith("demo_refiner"):
+        overrides += [o for o in world.refiner_overrides(experiment) if o.startswith(("model.", "data."))]
+    if experiment == "demo_refiner_751_1000":
+        overrides.append("init_from=null")  # the chained init is covered by the finetune test
+    if experiment.startswith("demo_vq"):
+        overrides += ["data.crop_size=32", "data.batch_size=2"]
+    if experiment.startswith("ffhq"):
+        overrides += _ffhq_overrides(world, compvis_files)
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    result = run(cfg)
+    assert result["global_step"] == 1
+
+
+def test_ffhq_preset_carries_compvis_hyperparameters(tmp_path):
+    cfg = compose_config("train", ["experiment=ffhq_500_750"], tmp_path)
+    unet = cfg.model.unet
+    assert (unet.model_channels, list(unet.channel_mult), list(unet.attention_resolutions),
+            unet.num_head_channels) == (224, [1, 2, 3, 4], [8, 4, 2], 32)
+    assert (cfg.model.schedule.linear_start, cfg.model.schedule.linear_end) == (0.0015, 0.0195)
+    assert cfg.model.base_lr == 2e-6 and cfg.model.scale_lr is True
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert (cfg.window.t_min, cfg.window.t_max) == (250, 500)
+    with pytest.raises(ConfigError, match="paths.compvis_ldm"):
+        run(cfg)
+
+
+# -- bad input fails before any compute, naming the problem -----------------------------------
+def test_inverted_window_is_refused(compose_train):
+    with pytest.raises(ConfigError, match="inverted"):
+        run(compose_train("window.t_min=500", "window.t_max=250"))
+
+
+def test_out_of_range_window_is_refused(compose_train):
+    with pytest.raises(ConfigError, match="t_max=1200"):
+        run(compose_train("window.t_min=0", "window.t_max=1200"))
+
+
+@pytest.mark.parametrize("key", ["ckpt_path", "init_from"])
+def test_missing_checkpoint_is_refused(compose_train, key, tmp_path):
+    with pytest.raises(ConfigError, match=f"{key}.*not found"):
+        run(compose_train(f"{key}={tmp_path}/nope.ckpt"))
+
+
+def test_missing_shards_are_refused(world, tmp_path):
+    overrides = world.refiner_overrides("demo_refiner_500_750", f"data.train_shards={tmp_path}/empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="empty"):
+        run(compose_config("train", overrides, tmp_path / "run"))
+
+
+def test_init_from_with_other_architecture_lists_mismatched_keys(world, shape_window, tmp_path):
+    overrides = world.refiner_overrides("demo_refiner_751_1000", f"init_from={shape_window['last_ckpt']}",
+                                        "model.unet.num_res_blocks=2")
+    with pytest.raises(CheckpointError, match=r"(?s)missing.*unexpected|unexpected.*missing"):
+        run(compose_config("train", overrides, tmp_path / "run"))
+
+
+def test_first_stage_checkpoint_as_init_from_is_refused(world, tmp_path):
+    overrides = world.refiner_overrides("demo_refiner_751_1000", f"init_from={world.f4_ckpt}")
+    with pytest.raises(CheckpointError, match="first-stage"):
+        run(compose_config("train", overrides, tmp_path / "run"))
+
+
+def test_wandb_logs_offline_without_login(world, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    overrides = [o for o in world.refiner_overrides("demo_refiner_500_750") if o != "logger=none"]
+    result = run(compose_config("train", [*overrides, "logger=wandb", "trainer.max_steps=2"], tmp_path / "run"))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert result["global_step"] == 2
