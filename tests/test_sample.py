@@ -136,29 +136,54 @@ def test_folder_with_bad_and_odd_images(models, mixed_inputs, tmp_path):
     assert np.abs(first.astype(int) - load_image(mixed_inputs / "odd.png").astype(int)).max() <= 1
 
 
+def _manual_refine(models, keys, image: np.ndarray, noise_seed: int, scale: float = 1.0, stages_out: list | None = None
+                   ) -> np.ndarray:
+    """The pipeline written out by hand: pad to 16 (f4 factor 4 x UNet downsampling 4), encode, scale,
+    refine from t=499 with noise from ``noise_seed`` (concat stages get the scaled latent), unscale,
+    decode, crop. ``stages_out`` receives each stage's decoded x0 (uint8) in run order."""
+    f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
+    x, size = pad_to_multiple(to_tensor(image)[None], 16)
+    with torch.no_grad():
+        z = f4.encode(x) * scale
+        stages = []
+        for key in keys:
+            ww = load_window_weights(models[key])
+            unet, cond = ww.build_unet(), (z if ww.conditioning == "concat" else None)
+            stages.append(Stage(lambda x, t, unet=unet, cond=cond: unet(x, t, concat=cond), ww.window,
+                                ww.parameterization))
+        noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(noise_seed))[None]
+        res = refine(stages, z, 499, STEPS, ww.schedule.alphas_cumprod(), noise=noise, return_stage_outputs=True)
+        if stages_out is not None:
+            stages_out += [to_uint8(crop_to(f4.decode(x0 / scale), size)[0]) for x0 in res.stage_x0]
+        return to_uint8(crop_to(f4.decode(res.latent / scale), size)[0])
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
 def test_refined_output_matches_manual_pipeline(models, mixed_inputs, tmp_path):
-    """Pad to 16 (f4 x UNet downsampling 4), encode, refine with noise seeded seed + index, decode, crop."""
     out = tmp_path / "out"
     run(_compose(models, mixed_inputs, out, "seed=5", "grid=none"))
-    paths = sorted(mixed_inputs.iterdir())  # corrupt, gray, odd, rgba
-    index = [p.name for p in paths].index("odd.png")
-    f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
-    stages = []
-    for key in ("hi", "lo"):
-        ww = load_window_weights(models[key])
-        unet = ww.build_unet()
-        stages.append(Stage(lambda x, t, unet=unet: unet(x, t), ww.window, ww.parameterization))
+    index = [p.name for p in sorted(mixed_inputs.iterdir())].index("odd.png")  # corrupt, gray, odd, rgba
     image = load_image(mixed_inputs / "odd.png")
-    x, size = pad_to_multiple(to_tensor(image)[None], 16)
-    assert x.shape[-2:] == (64, 48)
-    with torch.no_grad():
-        z = f4.encode(x)
-        noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(5 + index))[None]
-        ab = ww.schedule.alphas_cumprod()
-        expected = to_uint8(crop_to(f4.decode(refine(stages, z, 499, STEPS, ab, noise=noise)), size)[0])
+    assert pad_to_multiple(to_tensor(image), 16)[0].shape[-2:] == (64, 48)
     got = np.asarray(Image.open(out / "odd.png"))
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert _max_diff(got, _manual_refine(models, ("hi", "lo"), image, 5 + index)) <= 1
     assert np.abs(got.astype(int) - image.astype(int)).mean() > 1  # it did change the picture
+
+
+def test_scale_factor_is_applied(models, tmp_path):
+    """z = encode(x) * scale_factor before refining, decode(z_ref / scale_factor) after."""
+    models = {**models, "hi": _window_checkpoint(tmp_path, (250, 500), "hi_s.ckpt", scale_factor=0.5),
+              "lo": _window_checkpoint(tmp_path, (0, 250), "lo_s.ckpt", scale_factor=0.5)}
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
+    run(_compose(models, d, tmp_path / "out"))
+    got = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert _max_diff(got, _manual_refine(models, ("hi", "lo"), _rgb(16, 16, 0), 0, scale=0.5)) <= 1
+    assert _max_diff(got, _manual_refine(models, ("hi", "lo"), _rgb(16, 16, 0), 0, scale=1.0)) > 1
 
 
 def test_batching_does_not_change_results(models, tmp_path):
@@ -234,7 +259,9 @@ def test_concat_stage_gets_the_degraded_latent(models, tmp_path):
     Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
     models = {**models, "concat": concat}
     summary = run(_compose(models, d, tmp_path / "out", stages=("concat", "lo")))
-    assert not summary["failed"] and (tmp_path / "out" / "a.png").is_file()
+    assert not summary["failed"]
+    got = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert _max_diff(got, _manual_refine(models, ("concat", "lo"), _rgb(16, 16, 0), 0)) <= 1
     # and a concat UNet whose channels do not fit the f4 latent is refused up front
     stages = refine_images.load_stages([str(concat)])
     with pytest.raises(SampleError, match="in/out channels"):
@@ -277,7 +304,20 @@ def test_evaluate_mode_writes_metrics_and_grid(models, tmp_path, capsys):
     # comparison grid: one row per image, clean | degraded | after stage 1 | after stage 2, padded to 32x48
     grid = np.asarray(Image.open(summary["grid"]))
     assert grid.shape == (2 * (32 + 4), 4 * (48 + 4), 3)
-    assert np.abs(grid[2:34, 2:34].astype(int) - astro.astype(int)).max() <= 1
+    assert _max_diff(grid[2:34, 2:34], astro) <= 1
+    # degraded = VQ-f8 round trip of the clean image (32x32 needs no padding for f8), stored as uint8;
+    # the refined output is the refinement of that degraded image (seed 0 + index 0)
+    f8 = build_first_stage(models["f8"], dict(ddconfig=tiny_ddconfig(8), n_embed=256, embed_dim=4)).eval()
+    with torch.no_grad():
+        degraded = to_uint8(f8.round_trip(to_tensor(astro)[None])[0])
+    assert _max_diff(grid[2:34, 54:86], degraded) <= 1
+    after = []
+    refined = _manual_refine(models, ("hi", "lo"), degraded, 0, stages_out=after)
+    assert len(after) == 2
+    assert _max_diff(grid[2:34, 106:138], after[0]) <= 1 and _max_diff(grid[2:34, 158:190], after[1]) <= 1
+    hand = 10 * np.log10(1.0 / np.mean((degraded / 255 - astro / 255) ** 2))
+    assert metrics["degraded_vs_clean"]["psnr_per_image"][0] == pytest.approx(hand, abs=1e-3)
+    assert _max_diff(np.asarray(Image.open(out / "astro.png")), refined) <= 1
     printed = capsys.readouterr().out
     assert "PSNR" in printed and "comparison grid:" in printed and summary["grid"] in printed
 
