@@ -1,8 +1,11 @@
 """Refine artifact images with window experts: `python sample.py inputs=<folder|glob|list> [overrides]`.
 
 `mode=evaluate` degrades clean inputs through VQ-f8 first and writes metrics.json. See conf/sample.yaml.
-Exit code 1 if any image failed (after summary.json is written).
+Exit codes: 0 all images refined; 1 some images failed (listed in summary.json and on stderr);
+2 nothing processed because of a setting, checkpoint or input problem (message on stderr).
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -10,9 +13,15 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from refiner.refine_images import run
+    from refiner.checkpoints import CheckpointError
+    from refiner.refine_images import SampleError, run
 
-    if run(cfg)["failed"]:
+    try:
+        summary = run(cfg)
+    except (SampleError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    if summary["failed"]:
         raise SystemExit(1)
 
 

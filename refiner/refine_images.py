@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from refiner.checkpoints import CheckpointError, WindowWeights, build_first_stage, load_window_weights
+from refiner.checkpoints import WindowWeights, build_first_stage, load_window_weights
 from refiner.data.images import (
     ImageError, crop_to, list_images, load_image, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
 )
@@ -418,8 +418,9 @@ def run(cfg: DictConfig) -> dict:
     outputs = plan_outputs(paths, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    columns = (["clean", "degraded"] if evaluate_mode else ["input"]) + [
-        f"after stage {k + 1} ({stages[k].name}, window {stages[k].weights.window})" for k in plan.segments]
+    columns = (["clean", "degraded"] if evaluate_mode else ["input"]) + [  # stages numbered in run order
+        f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
+        for j, k in enumerate(plan.segments)]
     log.info("%d images, %d steps t=%d..%d, stages in run order: %s; sides padded to multiples of %d",
              len(paths), len(plan.timesteps), plan.timesteps[0], plan.timesteps[-1], columns[-len(plan.segments):],
              refiner.multiple)

@@ -331,3 +331,15 @@ def test_cli_exit_code_and_stderr(models, mixed_inputs, tmp_path):
     assert f"failed: {mixed_inputs / 'corrupt.png'}" in proc.stderr
     assert {"rgba.png", "gray.png", "odd.png"} <= set(_sizes(out))
     assert json.loads((out / "summary.json").read_text())["failed"][0]["input"].endswith("corrupt.png")
+
+
+def test_cli_bad_chain_exits_2_before_processing(models, mixed_inputs, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "sample.py", *_overrides(models, mixed_inputs, out, "steps=50", stages=("hi", "gap_lo")),
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: invalid stage chain" in proc.stderr and "gap [200, 250)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
