@@ -375,8 +375,14 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SampleError(f"max_pixels must be a positive int or null, got {cfg.max_pixels!r}")
     if cfg.output_dir in (None, ""):
         raise SampleError("output_dir is not set")
-    if cfg.get("inception_weights") and not Path(cfg.inception_weights).is_file():
-        raise SampleError(f"inception_weights file not found: {cfg.inception_weights}")
+    if cfg.get("inception_weights"):
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not Path(cfg.inception_weights).is_file():
+            raise SampleError(f"inception_weights file not found: {cfg.inception_weights}")
+        if not _TORCH_FIDELITY_AVAILABLE:  # fid_kid would only fail after every image was processed
+            raise SampleError("inception_weights is set but FID/KID need the torch-fidelity package (see "
+                              "refiner.metrics.fid_kid); unset inception_weights to evaluate without FID/KID")
 
 
 @dataclass
