@@ -1,0 +1,41 @@
+"""Config composition: window presets' t ranges, trainer presets, the SLURM launcher preset."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, compose_config
+
+# blog's sampling-step names -> diffusion timestep windows [t_min, t_max)
+WINDOWS = {"late_500_750": (250, 500), "late_751_1000": (0, 250), "late_500_1000": (0, 500), "full": (0, 1000)}
+
+
+@pytest.mark.parametrize("name,expected", WINDOWS.items())
+def test_window_presets_map_blog_steps_to_timesteps(name, expected, tmp_path):
+    cfg = compose_config("train", [f"window={name}"], tmp_path)
+    assert (cfg.model.window.t_min, cfg.model.window.t_max) == expected
+    assert cfg.model.window.num_timesteps == cfg.model.schedule.num_timesteps == 1000
+
+
+@pytest.mark.parametrize("preset,accelerator,precision,backend", [
+    ("cpu", "cpu", "32-true", None), ("gpu", "gpu", "bf16-mixed", None),
+    ("ddp", "gpu", "bf16-mixed", "nccl"), ("ddp_cpu", "cpu", "32-true", "gloo"),
+])
+def test_trainer_presets(preset, accelerator, precision, backend, tmp_path):
+    cfg = compose_config("train", [f"trainer={preset}", "trainer.num_nodes=4"], tmp_path)
+    assert cfg.trainer.accelerator == accelerator and cfg.trainer.precision == precision
+    assert cfg.trainer.num_nodes == 4
+    if backend:
+        assert cfg.trainer.strategy.process_group_backend == backend
+
+
+def test_slurm_launcher_preset_composes(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8",
+                                          "trainer.num_nodes=2", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu"
