@@ -631,7 +631,7 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
     if kind == "compvis_ldm":
         ldm = _ldm_from_obj(obj, source, use_ema)
         return ldm.unet, dict(kind="compvis_ldm", source=source, used_ema=ldm.used_ema, unet_params=None,
-                              global_step=ldm.global_step)
+                              global_step=ldm.global_step, scale_factor=ldm.scale_factor)
     if kind == "first_stage":
         raise CheckpointError(f"{source} is a first-stage (VQ) checkpoint, not a denoiser; "
                               "use it as the first stage (load_first_stage), not as init_from")
@@ -641,7 +641,8 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
 
 def _window_info(kind: str, ww: WindowWeights) -> dict:
     return dict(kind=kind, source=ww.source, used_ema=ww.has_ema, unet_params=ww.unet_params,
-                window=str(ww.window), global_step=ww.global_step, parameterization=ww.parameterization)
+                window=str(ww.window), global_step=ww.global_step, parameterization=ww.parameterization,
+                scale_factor=ww.scale_factor)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,25 +57,69 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
-def apply_init_from(model: pl.LightningModule, cfg: DictConfig) -> dict:
-    """Finetune: copy only weights into ``model.unet`` (strictly); optimizer and step start fresh."""
-    from refiner.checkpoints import load_init_weights, load_strict
+def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
+    """Finetune source: (UNet state dict, info) from ``init_from``, or (None, None)."""
+    if not cfg.get("init_from"):
+        return None, None
+    from refiner.checkpoints import load_init_weights
 
-    state, info = load_init_weights(cfg.init_from, use_ema=cfg.init_from_ema, trust_checkpoint=cfg.trust_checkpoint)
+    return load_init_weights(cfg.init_from, use_ema=cfg.init_from_ema, trust_checkpoint=cfg.trust_checkpoint)
+
+
+def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict | None = None,
+                    info: dict | None = None) -> dict:
+    """Finetune: copy only weights into ``model.unet`` (strictly); optimizer and step start fresh."""
+    from refiner.checkpoints import load_strict
+
+    if state is None:
+        state, info = read_init_from(cfg)
     load_strict(model.unet, state, source=str(cfg.init_from))
     log.info("initialised weights from %s (%s)", cfg.init_from, info)
     return info
 
 
+def resolve_scale_factor(cfg: DictConfig, init_info: dict | None = None, max_samples: int = 256) -> None:
+    """``model.scale_factor=auto``: the finetuning source's factor if it has one, else 1 / std of the
+    first training latents (LDM's ``scale_by_std``).
+
+    The first ``max_samples`` samples in shard order are the same files on every rank, so the value
+    is identical everywhere by construction; ``WindowRefiner.on_fit_start`` checks it against rank 0.
+    """
+    inherited = (init_info or {}).get("scale_factor")
+    current = cfg.model.get("scale_factor")
+    if str(current) != "auto":
+        if inherited is not None and current is not None and abs(float(current) - inherited) > 1e-6:
+            log.warning("model.scale_factor=%s differs from init_from's %s: the finetuned window will not "
+                        "chain with its source", current, inherited)
+        return
+    if inherited is not None:
+        cfg.model.scale_factor = float(inherited)
+        log.info("model.scale_factor=auto -> %.5f (from init_from)", cfg.model.scale_factor)
+        return
+    import torch
+
+    from refiner.data.shards import expand_shards, read_all_samples
+
+    samples = read_all_samples(expand_shards(cfg.data.train_shards), keys=("z_clean",), max_samples=max_samples)
+    if not samples:
+        raise ConfigError(f"model.scale_factor=auto: no readable samples in {cfg.data.train_shards}")
+    z = torch.cat([s["z_clean"].double().flatten() for s in samples])
+    cfg.model.scale_factor = float(1.0 / z.std())
+    log.info("model.scale_factor=auto -> %.5f (1/std over %d training latents)", cfg.model.scale_factor, len(samples))
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    init_state, init_info = read_init_from(cfg)
+    if "unet" in cfg.model:
+        resolve_scale_factor(cfg, init_info)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
-    if cfg.get("init_from"):
-        apply_init_from(model, cfg)
+    if init_state is not None:
+        apply_init_from(model, cfg, init_state, init_info)
 
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))

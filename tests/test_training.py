@@ -12,7 +12,7 @@ from conftest import CONF, TINY_TRAINER, compose_config
 from pipeline import World, build_world
 
 from refiner.checkpoints import CheckpointError, load_window_checkpoint
-from refiner.train import ConfigError, apply_init_from, run
+from refiner.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
 
 
 @pytest.fixture(scope="session")
@@ -39,18 +39,31 @@ def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):
 def test_detail_window_finetunes_from_the_shape_window(world, shape_window, tmp_path):
     overrides = world.refiner_overrides("demo_refiner_751_1000", f"init_from={shape_window['last_ckpt']}")
     cfg = compose_config("train", overrides, tmp_path / "r751")
+    state, info = read_init_from(cfg)
+    resolve_scale_factor(cfg, info)
     model = hydra.utils.instantiate(cfg.model)
-    info = apply_init_from(model, cfg)
+    apply_init_from(model, cfg, state, info)
     source = load_window_checkpoint(shape_window["last_ckpt"], use_ema=True)
     assert info is not None and source.has_ema
     for key, value in source.unet_state.items():
         assert torch.equal(model.unet.state_dict()[key], value), key  # EMA weights were copied
 
-    result = run(cfg)
+    result = run(compose_config("train", overrides, tmp_path / "r751"))
     ckpt = torch.load(result["last_ckpt"], weights_only=True)
     assert ckpt["hyper_parameters"]["window"]["t_max"] == 250  # the new window
+    shape_hp = torch.load(shape_window["last_ckpt"], weights_only=True)["hyper_parameters"]
+    assert ckpt["hyper_parameters"]["scale_factor"] == shape_hp["scale_factor"]  # inherited, so they chain
     assert ckpt["global_step"] == 4  # step count starts fresh (weights only, new optimizer)
     assert ckpt["optimizer_states"][0]["state"][0]["step"].item() == 4
+
+
+def test_auto_scale_factor_is_one_over_the_latent_std(world, shape_window):
+    from refiner.data.shards import expand_shards, read_all_samples
+
+    samples = read_all_samples(expand_shards(world.shards_dir / "demo/train"), keys=("z_clean",))
+    std = torch.cat([s["z_clean"].double().flatten() for s in samples]).std().item()
+    hp = torch.load(shape_window["last_ckpt"], weights_only=True)["hyper_parameters"]
+    assert hp["scale_factor"] == pytest.approx(1 / std, rel=1e-6)
 
 
 def _train_state(path):
@@ -167,7 +180,7 @@ def test_missing_checkpoint_is_refused(compose_train, key, tmp_path):
 def test_missing_shards_are_refused(world, tmp_path):
     overrides = world.refiner_overrides("demo_refiner_500_750", f"data.train_shards={tmp_path}/empty")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception, match="empty"):
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
         run(compose_config("train", overrides, tmp_path / "run"))
 
 

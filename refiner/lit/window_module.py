@@ -95,6 +95,14 @@ class WindowRefiner(pl.LightningModule):
         self._grid_batch: Optional[dict] = None
         self._decoder: list = []  # kept out of state_dict and EMA on purpose
 
+    def on_fit_start(self) -> None:
+        """Data-dependent statistics must agree on every rank (they are resolved before the fit)."""
+        ours = torch.tensor(float(self.hparams.scale_factor))
+        rank0 = self.trainer.strategy.broadcast(ours, src=0)
+        if not torch.equal(ours, rank0):
+            raise RuntimeError(f"scale_factor differs across ranks: rank {self.global_rank} has {ours.item()}, "
+                               f"rank 0 has {rank0.item()}")
+
     # -- the window-restricted loss ---------------------------------------------------------
     def _generator(self, *parts: int) -> torch.Generator:
         return torch.Generator().manual_seed(step_seed(self.hparams.seed, *parts))
