@@ -1,0 +1,84 @@
+"""VQ first stage: LDM encode/decode semantics, training module, checkpoints in the taming layout."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from refiner.checkpoints import load_first_stage, load_strict
+from refiner.lit.first_stage import FirstStageModule
+from refiner.models.vq import VQModel, tiny_ddconfig
+
+
+@pytest.fixture(scope="module")
+def vq():
+    torch.manual_seed(0)
+    return VQModel(tiny_ddconfig(4, resolution=32), n_embed=32, embed_dim=3).eval()
+
+
+def test_encode_is_pre_quantization_and_decode_quantizes(vq):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        h = vq.encode(x)
+        assert h.shape == (2, 3, 8, 8) and vq.factor == 4
+        codebook = vq.quantize.embedding.weight
+        dist = torch.cdist(h.permute(0, 2, 3, 1).reshape(-1, 3), codebook).min(dim=1).values
+        assert dist.max() > 1e-4  # encode does not snap to the codebook (LDM VQModelInterface.encode)
+        quant, _ = vq.quantize_latent(h)
+        torch.testing.assert_close(vq.decode(h), vq.decode(quant, force_not_quantize=True))
+        assert not torch.allclose(vq.decode(h), vq.decode(h, force_not_quantize=True))
+
+
+def test_sizes_not_divisible_by_the_factor_are_refused(vq):
+    with pytest.raises(ValueError, match="not divisible by the first-stage factor 4"):
+        vq.encode(torch.zeros(1, 3, 30, 32))
+
+
+def test_unsupported_ddconfigs_are_refused():
+    with pytest.raises(ValueError, match="attn_type"):
+        VQModel({**tiny_ddconfig(4), "attn_type": "none"}, 16, 3)
+    with pytest.raises(ValueError, match="double_z"):
+        VQModel({**tiny_ddconfig(4), "double_z": True}, 16, 3)
+
+
+def _images(n=4, size=32):
+    g = torch.Generator().manual_seed(0)
+    base = torch.linspace(-1, 1, size)
+    imgs = torch.stack([torch.stack([base[None, :].expand(size, size) * s, base[:, None].expand(size, size) * s,
+                                     torch.full((size, size), s)]) for s in torch.rand(n, generator=g) * 2 - 1])
+    return [{"image": im} for im in imgs]
+
+
+def _fit(module, steps, tmp_path):
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(_images(), batch_size=4))
+    return trainer
+
+
+def test_training_with_discriminator_writes_a_taming_layout_checkpoint(tmp_path):
+    module = FirstStageModule(tiny_ddconfig(4, resolution=32), n_embed=32, embed_dim=3, disc_weight=0.1)
+    trainer = _fit(module, 2, tmp_path)
+    trainer.save_checkpoint(tmp_path / "vq.ckpt")
+    sd = torch.load(tmp_path / "vq.ckpt", weights_only=True)["state_dict"]
+    prefixes = {k.split(".")[0] for k in sd}
+    assert prefixes == {"encoder", "decoder", "quantize", "quant_conv", "post_quant_conv", "loss"}
+    assert any(k.startswith("loss.discriminator.") for k in sd)
+    state = load_first_stage(tmp_path / "vq.ckpt")  # drops loss.*
+    assert not any(k.startswith("loss.") for k in state)
+    load_strict(VQModel(tiny_ddconfig(4, resolution=32), 32, 3), state, source="vq.ckpt")
+
+
+def test_training_reduces_reconstruction_error(tmp_path):
+    torch.manual_seed(0)
+    module = FirstStageModule(tiny_ddconfig(4, resolution=32), n_embed=32, embed_dim=3, lr=1e-3)
+    batch = torch.stack([s["image"] for s in _images()])
+    with torch.no_grad():
+        before = module.reconstruction_losses(batch)[1].item()
+    _fit(module, 40, tmp_path)
+    with torch.no_grad():
+        after = module.reconstruction_losses(batch)[1].item()
+    assert after < 0.5 * before
