@@ -134,8 +134,10 @@ def _ffhq_overrides(world: World, files: dict) -> list[str]:
 def test_every_experiment_preset_runs_fast_dev_run(experiment, world, compvis_files, tmp_path):
     paths = [p for p in world.paths() if not (experiment.startswith("ffhq") and p.startswith("first_stage"))]
     overrides = [f"experiment={experiment}", *TINY_TRAINER, *paths, "+trainer.fast_dev_run=true"]
-    if experiment.startswith("demo_refiner"):
+    if experiment.startswith(("demo_refiner", "demo_paired")):
         overrides += [o for o in world.refiner_overrides(experiment) if o.startswith(("model.", "data."))]
+        if experiment == "demo_paired_baseline":
+            overrides.append("model.unet.in_channels=6")
     if experiment == "demo_refiner_751_1000":
         overrides.append("init_from=null")  # the chained init is covered by the finetune test
     if experiment.startswith("demo_vq"):
