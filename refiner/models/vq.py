@@ -9,14 +9,38 @@ thin wrapper lives here). ``encode`` returns the *pre-quantization* latent like 
 from __future__ import annotations
 
 import torch
-from taming.modules.diffusionmodules.model import Decoder, Encoder
+from einops import rearrange
+from taming.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 DDCONFIG_KEYS = (
     "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
     "num_res_blocks", "attn_resolutions", "dropout",
 )
+
+
+class SDPAAttnBlock(AttnBlock):
+    """taming's ``AttnBlock`` with the same weights, computed by ``scaled_dot_product_attention``.
+
+    taming materialises the (HW x HW) score matrix: about 32 GiB at the latent size of a 1024 px
+    image. SDPA's fused CPU/GPU kernels work blockwise, so memory grows with HW instead.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, one head
+        return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2]))
+
+
+def use_sdpa_attention(module: nn.Module) -> nn.Module:
+    """Swap every taming ``AttnBlock`` inside ``module`` for :class:`SDPAAttnBlock` (same state dict)."""
+    for m in module.modules():
+        if type(m) is AttnBlock:
+            m.__class__ = SDPAAttnBlock
+    return module
 
 
 class VQModel(nn.Module):
@@ -55,8 +79,8 @@ class VQModel(nn.Module):
         self.ddconfig = ddconfig
         self.n_embed = n_embed
         self.embed_dim = embed_dim
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
+        self.encoder = use_sdpa_attention(Encoder(**ddconfig))
+        self.decoder = use_sdpa_attention(Decoder(**ddconfig))
         self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
