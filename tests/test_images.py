@@ -193,6 +193,17 @@ def test_demo_build_is_deterministic_and_well_formed(tmp_path):
     assert _tree(tmp_path / "a") == a
 
 
+def test_demo_validation_crops_come_only_from_held_out_photos(tmp_path):
+    from refiner.data.demo import build_demo_images
+
+    counts = build_demo_images(tmp_path, crop_size=32, crops_per_photo=2, photos=["astronaut", "chelsea"],
+                               val_photos=("chelsea",), val_crops=3, progress=False)
+    assert counts == {"train": 4, "val": 3}
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == [f"chelsea_{i:03d}.png" for i in range(3)]
+    assert all(load_image(p).shape == (32, 32, 3) for p in (tmp_path / "val").iterdir())
+    assert not list((tmp_path / "train").glob("chelsea*"))
+
+
 def test_demo_full_scale_crop_matches_pil_resize(tmp_path):
     from refiner.data.demo import build_demo_images, demo_photos
 
@@ -211,5 +222,5 @@ def test_demo_cli(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "wrote 14 training and 2 validation images" in r.stdout
+    assert "wrote 14 training and 16 validation images" in r.stdout  # 8 crops of each held-out photo
     assert len(list((tmp_path / "train").glob("*.png"))) == 14

@@ -1,11 +1,12 @@
 """Demo image folders built from photos that scikit-image and scikit-learn ship (nothing is downloaded).
 
 Training images are random square crops of the training photos at a few scales, resized to
-``crop_size`` (PIL LANCZOS), each also stored horizontally flipped. Validation images are whole
-held-out photos, resized so the short side is ``2 * crop_size`` and centre-cropped to a multiple of 8
-(so both the f4 and f8 first stages accept them). Output is deterministic given ``seed``.
+``crop_size`` (PIL LANCZOS), each also stored horizontally flipped. Validation images come from the
+held-out photos only: with ``val_crops > 0`` that many crops drawn the same way as the training crops
+(so validation measures the same kind of image), else one whole view per photo, resized so the short
+side is ``2 * crop_size`` and centre-cropped to a multiple of 8. Deterministic given ``seed``.
 
-    python -m refiner.data.demo OUT_DIR [--crop-size 64] [--crops-per-photo 16] [--seed 0]
+    python -m refiner.data.demo OUT_DIR [--crop-size 64] [--crops-per-photo 16] [--val-crops 8] [--seed 0]
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def build_demo_images(
     photos: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    val_crops: int = 0,
 ) -> dict[str, int]:
     """Write ``out_dir/train/*.png`` (crops + flips) and ``out_dir/val/*.png`` (whole held-out photos).
 
@@ -103,6 +105,7 @@ def build_demo_images(
         scales: crop side as a fraction of the photo's short side, cycled per crop.
         photos: restrict to these photo names (default: all of ``PHOTO_NAMES``).
         overwrite: replace PNGs of an earlier build; otherwise an existing build is an error.
+        val_crops: crops per held-out photo (``val/{name}_{i:03d}.png``); 0 = one whole view (``val/{name}.png``).
 
     Returns:
         ``{"train": number of training files, "val": number of validation files}``.
@@ -124,11 +127,14 @@ def build_demo_images(
     counts = {"train": 0, "val": 0}
     for name in tqdm(names, desc="demo photos", disable=not progress):
         photo = images[name]
-        if name in val_photos:
-            save_png_atomic(val_dir / f"{name}.png", validation_view(photo, 2 * crop_size))
-            counts["val"] += 1
-            continue
         rng = np.random.default_rng([seed, PHOTO_NAMES.index(name)])
+        if name in val_photos:
+            views = random_crops(photo, crop_size, val_crops, rng, scales) if val_crops else [
+                validation_view(photo, 2 * crop_size)]
+            for i, view in enumerate(views):
+                save_png_atomic(val_dir / (f"{name}_{i:03d}.png" if val_crops else f"{name}.png"), view)
+            counts["val"] += len(views)
+            continue
         for i, crop in enumerate(random_crops(photo, crop_size, crops_per_photo, rng, scales)):
             save_png_atomic(train_dir / f"{name}_{i:03d}.png", crop)
             save_png_atomic(train_dir / f"{name}_{i:03d}_flip.png", np.ascontiguousarray(crop[:, ::-1]))
@@ -141,13 +147,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--crops-per-photo", type=int, default=16)
+    parser.add_argument("--val-crops", type=int, default=8, help="crops per held-out photo; 0: one whole view")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-photos", nargs="*", default=list(DEFAULT_VAL_PHOTOS))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     counts = build_demo_images(
         args.out_dir, crop_size=args.crop_size, crops_per_photo=args.crops_per_photo,
-        val_photos=args.val_photos, seed=args.seed, overwrite=args.overwrite,
+        val_photos=args.val_photos, seed=args.seed, overwrite=args.overwrite, val_crops=args.val_crops,
     )
     print(f"wrote {counts['train']} training and {counts['val']} validation images to {args.out_dir}")
 
