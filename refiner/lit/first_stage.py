@@ -3,6 +3,11 @@
 Loss: L1 reconstruction + codebook/commitment loss (VQ-VAE, van den Oord et al. 2017, eq. 3),
 plus, after ``disc_start`` steps, taming's PatchGAN discriminator with the hinge loss
 (taming's LPIPS term needs a weight download and is left out).
+
+Codebook collapse is the usual failure of short VQ trainings, so the codebook is initialised from
+encoder outputs of the first batch and codes unused for a while are restarted on random encoder
+outputs (dead-code restart, as in Jukebox, Dhariwal et al. 2020, sec. 3.4). Written here because
+taming's quantizer has neither; rank 0 draws the new codes and broadcasts them, so DDP ranks agree.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class FirstStageModule(pl.LightningModule):
     codebook_weight: weight of the codebook loss.
     disc_weight: weight of the generator's adversarial term; 0 disables the discriminator.
     disc_start: optimizer step at which the discriminator switches on.
+    restart_every: steps between dead-code restarts (0 disables init and restarts).
+    usage_decay: decay of the running code-usage counts; codes below ``dead_threshold`` restart.
     optimizer: partial optimizer (Hydra ``_partial_: true``); ``lr`` is set here.
     """
 
@@ -36,14 +43,19 @@ class FirstStageModule(pl.LightningModule):
         codebook_weight: float = 1.0,
         disc_weight: float = 0.0,
         disc_start: int = 0,
+        restart_every: int = 20,
+        usage_decay: float = 0.9,
+        dead_threshold: float = 0.03,
         optimizer: Optional[Callable] = None,
     ):
         super().__init__()
         ddconfig = plain(ddconfig)
         self.save_hyperparameters(dict(ddconfig=ddconfig, n_embed=n_embed, embed_dim=embed_dim, lr=lr,
                                        codebook_weight=codebook_weight, disc_weight=disc_weight,
-                                       disc_start=disc_start))
-        vq = VQModel(ddconfig, n_embed=n_embed, embed_dim=embed_dim)
+                                       disc_start=disc_start, restart_every=restart_every,
+                                       usage_decay=usage_decay, dead_threshold=dead_threshold))
+        vq = VQModel(ddconfig, n_embed=n_embed, embed_dim=embed_dim, legacy=False)
+        self.register_buffer("code_usage", torch.zeros(n_embed), persistent=False)
         # Register VQModel's parts at top level and the discriminator under ``loss.``, so our
         # checkpoints have exactly the taming/CompVis first-stage key layout.
         object.__setattr__(self, "vq", vq)
@@ -72,8 +84,31 @@ class FirstStageModule(pl.LightningModule):
         x_rec, codebook_loss = self.vq(x)
         return x_rec, (x_rec - x).abs().mean(), codebook_loss
 
+    @torch.no_grad()
+    def restart_dead_codes(self, x: torch.Tensor) -> int:
+        """Init (first call) or restart rarely used codes on random encoder outputs; returns how many."""
+        h = self.vq.encode(x)
+        vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        codebook = self.vq.quantize.embedding.weight
+        counts = torch.bincount(torch.cdist(vectors, codebook).argmin(dim=1), minlength=codebook.shape[0]).float()
+        first = self.code_usage.sum() == 0
+        self.code_usage.mul_(self.hparams.usage_decay).add_(counts / counts.mean(), alpha=1 - self.hparams.usage_decay)
+        dead = torch.ones_like(self.code_usage, dtype=torch.bool) if first else (
+            self.code_usage < self.hparams.dead_threshold)
+        g = torch.Generator().manual_seed(int(self.global_step))
+        picks = torch.randint(0, vectors.shape[0], (codebook.shape[0],), generator=g).to(vectors.device)
+        new = torch.where(dead[:, None], vectors[picks] + 1e-3 * vectors.std() * torch.randn(
+            codebook.shape, generator=g).to(vectors), codebook)
+        new = self.trainer.strategy.broadcast(new, src=0)
+        codebook.copy_(new)
+        self.code_usage[dead] = 1.0
+        return int(dead.sum())
+
     def training_step(self, batch, batch_idx):
         x = batch["image"]
+        every = self.hparams.restart_every
+        if every and self.global_step % every == 0:
+            self.log("train/codes_restarted", float(self.restart_dead_codes(x)))
         opts = self.optimizers()
         opt_ae, opt_disc = (opts if isinstance(opts, list) else [opts, None])
         x_rec, l1, codebook = self.reconstruction_losses(x)

@@ -55,6 +55,9 @@ class VQModel(nn.Module):
         embed_dim: codebook vector size = latent channels (vq-f4: 3, vq-f8: 4).
         beta: commitment weight of the codebook loss.
         remap, sane_index_shape: passed to ``VectorQuantizer2``.
+        legacy: taming's default (True) weights the commitment term by 1 and the codebook term by
+            ``beta`` (a known swap kept for compatibility); False applies ``beta`` to the commitment
+            term as in the VQ-VAE paper. Does not change the state dict.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class VQModel(nn.Module):
         beta: float = 0.25,
         remap: str | None = None,
         sane_index_shape: bool = False,
+        legacy: bool = True,
     ):
         super().__init__()
         ddconfig = dict(ddconfig)
@@ -81,7 +85,8 @@ class VQModel(nn.Module):
         self.embed_dim = embed_dim
         self.encoder = use_sdpa_attention(Encoder(**ddconfig))
         self.decoder = use_sdpa_attention(Decoder(**ddconfig))
-        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape)
+        self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape,
+                                         legacy=legacy)
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
