@@ -67,6 +67,7 @@ class LoadedStage:
 
     weights: WindowWeights
     unet: torch.nn.Module
+    precision: str = "fp32"
 
     @property
     def downsample(self) -> int:
@@ -86,13 +87,25 @@ class LoadedStage:
             model = lambda x, t: unet(x, t, concat=z_cond)  # noqa: E731
         else:
             model = lambda x, t: unet(x, t)  # noqa: E731
+        if self.precision == "bf16":  # autocast only the UNet; the sampler's update stays in fp32
+            model = _bf16_autocast(model, next(unet.parameters()).device.type)
         return Stage(model=model, window=self.weights.window, parameterization=self.weights.parameterization,
                      name=self.name)
 
 
+def _bf16_autocast(model, device_type: str):
+    def autocast_model(x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model(x, t).float()
+
+    return autocast_model
+
+
 def load_stages(paths: Sequence[str], use_ema: bool = True, trust_checkpoint: bool = False,
-                device: str | torch.device = "cpu") -> list[LoadedStage]:
+                device: str | torch.device = "cpu", precision: str = "fp32") -> list[LoadedStage]:
     """Load each window checkpoint (``.ckpt`` or exported ``.safetensors``) and build its UNet."""
+    if precision not in ("fp32", "bf16"):
+        raise SampleError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if isinstance(paths, (str, Path)) or not paths:
         raise SampleError(f"stages must be a non-empty list of window checkpoint paths, got {paths!r}")
     loaded = []
@@ -100,7 +113,7 @@ def load_stages(paths: Sequence[str], use_ema: bool = True, trust_checkpoint: bo
         weights = load_window_weights(path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
         if weights.conditioning not in (None, "concat"):
             raise SampleError(f"{path}: conditioning={weights.conditioning!r}; only null or 'concat' are supported")
-        loaded.append(LoadedStage(weights, weights.build_unet().to(device)))
+        loaded.append(LoadedStage(weights, weights.build_unet().to(device), precision))
     return loaded
 
 
@@ -406,7 +419,7 @@ def run(cfg: DictConfig) -> dict:
     evaluate_mode = cfg.mode == "evaluate"
     device = torch.device(cfg.device)
     # 1. Checkpoints and the step plan: everything that can fail without looking at an image.
-    stages = load_stages(list(cfg.stages), cfg.use_ema, cfg.trust_checkpoint, device)
+    stages = load_stages(list(cfg.stages), cfg.use_ema, cfg.trust_checkpoint, device, cfg.get("precision", "fp32"))
     ac, scale = check_compatible(stages)
     plan = plan_steps(stages, ac, cfg.t_start, cfg.steps, cfg.spacing, cfg.eta, cfg.allow_outside_window)
     f4 = load_first_stage_model(cfg.first_stage.get("f4"), "f4", cfg.trust_checkpoint, device)

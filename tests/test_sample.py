@@ -186,6 +186,26 @@ def test_scale_factor_is_applied(models, tmp_path):
     assert _max_diff(got, _manual_refine(models, ("hi", "lo"), _rgb(16, 16, 0), 0, scale=1.0)) > 1
 
 
+def test_bf16_precision_is_close_to_fp32_but_not_identical(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 3)).save(d / "a.png")
+    run(_compose(models, d, tmp_path / "fp32", "grid=none"))
+    run(_compose(models, d, tmp_path / "bf16", "grid=none", "precision=bf16"))
+    a = np.asarray(Image.open(tmp_path / "fp32" / "a.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "bf16" / "a.png")).astype(int)
+    assert np.abs(a - b).mean() < 8
+    from refiner.refine_images import load_stages
+
+    (fp32,), (bf16,) = (load_stages([str(models["hi"])], precision=p) for p in ("fp32", "bf16"))
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([300])
+    out32, out16 = fp32.stage(None).model(x, t), bf16.stage(None).model(x, t)
+    assert out16.dtype == torch.float32 and not torch.equal(out32, out16)  # autocast really ran
+    torch.testing.assert_close(out16, out32, rtol=0.05, atol=0.05)
+    with pytest.raises(Exception, match="precision"):
+        run(_compose(models, d, tmp_path / "x", "precision=fp16"))
+
+
 def test_batching_does_not_change_results(models, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
