@@ -101,3 +101,23 @@ def test_sdpa_attention_block_matches_taming_attention():
     vq = VQModel(tiny_ddconfig(4, resolution=32), 16, 3)
     blocks = [m for m in vq.modules() if isinstance(m, AttnBlock)]
     assert blocks and all(type(m) is SDPAAttnBlock for m in blocks)  # mid-blocks always have attention
+
+
+def test_attention_hands_sdpa_contiguous_tensors(monkeypatch):
+    """Strided q/k/v make SDPA fall back to its math kernel, which builds the full (HW x HW) matrix."""
+    from torch.nn import functional as F
+
+    from refiner.models.unet import UNetModel, tiny_unet_params
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        VQModel(tiny_ddconfig(4, resolution=32), 16, 3).encode(torch.zeros(1, 3, 32, 32))
+        UNetModel(**tiny_unet_params())(torch.zeros(1, 3, 16, 16), torch.tensor([5]))
+    assert len(seen) >= 3 and all(seen)

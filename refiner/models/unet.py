@@ -205,7 +205,8 @@ def qkv_attention(qkv: Tensor, num_heads: int, legacy_order: bool, backend: Atte
     if width % (3 * num_heads):
         raise ValueError(f"qkv width {width} is not divisible by 3 * num_heads = {3 * num_heads}")
     pattern = "b (h three c) t -> three b h t c" if legacy_order else "b (three h c) t -> three b h t c"
-    q, k, v = rearrange(qkv, pattern, three=3, h=num_heads)
+    # contiguous: with strided views SDPA falls back to its math kernel and builds the (T x T) matrix
+    q, k, v = (t.contiguous() for t in rearrange(qkv, pattern, three=3, h=num_heads))
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)
     elif backend == "math":

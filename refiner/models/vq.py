@@ -30,7 +30,8 @@ class SDPAAttnBlock(AttnBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        # contiguous: with strided views SDPA falls back to its math kernel and builds the HW x HW matrix
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c").contiguous() for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v, one head
         return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2]))
 
