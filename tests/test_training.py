@@ -206,3 +206,31 @@ def test_wandb_logs_offline_without_login(world, tmp_path, monkeypatch):
     result = run(compose_config("train", [*overrides, "logger=wandb", "trainer.max_steps=2"], tmp_path / "run"))
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert result["global_step"] == 2
+
+
+def test_finetune_from_compvis_ldm_takes_its_ema_weights(world, compvis_files, tmp_path):
+    overrides = ["experiment=ffhq_500_750", *TINY_TRAINER, *_ffhq_overrides(world, compvis_files)]
+    cfg = compose_config("train", overrides, tmp_path / "run")
+    state, info = read_init_from(cfg)
+    resolve_scale_factor(cfg, info)
+    model = hydra.utils.instantiate(cfg.model)
+    apply_init_from(model, cfg, state, info)
+    ema, raw = compvis_files["ldm"]["ema"], compvis_files["ldm"]["raw"]
+    for key, value in model.unet.state_dict().items():
+        assert torch.equal(value, ema[key]) and not torch.equal(value, raw[key]), key
+    cfg.init_from_ema = False
+    state, _ = read_init_from(cfg)
+    assert all(torch.equal(state[k], raw[k]) for k in raw)
+
+
+def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
+    from refiner.checkpoints import export_safetensors, load_window_weights
+
+    out = tmp_path / "shape.safetensors"
+    export_safetensors(shape_window["last_ckpt"], out)
+    exported, original = load_window_weights(out), load_window_checkpoint(shape_window["last_ckpt"])
+    assert (exported.window.t_min, exported.window.t_max) == (250, 500)
+    assert exported.scale_factor == pytest.approx(original.scale_factor)
+    assert exported.unet_params == original.unet_params
+    for key, value in original.unet_state.items():
+        assert torch.equal(exported.unet_state[key], value), key
