@@ -68,13 +68,6 @@ def worker(kind: str, size: int, steps: list[int], threads: int) -> dict:
     return out
 
 
-def mem_available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return float("inf")
-
-
 def run_sub(kind: str, size: int, steps: list[int], threads: int) -> dict:
     # VQModel's mid-block attention runs through SDPA (refiner.models.vq.SDPAAttnBlock), so no (HW)^2
     # score matrix is built; before that swap, 1024 px needed ~32 GiB and was skipped here.

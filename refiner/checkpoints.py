@@ -450,6 +450,21 @@ def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mappin
     return model
 
 
+def first_stage_from_config(block: Any, name: str, trust_checkpoint: bool = False, device="cpu") -> nn.Module:
+    """The trained ``VQModel`` of a ``first_stage.<name>`` config block ``{ckpt_path, params}``, in eval mode.
+
+    A missing ``ckpt_path`` is refused: a randomly initialised autoencoder would silently produce noise.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if block is None or block.get("ckpt_path") in (None, ""):
+        raise CheckpointError(f"first_stage.{name}.ckpt_path is not set: point it at a VQ-{name} checkpoint "
+                              f"(e.g. first_stage=compvis paths.vq_{name}=/path/to/vq-{name}/model.ckpt)")
+    params = block["params"]
+    params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
+    return build_first_stage(block["ckpt_path"], params, trust_checkpoint=trust_checkpoint).to(device).eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Our window experts
 # ----------------------------------------------------------------------------------------------

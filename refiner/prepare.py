@@ -5,22 +5,17 @@ from __future__ import annotations
 import json
 import logging
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from refiner.checkpoints import build_first_stage
+from refiner.checkpoints import first_stage_from_config
 from refiner.data.shards import build_shards
 
 log = logging.getLogger(__name__)
 
 
 def load_first_stages(cfg: DictConfig):
-    stages = {}
-    for name in ("f4", "f8"):
-        spec = cfg.first_stage[name]
-        if not spec.get("ckpt_path"):
-            raise ValueError(f"first_stage.{name}.ckpt_path is not set (a trained VQ-{name} checkpoint is needed)")
-        params = OmegaConf.to_container(spec.params, resolve=True)
-        stages[name] = build_first_stage(spec.ckpt_path, params, trust_checkpoint=cfg.trust_checkpoint).eval()
+    stages = {name: first_stage_from_config(cfg.first_stage.get(name), name, cfg.trust_checkpoint, cfg.device)
+              for name in ("f4", "f8")}
     if stages["f4"].factor != 4 or stages["f8"].factor != 8:
         raise ValueError(f"first_stage.f4/f8 have factors {stages['f4'].factor}/{stages['f8'].factor}, expected 4/8")
     return stages

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from refiner.checkpoints import WindowWeights, build_first_stage, load_window_weights
+from refiner.checkpoints import WindowWeights, first_stage_from_config, load_window_weights
 from refiner.data.images import (
     ImageError, crop_to, list_images, load_image, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
 )
@@ -176,19 +176,6 @@ def plan_steps(stages: Sequence[LoadedStage], alphas_cumprod: Tensor, t_start: i
             log.warning("stage %d (%s, window %s) gets no step of the grid %s..%s; it is loaded but unused",
                         k + 1, s.weights.source, s.weights.window, plan.timesteps[0], plan.timesteps[-1])
     return plan
-
-
-# ------------------------------------------------------------------------------------------ first stage
-def load_first_stage_model(block: Any, name: str, trust_checkpoint: bool, device) -> torch.nn.Module:
-    """``build_first_stage`` from a ``{ckpt_path, params}`` config block; a missing path is refused
-    (a randomly initialised autoencoder would silently produce noise)."""
-    if block is None or block.get("ckpt_path") in (None, ""):
-        raise SampleError(f"first_stage.{name}.ckpt_path is not set: point it at a VQ-{name} checkpoint "
-                          f"(e.g. first_stage=compvis paths.vq_{name}=/path/to/vq-{name}/model.ckpt)")
-    params = OmegaConf.to_container(block["params"], resolve=True) if isinstance(block["params"], DictConfig) \
-        else dict(block["params"])
-    model = build_first_stage(block["ckpt_path"], params, trust_checkpoint=trust_checkpoint)
-    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -422,9 +409,9 @@ def run(cfg: DictConfig) -> dict:
     stages = load_stages(list(cfg.stages), cfg.use_ema, cfg.trust_checkpoint, device, cfg.get("precision", "fp32"))
     ac, scale = check_compatible(stages)
     plan = plan_steps(stages, ac, cfg.t_start, cfg.steps, cfg.spacing, cfg.eta, cfg.allow_outside_window)
-    f4 = load_first_stage_model(cfg.first_stage.get("f4"), "f4", cfg.trust_checkpoint, device)
+    f4 = first_stage_from_config(cfg.first_stage.get("f4"), "f4", cfg.trust_checkpoint, device)
     check_compatible(stages, latent_channels=f4.embed_dim)
-    f8 = load_first_stage_model(cfg.first_stage.get("f8"), "f8", cfg.trust_checkpoint, device) \
+    f8 = first_stage_from_config(cfg.first_stage.get("f8"), "f8", cfg.trust_checkpoint, device) \
         if evaluate_mode else None
     refiner = Refiner(stages, f4, ac, scale, cfg.t_start, cfg.steps, cfg.eta, cfg.spacing, cfg.allow_outside_window,
                       cfg.seed, cfg.pad_mode, str(device), f8)

@@ -126,6 +126,17 @@ def _check_parameterization(parameterization: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- steps
+def _step_terms(step: str, x_t: Tensor, t: int, t_prev: int, model_output: Tensor, alphas_cumprod: Tensor,
+                parameterization: str) -> tuple[float, float, Tensor, Tensor]:
+    """What every update from ``t`` to ``t_prev`` needs: ``(ab[t], ab[t_prev] or ab[0], x0_pred, eps_pred)``."""
+    _check_parameterization(parameterization)
+    if t_prev >= t:
+        raise ValueError(f"{step} goes down in t: need t_prev < t, got t={t}, t_prev={t_prev}")
+    a, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
+    x0, eps = to_x0_eps(model_output, x_t, _t_batch(t, x_t), alphas_cumprod, parameterization)
+    return a, a_prev, x0, eps
+
+
 def ddim_step(
     x_t: Tensor,
     t: int,
@@ -144,11 +155,7 @@ def ddim_step(
     and diffusers ``set_alpha_to_one=False``). ``noise`` is required when ``sigma > 0``.
     Returns ``(x_prev, x0_pred)``.
     """
-    _check_parameterization(parameterization)
-    if t_prev >= t:
-        raise ValueError(f"ddim_step goes down in t: need t_prev < t, got t={t}, t_prev={t_prev}")
-    a, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
-    x0, eps = to_x0_eps(model_output, x_t, _t_batch(t, x_t), alphas_cumprod, parameterization)
+    a, a_prev, x0, eps = _step_terms("ddim_step", x_t, t, t_prev, model_output, alphas_cumprod, parameterization)
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) if eta else 0.0
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
     if sigma > 0:
@@ -175,11 +182,8 @@ def ddpm_posterior_step(
     it equals DDIM with eta=1. ``t_prev < 0`` targets ``ab[0]`` like :func:`ddim_step`.
     Returns ``(x_prev, x0_pred)``.
     """
-    _check_parameterization(parameterization)
-    if t_prev >= t:
-        raise ValueError(f"ddpm_posterior_step goes down in t: need t_prev < t, got t={t}, t_prev={t_prev}")
-    a, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
-    x0, _ = to_x0_eps(model_output, x_t, _t_batch(t, x_t), alphas_cumprod, parameterization)
+    a, a_prev, x0, _ = _step_terms("ddpm_posterior_step", x_t, t, t_prev, model_output, alphas_cumprod,
+                                   parameterization)
     alpha = a / a_prev
     beta = 1 - alpha
     mean = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a)) * x_t

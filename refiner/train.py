@@ -66,13 +66,11 @@ def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
     return load_init_weights(cfg.init_from, use_ema=cfg.init_from_ema, trust_checkpoint=cfg.trust_checkpoint)
 
 
-def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict | None = None,
-                    info: dict | None = None) -> dict:
-    """Finetune: copy only weights into ``model.unet`` (strictly); optimizer and step start fresh."""
+def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict, info: dict) -> dict:
+    """Finetune: copy only weights (from :func:`read_init_from`) into ``model.unet``, strictly;
+    optimizer and step start fresh."""
     from refiner.checkpoints import load_strict
 
-    if state is None:
-        state, info = read_init_from(cfg)
     load_strict(model.unet, state, source=str(cfg.init_from))
     log.info("initialised weights from %s (%s)", cfg.init_from, info)
     return info

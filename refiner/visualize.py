@@ -15,19 +15,13 @@ from refiner.io import atomic_path
 
 
 def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
-    """Rows of (N, 3, H, W) images in [-1, 1] -> one uint8 (rows*H, N*W, 3) array.
-
-    Images in a row may differ in size from other rows only if ``rows`` are first resized; all
-    images must share H and W here.
-    """
+    """Rows of (N, 3, H, W) images in [-1, 1], all of one size -> one uint8 (R*H, N*W, 3) array,
+    each image framed by ``pad`` white pixels."""
     stacked = torch.stack([r.detach().float().cpu().clamp(-1, 1) for r in rows])  # (R, N, 3, H, W)
-    stacked = F_pad(stacked, pad)
+    if pad:
+        stacked = torch.nn.functional.pad(stacked, (pad, pad, pad, pad), value=1.0)
     grid = rearrange(stacked, "r n c h w -> (r h) (n w) c")
     return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def F_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=1.0) if pad else x
 
 
 def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:

@@ -1,15 +1,13 @@
-"""Lightning CheckpointIO that writes atomically and loads with ``weights_only=True``.
+"""Lightning CheckpointIO that writes atomically and loads safely.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction without fsync and loads
 with whatever ``weights_only`` the caller passed. Here a checkpoint is fsynced, then renamed into
-place (a SIGKILL mid-write leaves the previous ``last.ckpt`` intact), and loading refuses pickled
-code unless ``trust_checkpoint=True``.
+place (a SIGKILL mid-write leaves the previous ``last.ckpt`` intact), and loading goes through
+``refiner.checkpoints.safe_torch_load``: pickled code is refused unless ``trust_checkpoint=True``.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,15 +29,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None
     ) -> dict[str, Any]:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        weights_only = not self.trust_checkpoint
-        try:
-            return torch.load(path, map_location=map_location, weights_only=weights_only)
-        except pickle.UnpicklingError as err:
-            raise ValueError(
-                f"refusing to unpickle {path}: it holds objects other than tensors and plain containers. "
-                f"If you trust this file, pass trust_checkpoint=true. ({str(err).splitlines()[0]})"
-            ) from err
-        except (RuntimeError, EOFError) as err:
-            raise ValueError(f"checkpoint {path} is truncated or corrupt: {err}") from err
+        from refiner.checkpoints import safe_torch_load
+
+        return safe_torch_load(path, trust_checkpoint=self.trust_checkpoint, map_location=map_location)

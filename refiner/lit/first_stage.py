@@ -90,7 +90,8 @@ class FirstStageModule(pl.LightningModule):
         h = self.vq.encode(x)
         vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
         codebook = self.vq.quantize.embedding.weight
-        counts = torch.bincount(torch.cdist(vectors, codebook).argmin(dim=1), minlength=codebook.shape[0]).float()
+        nearest = self.vq.quantize(h)[2][2].flatten()  # taming's own nearest-code assignment
+        counts = torch.bincount(nearest, minlength=codebook.shape[0]).float()
         first = self.code_usage.sum() == 0
         self.code_usage.mul_(self.hparams.usage_decay).add_(counts / counts.mean(), alpha=1 - self.hparams.usage_decay)
         dead = torch.ones_like(self.code_usage, dtype=torch.bool) if first else (

@@ -156,9 +156,9 @@ class WindowRefiner(pl.LightningModule):
         cfg = self.hparams.first_stage
         if not cfg or not cfg.get("ckpt_path"):
             return None
-        from refiner.checkpoints import build_first_stage
+        from refiner.checkpoints import first_stage_from_config
 
-        vq = build_first_stage(cfg["ckpt_path"], cfg["params"]).eval().to(self.device)
+        vq = first_stage_from_config(cfg, "f4", device=self.device)
         self._decoder.append(vq)
         return vq
 
