@@ -11,7 +11,9 @@ CompVis LDM checkpoint layout (Lightning ``state_dict``): ``model.diffusion_mode
 ``model_ema.<name without dots>`` (LitEma copies of each parameter of ``model``) plus ``model_ema.decay``
 and ``model_ema.num_updates``, ``first_stage_model.*``, ``cond_stage_model.*`` and top-level schedule buffers.
 
-CLI: ``python -m refiner.checkpoints export CKPT OUT.safetensors`` and ``python -m refiner.checkpoints inspect PATH``.
+CLI: ``python -m refiner.checkpoints export CKPT OUT.safetensors [--force]`` and
+``python -m refiner.checkpoints inspect PATH``. Export never writes onto its input (any path spelling or
+link) and replaces an existing output only with ``--force``; errors are one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from refiner.diffusion import PARAMETERIZATIONS, ScheduleConfig, Window
-from refiner.io import atomic_save
+from refiner.errors import SettingError
+from refiner.io import atomic_save, check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ COMPVIS_SCHEDULE_DEFAULTS = dict(timesteps=1000, beta_schedule="linear", linear_
                                  cosine_s=8e-3)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SettingError):
     """A checkpoint file is missing, corrupt, unsafe to unpickle, or not the kind that was expected."""
 
 
@@ -543,14 +546,18 @@ def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
 
 
 def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, use_ema: bool = True,
-                       trust_checkpoint: bool = False) -> Path:
+                       trust_checkpoint: bool = False, force: bool = False) -> Path:
     """Write a window expert's UNet weights (EMA by default) to one ``.safetensors`` file, atomically.
+
+    ``out_path`` must not be ``ckpt_path`` (compared by inode: any spelling, symlink or hard link) and must
+    not exist unless ``force`` (:func:`refiner.io.check_output_path`); both are checked before reading.
 
     Metadata (all strings): format, window, schedule, unet_params (JSON), parameterization,
     conditioning, scale_factor, global_step, ema.
     """
     from safetensors.torch import save_file
 
+    out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
     ww = load_window_checkpoint(ckpt_path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
     tensors = {k: v.detach().contiguous().clone() for k, v in ww.unet_state.items()}
     metadata = {
@@ -565,7 +572,6 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
         "global_step": "" if ww.global_step is None else str(ww.global_step),
         "ema": "true" if ww.has_ema else "false",
     }
-    out_path = Path(out_path)
     atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     log.info("exported %s (%s weights, window %s) to %s", ckpt_path, "EMA" if ww.has_ema else "raw", ww.window,
              out_path)
@@ -670,29 +676,30 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("ckpt")
     ex.add_argument("out")
     ex.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights")
+    ex.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     ins = sub.add_parser("inspect", help="say what kind of checkpoint a file is")
     ins.add_argument("path")
     ins.add_argument("--trust-checkpoint", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    from refiner.cli import run_cli
+
+    def body() -> None:
         if args.command == "export":
-            out = export_safetensors(args.ckpt, args.out, use_ema=not args.raw, trust_checkpoint=args.trust_checkpoint)
-            print(out)
+            print(export_safetensors(args.ckpt, args.out, use_ema=not args.raw, trust_checkpoint=args.trust_checkpoint,
+                                     force=args.force))
+            return
+        p = Path(args.path)
+        if _is_safetensors(p):
+            ww = _load_export(p)
+            print(f"{p}: refiner-window export, window {ww.window}, {len(ww.unet_state)} tensors")
         else:
-            p = Path(args.path)
-            if _is_safetensors(p):
-                ww = _load_export(p)
-                print(f"{p}: refiner-window export, window {ww.window}, {len(ww.unet_state)} tensors")
-            else:
-                obj = safe_torch_load(p, args.trust_checkpoint)
-                sd = _state_dict_of(obj) or {}
-                print(f"{p}: {_kind_text(obj)}; {len(sd)} tensors; {_prefix_summary(sd, depth=1)}")
-    except CheckpointError as err:
-        print(f"error: {err}")
-        return 2
-    return 0
+            obj = safe_torch_load(p, args.trust_checkpoint)
+            sd = _state_dict_of(obj) or {}
+            print(f"{p}: {_kind_text(obj)}; {len(sd)} tensors; {_prefix_summary(sd, depth=1)}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
