@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from refiner.diffusion import PARAMETERIZATIONS, ScheduleConfig, Window
 from refiner.errors import SettingError
+from refiner.formats.fingerprint import FINGERPRINT_KEY, first_stage_fingerprint
 from refiner.io import atomic_save, check_output_path
 
 log = logging.getLogger(__name__)
@@ -433,6 +434,12 @@ def load_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool = Fals
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}
 
 
+def first_stage_file_fingerprint(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False) -> str:
+    """:func:`refiner.formats.fingerprint.first_stage_fingerprint` of a first-stage checkpoint file (any layout
+    :func:`load_first_stage` reads; its ``loss.*`` keys do not count)."""
+    return first_stage_fingerprint(load_first_stage(ckpt_path, trust_checkpoint))
+
+
 def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mapping | None = None,
                       trust_checkpoint: bool = False):
     """``VQModel(**config)`` loaded strictly from ``ckpt_path`` (random init if no path).
@@ -485,6 +492,8 @@ class WindowWeights:
     has_ema: bool
     conditioning: str | None = None
     scale_factor: float = 1.0
+    # refiner.formats.fingerprint of the VQ-f4 the window was trained with; None for older checkpoints
+    first_stage_fingerprint: str | None = None
 
     def build_unet(self):
         """``UNetModel(**unet_params)`` with these weights loaded strictly, in eval mode."""
@@ -534,8 +543,17 @@ def _window_from_obj(obj: Any, source: str, use_ema: bool) -> WindowWeights:
         schedule=_dataclass_from(ScheduleConfig, hp["schedule"], "schedule", source),
         parameterization=hp["parameterization"], global_step=_int_or_none(obj.get("global_step")),
         source=source, has_ema=has_ema and use_ema, conditioning=hp.get("conditioning"),
-        scale_factor=float(hp.get("scale_factor", 1.0)),
+        scale_factor=float(hp.get("scale_factor", 1.0)), first_stage_fingerprint=_fingerprint_or_none(
+            hp.get(FINGERPRINT_KEY), source),
     )
+
+
+def _fingerprint_or_none(value: Any, source: str) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise CheckpointError(f"{source}: {FINGERPRINT_KEY} must be a string, got {type(value).__name__}")
+    return value
 
 
 def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
@@ -553,7 +571,7 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
     not exist unless ``force`` (:func:`refiner.io.check_output_path`); both are checked before reading.
 
     Metadata (all strings): format, window, schedule, unet_params (JSON), parameterization,
-    conditioning, scale_factor, global_step, ema.
+    conditioning, scale_factor, global_step, ema, first_stage_fingerprint ("" when unknown).
     """
     from safetensors.torch import save_file
 
@@ -571,6 +589,7 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
         "scale_factor": repr(ww.scale_factor),
         "global_step": "" if ww.global_step is None else str(ww.global_step),
         "ema": "true" if ww.has_ema else "false",
+        FINGERPRINT_KEY: ww.first_stage_fingerprint or "",
     }
     atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     log.info("exported %s (%s weights, window %s) to %s", ckpt_path, "EMA" if ww.has_ema else "raw", ww.window,
@@ -601,6 +620,7 @@ def _load_export(path: Path) -> WindowWeights:
             global_step=int(meta["global_step"]) if meta.get("global_step") else None,
             source=str(path), has_ema=meta.get("ema") == "true",
             conditioning=json.loads(meta.get("conditioning", "null")), scale_factor=float(meta.get("scale_factor", 1)),
+            first_stage_fingerprint=_fingerprint_or_none(meta.get(FINGERPRINT_KEY), str(path)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: broken refiner-window metadata ({type(err).__name__}: {err})") from err
@@ -652,7 +672,9 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
     if kind == "compvis_ldm":
         ldm = _ldm_from_obj(obj, source, use_ema)
         return ldm.unet, dict(kind="compvis_ldm", source=source, used_ema=ldm.used_ema, unet_params=None,
-                              global_step=ldm.global_step, scale_factor=ldm.scale_factor)
+                              global_step=ldm.global_step, scale_factor=ldm.scale_factor,
+                              first_stage_fingerprint=first_stage_fingerprint(ldm.first_stage)
+                              if ldm.first_stage else None)
     if kind == "first_stage":
         raise CheckpointError(f"{source} is a first-stage (VQ) checkpoint, not a denoiser; "
                               "use it as the first stage (load_first_stage), not as init_from")
@@ -663,7 +685,7 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
 def _window_info(kind: str, ww: WindowWeights) -> dict:
     return dict(kind=kind, source=ww.source, used_ema=ww.has_ema, unet_params=ww.unet_params,
                 window=str(ww.window), global_step=ww.global_step, parameterization=ww.parameterization,
-                scale_factor=ww.scale_factor)
+                scale_factor=ww.scale_factor, first_stage_fingerprint=ww.first_stage_fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from refiner.checkpoints import WindowWeights, first_stage_from_config, load_win
 from refiner.data.images import (
     ImageError, crop_to, list_images, load_image, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
 )
+from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint
 from refiner.io import atomic_write_text
 from refiner.sampling import RefineResult, Stage, refine
 from refiner.visualize import save_grid
@@ -117,10 +118,14 @@ def load_stages(paths: Sequence[str], use_ema: bool = True, trust_checkpoint: bo
     return loaded
 
 
-def check_compatible(stages: Sequence[LoadedStage], latent_channels: int | None = None) -> tuple[Tensor, float]:
-    """Stages must share one noise schedule (same ``alphas_cumprod``) and one ``scale_factor``; with
-    ``latent_channels`` (the f4 ``embed_dim``) their UNet channels must fit it. Returns the shared
-    ``(alphas_cumprod, scale_factor)``."""
+def check_compatible(stages: Sequence[LoadedStage], latent_channels: int | None = None,
+                     allow_first_stage_mismatch: bool = False) -> tuple[Tensor, float]:
+    """Stages must share one noise schedule (same ``alphas_cumprod``), one ``scale_factor`` and one first stage
+    (their recorded fingerprints; :class:`~refiner.formats.fingerprint.FirstStageMismatch` unless
+    ``allow_first_stage_mismatch``); with ``latent_channels`` (the f4 ``embed_dim``) their UNet channels must
+    fit it. Returns the shared ``(alphas_cumprod, scale_factor)``."""
+    check_fingerprints_agree([(s.weights.source, s.weights.first_stage_fingerprint) for s in stages],
+                             allow_first_stage_mismatch)
     first = stages[0].weights
     ac = first.schedule.alphas_cumprod()
     for s in stages[1:]:
@@ -142,6 +147,19 @@ def check_compatible(stages: Sequence[LoadedStage], latent_channels: int | None 
                     f"first stage's {latent_channels}-channel latent (conditioning={cond!r} needs "
                     f"in_channels={want_in}, out_channels={latent_channels}); wrong first_stage.f4 for these windows?")
     return ac, float(first.scale_factor)
+
+
+def check_first_stage(stages: Sequence[LoadedStage], f4: torch.nn.Module, f4_source: str,
+                      allow_mismatch: bool = False) -> str:
+    """Every stage must have been trained with the first stage ``f4`` (named ``f4_source`` in messages):
+    compares the fingerprints (:mod:`refiner.formats.fingerprint`); a stage without one only warns. A mismatch
+    raises :class:`~refiner.formats.fingerprint.FirstStageMismatch` (a warning with ``allow_mismatch``).
+    Returns the f4's fingerprint."""
+    fingerprint = first_stage_fingerprint(f4)
+    for s in stages:
+        check_first_stage_match(s.weights.first_stage_fingerprint, s.weights.source, fingerprint, f4_source,
+                                allow_mismatch)
+    return fingerprint
 
 
 @dataclass
@@ -406,11 +424,14 @@ def run(cfg: DictConfig) -> dict:
     evaluate_mode = cfg.mode == "evaluate"
     device = torch.device(cfg.device)
     # 1. Checkpoints and the step plan: everything that can fail without looking at an image.
+    allow_mismatch = bool(cfg.get("allow_first_stage_mismatch", False))
     stages = load_stages(list(cfg.stages), cfg.use_ema, cfg.trust_checkpoint, device, cfg.get("precision", "fp32"))
-    ac, scale = check_compatible(stages)
+    ac, scale = check_compatible(stages, allow_first_stage_mismatch=allow_mismatch)
     plan = plan_steps(stages, ac, cfg.t_start, cfg.steps, cfg.spacing, cfg.eta, cfg.allow_outside_window)
     f4 = first_stage_from_config(cfg.first_stage.get("f4"), "f4", cfg.trust_checkpoint, device)
-    check_compatible(stages, latent_channels=f4.embed_dim)
+    check_compatible(stages, latent_channels=f4.embed_dim, allow_first_stage_mismatch=allow_mismatch)
+    f4_fingerprint = check_first_stage(stages, f4, f"first_stage.f4.ckpt_path={cfg.first_stage.f4.ckpt_path}",
+                                       allow_mismatch)
     f8 = first_stage_from_config(cfg.first_stage.get("f8"), "f8", cfg.trust_checkpoint, device) \
         if evaluate_mode else None
     refiner = Refiner(stages, f4, ac, scale, cfg.t_start, cfg.steps, cfg.eta, cfg.spacing, cfg.allow_outside_window,
@@ -505,7 +526,9 @@ def run(cfg: DictConfig) -> dict:
         "timesteps": plan.timesteps,
         "stage_of_step": plan.stage_of_step,
         "stages": [{"path": s.weights.source, "window": str(s.weights.window), "conditioning": s.weights.conditioning,
-                    "ema": s.weights.has_ema} for s in stages],
+                    "ema": s.weights.has_ema, "first_stage_fingerprint": s.weights.first_stage_fingerprint}
+                   for s in stages],
+        "first_stage_fingerprint": f4_fingerprint,
         "padded_to_multiple_of": refiner.multiple,
     }
     if grid_combined and got.grid_rows:

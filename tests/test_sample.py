@@ -363,3 +363,58 @@ def test_cli_bad_chain_exits_2_before_processing(models, mixed_inputs, tmp_path)
     assert "error: invalid stage chain" in proc.stderr and "gap [200, 250)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# -- issue 9, class 2: the first stage a window was trained with is checked ---------------------------------
+def _other_f4(models, tmp_path) -> Path:
+    """The demo f4 checkpoint with slightly different decoder weights: same shapes, another autoencoder."""
+    ckpt = torch.load(models["f4"], weights_only=True)
+    ckpt["state_dict"]["decoder.conv_out.bias"] = ckpt["state_dict"]["decoder.conv_out.bias"] + 0.1
+    path = tmp_path / "other_f4.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monkeypatch):
+    import warnings
+
+    from refiner.checkpoints import export_safetensors, first_stage_file_fingerprint
+    from refiner.formats.fingerprint import FirstStageMismatch
+
+    fp = first_stage_file_fingerprint(models["f4"])
+    other = _other_f4(models, tmp_path)
+    other_fp = first_stage_file_fingerprint(other)
+    assert other_fp != fp
+    hi = _window_checkpoint(tmp_path, (250, 500), "hi_fp.ckpt", first_stage_fingerprint=fp)
+    lo = export_safetensors(_window_checkpoint(tmp_path, (0, 250), "lo_fp.ckpt", first_stage_fingerprint=fp),
+                            tmp_path / "lo_fp.safetensors")
+    fp_models = {**models, "hi": hi, "lo": lo}
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right first stage: no fingerprint warning at all
+        summary = run(_compose(fp_models, d, tmp_path / "ok", "grid=none"))
+    assert summary["first_stage_fingerprint"] == fp and not summary["failed"]
+
+    def no_images(*a, **k):
+        raise AssertionError("an image was loaded before the first stage was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(refine_images, "load_image", no_images)
+        with pytest.raises(FirstStageMismatch) as err:
+            run(_compose(fp_models, d, tmp_path / "bad", f"first_stage.f4.ckpt_path={other}"))
+    message = str(err.value)
+    assert all(s in message for s in ("hi_fp.ckpt", fp, str(other), other_fp, "allow_first_stage_mismatch=true"))
+    assert "\n" not in message and not (tmp_path / "bad").exists()
+    with pytest.warns(UserWarning, match="first stage mismatch"):
+        summary = run(_compose(fp_models, d, tmp_path / "allowed", f"first_stage.f4.ckpt_path={other}",
+                               "allow_first_stage_mismatch=true", "grid=none"))
+    assert not summary["failed"]
+    # windows of one chain must agree with each other
+    stray = _window_checkpoint(tmp_path, (0, 250), "lo_other.ckpt", first_stage_fingerprint=other_fp)
+    with pytest.raises(FirstStageMismatch, match="one chain"):
+        run(_compose({**fp_models, "lo": stray}, d, tmp_path / "chain"))
+    # a window written before fingerprints existed only warns
+    with pytest.warns(UserWarning, match="records no first-stage fingerprint"):
+        run(_compose(models, d, tmp_path / "old", "grid=none"))

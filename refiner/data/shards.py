@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from refiner.data.images import ImageError, encode_png, list_images, load_image, pad_to_multiple, to_tensor, to_uint8
+from refiner.formats.fingerprint import first_stage_fingerprint
 from refiner.io import atomic_write_text
 from refiner.models.vq import VQModel
 
@@ -257,6 +258,8 @@ def build_shards(
         "latent_channels": f4.embed_dim,
         "latent_format": "torch .pth float32 (C, h, w), pre-quantization f4.encode",
         "first_stage_factors": {"f4": f4.factor, "f8": f8.factor},
+        # refiner.formats.fingerprint: training records the f4 one in every window checkpoint
+        "first_stage_fingerprints": {"f4": first_stage_fingerprint(f4), "f8": first_stage_fingerprint(f8)},
         "size": size,
         "fit": fit,
         "resized": counts["resized"],
