@@ -26,6 +26,7 @@ With ``eta > 0`` the per-step noise comes from one generator per batch (seeded w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -45,9 +46,17 @@ from refiner.checkpoints import WindowWeights, first_stage_from_config, load_win
 from refiner.data.images import (
     ImageError, crop_to, list_images, load_image, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
 )
-from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint
-from refiner.io import atomic_write_text
-from refiner.sampling import RefineResult, Stage, refine
+from refiner.formats.fingerprint import (
+    check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint, weights_fingerprint,
+)
+from refiner.errors import SettingError
+from refiner.io import atomic_write_text, same_file
+from refiner.run_outputs import (
+    GRID_RECORD, RESERVED_NAMES, WRITTEN_BY, YAML_MARKER, ExistingOutputs, check_existing, output_record, png_text,
+    sha256_file,
+)
+from refiner.settings import check_device, check_writable_dir, require_choice, require_int, require_number
+from refiner.sampling import SPACINGS, RefineResult, Stage, refine
 from refiner.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -55,9 +64,10 @@ log = logging.getLogger(__name__)
 MODES = ("sample", "evaluate")
 GRID_MODES = ("none", "per_image", "combined", "both")
 MIN_EVAL_SIDE = 11  # SSIM's Gaussian window (torchmetrics, kernel 11)
+PAD_MODES = ("reflect", "replicate", "constant")
 
 
-class SampleError(ValueError):
+class SampleError(SettingError):
     """A setting, checkpoint chain or output location that cannot work; raised before any image is processed."""
 
 
@@ -198,11 +208,11 @@ def plan_steps(stages: Sequence[LoadedStage], alphas_cumprod: Tensor, t_start: i
 
 # ------------------------------------------------------------------------------------------------ outputs
 def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
-    """``output_dir/<stem>.png`` per input; equal stems (other folders or extensions) get ``-2``, ``-3``...
-    Raises :class:`SampleError` if an output would be one of the inputs."""
-    taken: set[str] = set()
+    """``output_dir/<stem>.png`` per input; equal stems (other folders or extensions) and the run's reserved
+    names (:data:`refiner.run_outputs.RESERVED_NAMES`, e.g. ``grid.png``) get ``-2``, ``-3``...
+    Raises :class:`SampleError` if an output would be one of the inputs (compared by inode: links count)."""
+    taken: set[str] = {name.casefold() for name in RESERVED_NAMES}
     outputs = []
-    input_set = {p.resolve() for p in inputs}
     for path in inputs:
         stem, n = path.stem, 1
         name = f"{stem}.png"
@@ -211,11 +221,58 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
             name = f"{stem}-{n}.png"
         taken.add(name.casefold())
         out = output_dir / name
-        if out.resolve() in input_set:
-            raise SampleError(f"output {out} would overwrite the input image {out.resolve()}; "
+        clash = next((p for p in inputs if same_file(out, p)), None)
+        if clash is not None:
+            raise SampleError(f"output {out} would overwrite the input image {clash}; "
                               "choose an output_dir that is not the input folder")
         outputs.append(out)
     return outputs
+
+
+def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path]) -> list[Path]:
+    """The run-level files this run writes: config, summary, metrics (evaluate) and grids, as ``cfg`` asks."""
+    evaluate_mode = cfg.mode == "evaluate"
+    names = ["config_resolved.yaml", "summary.json"] + (["metrics.json"] if evaluate_mode else [])
+    if cfg.grid in ("combined", "both"):
+        names.append("comparison_grid.png" if evaluate_mode else "grid.png")
+    paths = [output_dir / name for name in names]
+    if cfg.grid in ("per_image", "both"):
+        paths += [output_dir / "grids" / out.name for out in outputs]
+    return paths
+
+
+def settings_digest(cfg: DictConfig, stages: Sequence[LoadedStage], f4_fingerprint: str,
+                    f8: torch.nn.Module | None) -> str:
+    """16 hex chars that change with anything that changes a refined image: the stages' weights and placement,
+    the first stages, and the sampler settings (noise seeds are recorded per image). Device and batch size are
+    left out (results agree across them up to float noise; with eta > 0 they depend on batching)."""
+    payload = {
+        "mode": cfg.mode, "t_start": cfg.t_start, "steps": cfg.steps, "spacing": cfg.spacing, "eta": float(cfg.eta),
+        "allow_outside_window": cfg.allow_outside_window, "precision": cfg.get("precision", "fp32"),
+        "pad_mode": cfg.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
+        "stages": [{"weights": weights_fingerprint(s.weights.unet_state), "window": str(s.weights.window),
+                    "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
+                    "scale_factor": s.weights.scale_factor} for s in stages],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
+                  settings: str) -> ExistingOutputs:
+    """What already exists where this run writes (:func:`refiner.run_outputs.check_existing`). Files refiner did
+    not write, or refined with other settings, raise :class:`SampleError` before any image is refined, unless
+    ``overwrite=true``."""
+    existing = check_existing(outputs, inputs, [cfg.seed + i for i in range(len(inputs))], settings,
+                              report_paths(cfg, output_dir, outputs))
+    if existing.conflicts and not cfg.get("overwrite", False):
+        n = len(existing.conflicts)
+        raise SampleError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
+                          f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
+                          "Pass overwrite=true to replace them, or choose another output_dir")
+    if existing.conflicts:
+        log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
+                    len(existing.conflicts), existing.conflicts[0])
+    return existing
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
@@ -235,6 +292,7 @@ class Item:
     path: Path
     output: Path
     image: np.ndarray  # (H, W, 3) uint8: the clean reference in evaluate mode, else the refiner input
+    input_sha256: str = ""  # of the input file, for the output's record (refiner.run_outputs)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -325,7 +383,7 @@ def _pad_white(img: Tensor, size: tuple[int, int]) -> Tensor:
 def save_combined_grid(path: Path, rows: Sequence[Sequence[Tensor]]) -> Path:
     """One row per image (its columns side by side); smaller images are padded white to the largest."""
     size = (max(c.shape[-2] for r in rows for c in r), max(c.shape[-1] for r in rows for c in r))
-    return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows])
+    return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows], text=png_text(GRID_RECORD))
 
 
 def _center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -381,18 +439,32 @@ def format_metrics_table(metrics: dict) -> str:
 
 
 def _check_settings(cfg: DictConfig) -> None:
-    if cfg.mode not in MODES:
-        raise SampleError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.grid not in GRID_MODES:
-        raise SampleError(f"grid must be one of {GRID_MODES}, got {cfg.grid!r}")
+    """Every setting's type and range, the device and the output folder, before any file is loaded. (The
+    grid-dependent limits, t_start below the schedule's T, steps <= t_start + 1 and eta > 1, are checked by
+    :func:`plan_steps` once the stages are known.)"""
+    require_choice("mode", cfg.mode, MODES)
+    require_choice("grid", cfg.grid, GRID_MODES)
+    require_choice("spacing", cfg.spacing, SPACINGS)
+    require_choice("pad_mode", cfg.pad_mode, PAD_MODES)
+    require_choice("precision", cfg.get("precision", "fp32"), ("fp32", "bf16"))
     if cfg.inputs is None or cfg.inputs == "" or (not isinstance(cfg.inputs, str) and len(cfg.inputs) == 0):
         raise SampleError("inputs is not set: pass inputs=<folder|glob|[a.png,b.jpg]>")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise SampleError(f"batch_size must be a positive int, got {cfg.batch_size!r}")
-    if cfg.max_pixels is not None and (not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1):
-        raise SampleError(f"max_pixels must be a positive int or null, got {cfg.max_pixels!r}")
+    require_int("t_start", cfg.t_start, minimum=0)
+    require_int("steps", cfg.steps, minimum=1)
+    # eta in [0, 1] interpolates DDIM (0) and DDPM (1); eta > 1 only where the DDIM variance fits (plan_steps)
+    require_number("eta", cfg.eta, minimum=0.0)
+    require_int("seed", cfg.seed, minimum=0)
+    require_int("batch_size", cfg.batch_size, minimum=1)
+    require_int("grid_max_images", cfg.grid_max_images, minimum=0)
+    if cfg.max_pixels is not None:
+        require_int("max_pixels", cfg.max_pixels, minimum=1)
+    for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch"):
+        if not isinstance(cfg.get(flag, False), bool):
+            raise SampleError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
+    check_device(cfg.device)
     if cfg.output_dir in (None, ""):
         raise SampleError("output_dir is not set")
+    check_writable_dir(cfg.output_dir, "output_dir")
     if cfg.get("inception_weights"):
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -406,6 +478,7 @@ def _check_settings(cfg: DictConfig) -> None:
 @dataclass
 class _Collected:
     processed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     grid_rows: list[tuple[int, list[Tensor]]] = field(default_factory=list)
     eval_images: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -443,8 +516,10 @@ def run(cfg: DictConfig) -> dict:
         raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
     output_dir = Path(cfg.output_dir)
     outputs = plan_outputs(paths, output_dir)
+    settings = settings_digest(cfg, stages, f4_fingerprint, f8)
+    existing = check_outputs(cfg, output_dir, paths, outputs, settings)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(output_dir / "config_resolved.yaml", f"{YAML_MARKER}\n{OmegaConf.to_yaml(cfg, resolve=True)}")
     columns = (["clean", "degraded"] if evaluate_mode else ["input"]) + [  # stages numbered in run order
         f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
         for j, k in enumerate(plan.segments)]
@@ -468,20 +543,28 @@ def run(cfg: DictConfig) -> dict:
 
     def load(i: int) -> Item | None:
         path, size = paths[i], sizes[i]
+        if i in existing.finished and not evaluate_mode:
+            got.skipped.append({"input": str(path), "output": str(outputs[i]),
+                                "reason": "already refined from this input with these settings (pixels verified)"})
+            progress.update(1)
+            return None
+        if i in existing.damaged:
+            log.warning("%s: its pixels do not match its record (damaged?); refining %s again", outputs[i], path)
         if size is not None and cfg.max_pixels is not None and size[0] * size[1] > cfg.max_pixels:
             fail(path, f"{size[1]}x{size[0]} = {size[0] * size[1]} pixels exceeds max_pixels={cfg.max_pixels} "
                        "(images are refined whole, not in tiles); downscale it or raise max_pixels if memory allows")
             return None
         try:
             image = load_image(path)
-        except ImageError as err:
-            fail(path, str(err))
+            input_sha256 = sha256_file(path)
+        except (ImageError, OSError) as err:
+            fail(path, str(err) if isinstance(err, ImageError) else f"cannot read image {path}: {err}")
             return None
         if evaluate_mode and min(image.shape[:2]) < MIN_EVAL_SIDE:
             fail(path, f"{image.shape[1]}x{image.shape[0]} is too small to evaluate (SSIM needs at least "
                        f"{MIN_EVAL_SIDE}x{MIN_EVAL_SIDE})")
             return None
-        return Item(i, path, outputs[i], image)
+        return Item(i, path, outputs[i], image, input_sha256)
 
     for batch in _batches((it for it in map(load, order) if it is not None), cfg.batch_size):
         want_rows = grid_per_image or (grid_combined and len(got.grid_rows) < cfg.grid_max_images)
@@ -497,7 +580,8 @@ def run(cfg: DictConfig) -> dict:
             continue
         for it, src, out, stage_imgs in zip(batch, inputs, refined, stage_images):
             try:
-                save_png_atomic(it.output, out, protect=inputs_protect)
+                record = output_record(it.input_sha256, cfg.seed + it.index, settings, out)
+                save_png_atomic(it.output, out, protect=inputs_protect, text=png_text(record))
             except (OSError, ValueError) as err:
                 fail(it.path, f"cannot write {it.output}: {err}")
                 continue
@@ -506,7 +590,7 @@ def run(cfg: DictConfig) -> dict:
                 row = ([to_tensor(it.image), to_tensor(src)] if evaluate_mode else [to_tensor(src)]) + stage_imgs
                 if grid_per_image:
                     grid_path = output_dir / "grids" / it.output.name
-                    save_grid(grid_path, [torch.stack(row)])
+                    save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
                     record["grid"] = str(grid_path)
                 if grid_combined and len(got.grid_rows) < cfg.grid_max_images:
                     got.grid_rows.append((it.index, row))
@@ -518,10 +602,13 @@ def run(cfg: DictConfig) -> dict:
 
     # 3. Reports.
     summary: dict[str, Any] = {
+        "written_by": WRITTEN_BY,
         "mode": cfg.mode,
         "processed": sorted(got.processed, key=lambda r: r["input"]),
+        "skipped": sorted(got.skipped, key=lambda r: r["input"]),
         "failed": sorted(got.failed, key=lambda r: r["input"]),
-        "outputs": sorted(r["output"] for r in got.processed),
+        "outputs": sorted(r["output"] for r in got.processed + got.skipped),
+        "settings_digest": settings,
         "grid_columns": columns,
         "timesteps": plan.timesteps,
         "stage_of_step": plan.stage_of_step,
@@ -541,6 +628,7 @@ def run(cfg: DictConfig) -> dict:
                            swd_kwargs=OmegaConf.to_container(cfg.swd, resolve=True) if cfg.get("swd") else None,
                            inception_weights=cfg.get("inception_weights"))
         metrics["images"] = [e[1] for e in ev]
+        metrics["written_by"] = WRITTEN_BY
         metrics_path = output_dir / "metrics.json"
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
         summary["metrics"] = str(metrics_path)
@@ -548,7 +636,8 @@ def run(cfg: DictConfig) -> dict:
         if "grid" in summary:
             print(f"comparison grid: {summary['grid']}")
     atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-    print(f"{len(got.processed)} refined, {len(got.failed)} failed; outputs in {output_dir} "
+    print(f"{len(got.processed)} refined, {len(got.skipped)} skipped (already done), {len(got.failed)} failed; "
+          f"outputs in {output_dir} "
           f"(summary: {output_dir / 'summary.json'})")
     for f in summary["failed"]:
         print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)

@@ -418,3 +418,73 @@ def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monk
     # a window written before fingerprints existed only warns
     with pytest.warns(UserWarning, match="records no first-stage fingerprint"):
         run(_compose(models, d, tmp_path / "old", "grid=none"))
+
+
+# -- issue 9, classes 3 and 4: output_dir is never clobbered; re-runs resume; reserved names ----------------
+def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkeypatch):
+    d = tmp_path / "dir"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "photo.jpg")
+    Image.fromarray(_rgb(16, 16, 1)).save(d / "photo.png")  # not an input (the glob takes *.jpg only)
+    (d / "summary.json").write_text('{"mine": true}')
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def no_images(*a, **k):
+        raise AssertionError("an image was refined before the output folder was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(refine_images, "load_image", no_images)
+        with pytest.raises(SampleError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
+                                              r"overwrite=true"):
+            run(_compose(models, f"'{d}/*.jpg'", d))
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    summary = run(_compose(models, f"'{d}/*.jpg'", d, "overwrite=true", "grid=none"))
+    assert summary["outputs"] == [str(d / "photo.png")] and (d / "photo.png").read_bytes() != before["photo.png"]
+    assert (d / "photo.jpg").read_bytes() == before["photo.jpg"]
+
+
+def test_rerun_skips_finished_outputs_and_refuses_to_replace_other_settings(models, tmp_path):
+    from refiner.run_outputs import png_text, read_png_record
+    from refiner.data.images import save_png_atomic
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(_rgb(16, 16, 20 + i)).save(d / f"im{i}.png")
+    out = tmp_path / "out"
+    first = run(_compose(models, d, out))
+    assert len(first["processed"]) == 3 and not first["skipped"]
+    record = read_png_record(out / "im1.png")
+    assert record["noise_seed"] == 1 and len(record["settings"]) == 16
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("im*.png")}
+    # damage one output's pixels while keeping its record: it is refined again, the others are skipped
+    damaged = np.asarray(Image.open(out / "im2.png")).copy()
+    damaged[0, 0] ^= 255
+    save_png_atomic(out / "im2.png", damaged, text=png_text(read_png_record(out / "im2.png")))
+    second = run(_compose(models, d, out))
+    assert [Path(r["input"]).name for r in second["skipped"]] == ["im0.png", "im1.png"]
+    assert [Path(r["input"]).name for r in second["processed"]] == ["im2.png"]
+    assert sorted(second["outputs"]) == sorted(str(out / f"im{i}.png") for i in range(3))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("im[01].png")} == {k: stamps[k] for k in ("im0.png", "im1.png")}
+    assert json.loads((out / "summary.json").read_text())["skipped"] == second["skipped"]
+    # other settings: nothing is replaced without overwrite=true
+    before = {p.name: p.read_bytes() for p in out.glob("im*.png")}
+    with pytest.raises(SampleError, match="other settings"):
+        run(_compose(models, d, out, "steps=3"))
+    assert {p.name: p.read_bytes() for p in out.glob("im*.png")} == before
+    third = run(_compose(models, d, out, "steps=3", "overwrite=true"))
+    assert len(third["processed"]) == 3 and {p.name: p.read_bytes() for p in out.glob("im*.png")} != before
+
+
+def test_reserved_output_names_never_collide_with_refined_images(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "grid.png")
+    Image.fromarray(_rgb(24, 16, 1)).save(d / "Comparison_Grid.jpg")
+    out = tmp_path / "out"
+    summary = run(_compose(models, d, out, "grid=both"))
+    assert sorted(summary["outputs"]) == [str(out / "Comparison_Grid-2.png"), str(out / "grid-2.png")]
+    assert _max_diff(np.asarray(Image.open(out / "grid-2.png")), _manual_refine(models, ("hi", "lo"), _rgb(16, 16, 0), 1)) <= 1
+    assert Image.open(out / "grid.png").size == (3 * (16 + 4), 2 * (24 + 4))  # the combined grid, two rows
+    assert (out / "grids" / "grid-2.png").is_file()
+    assert plan_outputs([d / "summary.png", d / "grids.png"], out) == [out / "summary.png", out / "grids.png"]

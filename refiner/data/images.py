@@ -13,14 +13,15 @@ import glob
 import io
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
-from refiner.io import atomic_write_bytes
+from refiner.io import atomic_write_bytes, same_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -185,25 +186,31 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    """``(H, W, 3) uint8`` -> PNG bytes."""
+def encode_png(img: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
+    """``(H, W, 3) uint8`` -> PNG bytes, with optional ``text`` chunks (tEXt, written before the image data)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def save_png_atomic(path: str | os.PathLike, img: np.ndarray, protect: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``img`` as a PNG at ``path`` atomically (temp file + rename, via ``refiner.io``).
+def save_png_atomic(path: str | os.PathLike, img: np.ndarray, protect: Iterable[str | os.PathLike] = (),
+                    text: Mapping[str, str] | None = None) -> Path:
+    """Write ``img`` as a PNG (with optional ``text`` chunks) at ``path`` atomically (temp file + rename,
+    via ``refiner.io``).
 
     Raises:
-        ValueError: ``path`` is one of the ``protect`` paths (e.g. the input images), so an
-            output setting can never overwrite a source file.
+        ValueError: ``path`` is one of the ``protect`` paths (e.g. the input images; compared by inode, so
+            links count), so an output setting can never overwrite a source file.
     """
     path = Path(path)
-    target = path.resolve()
-    if any(target == Path(p).resolve() for p in protect):
+    if any(same_file(path, p) for p in protect):
         raise ValueError(f"refusing to overwrite input image {path} (choose an output folder different from the inputs)")
-    atomic_write_bytes(path, encode_png(img))
+    atomic_write_bytes(path, encode_png(img, text))
     return path

@@ -38,10 +38,17 @@ class FirstStageMismatch(SettingError):
 
 def first_stage_fingerprint(state_dict_or_module: Mapping[str, Tensor] | nn.Module) -> str:
     """The 16-hex-character fingerprint of first-stage weights (see the module docstring for the recipe)."""
+    return weights_fingerprint(state_dict_or_module, skip_prefixes=(TRAINING_ONLY_PREFIX,))
+
+
+def weights_fingerprint(state_dict_or_module: Mapping[str, Tensor] | nn.Module, skip_prefixes: tuple[str, ...] = ()
+                        ) -> str:
+    """The recipe of :func:`first_stage_fingerprint` for any weights (e.g. a window's UNet), keeping every key
+    that does not start with one of ``skip_prefixes``."""
     state = (state_dict_or_module.state_dict() if isinstance(state_dict_or_module, nn.Module)
              else state_dict_or_module)
     digest = hashlib.sha256(FINGERPRINT_VERSION.encode() + b"\n")
-    for key in sorted(k for k in state if not k.startswith(TRAINING_ONLY_PREFIX)):
+    for key in sorted(k for k in state if not (skip_prefixes and k.startswith(skip_prefixes))):
         t = state[key].detach().to("cpu")
         if t.is_floating_point():
             t = t.to(torch.float32)
