@@ -56,7 +56,7 @@ from refiner.run_outputs import (
     sha256_file,
 )
 from refiner.settings import check_device, check_writable_dir, require_choice, require_int, require_number
-from refiner.sampling import SPACINGS, RefineResult, Stage, refine
+from refiner.sampling import SPACINGS, RefineResult, Stage, check_eta, refine, timestep_grid
 from refiner.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,10 @@ def plan_steps(stages: Sequence[LoadedStage], alphas_cumprod: Tensor, t_start: i
     """Run :func:`refine`'s own validation (overlap, coverage, gaps, t_start above the top window)
     without images: a dry run on a 1-element latent with zero-output models, so the checks are exactly
     the ones the real run applies. (``refiner.sampling`` has no public validate function.)"""
+    try:
+        check_eta(eta, timestep_grid(t_start, steps, 0, spacing, alphas_cumprod.shape[0]), alphas_cumprod)
+    except (ValueError, TypeError) as err:
+        raise SampleError(str(err)) from err
     dummy = [Stage(lambda x, t: torch.zeros_like(x), s.weights.window, s.weights.parameterization, s.name)
              for s in stages]
     z = torch.zeros(1, 1, 1, 1)
