@@ -121,6 +121,9 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_safetensors(path, by_suffix=False):
+        raise CheckpointError(f"{path} is a safetensors file (a refiner window export?), not a torch checkpoint; "
+                              "pass it where windows are expected (stages=, init_from=), which read it by content")
     try:
         if trust_checkpoint:
             return torch.load(path, map_location=map_location, weights_only=False)
@@ -134,9 +137,61 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
                 "runs code named in the file; if (and only if) you trust this file, pass trust_checkpoint=true "
                 "to allow full unpickling."
             ) from err
+        _raise_if_whole_pickle(path, err, trust_checkpoint)
         raise CheckpointError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]})") from err
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as err:
+        _raise_if_whole_pickle(path, err, trust_checkpoint)
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})") from err
+
+
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled value of a legacy (non-zip) torch.save file
+LEGACY_HEADER_PICKLES = 4  # magic number, protocol version, sys_info, then the object itself
+
+
+def _scan_pickles(path: Path, limit: int) -> tuple[int, Any]:
+    """Parse (never execute) up to ``limit`` consecutive pickles at the start of ``path`` with ``pickletools``:
+    returns how many are complete and the first value of the first one (its first argument-bearing opcode)."""
+    import pickletools
+
+    complete, first = 0, None
+    try:
+        with open(path, "rb") as f:
+            while complete < limit:
+                for op, arg, _ in pickletools.genops(f):
+                    if complete == 0 and first is None and arg is not None and op.name not in ("PROTO", "FRAME"):
+                        first = arg
+                    if op.name == "STOP":
+                        complete += 1
+                        break
+                else:
+                    break
+    except (ValueError, EOFError, OSError, UnicodeDecodeError):
+        pass
+    return complete, first
+
+
+def _raise_if_whole_pickle(path: Path, err: Exception, trust_checkpoint: bool) -> None:
+    """A non-zip file whose pickles are intact was refused, not cut short: say what it is instead of
+    "truncated or corrupt". (A legacy torch file whose storage bytes are cut short still counts as corrupt.)"""
+    if zipfile.is_zipfile(path):
+        return
+    complete, first = _scan_pickles(path, LEGACY_HEADER_PICKLES)
+    unsupported = re.search(r"Unsupported (?:operand|global)[^\n]*", str(err))
+    reason = unsupported.group(0) if unsupported else (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+    if first == TORCH_LEGACY_MAGIC:
+        if complete == LEGACY_HEADER_PICKLES and isinstance(err, pickle.UnpicklingError) and not trust_checkpoint:
+            raise CheckpointError(
+                f"{path} is an old-format (non-zip) torch checkpoint that the safe loader refuses ({reason}): the "
+                "refusal, not damage, stopped the load. Loading it needs full unpickling, which runs code named in the file: pass "
+                "trust_checkpoint=true only if you trust it, or re-save it with a current torch.save") from err
+        return
+    if complete >= 1:
+        raise CheckpointError(
+            f"{path} is a plain Python pickle (pickle.dump), not a torch checkpoint ({reason}); "
+            + ("torch.load cannot read it. " if trust_checkpoint else
+               "refused as unsafe (unpickling it would run code named in the file), and torch.load could not read it "
+               "even with trust_checkpoint=true. ")
+            + "Re-save the weights with torch.save from code you trust") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,6 +662,9 @@ def _load_export(path: Path) -> WindowWeights:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
+        if zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is a torch (zip) checkpoint, not a safetensors file; rename it to .ckpt "
+                                  "(refiner reads safetensors by content)") from err
         raise CheckpointError(f"{path} is truncated or corrupt (not a readable safetensors file: {err})") from err
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: safetensors metadata format={meta.get('format')!r}, "
@@ -639,9 +697,10 @@ def load_window_weights(path: str | os.PathLike, use_ema: bool = True, trust_che
     return load_window_checkpoint(path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
 
 
-def _is_safetensors(path: Path) -> bool:
-    """By suffix, or by content: 8-byte little-endian header length followed by a JSON ``{``."""
-    if path.suffix == ".safetensors":
+def _is_safetensors(path: Path, by_suffix: bool = True) -> bool:
+    """By suffix (unless ``by_suffix=False``), or by content: 8-byte little-endian header length followed by
+    a JSON ``{``."""
+    if by_suffix and path.suffix == ".safetensors":
         return True
     try:
         with open(path, "rb") as f:

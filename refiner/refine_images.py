@@ -44,7 +44,7 @@ from torch import Tensor
 
 from refiner.checkpoints import WindowWeights, first_stage_from_config, load_window_weights
 from refiner.data.images import (
-    ImageError, crop_to, list_images, load_image, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
+    ImageError, crop_to, load_image, scan_images, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
 )
 from refiner.formats.fingerprint import (
     check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint, weights_fingerprint,
@@ -515,7 +515,7 @@ def run(cfg: DictConfig) -> dict:
                       cfg.seed, cfg.pad_mode, str(device), f8)
     inputs_spec = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     try:
-        paths = list_images(inputs_spec)
+        paths, ignored = scan_images(inputs_spec)
     except (FileNotFoundError, ValueError) as err:
         raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
     output_dir = Path(cfg.output_dir)
@@ -611,6 +611,7 @@ def run(cfg: DictConfig) -> dict:
         "processed": sorted(got.processed, key=lambda r: r["input"]),
         "skipped": sorted(got.skipped, key=lambda r: r["input"]),
         "failed": sorted(got.failed, key=lambda r: r["input"]),
+        "ignored": ignored,  # entries of the input folders/globs that are not images PIL can open
         "outputs": sorted(r["output"] for r in got.processed + got.skipped),
         "settings_digest": settings,
         "grid_columns": columns,
@@ -645,4 +646,6 @@ def run(cfg: DictConfig) -> dict:
           f"(summary: {output_dir / 'summary.json'})")
     for f in summary["failed"]:
         print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)
+    for f in ignored:
+        print(f"ignored: {f['file']}: {f['reason']}", file=sys.stderr)
     return summary

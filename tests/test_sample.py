@@ -250,7 +250,7 @@ def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages,
         raise AssertionError("an image was loaded before the chain was validated")
 
     monkeypatch.setattr(refine_images, "load_image", no_images)
-    monkeypatch.setattr(refine_images, "list_images", no_images)
+    monkeypatch.setattr(refine_images, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
                    "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
     with pytest.raises(SampleError, match=message):
