@@ -488,3 +488,16 @@ def test_reserved_output_names_never_collide_with_refined_images(models, tmp_pat
     assert Image.open(out / "grid.png").size == (3 * (16 + 4), 2 * (24 + 4))  # the combined grid, two rows
     assert (out / "grids" / "grid-2.png").is_file()
     assert plan_outputs([d / "summary.png", d / "grids.png"], out) == [out / "summary.png", out / "grids.png"]
+
+
+# -- issue 9, class 8: every format PIL opens is refined; everything else is reported -----------------------
+def test_gif_and_other_pil_formats_are_refined_and_other_files_reported(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "anim.gif")
+    Image.fromarray(_rgb(16, 16, 1)).save(d / "pic.ppm")
+    (d / "readme.txt").write_text("not an image")
+    summary = run(_compose(models, d, tmp_path / "out", "grid=none"))
+    assert sorted(Path(o).name for o in summary["outputs"]) == ["anim.png", "pic.png"]
+    assert [(Path(i["file"]).name, "not an image" in i["reason"]) for i in summary["ignored"]] == [("readme.txt", True)]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["ignored"] == summary["ignored"]
