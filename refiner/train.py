@@ -135,7 +135,8 @@ def resolve_first_stage_fingerprint(cfg: DictConfig, init_info: dict | None = No
     if first_stage and first_stage.get("ckpt_path"):
         named.append((f"model.first_stage.ckpt_path={first_stage.ckpt_path}",
                       first_stage_file_fingerprint(first_stage.ckpt_path, cfg.trust_checkpoint)))
-    fingerprint = check_fingerprints_agree(named, allow)  # the shards' when both are known
+    fingerprint = check_fingerprints_agree(  # the shards' when both are known
+        named, allow, why="the training latents were encoded by another f4 than the one that decodes the grids")
     if fingerprint is None:
         log.warning("no first-stage fingerprint known (no model.first_stage.ckpt_path, shards without one): this "
                     "window's checkpoint cannot be checked against the f4 it is used with")

@@ -84,13 +84,15 @@ def check_first_stage_match(expected: str | None, expected_source: str, actual: 
     return True
 
 
-def check_fingerprints_agree(named: Iterable[tuple[str, str | None]], allow_mismatch: bool = False) -> str | None:
+def check_fingerprints_agree(named: Iterable[tuple[str, str | None]], allow_mismatch: bool = False,
+                             why: str = "windows of one chain must share one first stage") -> str | None:
     """The common fingerprint of ``(source, fingerprint)`` pairs (unknown ones are skipped), or None if none is
-    known. Two different known fingerprints raise :class:`FirstStageMismatch` (or warn with ``allow_mismatch``)."""
+    known. Two different known fingerprints raise :class:`FirstStageMismatch` naming both and ``why`` (or warn
+    with ``allow_mismatch``)."""
     known = [(source, fp) for source, fp in named if fp is not None]
     for source, fp in known[1:]:
         if fp != known[0][1]:
-            _mismatch(f"first stage mismatch: {known[0][0]} was trained with first stage {known[0][1]} but {source} "
-                      f"with {fp}; windows of one chain must share one first stage", allow_mismatch)
+            _mismatch(f"first stage mismatch: {known[0][0]} has first stage {known[0][1]} but {source} has {fp}; "
+                      f"{why}", allow_mismatch)
             break
     return known[0][1] if known else None
