@@ -31,6 +31,16 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
+def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing file (following symlinks), None if it does not exist: equal ids are
+    the same file under any spelling, symlink or hard link."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False,
                       what: str = "output") -> Path:
     """Refuse an output ``out`` that is one of ``inputs``, that exists (unless ``force``), or that is a

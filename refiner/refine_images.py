@@ -50,7 +50,7 @@ from refiner.formats.fingerprint import (
     check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint, weights_fingerprint,
 )
 from refiner.errors import SettingError
-from refiner.io import atomic_write_text, same_file
+from refiner.io import atomic_write_text, file_id
 from refiner.run_outputs import (
     GRID_RECORD, RESERVED_NAMES, WRITTEN_BY, YAML_MARKER, ExistingOutputs, check_existing, output_record, png_text,
     sha256_file,
@@ -217,6 +217,9 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
     Raises :class:`SampleError` if an output would be one of the inputs (compared by inode: links count)."""
     taken: set[str] = {name.casefold() for name in RESERVED_NAMES}
     outputs = []
+    input_ids = {file_id(p): p for p in inputs}  # the same file by any spelling or link...
+    input_ids.pop(None, None)
+    input_paths = {p.resolve(): p for p in inputs}  # ...or, for paths that do not exist, the same path
     for path in inputs:
         stem, n = path.stem, 1
         name = f"{stem}.png"
@@ -225,7 +228,7 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
             name = f"{stem}-{n}.png"
         taken.add(name.casefold())
         out = output_dir / name
-        clash = next((p for p in inputs if same_file(out, p)), None)
+        clash = input_ids.get(file_id(out)) or input_paths.get(out.resolve())
         if clash is not None:
             raise SampleError(f"output {out} would overwrite the input image {clash}; "
                               "choose an output_dir that is not the input folder")

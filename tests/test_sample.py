@@ -501,3 +501,19 @@ def test_gif_and_other_pil_formats_are_refined_and_other_files_reported(models, 
     assert sorted(Path(o).name for o in summary["outputs"]) == ["anim.png", "pic.png"]
     assert [(Path(i["file"]).name, "not an image" in i["reason"]) for i in summary["ignored"]] == [("readme.txt", True)]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["ignored"] == summary["ignored"]
+
+
+def test_an_output_that_is_a_link_to_an_input_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(_rgb(8, 8, 0)).save(src / "b.png")
+    Image.fromarray(_rgb(8, 8, 1)).save(src / "a.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(src / "b.png", out / "a.png")  # the output of a.jpg would be written through onto input b.png
+    with pytest.raises(SampleError, match=r"out/a\.png would overwrite the input image .*src/b\.png"):
+        plan_outputs([src / "a.jpg", src / "b.png"], out)
+    (out / "a.png").unlink()
+    (out / "a.png").symlink_to(src / "b.png")
+    with pytest.raises(SampleError, match="would overwrite the input image"):
+        plan_outputs([src / "a.jpg", src / "b.png"], out)

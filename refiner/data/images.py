@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from refiner.io import atomic_write_bytes, same_file
+from refiner.io import atomic_write_bytes, file_id
 
 Image.init()
 # Extensions of every format this PIL can open (GIF, TGA, PPM, ICO, ... as well as PNG/JPEG/WebP/TIFF/BMP).
@@ -246,7 +246,8 @@ def save_png_atomic(path: str | os.PathLike, img: np.ndarray, protect: Iterable[
             links count), so an output setting can never overwrite a source file.
     """
     path = Path(path)
-    if any(same_file(path, p) for p in protect):
+    target = file_id(path)  # a path that does not exist yet cannot be an input
+    if target is not None and any(file_id(p) == target for p in protect):
         raise ValueError(f"refusing to overwrite input image {path} (choose an output folder different from the inputs)")
     atomic_write_bytes(path, encode_png(img, text))
     return path

@@ -169,7 +169,7 @@ def check_shard_output(out_dir: str | os.PathLike, overwrite: bool, image_files:
     ``FileExistsError`` (existing shard set without ``overwrite``).
     """
     out = Path(out_dir)
-    if any(same_file(out, f.parent) for f in image_files):
+    if any(same_file(out, parent) for parent in {f.parent for f in image_files}):
         raise ShardBuildError(f"out_dir {out} must differ from the image folder")
     blocking = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
