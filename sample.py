@@ -1,11 +1,10 @@
 """Refine artifact images with window experts: `python sample.py inputs=<folder|glob|list> [overrides]`.
 
 `mode=evaluate` degrades clean inputs through VQ-f8 first and writes metrics.json. See conf/sample.yaml.
-Exit codes: 0 all images refined; 1 some images failed (listed in summary.json and on stderr);
-2 nothing processed because of a setting, checkpoint or input problem (message on stderr).
+Exit codes (refiner.cli): 0 all images refined (or already done); 1 some images failed (listed in
+summary.json and on stderr); 2 nothing processed because of a setting, checkpoint, input or output-folder
+problem (one `error:` line on stderr).
 """
-
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -13,16 +12,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from refiner.checkpoints import CheckpointError
-    from refiner.refine_images import SampleError, run
+    from refiner.cli import run_cli
+    from refiner.refine_images import run
 
-    try:
-        summary = run(cfg)
-    except (SampleError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    if summary["failed"]:
-        raise SystemExit(1)
+    raise SystemExit(run_cli(lambda: 1 if run(cfg)["failed"] else 0))
 
 
 if __name__ == "__main__":

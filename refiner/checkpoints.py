@@ -11,7 +11,9 @@ CompVis LDM checkpoint layout (Lightning ``state_dict``): ``model.diffusion_mode
 ``model_ema.<name without dots>`` (LitEma copies of each parameter of ``model``) plus ``model_ema.decay``
 and ``model_ema.num_updates``, ``first_stage_model.*``, ``cond_stage_model.*`` and top-level schedule buffers.
 
-CLI: ``python -m refiner.checkpoints export CKPT OUT.safetensors`` and ``python -m refiner.checkpoints inspect PATH``.
+CLI: ``python -m refiner.checkpoints export CKPT OUT.safetensors [--force]`` and
+``python -m refiner.checkpoints inspect PATH``. Export never writes onto its input (any path spelling or
+link) and replaces an existing output only with ``--force``; errors are one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from refiner.diffusion import PARAMETERIZATIONS, ScheduleConfig, Window
-from refiner.io import atomic_save
+from refiner.errors import SettingError
+from refiner.formats.fingerprint import FINGERPRINT_KEY, first_stage_fingerprint
+from refiner.io import atomic_save, check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ COMPVIS_SCHEDULE_DEFAULTS = dict(timesteps=1000, beta_schedule="linear", linear_
                                  cosine_s=8e-3)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SettingError):
     """A checkpoint file is missing, corrupt, unsafe to unpickle, or not the kind that was expected."""
 
 
@@ -117,6 +121,9 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_safetensors(path, by_suffix=False):
+        raise CheckpointError(f"{path} is a safetensors file (a refiner window export?), not a torch checkpoint; "
+                              "pass it where windows are expected (stages=, init_from=), which read it by content")
     try:
         if trust_checkpoint:
             return torch.load(path, map_location=map_location, weights_only=False)
@@ -130,9 +137,61 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
                 "runs code named in the file; if (and only if) you trust this file, pass trust_checkpoint=true "
                 "to allow full unpickling."
             ) from err
+        _raise_if_whole_pickle(path, err, trust_checkpoint)
         raise CheckpointError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]})") from err
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as err:
+        _raise_if_whole_pickle(path, err, trust_checkpoint)
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})") from err
+
+
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled value of a legacy (non-zip) torch.save file
+LEGACY_HEADER_PICKLES = 4  # magic number, protocol version, sys_info, then the object itself
+
+
+def _scan_pickles(path: Path, limit: int) -> tuple[int, Any]:
+    """Parse (never execute) up to ``limit`` consecutive pickles at the start of ``path`` with ``pickletools``:
+    returns how many are complete and the first value of the first one (its first argument-bearing opcode)."""
+    import pickletools
+
+    complete, first = 0, None
+    try:
+        with open(path, "rb") as f:
+            while complete < limit:
+                for op, arg, _ in pickletools.genops(f):
+                    if complete == 0 and first is None and arg is not None and op.name not in ("PROTO", "FRAME"):
+                        first = arg
+                    if op.name == "STOP":
+                        complete += 1
+                        break
+                else:
+                    break
+    except (ValueError, EOFError, OSError, UnicodeDecodeError):
+        pass
+    return complete, first
+
+
+def _raise_if_whole_pickle(path: Path, err: Exception, trust_checkpoint: bool) -> None:
+    """A non-zip file whose pickles are intact was refused, not cut short: say what it is instead of
+    "truncated or corrupt". (A legacy torch file whose storage bytes are cut short still counts as corrupt.)"""
+    if zipfile.is_zipfile(path):
+        return
+    complete, first = _scan_pickles(path, LEGACY_HEADER_PICKLES)
+    unsupported = re.search(r"Unsupported (?:operand|global)[^\n]*", str(err))
+    reason = unsupported.group(0) if unsupported else (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+    if first == TORCH_LEGACY_MAGIC:
+        if complete == LEGACY_HEADER_PICKLES and isinstance(err, pickle.UnpicklingError) and not trust_checkpoint:
+            raise CheckpointError(
+                f"{path} is an old-format (non-zip) torch checkpoint that the safe loader refuses ({reason}): the "
+                "refusal, not damage, stopped the load. Loading it needs full unpickling, which runs code named in the file: pass "
+                "trust_checkpoint=true only if you trust it, or re-save it with a current torch.save") from err
+        return
+    if complete >= 1:
+        raise CheckpointError(
+            f"{path} is a plain Python pickle (pickle.dump), not a torch checkpoint ({reason}); "
+            + ("torch.load cannot read it. " if trust_checkpoint else
+               "refused as unsafe (unpickling it would run code named in the file), and torch.load could not read it "
+               "even with trust_checkpoint=true. ")
+            + "Re-save the weights with torch.save from code you trust") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +489,12 @@ def load_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool = Fals
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}
 
 
+def first_stage_file_fingerprint(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False) -> str:
+    """:func:`refiner.formats.fingerprint.first_stage_fingerprint` of a first-stage checkpoint file (any layout
+    :func:`load_first_stage` reads; its ``loss.*`` keys do not count)."""
+    return first_stage_fingerprint(load_first_stage(ckpt_path, trust_checkpoint))
+
+
 def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mapping | None = None,
                       trust_checkpoint: bool = False):
     """``VQModel(**config)`` loaded strictly from ``ckpt_path`` (random init if no path).
@@ -482,6 +547,8 @@ class WindowWeights:
     has_ema: bool
     conditioning: str | None = None
     scale_factor: float = 1.0
+    # refiner.formats.fingerprint of the VQ-f4 the window was trained with; None for older checkpoints
+    first_stage_fingerprint: str | None = None
 
     def build_unet(self):
         """``UNetModel(**unet_params)`` with these weights loaded strictly, in eval mode."""
@@ -531,8 +598,17 @@ def _window_from_obj(obj: Any, source: str, use_ema: bool) -> WindowWeights:
         schedule=_dataclass_from(ScheduleConfig, hp["schedule"], "schedule", source),
         parameterization=hp["parameterization"], global_step=_int_or_none(obj.get("global_step")),
         source=source, has_ema=has_ema and use_ema, conditioning=hp.get("conditioning"),
-        scale_factor=float(hp.get("scale_factor", 1.0)),
+        scale_factor=float(hp.get("scale_factor", 1.0)), first_stage_fingerprint=_fingerprint_or_none(
+            hp.get(FINGERPRINT_KEY), source),
     )
+
+
+def _fingerprint_or_none(value: Any, source: str) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise CheckpointError(f"{source}: {FINGERPRINT_KEY} must be a string, got {type(value).__name__}")
+    return value
 
 
 def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
@@ -543,14 +619,18 @@ def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
 
 
 def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, use_ema: bool = True,
-                       trust_checkpoint: bool = False) -> Path:
+                       trust_checkpoint: bool = False, force: bool = False) -> Path:
     """Write a window expert's UNet weights (EMA by default) to one ``.safetensors`` file, atomically.
 
+    ``out_path`` must not be ``ckpt_path`` (compared by inode: any spelling, symlink or hard link) and must
+    not exist unless ``force`` (:func:`refiner.io.check_output_path`); both are checked before reading.
+
     Metadata (all strings): format, window, schedule, unet_params (JSON), parameterization,
-    conditioning, scale_factor, global_step, ema.
+    conditioning, scale_factor, global_step, ema, first_stage_fingerprint ("" when unknown).
     """
     from safetensors.torch import save_file
 
+    out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
     ww = load_window_checkpoint(ckpt_path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
     tensors = {k: v.detach().contiguous().clone() for k, v in ww.unet_state.items()}
     metadata = {
@@ -564,8 +644,8 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
         "scale_factor": repr(ww.scale_factor),
         "global_step": "" if ww.global_step is None else str(ww.global_step),
         "ema": "true" if ww.has_ema else "false",
+        FINGERPRINT_KEY: ww.first_stage_fingerprint or "",
     }
-    out_path = Path(out_path)
     atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     log.info("exported %s (%s weights, window %s) to %s", ckpt_path, "EMA" if ww.has_ema else "raw", ww.window,
              out_path)
@@ -582,6 +662,9 @@ def _load_export(path: Path) -> WindowWeights:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
+        if zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is a torch (zip) checkpoint, not a safetensors file; rename it to .ckpt "
+                                  "(refiner reads safetensors by content)") from err
         raise CheckpointError(f"{path} is truncated or corrupt (not a readable safetensors file: {err})") from err
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: safetensors metadata format={meta.get('format')!r}, "
@@ -595,6 +678,7 @@ def _load_export(path: Path) -> WindowWeights:
             global_step=int(meta["global_step"]) if meta.get("global_step") else None,
             source=str(path), has_ema=meta.get("ema") == "true",
             conditioning=json.loads(meta.get("conditioning", "null")), scale_factor=float(meta.get("scale_factor", 1)),
+            first_stage_fingerprint=_fingerprint_or_none(meta.get(FINGERPRINT_KEY), str(path)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: broken refiner-window metadata ({type(err).__name__}: {err})") from err
@@ -613,9 +697,10 @@ def load_window_weights(path: str | os.PathLike, use_ema: bool = True, trust_che
     return load_window_checkpoint(path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
 
 
-def _is_safetensors(path: Path) -> bool:
-    """By suffix, or by content: 8-byte little-endian header length followed by a JSON ``{``."""
-    if path.suffix == ".safetensors":
+def _is_safetensors(path: Path, by_suffix: bool = True) -> bool:
+    """By suffix (unless ``by_suffix=False``), or by content: 8-byte little-endian header length followed by
+    a JSON ``{``."""
+    if by_suffix and path.suffix == ".safetensors":
         return True
     try:
         with open(path, "rb") as f:
@@ -646,7 +731,9 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
     if kind == "compvis_ldm":
         ldm = _ldm_from_obj(obj, source, use_ema)
         return ldm.unet, dict(kind="compvis_ldm", source=source, used_ema=ldm.used_ema, unet_params=None,
-                              global_step=ldm.global_step, scale_factor=ldm.scale_factor)
+                              global_step=ldm.global_step, scale_factor=ldm.scale_factor,
+                              first_stage_fingerprint=first_stage_fingerprint(ldm.first_stage)
+                              if ldm.first_stage else None)
     if kind == "first_stage":
         raise CheckpointError(f"{source} is a first-stage (VQ) checkpoint, not a denoiser; "
                               "use it as the first stage (load_first_stage), not as init_from")
@@ -657,7 +744,7 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
 def _window_info(kind: str, ww: WindowWeights) -> dict:
     return dict(kind=kind, source=ww.source, used_ema=ww.has_ema, unet_params=ww.unet_params,
                 window=str(ww.window), global_step=ww.global_step, parameterization=ww.parameterization,
-                scale_factor=ww.scale_factor)
+                scale_factor=ww.scale_factor, first_stage_fingerprint=ww.first_stage_fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,29 +757,30 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("ckpt")
     ex.add_argument("out")
     ex.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights")
+    ex.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     ins = sub.add_parser("inspect", help="say what kind of checkpoint a file is")
     ins.add_argument("path")
     ins.add_argument("--trust-checkpoint", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    from refiner.cli import run_cli
+
+    def body() -> None:
         if args.command == "export":
-            out = export_safetensors(args.ckpt, args.out, use_ema=not args.raw, trust_checkpoint=args.trust_checkpoint)
-            print(out)
+            print(export_safetensors(args.ckpt, args.out, use_ema=not args.raw, trust_checkpoint=args.trust_checkpoint,
+                                     force=args.force))
+            return
+        p = Path(args.path)
+        if _is_safetensors(p):
+            ww = _load_export(p)
+            print(f"{p}: refiner-window export, window {ww.window}, {len(ww.unet_state)} tensors")
         else:
-            p = Path(args.path)
-            if _is_safetensors(p):
-                ww = _load_export(p)
-                print(f"{p}: refiner-window export, window {ww.window}, {len(ww.unet_state)} tensors")
-            else:
-                obj = safe_torch_load(p, args.trust_checkpoint)
-                sd = _state_dict_of(obj) or {}
-                print(f"{p}: {_kind_text(obj)}; {len(sd)} tensors; {_prefix_summary(sd, depth=1)}")
-    except CheckpointError as err:
-        print(f"error: {err}")
-        return 2
-    return 0
+            obj = safe_torch_load(p, args.trust_checkpoint)
+            sd = _state_dict_of(obj) or {}
+            print(f"{p}: {_kind_text(obj)}; {len(sd)} tensors; {_prefix_summary(sd, depth=1)}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""Body of ``build_shards.py``: load the f4/f8 first stages named by the config and shard each split."""
+"""Body of ``build_shards.py``: check every split, load the f4/f8 first stages named by the config, shard each
+split (each one written to a temporary folder and renamed into place when complete)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from refiner.checkpoints import first_stage_from_config
-from refiner.data.shards import build_shards
+from refiner.data.images import scan_images
+from refiner.data.shards import ShardBuildError, build_shards, check_build_settings, check_shard_output
+from refiner.io import same_file
+from refiner.settings import check_device
 
 log = logging.getLogger(__name__)
 
@@ -17,11 +23,40 @@ def load_first_stages(cfg: DictConfig):
     stages = {name: first_stage_from_config(cfg.first_stage.get(name), name, cfg.trust_checkpoint, cfg.device)
               for name in ("f4", "f8")}
     if stages["f4"].factor != 4 or stages["f8"].factor != 8:
-        raise ValueError(f"first_stage.f4/f8 have factors {stages['f4'].factor}/{stages['f8'].factor}, expected 4/8")
+        raise ShardBuildError(f"first_stage.f4/f8 have factors {stages['f4'].factor}/{stages['f8'].factor}, "
+                              "expected 4/8")
     return stages
 
 
+def check_splits(cfg: DictConfig) -> None:
+    """Everything that can be checked before any first stage is loaded or any shard written: the build
+    settings, the device, and for every split its images and its output folder (distinct from every other
+    split's, not an image folder, and holding no shard set unless ``overwrite``)."""
+    check_build_settings(cfg.size, cfg.fit, cfg.batch_size, cfg.maxcount_per_shard)
+    check_device(cfg.device)
+    if not cfg.splits:
+        raise ShardBuildError("splits is empty: give at least one {images, out} split")
+    outs: dict[str, Path] = {}
+    for split, spec in cfg.splits.items():
+        if not spec or not spec.get("images") or not spec.get("out"):
+            raise ShardBuildError(f"splits.{split} needs both images=<folder|glob> and out=<folder>")
+        try:
+            files, _ = scan_images(spec.images)
+        except (FileNotFoundError, ValueError) as err:
+            raise ShardBuildError(f"splits.{split}.images: {err}") from err
+        out = Path(spec.out)
+        clash = next((name for name, other in outs.items() if same_file(out, other)), None)
+        if clash is not None:
+            raise ShardBuildError(f"splits.{split}.out and splits.{clash}.out are the same folder {out}")
+        outs[split] = out
+        try:
+            check_shard_output(out, cfg.overwrite, files)
+        except (ShardBuildError, FileExistsError) as err:
+            raise type(err)(f"splits.{split}.out: {err}") from err
+
+
 def run(cfg: DictConfig) -> dict:
+    check_splits(cfg)
     stages = load_first_stages(cfg)
     reports = {}
     for split, spec in cfg.splits.items():
@@ -35,3 +70,16 @@ def run(cfg: DictConfig) -> dict:
         log.info("%s: %s", split, json.dumps({k: r[k] for k in r if k in ("num_samples", "num_shards", "skipped")},
                                              default=str)[:500])
     return reports
+
+
+def exit_code(reports: dict) -> int:
+    """1 if any image of any split was skipped (each is printed on stderr, and listed in its manifest), else 0.
+    Non-image files passed over are printed too, but do not fail the build."""
+    failed = 0
+    for split, report in reports.items():
+        for item in report["skipped"]:
+            print(f"skipped ({split}): {item['file']}: {item['reason']}", file=sys.stderr)
+            failed += 1
+        for item in report["ignored"]:
+            print(f"ignored ({split}): {item['file']}: {item['reason']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -26,6 +26,7 @@ With ``eta > 0`` the per-step noise comes from one generator per batch (seeded w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -43,10 +44,19 @@ from torch import Tensor
 
 from refiner.checkpoints import WindowWeights, first_stage_from_config, load_window_weights
 from refiner.data.images import (
-    ImageError, crop_to, list_images, load_image, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
+    ImageError, crop_to, load_image, scan_images, pad_to_multiple, save_png_atomic, to_tensor, to_uint8,
 )
-from refiner.io import atomic_write_text
-from refiner.sampling import RefineResult, Stage, refine
+from refiner.formats.fingerprint import (
+    check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint, weights_fingerprint,
+)
+from refiner.errors import SettingError
+from refiner.io import atomic_write_text, file_id
+from refiner.run_outputs import (
+    GRID_RECORD, RESERVED_NAMES, WRITTEN_BY, YAML_MARKER, ExistingOutputs, check_existing, output_record, png_text,
+    sha256_file,
+)
+from refiner.settings import check_device, check_writable_dir, require_choice, require_int, require_number
+from refiner.sampling import SPACINGS, RefineResult, Stage, check_eta, refine, timestep_grid
 from refiner.visualize import save_grid
 
 log = logging.getLogger(__name__)
@@ -54,9 +64,10 @@ log = logging.getLogger(__name__)
 MODES = ("sample", "evaluate")
 GRID_MODES = ("none", "per_image", "combined", "both")
 MIN_EVAL_SIDE = 11  # SSIM's Gaussian window (torchmetrics, kernel 11)
+PAD_MODES = ("reflect", "replicate", "constant")
 
 
-class SampleError(ValueError):
+class SampleError(SettingError):
     """A setting, checkpoint chain or output location that cannot work; raised before any image is processed."""
 
 
@@ -117,10 +128,14 @@ def load_stages(paths: Sequence[str], use_ema: bool = True, trust_checkpoint: bo
     return loaded
 
 
-def check_compatible(stages: Sequence[LoadedStage], latent_channels: int | None = None) -> tuple[Tensor, float]:
-    """Stages must share one noise schedule (same ``alphas_cumprod``) and one ``scale_factor``; with
-    ``latent_channels`` (the f4 ``embed_dim``) their UNet channels must fit it. Returns the shared
-    ``(alphas_cumprod, scale_factor)``."""
+def check_compatible(stages: Sequence[LoadedStage], latent_channels: int | None = None,
+                     allow_first_stage_mismatch: bool = False) -> tuple[Tensor, float]:
+    """Stages must share one noise schedule (same ``alphas_cumprod``), one ``scale_factor`` and one first stage
+    (their recorded fingerprints; :class:`~refiner.formats.fingerprint.FirstStageMismatch` unless
+    ``allow_first_stage_mismatch``); with ``latent_channels`` (the f4 ``embed_dim``) their UNet channels must
+    fit it. Returns the shared ``(alphas_cumprod, scale_factor)``."""
+    check_fingerprints_agree([(s.weights.source, s.weights.first_stage_fingerprint) for s in stages],
+                             allow_first_stage_mismatch)
     first = stages[0].weights
     ac = first.schedule.alphas_cumprod()
     for s in stages[1:]:
@@ -144,6 +159,19 @@ def check_compatible(stages: Sequence[LoadedStage], latent_channels: int | None 
     return ac, float(first.scale_factor)
 
 
+def check_first_stage(stages: Sequence[LoadedStage], f4: torch.nn.Module, f4_source: str,
+                      allow_mismatch: bool = False) -> str:
+    """Every stage must have been trained with the first stage ``f4`` (named ``f4_source`` in messages):
+    compares the fingerprints (:mod:`refiner.formats.fingerprint`); a stage without one only warns. A mismatch
+    raises :class:`~refiner.formats.fingerprint.FirstStageMismatch` (a warning with ``allow_mismatch``).
+    Returns the f4's fingerprint."""
+    fingerprint = first_stage_fingerprint(f4)
+    for s in stages:
+        check_first_stage_match(s.weights.first_stage_fingerprint, s.weights.source, fingerprint, f4_source,
+                                allow_mismatch)
+    return fingerprint
+
+
 @dataclass
 class StepPlan:
     """Which stage runs which grid step; ``segments`` lists stage indices in run order."""
@@ -161,6 +189,10 @@ def plan_steps(stages: Sequence[LoadedStage], alphas_cumprod: Tensor, t_start: i
     """Run :func:`refine`'s own validation (overlap, coverage, gaps, t_start above the top window)
     without images: a dry run on a 1-element latent with zero-output models, so the checks are exactly
     the ones the real run applies. (``refiner.sampling`` has no public validate function.)"""
+    try:
+        check_eta(eta, timestep_grid(t_start, steps, 0, spacing, alphas_cumprod.shape[0]), alphas_cumprod)
+    except (ValueError, TypeError) as err:
+        raise SampleError(str(err)) from err
     dummy = [Stage(lambda x, t: torch.zeros_like(x), s.weights.window, s.weights.parameterization, s.name)
              for s in stages]
     z = torch.zeros(1, 1, 1, 1)
@@ -180,11 +212,14 @@ def plan_steps(stages: Sequence[LoadedStage], alphas_cumprod: Tensor, t_start: i
 
 # ------------------------------------------------------------------------------------------------ outputs
 def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
-    """``output_dir/<stem>.png`` per input; equal stems (other folders or extensions) get ``-2``, ``-3``...
-    Raises :class:`SampleError` if an output would be one of the inputs."""
-    taken: set[str] = set()
+    """``output_dir/<stem>.png`` per input; equal stems (other folders or extensions) and the run's reserved
+    names (:data:`refiner.run_outputs.RESERVED_NAMES`, e.g. ``grid.png``) get ``-2``, ``-3``...
+    Raises :class:`SampleError` if an output would be one of the inputs (compared by inode: links count)."""
+    taken: set[str] = {name.casefold() for name in RESERVED_NAMES}
     outputs = []
-    input_set = {p.resolve() for p in inputs}
+    input_ids = {file_id(p): p for p in inputs}  # the same file by any spelling or link...
+    input_ids.pop(None, None)
+    input_paths = {p.resolve(): p for p in inputs}  # ...or, for paths that do not exist, the same path
     for path in inputs:
         stem, n = path.stem, 1
         name = f"{stem}.png"
@@ -193,11 +228,58 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
             name = f"{stem}-{n}.png"
         taken.add(name.casefold())
         out = output_dir / name
-        if out.resolve() in input_set:
-            raise SampleError(f"output {out} would overwrite the input image {out.resolve()}; "
+        clash = input_ids.get(file_id(out)) or input_paths.get(out.resolve())
+        if clash is not None:
+            raise SampleError(f"output {out} would overwrite the input image {clash}; "
                               "choose an output_dir that is not the input folder")
         outputs.append(out)
     return outputs
+
+
+def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path]) -> list[Path]:
+    """The run-level files this run writes: config, summary, metrics (evaluate) and grids, as ``cfg`` asks."""
+    evaluate_mode = cfg.mode == "evaluate"
+    names = ["config_resolved.yaml", "summary.json"] + (["metrics.json"] if evaluate_mode else [])
+    if cfg.grid in ("combined", "both"):
+        names.append("comparison_grid.png" if evaluate_mode else "grid.png")
+    paths = [output_dir / name for name in names]
+    if cfg.grid in ("per_image", "both"):
+        paths += [output_dir / "grids" / out.name for out in outputs]
+    return paths
+
+
+def settings_digest(cfg: DictConfig, stages: Sequence[LoadedStage], f4_fingerprint: str,
+                    f8: torch.nn.Module | None) -> str:
+    """16 hex chars that change with anything that changes a refined image: the stages' weights and placement,
+    the first stages, and the sampler settings (noise seeds are recorded per image). Device and batch size are
+    left out (results agree across them up to float noise; with eta > 0 they depend on batching)."""
+    payload = {
+        "mode": cfg.mode, "t_start": cfg.t_start, "steps": cfg.steps, "spacing": cfg.spacing, "eta": float(cfg.eta),
+        "allow_outside_window": cfg.allow_outside_window, "precision": cfg.get("precision", "fp32"),
+        "pad_mode": cfg.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
+        "stages": [{"weights": weights_fingerprint(s.weights.unet_state), "window": str(s.weights.window),
+                    "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
+                    "scale_factor": s.weights.scale_factor} for s in stages],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
+                  settings: str) -> ExistingOutputs:
+    """What already exists where this run writes (:func:`refiner.run_outputs.check_existing`). Files refiner did
+    not write, or refined with other settings, raise :class:`SampleError` before any image is refined, unless
+    ``overwrite=true``."""
+    existing = check_existing(outputs, inputs, [cfg.seed + i for i in range(len(inputs))], settings,
+                              report_paths(cfg, output_dir, outputs))
+    if existing.conflicts and not cfg.get("overwrite", False):
+        n = len(existing.conflicts)
+        raise SampleError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
+                          f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
+                          "Pass overwrite=true to replace them, or choose another output_dir")
+    if existing.conflicts:
+        log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
+                    len(existing.conflicts), existing.conflicts[0])
+    return existing
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
@@ -217,6 +299,7 @@ class Item:
     path: Path
     output: Path
     image: np.ndarray  # (H, W, 3) uint8: the clean reference in evaluate mode, else the refiner input
+    input_sha256: str = ""  # of the input file, for the output's record (refiner.run_outputs)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -307,7 +390,7 @@ def _pad_white(img: Tensor, size: tuple[int, int]) -> Tensor:
 def save_combined_grid(path: Path, rows: Sequence[Sequence[Tensor]]) -> Path:
     """One row per image (its columns side by side); smaller images are padded white to the largest."""
     size = (max(c.shape[-2] for r in rows for c in r), max(c.shape[-1] for r in rows for c in r))
-    return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows])
+    return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows], text=png_text(GRID_RECORD))
 
 
 def _center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -363,18 +446,32 @@ def format_metrics_table(metrics: dict) -> str:
 
 
 def _check_settings(cfg: DictConfig) -> None:
-    if cfg.mode not in MODES:
-        raise SampleError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.grid not in GRID_MODES:
-        raise SampleError(f"grid must be one of {GRID_MODES}, got {cfg.grid!r}")
+    """Every setting's type and range, the device and the output folder, before any file is loaded. (The
+    grid-dependent limits, t_start below the schedule's T, steps <= t_start + 1 and eta > 1, are checked by
+    :func:`plan_steps` once the stages are known.)"""
+    require_choice("mode", cfg.mode, MODES)
+    require_choice("grid", cfg.grid, GRID_MODES)
+    require_choice("spacing", cfg.spacing, SPACINGS)
+    require_choice("pad_mode", cfg.pad_mode, PAD_MODES)
+    require_choice("precision", cfg.get("precision", "fp32"), ("fp32", "bf16"))
     if cfg.inputs is None or cfg.inputs == "" or (not isinstance(cfg.inputs, str) and len(cfg.inputs) == 0):
         raise SampleError("inputs is not set: pass inputs=<folder|glob|[a.png,b.jpg]>")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise SampleError(f"batch_size must be a positive int, got {cfg.batch_size!r}")
-    if cfg.max_pixels is not None and (not isinstance(cfg.max_pixels, int) or cfg.max_pixels < 1):
-        raise SampleError(f"max_pixels must be a positive int or null, got {cfg.max_pixels!r}")
+    require_int("t_start", cfg.t_start, minimum=0)
+    require_int("steps", cfg.steps, minimum=1)
+    # eta in [0, 1] interpolates DDIM (0) and DDPM (1); eta > 1 only where the DDIM variance fits (plan_steps)
+    require_number("eta", cfg.eta, minimum=0.0)
+    require_int("seed", cfg.seed, minimum=0)
+    require_int("batch_size", cfg.batch_size, minimum=1)
+    require_int("grid_max_images", cfg.grid_max_images, minimum=0)
+    if cfg.max_pixels is not None:
+        require_int("max_pixels", cfg.max_pixels, minimum=1)
+    for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch"):
+        if not isinstance(cfg.get(flag, False), bool):
+            raise SampleError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
+    check_device(cfg.device)
     if cfg.output_dir in (None, ""):
         raise SampleError("output_dir is not set")
+    check_writable_dir(cfg.output_dir, "output_dir")
     if cfg.get("inception_weights"):
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -388,6 +485,7 @@ def _check_settings(cfg: DictConfig) -> None:
 @dataclass
 class _Collected:
     processed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     grid_rows: list[tuple[int, list[Tensor]]] = field(default_factory=list)
     eval_images: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -406,24 +504,29 @@ def run(cfg: DictConfig) -> dict:
     evaluate_mode = cfg.mode == "evaluate"
     device = torch.device(cfg.device)
     # 1. Checkpoints and the step plan: everything that can fail without looking at an image.
+    allow_mismatch = bool(cfg.get("allow_first_stage_mismatch", False))
     stages = load_stages(list(cfg.stages), cfg.use_ema, cfg.trust_checkpoint, device, cfg.get("precision", "fp32"))
-    ac, scale = check_compatible(stages)
+    ac, scale = check_compatible(stages, allow_first_stage_mismatch=allow_mismatch)
     plan = plan_steps(stages, ac, cfg.t_start, cfg.steps, cfg.spacing, cfg.eta, cfg.allow_outside_window)
     f4 = first_stage_from_config(cfg.first_stage.get("f4"), "f4", cfg.trust_checkpoint, device)
-    check_compatible(stages, latent_channels=f4.embed_dim)
+    check_compatible(stages, latent_channels=f4.embed_dim, allow_first_stage_mismatch=allow_mismatch)
+    f4_fingerprint = check_first_stage(stages, f4, f"first_stage.f4.ckpt_path={cfg.first_stage.f4.ckpt_path}",
+                                       allow_mismatch)
     f8 = first_stage_from_config(cfg.first_stage.get("f8"), "f8", cfg.trust_checkpoint, device) \
         if evaluate_mode else None
     refiner = Refiner(stages, f4, ac, scale, cfg.t_start, cfg.steps, cfg.eta, cfg.spacing, cfg.allow_outside_window,
                       cfg.seed, cfg.pad_mode, str(device), f8)
     inputs_spec = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     try:
-        paths = list_images(inputs_spec)
+        paths, ignored = scan_images(inputs_spec)
     except (FileNotFoundError, ValueError) as err:
         raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
     output_dir = Path(cfg.output_dir)
     outputs = plan_outputs(paths, output_dir)
+    settings = settings_digest(cfg, stages, f4_fingerprint, f8)
+    existing = check_outputs(cfg, output_dir, paths, outputs, settings)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(output_dir / "config_resolved.yaml", f"{YAML_MARKER}\n{OmegaConf.to_yaml(cfg, resolve=True)}")
     columns = (["clean", "degraded"] if evaluate_mode else ["input"]) + [  # stages numbered in run order
         f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
         for j, k in enumerate(plan.segments)]
@@ -447,20 +550,28 @@ def run(cfg: DictConfig) -> dict:
 
     def load(i: int) -> Item | None:
         path, size = paths[i], sizes[i]
+        if i in existing.finished and not evaluate_mode:
+            got.skipped.append({"input": str(path), "output": str(outputs[i]),
+                                "reason": "already refined from this input with these settings (pixels verified)"})
+            progress.update(1)
+            return None
+        if i in existing.damaged:
+            log.warning("%s: its pixels do not match its record (damaged?); refining %s again", outputs[i], path)
         if size is not None and cfg.max_pixels is not None and size[0] * size[1] > cfg.max_pixels:
             fail(path, f"{size[1]}x{size[0]} = {size[0] * size[1]} pixels exceeds max_pixels={cfg.max_pixels} "
                        "(images are refined whole, not in tiles); downscale it or raise max_pixels if memory allows")
             return None
         try:
             image = load_image(path)
-        except ImageError as err:
-            fail(path, str(err))
+            input_sha256 = sha256_file(path)
+        except (ImageError, OSError) as err:
+            fail(path, str(err) if isinstance(err, ImageError) else f"cannot read image {path}: {err}")
             return None
         if evaluate_mode and min(image.shape[:2]) < MIN_EVAL_SIDE:
             fail(path, f"{image.shape[1]}x{image.shape[0]} is too small to evaluate (SSIM needs at least "
                        f"{MIN_EVAL_SIDE}x{MIN_EVAL_SIDE})")
             return None
-        return Item(i, path, outputs[i], image)
+        return Item(i, path, outputs[i], image, input_sha256)
 
     for batch in _batches((it for it in map(load, order) if it is not None), cfg.batch_size):
         want_rows = grid_per_image or (grid_combined and len(got.grid_rows) < cfg.grid_max_images)
@@ -476,7 +587,8 @@ def run(cfg: DictConfig) -> dict:
             continue
         for it, src, out, stage_imgs in zip(batch, inputs, refined, stage_images):
             try:
-                save_png_atomic(it.output, out, protect=inputs_protect)
+                record = output_record(it.input_sha256, cfg.seed + it.index, settings, out)
+                save_png_atomic(it.output, out, protect=inputs_protect, text=png_text(record))
             except (OSError, ValueError) as err:
                 fail(it.path, f"cannot write {it.output}: {err}")
                 continue
@@ -485,7 +597,7 @@ def run(cfg: DictConfig) -> dict:
                 row = ([to_tensor(it.image), to_tensor(src)] if evaluate_mode else [to_tensor(src)]) + stage_imgs
                 if grid_per_image:
                     grid_path = output_dir / "grids" / it.output.name
-                    save_grid(grid_path, [torch.stack(row)])
+                    save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
                     record["grid"] = str(grid_path)
                 if grid_combined and len(got.grid_rows) < cfg.grid_max_images:
                     got.grid_rows.append((it.index, row))
@@ -497,15 +609,21 @@ def run(cfg: DictConfig) -> dict:
 
     # 3. Reports.
     summary: dict[str, Any] = {
+        "written_by": WRITTEN_BY,
         "mode": cfg.mode,
         "processed": sorted(got.processed, key=lambda r: r["input"]),
+        "skipped": sorted(got.skipped, key=lambda r: r["input"]),
         "failed": sorted(got.failed, key=lambda r: r["input"]),
-        "outputs": sorted(r["output"] for r in got.processed),
+        "ignored": ignored,  # entries of the input folders/globs that are not images PIL can open
+        "outputs": sorted(r["output"] for r in got.processed + got.skipped),
+        "settings_digest": settings,
         "grid_columns": columns,
         "timesteps": plan.timesteps,
         "stage_of_step": plan.stage_of_step,
         "stages": [{"path": s.weights.source, "window": str(s.weights.window), "conditioning": s.weights.conditioning,
-                    "ema": s.weights.has_ema} for s in stages],
+                    "ema": s.weights.has_ema, "first_stage_fingerprint": s.weights.first_stage_fingerprint}
+                   for s in stages],
+        "first_stage_fingerprint": f4_fingerprint,
         "padded_to_multiple_of": refiner.multiple,
     }
     if grid_combined and got.grid_rows:
@@ -518,6 +636,7 @@ def run(cfg: DictConfig) -> dict:
                            swd_kwargs=OmegaConf.to_container(cfg.swd, resolve=True) if cfg.get("swd") else None,
                            inception_weights=cfg.get("inception_weights"))
         metrics["images"] = [e[1] for e in ev]
+        metrics["written_by"] = WRITTEN_BY
         metrics_path = output_dir / "metrics.json"
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
         summary["metrics"] = str(metrics_path)
@@ -525,8 +644,11 @@ def run(cfg: DictConfig) -> dict:
         if "grid" in summary:
             print(f"comparison grid: {summary['grid']}")
     atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-    print(f"{len(got.processed)} refined, {len(got.failed)} failed; outputs in {output_dir} "
+    print(f"{len(got.processed)} refined, {len(got.skipped)} skipped (already done), {len(got.failed)} failed; "
+          f"outputs in {output_dir} "
           f"(summary: {output_dir / 'summary.json'})")
     for f in summary["failed"]:
         print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)
+    for f in ignored:
+        print(f"ignored: {f['file']}: {f['reason']}", file=sys.stderr)
     return summary

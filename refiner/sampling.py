@@ -125,11 +125,47 @@ def _check_parameterization(parameterization: str) -> None:
         raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
 
 
+# --------------------------------------------------------------------------------------------- eta
+def ddim_sigma(eta: float, a: float, a_prev: float) -> float:
+    """``sigma = eta * sqrt((1-a_prev)/(1-a) * (1 - a/a_prev))`` (Song et al. 2021, eq. 16)."""
+    return eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) if eta else 0.0
+
+
+def max_ddim_eta(a: float, a_prev: float) -> float:
+    """The largest eta for one DDIM step: the update's ``sqrt(1 - a_prev - sigma^2)`` needs
+    ``sigma^2 <= 1 - a_prev``, i.e. ``eta^2 (1 - a/a_prev) / (1 - a) <= 1``. Always >= 1 (eta = 1 is the DDPM
+    posterior), so eta in [0, 1] is valid on every grid; eta > 1 only where this bound allows it."""
+    gap = 1 - a / a_prev
+    return math.sqrt((1 - a) / gap) if gap > 0 else math.inf  # a == a_prev (t=0 -> ab[0]): sigma is 0
+
+
+def check_eta(eta: float, timesteps: Sequence[int], alphas_cumprod: Tensor) -> float:
+    """Refuse an eta that is negative, not finite, or (above 1) too large for some step of ``timesteps``
+    (see :func:`max_ddim_eta`); the error names the step and the largest eta it allows."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0 (0 = DDIM, 1 = DDPM posterior), got {eta!r}")
+    if eta > 1:
+        grid = [int(t) for t in timesteps]
+        for t, t_prev in zip(grid, grid[1:] + [-1]):
+            _check_eta_fits(eta, t, t_prev, _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev))
+    return float(eta)
+
+
+def _check_eta_fits(eta: float, t: int, t_prev: int, a: float, a_prev: float) -> None:
+    bound = max_ddim_eta(a, a_prev)
+    if eta > bound:
+        raise ValueError(f"eta={eta} is too large for the DDIM step t={t} -> {max(t_prev, 0)}: sigma^2 would exceed "
+                         f"1 - alpha_bar_prev (that step allows eta <= {bound:.4f}); use eta in [0, 1]")
+
+
 # --------------------------------------------------------------------------------------------- steps
 def _step_terms(step: str, x_t: Tensor, t: int, t_prev: int, model_output: Tensor, alphas_cumprod: Tensor,
                 parameterization: str) -> tuple[float, float, Tensor, Tensor]:
     """What every update from ``t`` to ``t_prev`` needs: ``(ab[t], ab[t_prev] or ab[0], x0_pred, eps_pred)``."""
     _check_parameterization(parameterization)
+    T = alphas_cumprod.shape[0]
+    if not 0 <= int(t) < T:
+        raise ValueError(f"{step}: t={t} outside [0, {T - 1}] (len(alphas_cumprod)={T})")
     if t_prev >= t:
         raise ValueError(f"{step} goes down in t: need t_prev < t, got t={t}, t_prev={t_prev}")
     a, a_prev = _alpha_bar(alphas_cumprod, t), _alpha_bar(alphas_cumprod, t_prev)
@@ -152,11 +188,15 @@ def ddim_step(
     ``sigma = eta * sqrt((1-a_prev)/(1-a) * (1 - a/a_prev))``,
     ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma * noise``, x0 not clipped.
     ``a = ab[t]``; ``a_prev = ab[t_prev]``, or ``ab[0]`` when ``t_prev < 0`` (the last step, like CompVis
-    and diffusers ``set_alpha_to_one=False``). ``noise`` is required when ``sigma > 0``.
+    and diffusers ``set_alpha_to_one=False``). ``noise`` is required when ``sigma > 0``. ``eta`` must be >= 0
+    and at most :func:`max_ddim_eta` for this step (any eta in [0, 1] is valid).
     Returns ``(x_prev, x0_pred)``.
     """
     a, a_prev, x0, eps = _step_terms("ddim_step", x_t, t, t_prev, model_output, alphas_cumprod, parameterization)
-    sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) if eta else 0.0
+    check_eta(eta, [], alphas_cumprod)
+    if eta > 1:
+        _check_eta_fits(eta, t, t_prev, a, a_prev)
+    sigma = ddim_sigma(eta, a, a_prev)
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
     if sigma > 0:
         if noise is None:
@@ -228,6 +268,7 @@ def sample_ddim(
     for the callback protocol.
     """
     timesteps = _check_grid(timesteps, alphas_cumprod)
+    check_eta(eta, timesteps, alphas_cumprod)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         out = model(x, _t_batch(t, x))
@@ -384,7 +425,8 @@ def refine(
     2. Noise ``z`` to exactly ``t_start`` with ``q_sample`` using ``noise`` if given, else
        ``randn`` from ``generator``.
     3. Run DDIM(eta) over the grid, switching experts at window boundaries with no re-noising at the
-       hand-off (as diffusers' SDXL base->refiner). ``eta=1`` is the DDPM posterior sampler.
+       hand-off (as diffusers' SDXL base->refiner). ``eta=1`` is the DDPM posterior sampler; ``eta`` must be
+       >= 0, and above 1 only where every step allows it (:func:`check_eta`), checked before any compute.
 
     Noise draws from ``generator`` happen in this order: the q_sample noise (if ``noise`` is None),
     then one tensor per step when ``eta > 0``. Returns the final latent, or a :class:`RefineResult`
@@ -392,6 +434,7 @@ def refine(
     """
     _check_stages(stages, alphas_cumprod)
     grid = timestep_grid(t_start, steps, 0, spacing, alphas_cumprod.shape[0])
+    check_eta(eta, grid, alphas_cumprod)
     stage_of_step = _assign_stages(stages, grid, allow_outside_window)
     if noise is None:
         noise = _randn_like(z, generator)

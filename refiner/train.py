@@ -9,16 +9,17 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from refiner.diffusion import Window
+from refiner.errors import SettingError
 from refiner.io import atomic_write_text
 from refiner.lit.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """A config value that cannot work; raised before any compute."""
 
 
@@ -106,11 +107,54 @@ def resolve_scale_factor(cfg: DictConfig, init_info: dict | None = None, max_sam
     log.info("model.scale_factor=auto -> %.5f (1/std over %d training latents)", cfg.model.scale_factor, len(samples))
 
 
+def _shards_first_stage_fingerprint(train_shards) -> tuple[str | None, str]:
+    """The f4 fingerprint recorded in the training shards' ``manifest.json`` (None if absent) and its path."""
+    from refiner.data.shards import MANIFEST, expand_shards, load_manifest
+
+    folder = Path(expand_shards(train_shards)[0]).parent
+    manifest = load_manifest(folder) or {}
+    return (manifest.get("first_stage_fingerprints") or {}).get("f4"), str(folder / MANIFEST)
+
+
+def resolve_first_stage_fingerprint(cfg: DictConfig, init_info: dict | None = None) -> str | None:
+    """Set ``model.first_stage_fingerprint``: the identity of the f4 whose latents this window learns.
+
+    Sources: ``model.first_stage.ckpt_path`` (the f4 of the validation grids) and the training shards'
+    ``manifest.json`` (the f4 that encoded the latents); they must agree. A window ``init_from`` (or a CompVis
+    LDM, through its ``first_stage_model``) must have been trained with the same f4. Mismatches raise
+    :class:`~refiner.formats.fingerprint.FirstStageMismatch` unless ``allow_first_stage_mismatch=true``.
+    """
+    from refiner.checkpoints import first_stage_file_fingerprint
+    from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match
+
+    allow = bool(cfg.get("allow_first_stage_mismatch", False))
+    named = []
+    shards_fp, manifest = _shards_first_stage_fingerprint(cfg.data.train_shards)
+    named.append((f"the training shards ({manifest})", shards_fp))
+    first_stage = cfg.model.get("first_stage")
+    if first_stage and first_stage.get("ckpt_path"):
+        named.append((f"model.first_stage.ckpt_path={first_stage.ckpt_path}",
+                      first_stage_file_fingerprint(first_stage.ckpt_path, cfg.trust_checkpoint)))
+    fingerprint = check_fingerprints_agree(  # the shards' when both are known
+        named, allow, why="the training latents were encoded by another f4 than the one that decodes the grids")
+    if fingerprint is None:
+        log.warning("no first-stage fingerprint known (no model.first_stage.ckpt_path, shards without one): this "
+                    "window's checkpoint cannot be checked against the f4 it is used with")
+    if init_info is not None and (fingerprint is not None or init_info.get("first_stage_fingerprint")):
+        where = next((src for src, fp in named if fp == fingerprint), "this run's first stage")
+        check_first_stage_match(init_info.get("first_stage_fingerprint"), f"init_from={cfg.init_from}",
+                                fingerprint, where, allow)
+    with open_dict(cfg):
+        cfg.model.first_stage_fingerprint = fingerprint
+    return fingerprint
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     init_state, init_info = read_init_from(cfg)
     if "unet" in cfg.model:
         resolve_scale_factor(cfg, init_info)
+        resolve_first_stage_fingerprint(cfg, init_info)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 

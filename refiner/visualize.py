@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
 
-from refiner.io import atomic_path
+from refiner.io import atomic_write_bytes
 
 
 def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
@@ -24,10 +23,12 @@ def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
     return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
+def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor], text: Mapping[str, str] | None = None) -> Path:
+    """:func:`make_grid` written atomically as a PNG, with optional ``text`` chunks."""
+    from refiner.data.images import encode_png
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(make_grid(rows)).save(tmp, format="PNG")
+    atomic_write_bytes(path, encode_png(make_grid(rows), text))
     return path
 
 

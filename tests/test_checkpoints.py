@@ -244,3 +244,33 @@ def test_unrecognised_checkpoint_named(tmp_path):
     torch.save({"state_dict": {"backbone.fc.weight": torch.ones(2)}}, path)
     with pytest.raises(CheckpointError, match=r"other\.pt is not a recognised checkpoint \(top-level names: \['backbone'\]\)"):
         load_init_weights(path)
+
+
+# -- issue 9, class 9: messages say what a file is, not "truncated or corrupt" when it is not ------------------
+def test_refused_or_misnamed_files_are_not_called_corrupt(window, tmp_path):
+    import pickle
+
+    plain = tmp_path / "plain.ckpt"
+    plain.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    old = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, old, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    export = export_safetensors(window["path"], tmp_path / "w.safetensors")
+    renamed = tmp_path / "export_named.ckpt"
+    renamed.write_bytes(export.read_bytes())
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(plain.read_bytes()[:-5])
+    cases = [(plain, "plain Python pickle"), (old, "old-format \\(non-zip\\) torch checkpoint that the safe loader "
+                                                  "refuses.*trust_checkpoint=true"),
+             (renamed, "is a safetensors file"), (cut, "truncated or corrupt")]
+    for path, message in cases:
+        with pytest.raises(CheckpointError, match=message) as err:
+            safe_torch_load(path)
+        assert ("corrupt" in str(err.value)) == (path == cut), str(err.value)
+    assert safe_torch_load(old, trust_checkpoint=True)["state_dict"]["w"].sum() == 2
+    assert load_window_weights(renamed).window.t_min == 250  # read by content wherever windows are expected
+    with pytest.raises(CheckpointError, match="is a safetensors file"):
+        export_safetensors(renamed, tmp_path / "again.safetensors")
+    zipped = tmp_path / "zip.safetensors"
+    zipped.write_bytes(window["path"].read_bytes())
+    with pytest.raises(CheckpointError, match="torch \\(zip\\) checkpoint, not a safetensors file"):
+        load_window_weights(zipped)

@@ -250,7 +250,7 @@ def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages,
         raise AssertionError("an image was loaded before the chain was validated")
 
     monkeypatch.setattr(refine_images, "load_image", no_images)
-    monkeypatch.setattr(refine_images, "list_images", no_images)
+    monkeypatch.setattr(refine_images, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
                    "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
     with pytest.raises(SampleError, match=message):
@@ -363,3 +363,157 @@ def test_cli_bad_chain_exits_2_before_processing(models, mixed_inputs, tmp_path)
     assert "error: invalid stage chain" in proc.stderr and "gap [200, 250)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# -- issue 9, class 2: the first stage a window was trained with is checked ---------------------------------
+def _other_f4(models, tmp_path) -> Path:
+    """The demo f4 checkpoint with slightly different decoder weights: same shapes, another autoencoder."""
+    ckpt = torch.load(models["f4"], weights_only=True)
+    ckpt["state_dict"]["decoder.conv_out.bias"] = ckpt["state_dict"]["decoder.conv_out.bias"] + 0.1
+    path = tmp_path / "other_f4.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monkeypatch):
+    import warnings
+
+    from refiner.checkpoints import export_safetensors, first_stage_file_fingerprint
+    from refiner.formats.fingerprint import FirstStageMismatch
+
+    fp = first_stage_file_fingerprint(models["f4"])
+    other = _other_f4(models, tmp_path)
+    other_fp = first_stage_file_fingerprint(other)
+    assert other_fp != fp
+    hi = _window_checkpoint(tmp_path, (250, 500), "hi_fp.ckpt", first_stage_fingerprint=fp)
+    lo = export_safetensors(_window_checkpoint(tmp_path, (0, 250), "lo_fp.ckpt", first_stage_fingerprint=fp),
+                            tmp_path / "lo_fp.safetensors")
+    fp_models = {**models, "hi": hi, "lo": lo}
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right first stage: no fingerprint warning at all
+        summary = run(_compose(fp_models, d, tmp_path / "ok", "grid=none"))
+    assert summary["first_stage_fingerprint"] == fp and not summary["failed"]
+
+    def no_images(*a, **k):
+        raise AssertionError("an image was loaded before the first stage was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(refine_images, "load_image", no_images)
+        with pytest.raises(FirstStageMismatch) as err:
+            run(_compose(fp_models, d, tmp_path / "bad", f"first_stage.f4.ckpt_path={other}"))
+    message = str(err.value)
+    assert all(s in message for s in ("hi_fp.ckpt", fp, str(other), other_fp, "allow_first_stage_mismatch=true"))
+    assert "\n" not in message and not (tmp_path / "bad").exists()
+    with pytest.warns(UserWarning, match="first stage mismatch"):
+        summary = run(_compose(fp_models, d, tmp_path / "allowed", f"first_stage.f4.ckpt_path={other}",
+                               "allow_first_stage_mismatch=true", "grid=none"))
+    assert not summary["failed"]
+    # windows of one chain must agree with each other
+    stray = _window_checkpoint(tmp_path, (0, 250), "lo_other.ckpt", first_stage_fingerprint=other_fp)
+    with pytest.raises(FirstStageMismatch, match="one chain"):
+        run(_compose({**fp_models, "lo": stray}, d, tmp_path / "chain"))
+    # a window written before fingerprints existed only warns
+    with pytest.warns(UserWarning, match="records no first-stage fingerprint"):
+        run(_compose(models, d, tmp_path / "old", "grid=none"))
+
+
+# -- issue 9, classes 3 and 4: output_dir is never clobbered; re-runs resume; reserved names ----------------
+def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkeypatch):
+    d = tmp_path / "dir"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "photo.jpg")
+    Image.fromarray(_rgb(16, 16, 1)).save(d / "photo.png")  # not an input (the glob takes *.jpg only)
+    (d / "summary.json").write_text('{"mine": true}')
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def no_images(*a, **k):
+        raise AssertionError("an image was refined before the output folder was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(refine_images, "load_image", no_images)
+        with pytest.raises(SampleError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
+                                              r"overwrite=true"):
+            run(_compose(models, f"'{d}/*.jpg'", d))
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    summary = run(_compose(models, f"'{d}/*.jpg'", d, "overwrite=true", "grid=none"))
+    assert summary["outputs"] == [str(d / "photo.png")] and (d / "photo.png").read_bytes() != before["photo.png"]
+    assert (d / "photo.jpg").read_bytes() == before["photo.jpg"]
+
+
+def test_rerun_skips_finished_outputs_and_refuses_to_replace_other_settings(models, tmp_path):
+    from refiner.run_outputs import png_text, read_png_record
+    from refiner.data.images import save_png_atomic
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(_rgb(16, 16, 20 + i)).save(d / f"im{i}.png")
+    out = tmp_path / "out"
+    first = run(_compose(models, d, out))
+    assert len(first["processed"]) == 3 and not first["skipped"]
+    record = read_png_record(out / "im1.png")
+    assert record["noise_seed"] == 1 and len(record["settings"]) == 16
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("im*.png")}
+    # damage one output's pixels while keeping its record: it is refined again, the others are skipped
+    damaged = np.asarray(Image.open(out / "im2.png")).copy()
+    damaged[0, 0] ^= 255
+    save_png_atomic(out / "im2.png", damaged, text=png_text(read_png_record(out / "im2.png")))
+    second = run(_compose(models, d, out))
+    assert [Path(r["input"]).name for r in second["skipped"]] == ["im0.png", "im1.png"]
+    assert [Path(r["input"]).name for r in second["processed"]] == ["im2.png"]
+    assert sorted(second["outputs"]) == sorted(str(out / f"im{i}.png") for i in range(3))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("im[01].png")} == {k: stamps[k] for k in ("im0.png", "im1.png")}
+    assert json.loads((out / "summary.json").read_text())["skipped"] == second["skipped"]
+    # other settings: nothing is replaced without overwrite=true
+    before = {p.name: p.read_bytes() for p in out.glob("im*.png")}
+    with pytest.raises(SampleError, match="other settings"):
+        run(_compose(models, d, out, "steps=3"))
+    assert {p.name: p.read_bytes() for p in out.glob("im*.png")} == before
+    third = run(_compose(models, d, out, "steps=3", "overwrite=true"))
+    assert len(third["processed"]) == 3 and {p.name: p.read_bytes() for p in out.glob("im*.png")} != before
+
+
+def test_reserved_output_names_never_collide_with_refined_images(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "grid.png")
+    Image.fromarray(_rgb(24, 16, 1)).save(d / "Comparison_Grid.jpg")
+    out = tmp_path / "out"
+    summary = run(_compose(models, d, out, "grid=both"))
+    assert sorted(summary["outputs"]) == [str(out / "Comparison_Grid-2.png"), str(out / "grid-2.png")]
+    assert _max_diff(np.asarray(Image.open(out / "grid-2.png")), _manual_refine(models, ("hi", "lo"), _rgb(16, 16, 0), 1)) <= 1
+    assert Image.open(out / "grid.png").size == (3 * (16 + 4), 2 * (24 + 4))  # the combined grid, two rows
+    assert (out / "grids" / "grid-2.png").is_file()
+    assert plan_outputs([d / "summary.png", d / "grids.png"], out) == [out / "summary.png", out / "grids.png"]
+
+
+# -- issue 9, class 8: every format PIL opens is refined; everything else is reported -----------------------
+def test_gif_and_other_pil_formats_are_refined_and_other_files_reported(models, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(16, 16, 0)).save(d / "anim.gif")
+    Image.fromarray(_rgb(16, 16, 1)).save(d / "pic.ppm")
+    (d / "readme.txt").write_text("not an image")
+    summary = run(_compose(models, d, tmp_path / "out", "grid=none"))
+    assert sorted(Path(o).name for o in summary["outputs"]) == ["anim.png", "pic.png"]
+    assert [(Path(i["file"]).name, "not an image" in i["reason"]) for i in summary["ignored"]] == [("readme.txt", True)]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["ignored"] == summary["ignored"]
+
+
+def test_an_output_that_is_a_link_to_an_input_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(_rgb(8, 8, 0)).save(src / "b.png")
+    Image.fromarray(_rgb(8, 8, 1)).save(src / "a.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(src / "b.png", out / "a.png")  # the output of a.jpg would be written through onto input b.png
+    with pytest.raises(SampleError, match=r"out/a\.png would overwrite the input image .*src/b\.png"):
+        plan_outputs([src / "a.jpg", src / "b.png"], out)
+    (out / "a.png").unlink()
+    (out / "a.png").symlink_to(src / "b.png")
+    with pytest.raises(SampleError, match="would overwrite the input image"):
+        plan_outputs([src / "a.jpg", src / "b.png"], out)

@@ -120,7 +120,10 @@ def _ffhq_overrides(world: World, files: dict) -> list[str]:
     out = [f"paths.compvis_ldm={files['ldm']['ckpt_path']}", f"paths.vq_f4={f4['path']}", f"paths.vq_f8={f8['path']}",
            f"paths.shards_dir={world.shards_dir}", "data.train_shards=" + str(world.shards_dir / "demo/train"),
            "data.val_shards=" + str(world.shards_dir / "demo/val"), "data.num_workers=0", "data.batch_size=2",
-           "data.mode=deterministic", "trainer=cpu"]
+           "data.mode=deterministic", "trainer=cpu",
+           # the world's shards were encoded by the demo f4, not by these CompVis-layout files (nor is the LDM's
+           # first_stage_model): a real run would be refused, this one only checks the preset's plumbing
+           "allow_first_stage_mismatch=true"]
     for name, spec in (("f4", f4), ("f8", f8)):
         for k, v in spec["params"]["ddconfig"].items():
             out.append(f"first_stage.{name}.params.ddconfig.{k}={v}".replace(" ", ""))
@@ -234,3 +237,34 @@ def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
     assert exported.unet_params == original.unet_params
     for key, value in original.unet_state.items():
         assert torch.equal(exported.unet_state[key], value), key
+
+
+# -- issue 9, class 2: the f4 identity is recorded by training and checked by init_from -------------------
+def test_window_records_the_fingerprint_of_its_first_stage(world, shape_window):
+    from refiner.checkpoints import first_stage_file_fingerprint
+    from refiner.data.shards import load_manifest
+
+    fp = first_stage_file_fingerprint(world.f4_ckpt)
+    assert load_manifest(world.shards_dir / "demo/train")["first_stage_fingerprints"]["f4"] == fp
+    ckpt = torch.load(shape_window["last_ckpt"], weights_only=True)
+    assert ckpt["hyper_parameters"]["first_stage_fingerprint"] == fp
+
+
+def test_init_from_or_first_stage_trained_with_another_f4_is_refused(world, shape_window, tmp_path):
+    from refiner.formats.fingerprint import FirstStageMismatch
+
+    ckpt = torch.load(shape_window["last_ckpt"], weights_only=True)
+    ckpt["hyper_parameters"]["first_stage_fingerprint"] = "0123456789abcdef"
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(ckpt, foreign)
+    overrides = world.refiner_overrides("demo_refiner_751_1000", f"init_from={foreign}")
+    with pytest.raises(FirstStageMismatch, match=r"init_from=.*foreign\.ckpt.*0123456789abcdef"):
+        run(compose_config("train", overrides, tmp_path / "run"))
+    # an f4 for the grids that is not the one that encoded the shards
+    vq = torch.load(world.f4_ckpt, weights_only=True)
+    vq["state_dict"]["decoder.conv_out.bias"] = vq["state_dict"]["decoder.conv_out.bias"] + 0.1
+    other = tmp_path / "other_f4.ckpt"
+    torch.save(vq, other)
+    overrides = world.refiner_overrides("demo_refiner_500_750", f"first_stage.f4.ckpt_path={other}")
+    with pytest.raises(FirstStageMismatch, match=r"training shards.*other_f4\.ckpt"):
+        run(compose_config("train", overrides, tmp_path / "run2"))

@@ -1,7 +1,8 @@
 """Image files <-> arrays <-> tensors, with the conversions every entry point needs.
 
 * ``load_image``: any PIL-readable file -> ``(H, W, 3) uint8`` RGB, EXIF orientation applied.
-* ``list_images``: folder / glob / file / list of these -> sorted image paths.
+* ``scan_images`` / ``list_images``: folder / glob / file / list of these -> sorted image paths (every format
+  PIL can open), plus every file that was passed over and why.
 * ``to_tensor`` / ``to_uint8``: uint8 ``[0, 255]`` <-> float ``[-1, 1]`` (the first stage's range).
 * ``pad_to_multiple`` / ``crop_to``: make sizes divisible by the first-stage factor and undo it.
 * ``save_png_atomic``: write a PNG without ever leaving a half-written file or clobbering an input.
@@ -13,16 +14,19 @@ import glob
 import io
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
-from refiner.io import atomic_write_bytes
+from refiner.io import atomic_write_bytes, file_id
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+Image.init()
+# Extensions of every format this PIL can open (GIF, TGA, PPM, ICO, ... as well as PNG/JPEG/WebP/TIFF/BMP).
+IMAGE_EXTENSIONS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 
 
 class ImageError(ValueError):
@@ -92,22 +96,46 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+def why_not_image(path: Path) -> str | None:
+    """None if ``path`` is an image file PIL can open (by its extension, else by reading its header), else
+    the reason it is passed over. Whether it also *decodes* is :func:`load_image`'s business."""
+    if not path.is_file():
+        return "a folder (not searched; use a glob with ** to include subfolders)" if path.is_dir() else "not a file"
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        return None
+    try:
+        with Image.open(path):
+            return None
+    except Image.DecompressionBombError:
+        return None  # an image; load_image reports it
+    except (OSError, SyntaxError, ValueError) as exn:
+        return f"not an image PIL can open ({type(exn).__name__})"
 
 
-def list_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand ``spec`` to a sorted, de-duplicated list of image files.
+def scan_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Expand ``spec`` to a sorted, de-duplicated list of image files, and list everything passed over.
 
-    ``spec`` is a folder (its direct children), a glob pattern (``**`` allowed), a single file,
-    or a list of any of these. Extensions: png, jpg, jpeg, webp, bmp, tif, tiff (any case).
+    ``spec`` is a folder (its direct children), a glob pattern (``**`` allowed), a single file, or a list of
+    any of these. An image is any file PIL can open: a known extension (:data:`IMAGE_EXTENSIONS`, any case)
+    or, for other names, a header PIL recognises. Returns ``(images, ignored)`` where ``ignored`` holds
+    ``{"file", "reason"}`` for every other entry of a folder or glob, so callers can report them.
 
     Raises:
         FileNotFoundError: a folder/file does not exist or a pattern matches nothing.
-        ValueError: the spec as a whole yields no image.
+        ValueError: a single file given by name is not an image, or the spec as a whole yields no image.
     """
     specs: Iterable = [spec] if isinstance(spec, (str, os.PathLike)) else spec
     found: set[Path] = set()
+    ignored: dict[Path, str] = {}
+
+    def consider(candidates: Iterable[Path]) -> None:
+        for p in candidates:
+            reason = why_not_image(p)
+            if reason is None:
+                found.add(p)
+            else:
+                ignored[p] = reason
+
     for item in specs:
         text = str(item)
         path = Path(text).expanduser()
@@ -115,18 +143,27 @@ def list_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
             matches = [Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)]
             if not matches:
                 raise FileNotFoundError(f"image pattern {text!r} matched no files")
-            found.update(m for m in matches if _is_image(m))
+            consider(matches)
         elif path.is_dir():
-            found.update(p for p in path.iterdir() if _is_image(p))
+            consider(path.iterdir())
         elif path.is_file():
-            if not _is_image(path):
-                raise ValueError(f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            reason = why_not_image(path)
+            if reason is not None:
+                raise ValueError(f"{path} is not an image file: {reason}")
             found.add(path)
         else:
             raise FileNotFoundError(f"image folder or file {text!r} does not exist")
     if not found:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {spec!r}")
-    return sorted(found)
+        passed = f" ({len(ignored)} other entries, e.g. {next(iter(ignored))}: {next(iter(ignored.values()))})" \
+            if ignored else ""
+        raise ValueError(f"no image files found in {spec!r}{passed}")
+    skipped = [{"file": str(p), "reason": r} for p, r in sorted(ignored.items()) if p not in found]
+    return sorted(found), skipped
+
+
+def list_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files of :func:`scan_images` (without the report of what was passed over)."""
+    return scan_images(spec)[0]
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -185,25 +222,32 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def encode_png(img: np.ndarray) -> bytes:
-    """``(H, W, 3) uint8`` -> PNG bytes."""
+def encode_png(img: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
+    """``(H, W, 3) uint8`` -> PNG bytes, with optional ``text`` chunks (tEXt, written before the image data)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def save_png_atomic(path: str | os.PathLike, img: np.ndarray, protect: Iterable[str | os.PathLike] = ()) -> Path:
-    """Write ``img`` as a PNG at ``path`` atomically (temp file + rename, via ``refiner.io``).
+def save_png_atomic(path: str | os.PathLike, img: np.ndarray, protect: Iterable[str | os.PathLike] = (),
+                    text: Mapping[str, str] | None = None) -> Path:
+    """Write ``img`` as a PNG (with optional ``text`` chunks) at ``path`` atomically (temp file + rename,
+    via ``refiner.io``).
 
     Raises:
-        ValueError: ``path`` is one of the ``protect`` paths (e.g. the input images), so an
-            output setting can never overwrite a source file.
+        ValueError: ``path`` is one of the ``protect`` paths (e.g. the input images; compared by inode, so
+            links count), so an output setting can never overwrite a source file.
     """
     path = Path(path)
-    target = path.resolve()
-    if any(target == Path(p).resolve() for p in protect):
+    target = file_id(path)  # a path that does not exist yet cannot be an input
+    if target is not None and any(file_id(p) == target for p in protect):
         raise ValueError(f"refusing to overwrite input image {path} (choose an output folder different from the inputs)")
-    atomic_write_bytes(path, encode_png(img))
+    atomic_write_bytes(path, encode_png(img, text))
     return path

@@ -46,8 +46,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from refiner.data.images import ImageError, encode_png, list_images, load_image, pad_to_multiple, to_tensor, to_uint8
-from refiner.io import atomic_write_text
+from refiner.data.images import ImageError, encode_png, load_image, pad_to_multiple, scan_images, to_tensor, to_uint8
+from refiner.errors import InputsFailed, SettingError
+from refiner.formats.fingerprint import first_stage_fingerprint
+from refiner.io import atomic_write_text, same_file
 from refiner.models.vq import VQModel
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,10 @@ IMAGE_KEYS = ("clean", "degraded")
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _fit_size(img: np.ndarray, size: int | None, multiple: int, fit: str) -> tuple[np.ndarray, dict]:
-    """Resize/centre-crop to ``size`` (if given), then make both sides divisible by ``multiple``."""
+def _fit_size(img: np.ndarray, size: int | None, multiple: int, fit: str, source: Path | str = "image"
+              ) -> tuple[np.ndarray, dict]:
+    """Resize/centre-crop to ``size`` (if given), then make both sides divisible by ``multiple``; errors name
+    ``source``."""
     info = {"original_size": list(img.shape[:2]), "resized": False, "padded": False, "cropped": False}
     if size is not None:
         h, w = img.shape[:2]
@@ -81,7 +85,8 @@ def _fit_size(img: np.ndarray, size: int | None, multiple: int, fit: str) -> tup
         if fit == "crop":
             ch, cw = h - h % multiple, w - w % multiple
             if ch == 0 or cw == 0:
-                raise ImageError(f"image of size {h}x{w} is smaller than {multiple} px; cannot crop to a multiple of it")
+                raise ImageError(f"{source}: image of size {h}x{w} is smaller than {multiple} px; cannot crop to a "
+                                 f"multiple of it (fit=pad pads it instead)")
             y, x = (h - ch) // 2, (w - cw) // 2
             img = img[y : y + ch, x : x + cw]
             info["cropped"] = True
@@ -130,6 +135,74 @@ def existing_shards(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(Path(out_dir).glob(SHARD_GLOB))
 
 
+class ShardBuildError(SettingError):
+    """A build setting or output folder that cannot work (found before anything is written)."""
+
+
+class NoReadableImages(InputsFailed, ValueError):
+    """Not one image of a split could be read."""
+
+
+def check_build_settings(size: int | None, fit: str, batch_size: int, maxcount_per_shard: int, multiple: int = 8
+                         ) -> None:
+    """Raise :class:`ShardBuildError` for a ``fit``, ``size``, ``batch_size`` or ``maxcount_per_shard`` that
+    cannot work (``multiple`` is the lcm of the first-stage factors)."""
+    from refiner.settings import require_choice, require_int
+
+    require_choice("fit", fit, ("crop", "pad"))
+    if size is not None and (require_int("size", size, minimum=1) % multiple):
+        raise ShardBuildError(f"size must be a positive multiple of {multiple} (the first-stage factors), got {size}")
+    require_int("batch_size", batch_size, minimum=1)
+    require_int("maxcount_per_shard", maxcount_per_shard, minimum=1)
+
+
+def _is_build_leftover(entry: Path) -> bool:
+    return entry.name == MANIFEST or entry.match(SHARD_GLOB) or entry.name.startswith(".build-")
+
+
+def check_shard_output(out_dir: str | os.PathLike, overwrite: bool, image_files: Sequence[Path] = ()) -> str | None:
+    """May a shard set be built into ``out_dir``? It must not be an image folder or a file, and must be new,
+    empty, or hold only a shard set (``shard-*.tar``, ``manifest.json``), which is replaced only with
+    ``overwrite``; a folder holding only a manifest (an unfinished earlier build?) counts as a shard set.
+
+    Returns a note naming what will be replaced (None if nothing), or raises :class:`ShardBuildError` /
+    ``FileExistsError`` (existing shard set without ``overwrite``).
+    """
+    out = Path(out_dir)
+    if any(same_file(out, parent) for parent in {f.parent for f in image_files}):
+        raise ShardBuildError(f"out_dir {out} must differ from the image folder")
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ShardBuildError(f"out_dir {out}: {blocking} is a file, not a folder")
+    if not out.is_dir():
+        return None
+    others = sorted(e.name for e in out.iterdir() if not _is_build_leftover(e))
+    if others:
+        raise ShardBuildError(f"out_dir {out} holds files that are not shards ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); build_shards replaces the whole folder, so "
+                              "choose a new or empty folder")
+    shards, manifest = existing_shards(out), (out / MANIFEST).is_file()
+    if not shards and not manifest:
+        return None
+    what = (f"{len(shards)} shards" + (" and manifest.json" if manifest else " without manifest.json") if shards
+            else "only manifest.json, no shards (an earlier build that did not finish?)")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds {what}; pass overwrite=true to replace it")
+    return f"overwrite=true: replacing {out}, which holds {what}"
+
+
+def _install_folder(built: Path, out: Path) -> None:
+    """Move the complete folder ``built`` to ``out`` (same file system), replacing what was there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        os.rename(built, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    os.replace(out, old)  # onto the empty temp folder
+    os.rename(built, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_shards(
     image_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -159,38 +232,35 @@ def build_shards(
             a dict -> ``{file name or stem: caption}``.
         fit: how a size that is not a multiple of 8 is fixed: ``"crop"`` (centre-crop, default; no
             invented pixels) or ``"pad"`` (reflect-pad bottom/right). The report counts both.
-        overwrite: replace an existing shard set in ``out_dir`` (only ``shard-*.tar`` and the manifest).
+        overwrite: replace an existing shard set in ``out_dir`` (see :func:`check_shard_output`: a folder
+            holding anything else is never replaced).
 
     Returns:
         The manifest dict (also written atomically to ``out_dir/manifest.json``): sample/shard
         counts, shapes, latent channels, first-stage factors, source, padded/cropped/resized
-        counts and the skipped files with reasons.
+        counts, the skipped images and the ignored non-image files, each with its reason.
 
-    Shards are written into a temporary folder inside ``out_dir`` and renamed into place when
-    all of them are complete, so an interrupted build never leaves a partial shard set behind.
+    The whole split (shards and manifest) is written into a temporary folder next to ``out_dir`` and
+    renamed into place when complete, so a failed or interrupted build leaves neither a partial shard set
+    nor an empty ``out_dir`` (nor the parent folders it would have created).
+
+    Raises:
+        ShardBuildError / FileExistsError: bad settings or output folder (before anything is written).
+        NoReadableImages: not one image could be read (nothing is written).
     """
-    if fit not in ("crop", "pad"):
-        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
     multiple = math.lcm(f4.factor, f8.factor)
-    if size is not None and (size <= 0 or size % multiple):
-        raise ValueError(f"size must be a positive multiple of {multiple} (the first-stage factors), got {size}")
-    if batch_size < 1 or maxcount_per_shard < 1:
-        raise ValueError("batch_size and maxcount_per_shard must be >= 1")
-    files = list_images(image_dir)  # clear error for a missing / empty folder, before any compute
+    check_build_settings(size, fit, batch_size, maxcount_per_shard, multiple)
+    files, ignored = scan_images(image_dir)  # clear error for a missing / empty folder, before any compute
     out = Path(out_dir)
-    old = existing_shards(out)
-    if old and not overwrite:
-        raise FileExistsError(f"{out} already contains {len(old)} shards; pass overwrite=True to rebuild them")
-    if out.resolve() in {f.parent.resolve() for f in files}:
-        raise ValueError(f"out_dir {out} must differ from the image folder")
-    out.mkdir(parents=True, exist_ok=True)
+    replacing = check_shard_output(out, overwrite, files)
 
     f4.to(device).eval()
     f8.to(device).eval()
     skipped: list[dict[str, str]] = []
     counts = Counter()
     image_shapes, latent_shapes = Counter(), Counter()
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
+    nearest = next(p for p in (out.parent, *out.parents) if p.exists())
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=nearest))
     try:
         writer = wds.ShardWriter(str(tmp_dir / SHARD_PATTERN), maxcount=maxcount_per_shard, verbose=0)
         pending: list[tuple[int, Path, np.ndarray, dict]] = []
@@ -220,7 +290,7 @@ def build_shards(
 
         for index, path in enumerate(tqdm(files, desc="building shards", unit="img", disable=not progress)):
             try:
-                img, info = _fit_size(load_image(path), size, multiple, fit)
+                img, info = _fit_size(load_image(path), size, multiple, fit, source=path)
             except ImageError as exn:
                 skipped.append({"file": str(path), "reason": str(exn)})
                 log.warning("skipping %s", exn)
@@ -234,38 +304,37 @@ def build_shards(
         writer.close()
         if counts["samples"] == 0:
             reasons = "; ".join(s["reason"] for s in skipped[:5])
-            raise ValueError(f"no readable images in {image_dir} ({len(skipped)} files failed: {reasons})")
-
-        for stale in existing_shards(out):  # only reached with overwrite=True (checked above)
-            stale.unlink()
-        names = []
-        for shard in sorted(tmp_dir.glob(SHARD_GLOB)):
-            os.replace(shard, out / shard.name)
-            names.append(shard.name)
+            raise NoReadableImages(f"no readable images in {image_dir} ({len(skipped)} files failed: {reasons})")
+        names = [shard.name for shard in sorted(tmp_dir.glob(SHARD_GLOB))]
+        manifest = {
+            "format": "refiner-latent-shards/1",
+            "num_samples": counts["samples"],
+            "num_shards": len(names),
+            "shards": names,
+            "source_dir": str(image_dir if isinstance(image_dir, (list, tuple)) else Path(image_dir).resolve()),
+            "num_images_found": len(files),
+            "image_shapes": dict(image_shapes),
+            "latent_shapes": dict(latent_shapes),
+            "latent_channels": f4.embed_dim,
+            "latent_format": "torch .pth float32 (C, h, w), pre-quantization f4.encode",
+            "first_stage_factors": {"f4": f4.factor, "f8": f8.factor},
+            # refiner.formats.fingerprint: training records the f4 one in every window checkpoint
+            "first_stage_fingerprints": {"f4": first_stage_fingerprint(f4), "f8": first_stage_fingerprint(f8)},
+            "size": size,
+            "fit": fit,
+            "resized": counts["resized"],
+            "padded": counts["padded"],
+            "cropped": counts["cropped"],
+            "captions": counts["captions"],
+            "skipped": skipped,  # images that could not be read or sized, with the reason
+            "ignored": ignored,  # entries of the image folder/glob that are not images PIL can open
+        }
+        atomic_write_text(tmp_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        if replacing:
+            log.warning("%s", replacing)
+        _install_folder(tmp_dir, out)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-
-    manifest = {
-        "format": "refiner-latent-shards/1",
-        "num_samples": counts["samples"],
-        "num_shards": len(names),
-        "shards": names,
-        "source_dir": str(image_dir if isinstance(image_dir, (list, tuple)) else Path(image_dir).resolve()),
-        "num_images_found": len(files),
-        "image_shapes": dict(image_shapes),
-        "latent_shapes": dict(latent_shapes),
-        "latent_channels": f4.embed_dim,
-        "latent_format": "torch .pth float32 (C, h, w), pre-quantization f4.encode",
-        "first_stage_factors": {"f4": f4.factor, "f8": f8.factor},
-        "size": size,
-        "fit": fit,
-        "resized": counts["resized"],
-        "padded": counts["padded"],
-        "cropped": counts["cropped"],
-        "captions": counts["captions"],
-        "skipped": skipped,
-    }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=str))
     return manifest
 
 
@@ -483,16 +552,20 @@ def read_all_samples(
 ) -> list[dict]:
     """Every sample of ``urls`` in shard order (no splitting, no shuffling): for validation and the
     deterministic in-memory training mode. Corrupt samples are skipped and counted in ``counter``;
-    a summary warning is logged when any were skipped."""
+    a summary warning names the samples this call skipped (a counter shared with earlier reads keeps
+    counting, but their reasons are not repeated)."""
     counter = counter if counter is not None else SkipCounter()
+    skipped_before, reasons_before = counter.skipped, len(counter.reasons)
     url_list = list(braceexpand.braceexpand(urls)) if isinstance(urls, str) else [str(u) for u in urls]
     ds = wds.WebDataset(
         url_list, handler=counter, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
     ).map(partial(decode_sample, keys=tuple(keys), images=images), handler=counter)
     samples = list(islice(ds, max_samples) if max_samples is not None else ds)
-    if counter.skipped:
-        log.warning("read %d samples from %d shard(s), skipped %d: %s", len(samples), len(url_list), counter.skipped,
-                    counter.reasons[:3])
+    skipped = counter.skipped - skipped_before  # a shared counter also holds earlier reads' skips: not ours
+    if skipped:
+        log.warning("read %d samples from %d shard(s) (%s), skipped %d: %s", len(samples), len(url_list),
+                    url_list[0] if len(url_list) == 1 else f"{url_list[0]} ...", skipped,
+                    counter.reasons[reasons_before:reasons_before + 3])
     return samples
 
 

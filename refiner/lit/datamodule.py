@@ -52,10 +52,15 @@ from refiner.data.shards import (
     load_manifest,
     read_all_samples,
 )
+from refiner.errors import InputsFailed
 
 log = logging.getLogger(__name__)
 
 MODES = ("deterministic", "stream")
+
+
+class NoReadableSamples(InputsFailed, ValueError):
+    """Every sample of a shard set failed to decode (entry points exit 1)."""
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> Tensor:
@@ -215,7 +220,8 @@ class LatentDataModule(pl.LightningDataModule):
     def _load_train_tensors(self) -> dict[str, Tensor]:
         samples = read_all_samples(self.train_urls, keys=self.keys, counter=self.skip_counter)
         if not samples:
-            raise ValueError(f"no readable training samples in {self.train_shards} ({self.skip_counter.skipped} skipped)")
+            raise NoReadableSamples(f"no readable training samples in {self.train_shards} "
+                                    f"({self.skip_counter.skipped} skipped)")
         shapes = {tuple(s[self.keys[0]].shape) for s in samples}
         if len(shapes) > 1:
             raise ValueError(
@@ -242,7 +248,7 @@ class LatentDataModule(pl.LightningDataModule):
                 self.val_urls, keys=self.keys, images=True, max_samples=self.val_max_samples, counter=self.skip_counter
             )
             if not samples:
-                raise ValueError(f"no readable validation samples in {self.val_shards}")
+                raise NoReadableSamples(f"no readable validation samples in {self.val_shards}")
             self.val_batches = bucket_batches(samples, self.val_batch_size, (*self.keys, *IMAGE_KEYS))
 
     def train_dataloader(self) -> DataLoader:

@@ -52,6 +52,9 @@ class WindowRefiner(pl.LightningModule):
         seed: seeds t and noise as a pure function of (seed, rank, global step, micro-batch).
         grid_steps: DDIM steps for the validation image grid.
         first_stage: optional ``{ckpt_path, params}`` of the f4 autoencoder, to decode the grid.
+        first_stage_fingerprint: :func:`refiner.formats.fingerprint.first_stage_fingerprint` of the f4 whose
+            latents this window is trained on (train.py sets it); saved in the checkpoint so that sampling and
+            finetuning can refuse another first stage. None when unknown.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class WindowRefiner(pl.LightningModule):
         grid_samples: int = 4,
         first_stage: Optional[dict] = None,
         batch_size: Optional[int] = None,
+        first_stage_fingerprint: Optional[str] = None,
     ):
         super().__init__()
         unet, window, schedule, first_stage = (plain(v) for v in (unet, window, schedule, first_stage))
@@ -78,7 +82,7 @@ class WindowRefiner(pl.LightningModule):
             dict(unet=unet, window=window, schedule=schedule, parameterization=parameterization,
                  conditioning=conditioning, scale_factor=float(scale_factor), base_lr=base_lr, scale_lr=scale_lr,
                  warmup_steps=warmup_steps, seed=seed, grid_steps=grid_steps, grid_samples=grid_samples,
-                 first_stage=first_stage, batch_size=batch_size)
+                 first_stage=first_stage, batch_size=batch_size, first_stage_fingerprint=first_stage_fingerprint)
         )
         if conditioning not in (None, "concat"):
             raise ValueError(f"conditioning must be null or 'concat', got {conditioning!r}")

@@ -1,0 +1,143 @@
+"""What ``sample.py`` may write into ``output_dir``, and how a re-run into the same folder resumes.
+
+1. Per-image outputs are ``<input stem>.png`` and never take a reserved name (:data:`RESERVED_NAMES`): an
+   input ``grid.jpg`` is written as ``grid-2.png``, so the run's reports can never overwrite a refined image.
+2. Every file sample.py writes says so: a refined PNG carries a PNG text chunk ``refiner`` holding its
+   record (input file sha256, noise seed, settings digest, sha256 of its pixels); grids carry a chunk of kind
+   ``grid``; ``summary.json`` / ``metrics.json`` a top-level ``"written_by"``; ``config_resolved.yaml`` a
+   first comment line.
+3. A file that exists where this run would write and that refiner did not write (no record) is never
+   replaced unless ``overwrite=true``; neither is a refined PNG whose record shows another input or other
+   settings. The run stops before refining anything and names them.
+4. A refined PNG whose record matches this run (same input bytes, settings and noise seed) and whose pixels
+   still hash to the recorded value is finished: ``mode=sample`` skips it and reports it under
+   ``"skipped"``; ``mode=evaluate`` refines it again (the metrics need every image) and replaces it.
+5. Reports and grids that refiner wrote describe the folder's latest run and are replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+RECORD_KEY = "refiner"
+OUTPUT_FORMAT = "refiner-sample-output/1"
+WRITTEN_BY = "refiner sample.py"
+YAML_MARKER = f"# written by {WRITTEN_BY}"
+GRID_RECORD = {"format": OUTPUT_FORMAT, "kind": "grid"}
+RESERVED_NAMES = ("grid.png", "comparison_grid.png", "summary.json", "metrics.json", "config_resolved.yaml", "grids")
+_MATCH_KEYS = ("format", "input_sha256", "settings", "noise_seed")
+_DIFFERENCE = {
+    "input_sha256": "refined by refiner from another input, or the input changed since",
+    "settings": "refined by refiner with other settings, weights or first stage",
+    "noise_seed": "refined by refiner with another noise seed: seed, or the image's position in the sorted input "
+                  "list, changed",
+}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pixels_sha256(img: np.ndarray) -> str:
+    """sha256 of an ``(H, W, 3) uint8`` image's shape and bytes."""
+    return hashlib.sha256(f"{list(img.shape)}\n".encode() + np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+def output_record(input_sha256: str, noise_seed: int, settings: str, image: np.ndarray) -> dict:
+    """The record stored in a refined PNG (see the module docstring)."""
+    return {"format": OUTPUT_FORMAT, "kind": "output", "input_sha256": input_sha256, "noise_seed": int(noise_seed),
+            "settings": settings, "pixels_sha256": pixels_sha256(image)}
+
+
+def png_text(record: Mapping) -> dict[str, str]:
+    """PNG text chunks holding ``record``."""
+    return {RECORD_KEY: json.dumps(record, sort_keys=True)}
+
+
+def read_png_record(path: Path) -> dict | None:
+    try:
+        with Image.open(path) as img:
+            text = getattr(img, "text", {}) or {}
+        record = json.loads(text[RECORD_KEY]) if RECORD_KEY in text else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return record if isinstance(record, dict) and record.get("format") == OUTPUT_FORMAT else None
+
+
+def written_by_refiner(path: Path) -> bool:
+    """True if ``path`` is a file that sample.py wrote (it carries refiner's record or marker)."""
+    if not path.is_file():
+        return False
+    if path.suffix == ".png":
+        return read_png_record(path) is not None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and data.get("written_by") == WRITTEN_BY
+        if path.suffix == ".yaml":
+            with open(path, encoding="utf-8") as f:
+                return f.readline().rstrip("\n") == YAML_MARKER
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def pixels_match_record(path: Path, record: Mapping) -> bool:
+    """The PNG at ``path`` decodes to the pixels its record was written with."""
+    try:
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return pixels_sha256(pixels) == record.get("pixels_sha256")
+
+
+@dataclass
+class ExistingOutputs:
+    """Result of :func:`check_existing`: finished outputs by input index, outputs of this very run whose
+    pixels no longer verify (to refine again), and files that must not be replaced (``"path (reason)"``)."""
+
+    finished: dict[int, Path] = field(default_factory=dict)
+    damaged: dict[int, Path] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
+
+
+def check_existing(outputs: Sequence[Path], inputs: Sequence[Path], noise_seeds: Sequence[int], settings: str,
+                   reports: Sequence[Path]) -> ExistingOutputs:
+    """Classify what already exists where this run will write: per-image ``outputs`` (of ``inputs``, with their
+    noise seeds) and the run's ``reports`` (summary, config, metrics, grids)."""
+    found = ExistingOutputs()
+    for i, out in enumerate(outputs):
+        if not (out.exists() or out.is_symlink()):
+            continue
+        record = read_png_record(out) if out.is_file() else None
+        if record is None:
+            found.conflicts.append(f"{out} (not written by refiner)")
+            continue
+        expected = {"format": OUTPUT_FORMAT, "input_sha256": sha256_file(inputs[i]), "noise_seed": noise_seeds[i],
+                    "settings": settings}
+        differs = [k for k in _MATCH_KEYS if record.get(k) != expected[k]]
+        if differs:
+            found.conflicts.append(f"{out} ({_DIFFERENCE.get(differs[0], 'written by another refiner version')})")
+        elif pixels_match_record(out, record):
+            found.finished[i] = out
+        else:
+            found.damaged[i] = out
+    for path in reports:
+        if path.parent.exists() and not path.parent.is_dir():
+            found.conflicts.append(f"{path.parent} (a file where the grids folder goes)")
+        elif (path.exists() or path.is_symlink()) and not written_by_refiner(path):
+            found.conflicts.append(f"{path} (not written by refiner)")
+    return found
