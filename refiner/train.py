@@ -22,8 +22,9 @@ class ConfigError(ValueError):
     """A config value that cannot work; raised before any compute."""
 
 
-def _require_file(path: str | None, what: str) -> None:
-    if path and not Path(path).is_file():
+def _require_file(path: str | None, what: str, folder_ok: bool = False) -> None:
+    """``folder_ok``: a folder is accepted too (a diffusers pipeline, ``unet/`` or ``vqvae/`` folder)."""
+    if path and not (Path(path).is_file() or (folder_ok and Path(path).is_dir())):
         raise ConfigError(f"{what} not found: {path!r} (relative paths are relative to {os.getcwd()})")
 
 
@@ -42,12 +43,13 @@ def validate(cfg: DictConfig) -> None:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"window: {err}") from err
     _require_file(cfg.get("ckpt_path"), "ckpt_path (checkpoint to resume from)")
-    _require_file(cfg.get("init_from"), "init_from (checkpoint to finetune from)")
+    _require_file(cfg.get("init_from"), "init_from (checkpoint or diffusers folder to finetune from)", folder_ok=True)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError("give either ckpt_path (resume) or init_from (finetune), not both")
     first_stage = cfg.model.get("first_stage")
     if first_stage and first_stage.get("ckpt_path"):
-        _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)")
+        _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)",
+                      folder_ok=True)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

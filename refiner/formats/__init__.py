@@ -1,0 +1,1 @@
+"""Checkpoint formats from and for other ecosystems (diffusers folders, model cards)."""
