@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="build_shards")
 def main(cfg: DictConfig) -> None:
-    from refiner.prepare import run
+    from refiner.apps.build_shards import task
 
-    run(cfg)
+    task(cfg)
 
 
 if __name__ == "__main__":

@@ -5,24 +5,15 @@ Exit codes: 0 all images refined; 1 some images failed (listed in summary.json a
 2 nothing processed because of a setting, checkpoint or input problem (message on stderr).
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from refiner.checkpoints import CheckpointError
-    from refiner.refine_images import SampleError, run
+    from refiner.apps.sample import task
 
-    try:
-        summary = run(cfg)
-    except (SampleError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    if summary["failed"]:
-        raise SystemExit(1)
+    task(cfg)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from refiner.train import run
+    from refiner.apps.train import task
 
-    run(cfg)
+    task(cfg)
 
 
 if __name__ == "__main__":
