@@ -13,6 +13,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# the distribution was called "refiner" before it became "window-refiner": drop the old editable install
+	$(BIN)/python -m pip uninstall -q -y refiner 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# taming-transformers' declared deps pull torchvision, which breaks this torch: install it alone
 	$(BIN)/python -m pip install -q --no-deps taming-transformers-rom1504==0.0.6

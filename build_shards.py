@@ -11,10 +11,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="build_shards")
 def main(cfg: DictConfig) -> None:
-    from refiner.cli import run_cli
-    from refiner.prepare import exit_code, run
+    from refiner.apps.build_shards import task
 
-    raise SystemExit(run_cli(lambda: exit_code(run(cfg))))
+    task(cfg)
 
 
 if __name__ == "__main__":

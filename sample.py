@@ -12,10 +12,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from refiner.cli import run_cli
-    from refiner.refine_images import run
+    from refiner.apps.sample import task
 
-    raise SystemExit(run_cli(lambda: 1 if run(cfg)["failed"] else 0))
+    task(cfg)
 
 
 if __name__ == "__main__":

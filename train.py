@@ -10,10 +10,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from refiner.cli import run_cli
-    from refiner.train import run
+    from refiner.apps.train import task
 
-    raise SystemExit(run_cli(lambda: run(cfg) and 0))
+    task(cfg)
 
 
 if __name__ == "__main__":

@@ -500,7 +500,8 @@ def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mappin
     """``VQModel(**config)`` loaded strictly from ``ckpt_path`` (random init if no path).
 
     ``config`` is a CompVis ``first_stage_config.params`` (ddconfig, n_embed, embed_dim; training-only
-    entries such as ``lossconfig`` are ignored) or a ``{target, params}`` block around it.
+    entries such as ``lossconfig`` are ignored) or a ``{target, params}`` block around it. A folder
+    ``ckpt_path`` is read as a diffusers ``VQModel`` (its config.json decides the architecture).
     """
     from refiner.models.vq import VQModel
 
@@ -509,6 +510,10 @@ def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mappin
     config = dict(config)
     if "params" in config and "ddconfig" not in config:
         config = dict(config["params"])
+    if ckpt_path is not None and Path(ckpt_path).is_dir():  # a diffusers VQModel folder (e.g. <pipeline>/vqvae)
+        from refiner.formats.diffusers import load_diffusers_vq
+
+        return load_diffusers_vq(ckpt_path, expected_params=config)
     model = VQModel(**_vq_params(config, f"first-stage config for {ckpt_path}"))
     if ckpt_path is not None:
         load_strict(model, load_first_stage(ckpt_path, trust_checkpoint), source=str(ckpt_path))
@@ -715,11 +720,15 @@ def _is_safetensors(path: Path, by_suffix: bool = True) -> bool:
 # ----------------------------------------------------------------------------------------------
 def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
                       trust_checkpoint: bool = False) -> tuple[dict[str, Tensor], dict]:
-    """UNet weights to start finetuning from: our window ``.ckpt``, an exported ``.safetensors`` or a
-    CompVis LDM ``.ckpt`` (EMA by default). Returns ``(unet_state_dict, info)``; ``info`` says where
+    """UNet weights to start finetuning from: our window ``.ckpt``, an exported ``.safetensors``, a
+    CompVis LDM ``.ckpt`` (EMA by default) or a diffusers folder (pipeline or ``unet/``). Returns ``(unet_state_dict, info)``; ``info`` says where
     the weights came from (kind, used_ema, unet_params if known, window/global_step)."""
     source = str(path)
     p = Path(path)
+    if p.is_dir():  # a diffusers pipeline folder or its unet/
+        from refiner.formats.diffusers import load_diffusers_unet
+
+        return load_diffusers_unet(p)
     if _is_safetensors(p):
         ww = _load_export(p)
         return ww.unet_state, _window_info("safetensors", ww)

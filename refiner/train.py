@@ -23,8 +23,9 @@ class ConfigError(SettingError):
     """A config value that cannot work; raised before any compute."""
 
 
-def _require_file(path: str | None, what: str) -> None:
-    if path and not Path(path).is_file():
+def _require_file(path: str | None, what: str, folder_ok: bool = False) -> None:
+    """``folder_ok``: a folder is accepted too (a diffusers pipeline, ``unet/`` or ``vqvae/`` folder)."""
+    if path and not (Path(path).is_file() or (folder_ok and Path(path).is_dir())):
         raise ConfigError(f"{what} not found: {path!r} (relative paths are relative to {os.getcwd()})")
 
 
@@ -43,12 +44,13 @@ def validate(cfg: DictConfig) -> None:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"window: {err}") from err
     _require_file(cfg.get("ckpt_path"), "ckpt_path (checkpoint to resume from)")
-    _require_file(cfg.get("init_from"), "init_from (checkpoint to finetune from)")
+    _require_file(cfg.get("init_from"), "init_from (checkpoint or diffusers folder to finetune from)", folder_ok=True)
     if cfg.get("ckpt_path") and cfg.get("init_from"):
         raise ConfigError("give either ckpt_path (resume) or init_from (finetune), not both")
     first_stage = cfg.model.get("first_stage")
     if first_stage and first_stage.get("ckpt_path"):
-        _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)")
+        _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)",
+                      folder_ok=True)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -167,6 +169,8 @@ def run(cfg: DictConfig) -> dict:
     callbacks = instantiate_dict(cfg.get("callbacks"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback with bars disabled
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,

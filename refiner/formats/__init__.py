@@ -1,1 +1,2 @@
-"""Formats of what enters and leaves refiner: so far the first-stage fingerprint (:mod:`.fingerprint`)."""
+"""Formats of what enters and leaves refiner: the first-stage fingerprint (:mod:`.fingerprint`), diffusers
+folders (:mod:`.diffusers`) and model cards (:mod:`.model_card`)."""

@@ -1,0 +1,23 @@
+"""Build training/validation shards from image folders: ``refiner-build-shards [overrides]``.
+
+Exit codes follow :mod:`refiner.cli`: 0 done, 1 some inputs failed, 2 a setting that cannot work (one
+``error:`` line on stderr).
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from refiner.apps import CONFIG_DIR
+
+
+def task(cfg: DictConfig) -> None:
+    from refiner.cli import run_cli
+    from refiner.prepare import exit_code, run
+
+    raise SystemExit(run_cli(lambda: exit_code(run(cfg))))
+
+
+main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="build_shards")(task)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Export window experts to other ecosystems.
+
+``python -m refiner.export diffusers CHAIN... OUT``: one or more window checkpoints (our ``.ckpt`` or an
+exported ``.safetensors``) -> a diffusers folder (``unet/``, ``unet_2/``..., ``vqvae/``, ``scheduler/``,
+``refiner_chain.json``, ``README.md``; a single full-range window is also a standard ``LDMPipeline``
+folder). See :mod:`refiner.formats.diffusers`. Exit code 2 on a bad input, with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from refiner.checkpoints import CheckpointError
+
+
+def _load_params(path: str | None) -> dict | None:
+    """First-stage params from a YAML/JSON file: either the params themselves or a ``{params: ...}`` block."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"--first-stage-params {path}: cannot read ({err})") from err
+    if isinstance(data, dict) and "params" in data and "ddconfig" not in data:
+        data = data["params"]
+    if not isinstance(data, dict) or "ddconfig" not in data:
+        raise CheckpointError(f"--first-stage-params {path}: expected a mapping with ddconfig, n_embed, embed_dim")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refiner.export", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="format", required=True)
+    d = sub.add_parser("diffusers", help="window checkpoints -> a diffusers folder (UNet2DModel, VQModel, DDIMScheduler)")
+    d.add_argument("paths", nargs="+", metavar="CHAIN... OUT", help="window checkpoints, then the output folder")
+    d.add_argument("--first-stage", help="VQ-f4 checkpoint (default: first_stage.ckpt_path recorded in the windows)")
+    d.add_argument("--first-stage-params", help="YAML/JSON with the VQ params (default: recorded in the windows)")
+    d.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights of .ckpt windows")
+    d.add_argument("--force", action="store_true", help="replace an existing output folder")
+    d.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    args = parser.parse_args(argv)
+    if len(args.paths) < 2:
+        parser.error("give at least one window checkpoint and the output folder")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from refiner.formats.diffusers import export_diffusers
+
+    try:
+        out = export_diffusers(args.paths[:-1], args.paths[-1], first_stage=args.first_stage,
+                               first_stage_params=_load_params(args.first_stage_params), use_ema=not args.raw,
+                               trust_checkpoint=args.trust_checkpoint, force=args.force)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Model cards (``README.md``) for exported window experts.
+
+One card describes one or more experts: window, schedule, parameterization, scale factor, first-stage
+fingerprint, training data, steps and validation metrics. Values come from the checkpoint's
+``hyper_parameters`` (or an exported ``.safetensors``' metadata), its Lightning ``callbacks`` state
+(``ModelCheckpoint``'s ``best_model_score`` and ``monitor``) and, for training data, the run's
+``config_resolved.yaml`` next to the checkpoint. Anything not recorded is written as "unknown" /
+"not recorded" rather than guessed.
+
+Any exporter can call :func:`write_model_card` (the diffusers export does; the ``.safetensors`` export
+in ``refiner.checkpoints`` can pass the same entries).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from refiner.io import atomic_write_text
+
+FINGERPRINT_KEY = "first_stage_fingerprint"
+UNKNOWN = "unknown"
+
+
+@dataclass
+class CardEntry:
+    """What the card says about one expert."""
+
+    name: str
+    source: str
+    window: str
+    schedule: str
+    parameterization: str
+    scale_factor: float
+    first_stage_fingerprint: str = UNKNOWN
+    training_data: str = "not recorded"
+    global_step: int | None = None
+    ema: bool | None = None
+    validation: dict[str, float] = field(default_factory=dict)
+
+
+def _describe_schedule(schedule) -> str:
+    if schedule.kind == "cosine":
+        return f"cosine (s={schedule.cosine_s}), T={schedule.num_timesteps}"
+    what = "linear in sqrt(beta) (CompVis 'linear')" if schedule.kind == "linear" else "linear in beta"
+    return f"{what}, beta {schedule.linear_start} -> {schedule.linear_end}, T={schedule.num_timesteps}"
+
+
+def validation_metrics(extra: Mapping[str, Any]) -> dict[str, float]:
+    """Best scores recorded by ``ModelCheckpoint`` callbacks (``{monitor: best_model_score}``), or the JSON
+    of a ``validation_metrics`` metadata entry."""
+    out: dict[str, float] = {}
+    recorded = extra.get("validation_metrics")
+    if isinstance(recorded, str):
+        try:
+            recorded = json.loads(recorded)
+        except json.JSONDecodeError:
+            recorded = None
+    if isinstance(recorded, Mapping):
+        out.update({str(k): float(v) for k, v in recorded.items() if _is_number(v)})
+    callbacks = extra.get("callbacks")
+    for state in (callbacks.values() if isinstance(callbacks, Mapping) else []):
+        if isinstance(state, Mapping) and state.get("monitor") and _is_number(state.get("best_model_score")):
+            out[f"best {state['monitor']}"] = float(state["best_model_score"])
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def training_data(path: Path, extra: Mapping[str, Any]) -> str:
+    """``data_description`` if the checkpoint records one, else the ``data`` block of the run's
+    ``config_resolved.yaml`` (``<run>/config_resolved.yaml`` beside ``<run>/checkpoints/``)."""
+    if extra.get("data_description"):
+        return str(extra["data_description"])
+    for cfg in (path.parent / "config_resolved.yaml", path.parent.parent / "config_resolved.yaml"):
+        if cfg.is_file():
+            import yaml
+
+            try:
+                data = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
+            except yaml.YAMLError:
+                continue
+            keys = ("description", "train_shards", "val_shards", "mode", "batch_size")
+            parts = [f"{k}={data[k]}" for k in keys if data.get(k) not in (None, "")]
+            if parts:
+                return f"{', '.join(parts)} (from {cfg.name})"
+    return "not recorded"
+
+
+def card_entry(path: str | os.PathLike, weights, extra: Mapping[str, Any], name: str | None = None) -> CardEntry:
+    """A :class:`CardEntry` from a loaded ``WindowWeights`` and the source's hyper_parameters / metadata."""
+    path = Path(path)
+    return CardEntry(
+        name=name or path.name, source=str(path), window=str(weights.window),
+        schedule=_describe_schedule(weights.schedule), parameterization=weights.parameterization,
+        scale_factor=float(weights.scale_factor),
+        first_stage_fingerprint=str(extra.get(FINGERPRINT_KEY) or UNKNOWN),
+        training_data=training_data(path, extra), global_step=weights.global_step, ema=weights.has_ema,
+        validation=validation_metrics(extra),
+    )
+
+
+def render_model_card(entries: Sequence[CardEntry], title: str, usage: str = "",
+                      first_stage: str | None = None) -> str:
+    lines = ["---", "library_name: diffusers", "tags:", "- refiner", "- latent-diffusion", "- timestep-window-expert",
+             "---", "", f"# {title}", "",
+             "Late-timestep window experts trained with refiner. Timesteps: t=0 is clean, t=T-1 is pure noise; "
+             "a window [t_min, t_max) is half-open and the expert was trained only on those t.", ""]
+    if first_stage:
+        lines += [f"First stage (VQ-f4) exported from `{first_stage}`.", ""]
+    for e in entries:
+        metrics = ", ".join(f"{k} = {v:.6g}" for k, v in sorted(e.validation.items())) or "not recorded"
+        lines += [
+            f"## {e.name}", "",
+            "| field | value |", "|---|---|",
+            f"| window | t in {e.window} |",
+            f"| schedule | {e.schedule} |",
+            f"| parameterization | {e.parameterization} |",
+            f"| scale factor | {e.scale_factor:.6g} |",
+            f"| first-stage fingerprint | {e.first_stage_fingerprint} |",
+            f"| training data | {e.training_data} |",
+            f"| steps | {UNKNOWN if e.global_step is None else e.global_step} |",
+            f"| weights | {'EMA' if e.ema else 'raw'} |",
+            f"| validation | {metrics} |",
+            f"| source | `{e.source}` |", "",
+        ]
+    if usage:
+        lines += ["## Usage", "", usage, ""]
+    return "\n".join(lines)
+
+
+def write_model_card(path: str | os.PathLike, entries: Sequence[CardEntry], title: str, usage: str = "",
+                     first_stage: str | None = None) -> Path:
+    """Render and write the card atomically; returns ``path``."""
+    path = Path(path)
+    atomic_write_text(path, render_model_card(entries, title, usage, first_stage))
+    return path
