@@ -334,6 +334,31 @@ class MultiDiffusion:
         return canvas.result((slice(pad, pad + height), slice(pad, pad + width)))
 
 
+def seam_ratio(img: Tensor, borders: Sequence[int], period: int) -> float:
+    """Seam detector: mean ``|x[c] - x[c-1]|`` across the boundaries ``c`` in ``borders`` (columns,
+    and the same for rows) divided by the mean across the boundaries ``period`` pixels to either side;
+    the larger of the column and row ratios. About 1 without a seam, well above 1 with one.
+
+    Compared locally and at the same phase modulo ``period`` (use the first-stage factor) because a
+    decoded image is not homogeneous: decoders upsample, so the gradient has the factor's period, and
+    zero padding makes the outer few dozen pixels busier than the inside. ``borders`` must lie at
+    least ``period + 1`` pixels inside the image.
+    """
+    at = torch.tensor([int(b) - 1 for b in borders])
+    size = min(img.shape[-2:])
+    if not len(borders) or at.min() < period or at.max() + period >= size - 1:
+        raise ValueError(f"seam_ratio: borders {list(borders)} must lie in [{period + 1}, {size - period - 1}]")
+    ratios = []
+    for diff in (img.diff(dim=-1).abs().mean(dim=(0, 1, 2)), img.diff(dim=-2).abs().mean(dim=(0, 1, 3))):
+        ratios.append(float(diff[at].mean() / ((diff[at - period] + diff[at + period]) / 2).mean()))
+    return max(ratios)
+
+
+def tile_borders(size: int, tile: int, stride: int) -> list[int]:
+    """Every start and end of a tile strictly inside ``[0, size]`` (where a seam could show)."""
+    return sorted({b for s in tile_starts(size, tile, stride) for b in (s, s + min(tile, size)) if 0 < b < size})
+
+
 def tile_stages(stages: Sequence, tile: int, **kwargs) -> list:
     """The same :class:`~refiner.sampling.Stage` chain with every model wrapped in :class:`MultiDiffusion`
     (``kwargs`` as there; each stage gets the same settings)."""
