@@ -23,6 +23,7 @@ from refiner.inference.tiling import (
     MultiDiffusion, grid_views, ramp_weights, seam_ratio, tile_borders, tile_stages, tile_starts, tiled_decode,
     tiled_encode,
 )
+from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
 from refiner.sampling import Stage, ddim_step, refine, sample_ddim, timestep_grid
 
@@ -276,6 +277,38 @@ def test_tiled_stages_refine_like_the_plain_chain_for_a_pointwise_model():
     assert torch.allclose(tiled, plain, rtol=0, atol=1e-10)
 
 
+def tiny_unet(seed: int) -> UNetModel:
+    torch.manual_seed(seed)
+    net = UNetModel(**tiny_unet_params()).eval()
+    torch.nn.init.normal_(net.out[2].weight, std=0.05)  # CompVis zero-inits the last conv
+    return net
+
+
+class Recorder:
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, x, t):
+        self.shapes.append(tuple(x.shape))
+        return self.model(x, t)
+
+
+def test_a_real_unet_chain_runs_on_jittered_tiles():
+    """Two demo-shaped window UNets: every call sees tiles of the configured size (divisible by the
+    UNet's downsampling) in batches of at most view_batch_size, and the result is finite."""
+    nets = [Recorder(tiny_unet(1)), Recorder(tiny_unet(2))]
+    stages = [Stage(nets[0], Window(250, 500)), Stage(nets[1], Window(0, 250))]
+    z = torch.randn(1, 3, 40, 36)
+    noise = torch.randn_like(z)
+    tiled = refine(tile_stages(stages, tile=16, stride=12, jitter=True, view_batch_size=4), z, 499, 4, AC, noise=noise)
+    assert tiled.shape == z.shape and torch.isfinite(tiled).all()
+    shapes = nets[0].shapes + nets[1].shapes
+    assert {s[1:] for s in shapes} == {(3, 16, 16)} and max(s[0] for s in shapes) == 4
+    assert len(nets[0].shapes) == len(nets[1].shapes) == 2 * math.ceil(len(grid_views(40, 36, 16, 12)) / 4)
+    plain = refine(stages, z, 499, 4, AC, noise=noise)
+    assert 0 < float((tiled - plain).abs().mean()) < 0.1 * float(plain.abs().mean())  # close, not identical
+
+
 def test_multidiffusion_rejects_bad_settings():
     with pytest.raises(ValueError, match="stride=9 must not exceed tile=8"):
         MultiDiffusion(lambda x, t: x, tile=8, stride=9)
@@ -383,6 +416,17 @@ def test_progressive_shapes_and_renormalisation_to_the_first_phase(upscale):
     for p in phases:
         assert torch.isfinite(p).all()
         assert torch.allclose(latent_stats(p)[0], mean, atol=1e-5) and torch.allclose(latent_stats(p)[1], std, atol=1e-5)
+
+
+def test_progressive_with_real_unets_upscales_a_latent():
+    stages = [Stage(tiny_unet(1), Window(250, 500)), Stage(tiny_unet(2), Window(0, 250))]
+    z = torch.randn(1, 3, 16, 16)
+    out = progressive_refine(stages, z, 499, 3, AC, upscale=2, tile=16, view_batch_size=4,
+                             generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    again = progressive_refine(stages, z, 499, 3, AC, upscale=2, tile=16, view_batch_size=4,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded noise and jitter: deterministic
 
 
 def test_progressive_rejects_bad_upscale_and_uncovered_grids():

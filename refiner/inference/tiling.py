@@ -131,12 +131,15 @@ def view_weight(view: View, height: int, width: int, ramp: int, weighting: Weigh
 
 
 class _Canvas:
-    """Accumulates weighted tile outputs and their weights; :meth:`result` divides per pixel."""
+    """Accumulates weighted tile outputs and their weights; :meth:`result` divides per pixel.
 
-    def __init__(self, batch: int, height: int, width: int):
+    The weight canvas is one channel in ``dtype`` (the input's), so beside the output itself the
+    blending costs one image-sized plane."""
+
+    def __init__(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device):
         self.shape = (batch, height, width)
         self.value: Tensor | None = None
-        self.weight: Tensor | None = None
+        self.weight = torch.zeros(height, width, dtype=dtype, device=device)
 
     def add(self, view: View, out: Tensor, weight: Tensor, rows: slice | int = slice(None)) -> None:
         if self.value is None:
@@ -145,9 +148,7 @@ class _Canvas:
         self.value[rows, :, view.rows, view.cols] += out * weight.to(out)
 
     def add_weight(self, view: View, weight: Tensor) -> None:
-        if self.weight is None:
-            self.weight = torch.zeros(self.shape[1:], dtype=torch.float64)
-        self.weight[view.rows, view.cols] += weight
+        self.weight[view.rows, view.cols] += weight.to(self.weight)
 
     def result(self, crop: tuple[slice, slice] = (slice(None), slice(None))) -> Tensor:
         weight = self.weight[crop]
@@ -175,7 +176,7 @@ def _tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int
     ``tile``/``stride`` are in input pixels, ``ramp`` in output pixels."""
     height, width = x.shape[-2:]
     out_h, out_w = height * num // den, width * num // den
-    canvas = _Canvas(x.shape[0], out_h, out_w)
+    canvas = _Canvas(x.shape[0], out_h, out_w, x.dtype, x.device)
     for view in grid_views(height, width, tile, stride):
         out_view = view.scaled(num, den)
         out = fn(x[..., view.rows, view.cols])
@@ -321,7 +322,7 @@ class MultiDiffusion:
         pad = plan.pad
         xp = F.pad(x, (pad, pad, pad, pad), mode=self.pad_mode) if pad else x
         weights = self.weights(plan, height, width)
-        canvas = _Canvas(batch, height + 2 * pad, width + 2 * pad)
+        canvas = _Canvas(batch, height + 2 * pad, width + 2 * pad, x.dtype, x.device)
         for view, weight in zip(plan.views, weights):
             canvas.add_weight(view, weight)
         rows = [(k, b) for k in range(len(plan.views)) for b in range(batch)]
