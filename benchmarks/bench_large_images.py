@@ -12,12 +12,13 @@ memory is ``ru_maxrss`` at the end minus the resident size after building the mo
 allocations are invisible to tracemalloc).
 
 Seams, at sizes that fit whole (256 and 512 px; ``--quick``: 256): the same pipeline, same noise, once
-whole and once forced through small tiles (VQ 128 px / 32 overlap, latent 32 / stride 24). Reported:
-mean |tiled - whole| / mean |whole| for the VQ round trip, the refined latent and the final image,
-and ``seam_ratio`` (gradient across tile borders / beside them; about 1 = no seam) of the tiled image.
+whole, once with MultiDiffusion alone (latent 32 / stride 24, VQ whole) and once with both tiled (VQ
+128 px / 32 overlap too). Reported: mean |tiled - whole| / mean |whole| of the VQ round trip, of the
+refined latent and image with MultiDiffusion alone, and of the image with both; and ``seam_ratio``
+(gradient across tile borders / beside them; about 1 = no seam) of the tiled images.
 With random weights the differences are pessimistic (a trained autoencoder's GroupNorm statistics
-vary less between tiles); ``--vq-ckpt`` measures the seams with a trained f4 instead (a
-``VQModel`` state dict or Lightning checkpoint with the demo.yaml f4 shape, e.g. the demo's
+vary less between tiles); ``--vq-ckpt`` measures the seams with a trained f4 of the demo.yaml shape
+instead (loaded by ``refiner.checkpoints.build_first_stage``, e.g. the demo's
 ``outputs/demo/vq_f4/checkpoints/last.ckpt``).
 """
 
@@ -69,13 +70,12 @@ def build_models(vq_ckpt: str = ""):
     import torch
     from bench_sampler import build_experts
 
-    vq = C.build_vq(C.demo_vq_params(4))
-    if vq_ckpt:
-        state = torch.load(vq_ckpt, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        prefix = "model." if any(k.startswith("model.encoder.") for k in state) else ""
-        vq.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)
-                            and not k[len(prefix):].startswith("loss.")})
+    if vq_ckpt:  # the project's loader: our Lightning first-stage checkpoints or CompVis/taming layouts
+        from refiner.checkpoints import build_first_stage
+
+        vq = build_first_stage(vq_ckpt, C.demo_vq_params(4)).eval()
+    else:
+        vq = C.build_vq(C.demo_vq_params(4))
     _, stages = build_experts()
     return vq, stages
 
@@ -148,6 +148,8 @@ def worker_seams(size: int, steps: int, threads: int, vq_ckpt: str) -> dict:
     x = smooth_photo(size)
     whole = run_pipeline(vq, stages, x, steps, whole_tiles(size, vq.factor))
     tiled = run_pipeline(vq, stages, x, steps, SEAM_TILES)
+    latent_only = {**SEAM_TILES, "vq_tile": size, "vq_overlap": 0}  # MultiDiffusion alone, whole VQ
+    md = run_pipeline(vq, stages, x, steps, latent_only)
 
     def rel(a, b) -> float:
         return float((a - b).abs().mean() / b.abs().mean())
@@ -163,11 +165,12 @@ def worker_seams(size: int, steps: int, threads: int, vq_ckpt: str) -> dict:
         "size": size, "steps": steps, "tiles": SEAM_TILES, "vq_weights": vq_ckpt or "random",
         "vq_round_trip_rel_diff": rel(rt_tiled, rt_whole),
         "encode_rel_diff": rel(tiled["z"], whole["z"]),
-        "refined_latent_rel_diff": rel(tiled["z_ref"], whole["z_ref"]),
+        "multidiffusion_latent_rel_diff": rel(md["z_ref"], whole["z_ref"]),
+        "multidiffusion_image_rel_diff": rel(md["img"], whole["img"]),
         "image_rel_diff": rel(tiled["img"], whole["img"]),
         "image_mean_abs_diff": float((tiled["img"] - whole["img"]).abs().mean()),
         "seam_ratio_vq_borders": seam_ratio(tiled["img"], vq_borders, vq.factor),
-        "seam_ratio_latent_borders": seam_ratio(tiled["img"], md_borders, vq.factor),
+        "seam_ratio_multidiffusion_only": seam_ratio(md["img"], md_borders, vq.factor),
         "seam_ratio_whole_at_vq_borders": seam_ratio(whole["img"], vq_borders, vq.factor),
     }
 
@@ -218,12 +221,15 @@ def main() -> dict:
                   ["image", "VQ tiled", "latent tiled", "encode s", "refine s", "decode s", "total s",
                    f"x {ref['size']}px", "time/pixel (rel.)", "peak RSS - base, MB"], rows)
     srows = [[f"{s['size']} px", s["vq_weights"] if s["vq_weights"] == "random" else "trained",
-              C.fmt(s["vq_round_trip_rel_diff"], 3), C.fmt(s["refined_latent_rel_diff"], 3),
-              C.fmt(s["image_rel_diff"], 3), C.fmt(s["seam_ratio_vq_borders"], 2),
-              C.fmt(s["seam_ratio_latent_borders"], 2), C.fmt(s["seam_ratio_whole_at_vq_borders"], 2)] for s in seams]
-    C.print_table("10b. Seams: tiled (VQ 128/32 px, latent 32/24) vs whole, same noise",
-                  ["image", "VQ weights", "VQ round trip rel. diff", "refined latent rel. diff", "image rel. diff",
-                   "seam ratio, VQ borders", "seam ratio, latent borders", "whole image at VQ borders"], srows)
+              C.fmt(s["vq_round_trip_rel_diff"], 3), C.fmt(s["multidiffusion_latent_rel_diff"], 4),
+              C.fmt(s["multidiffusion_image_rel_diff"], 4), C.fmt(s["image_rel_diff"], 3),
+              C.fmt(s["seam_ratio_vq_borders"], 2), C.fmt(s["seam_ratio_multidiffusion_only"], 2),
+              C.fmt(s["seam_ratio_whole_at_vq_borders"], 2)] for s in seams]
+    C.print_table("10b. Seams: tiled (VQ 128/32 px, latent 32/24) vs whole, same noise; rel. diff = "
+                  "mean |tiled - whole| / mean |whole|; seam ratio = gradient across tile borders / beside them",
+                  ["image", "VQ weights", "VQ round trip rel. diff", "MultiDiffusion latent rel. diff",
+                   "MultiDiffusion image rel. diff", "both tiled, image rel. diff", "seam ratio, VQ borders",
+                   "seam ratio, MultiDiffusion borders", "whole image at VQ borders"], srows)
     payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
                "timing": timing, "untiled": untiled, "seams": seams}
     C.write_result("bench_large_images", payload)
