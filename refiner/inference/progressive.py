@@ -5,16 +5,16 @@ No $$$"; code PRIS-CV/DemoFusion ``pipeline_demofusion_sdxl.py``, the "Phase Ups
 ``__call__``). Each phase of :func:`progressive_refine` does, at the phase's total scale ``s``
 (relative to the input latent):
 
-1. **Upsample and re-noise** ("progressive upscaling", paper sec. 3.1): ``z_up = bicubic(z, x2)``
+1. **Upsample and re-noise** (the paper's "progressive upscaling"): ``z_up = bicubic(z, x2)``
    (``F.interpolate(mode="bicubic")``); one noise tensor ``n`` gives the *noised upsampled latents*
    ``zhat_t = q_sample(z_up, t, n)`` at every grid ``t``; sampling starts from ``zhat_{t_start}``.
-2. **Skip residual** (sec. 3.2, eq. 3 in spirit): before the step at ``t``,
+2. **Skip residual**: before the step at ``t``,
    ``z_t <- (1 - c1) z_t + c1 zhat_t`` with ``c1 = cos_factor(t) ** alpha1`` and
    ``cos_factor(t) = 0.5 (1 + cos(pi (T - t) / T))`` (``T`` = number of training timesteps).
 3. **Local path**: MultiDiffusion over overlapping latent tiles with random jitter
    (:class:`~refiner.inference.tiling.MultiDiffusion`; DemoFusion: window = the UNet's sample size
    128, stride 64, jitter ``(window - stride) // 4``).
-4. **Global path, dilated sampling** (sec. 3.3): the ``s^2`` sub-lattices ``z[..., h::s, w::s]``
+4. **Global path, dilated sampling**: the ``s^2`` sub-lattices ``z[..., h::s, w::s]``
    are denoised as images of the input's size. The model sees a Gaussian-blurred latent (kernel
    ``2s - 1``, std ``sigma * c3``, ``c3 = 0.99 cos_factor ** alpha3 + 0.01``, the blurred latent
    rescaled to the unblurred one's mean and std), but the step is applied to the unblurred lattice.
@@ -24,7 +24,10 @@ No $$$"; code PRIS-CV/DemoFusion ``pipeline_demofusion_sdxl.py``, the "Phase Ups
 
 Defaults as DemoFusion's ``__call__``: ``cosine_scale_1 = alpha1 = 3``, ``cosine_scale_2 = alpha2 = 1``,
 ``cosine_scale_3 = alpha3 = 1``, ``sigma = 1.0``, ``view_batch_size = 16``, ``stride = 64`` with a
-128 window (here ``stride = tile // 2``).
+128 window (here ``stride = tile // 2``), 50 steps. Read at commit 5024487: the defaults in the
+signature of ``__call__`` (lines 668-701), ``cosine_factor`` and ``c1`` (lines 1121-1124), the
+jittered local views (1128-1199), ``c2`` (1201), ``c3`` and the blur (1218-1221), the dilated views
+and the mix (1206-1291), the renormalisation (1303), ``get_views`` (551-601), ``gaussian_kernel`` (76).
 
 How this differs from DemoFusion, on purpose:
 

@@ -33,9 +33,9 @@ statistics from a 2x downsampled pass only reached 0.17). The random decoder is 
 ``--vq-ckpt`` for a trained f4; the tests bound them.
 
 **MultiDiffusion** (:class:`MultiDiffusion`; Bar-Tal et al. 2023, "MultiDiffusion: Fusing Diffusion
-Paths", arXiv 2302.08113): each step, the per-pixel least-squares fusion of the tiles' denoising
-steps (their FTD objective; its closed form is the weighted per-pixel average of the overlapping
-tiles). For a fixed ``x_t`` (and fixed noise), a DDIM/DDPM step is affine in the model output with
+Paths", arXiv 2302.08113, sec. 3): each step, the per-pixel least-squares fusion of the tiles'
+denoising steps (their FTD objective; its closed form, eq. 5, is the weighted per-pixel average
+of the overlapping tiles' steps). For a fixed ``x_t`` (and fixed noise), a DDIM/DDPM step is affine in the model output with
 coefficients that do not depend on the tile, and the normalised weights sum to one at every pixel,
 so *averaging the model outputs and then stepping* equals *stepping every tile and averaging the
 results*. The wrapper therefore averages outputs: it is a plain ``model(x_t, t)``, so
@@ -48,14 +48,15 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Model = Callable[[Tensor, Tensor], Tensor]
+from refiner.sampling import Model
+
 Weighting = Literal["uniform", "linear", "cosine"]
 WEIGHTINGS = ("uniform", "linear", "cosine")
 PAD_MODES = ("constant", "reflect", "replicate")
@@ -370,6 +371,4 @@ def tile_borders(size: int, tile: int, stride: int) -> list[int]:
 def tile_stages(stages: Sequence, tile: int, **kwargs) -> list:
     """The same :class:`~refiner.sampling.Stage` chain with every model wrapped in :class:`MultiDiffusion`
     (``kwargs`` as there; each stage gets the same settings)."""
-    from dataclasses import replace
-
     return [replace(s, model=MultiDiffusion(s.model, tile, **kwargs)) for s in stages]
