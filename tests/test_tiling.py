@@ -199,6 +199,23 @@ def test_tiling_a_pointwise_model_changes_nothing():
         assert torch.allclose(wrapped(x, t), model(x, t), rtol=0, atol=1e-12)
 
 
+def test_context_is_cropped_with_the_latent():
+    """A concat-conditioned window sees its own crop of the conditioning: with a pointwise model of
+    (x_t, context) any tiling must give the untiled output; a misaligned crop would not."""
+    gauss = GaussianDenoiser(0.3, 0.8, AC)
+
+    def model(x, t, context):
+        return gauss(x, t) + 0.5 * context[:, :3] - context[:, 3:]
+
+    x = torch.randn(2, 3, 23, 30, dtype=torch.float64)
+    context = torch.randn(2, 6, 23, 30, dtype=torch.float64)
+    t = torch.full((2,), 321)
+    wrapped = MultiDiffusion(model, tile=8, stride=5, jitter=True, view_batch_size=7, context=context)
+    assert torch.allclose(wrapped(x, t), model(x, t, context), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="context of shape"):
+        MultiDiffusion(model, tile=8, context=context[:, :, :20])(x, t)
+
+
 def per_tile_ddim_reference(model, wrapped: MultiDiffusion, x, timesteps, parameterization, eta, generator):
     """MultiDiffusion as the paper states it: step every tile, then average the tiles' x_{t-1}."""
     batch, _, height, width = x.shape

@@ -262,6 +262,9 @@ class MultiDiffusion:
         weighting: ``"uniform"`` (MultiDiffusion/DemoFusion), or ``"linear"``/``"cosine"`` feathering
             over the overlap ``tile - stride`` (see the module docstring).
         pad_mode: how the jitter padding is filled (``F.pad`` mode).
+        context: optional per-pixel conditioning (B, C', H, W) aligned with ``x_t``, e.g. the degraded
+            latent of a ``conditioning: concat`` window. It is cropped (and padded) exactly like
+            ``x_t`` and the model is called as ``model(x_tile, t, context_tile)``.
 
     The output at every pixel is ``sum_i w_i out_i / sum_i w_i`` over the tiles covering it
     (MultiDiffusion's closed-form fusion). One tile covering the input, no jitter and uniform
@@ -269,7 +272,8 @@ class MultiDiffusion:
     """
 
     def __init__(self, model: Model, tile: int, stride: int | None = None, jitter: bool = False, seed: int = 0,
-                 view_batch_size: int = 16, weighting: Weighting = "uniform", pad_mode: str = "constant"):
+                 view_batch_size: int = 16, weighting: Weighting = "uniform", pad_mode: str = "constant",
+                 context: Tensor | None = None):
         if not callable(model):
             raise TypeError(f"MultiDiffusion: model must be callable model(x_t, t), got {type(model).__name__}")
         stride = tile // 2 if stride is None else stride
@@ -285,6 +289,7 @@ class MultiDiffusion:
             raise ValueError(f"MultiDiffusion: unknown pad_mode {pad_mode!r}; expected one of {PAD_MODES}")
         self.model, self.tile, self.stride, self.jitter, self.seed = model, tile, stride, jitter, seed
         self.view_batch_size, self.weighting, self.pad_mode = view_batch_size, weighting, pad_mode
+        self.context = context
 
     @property
     def overlap(self) -> int:
@@ -329,6 +334,13 @@ class MultiDiffusion:
         plan = self.plan(height, width, int(t[0]))
         pad = plan.pad
         xp = F.pad(x, (pad, pad, pad, pad), mode=self.pad_mode) if pad else x
+        cp = None
+        if self.context is not None:
+            c = self.context
+            if c.ndim != 4 or c.shape[0] != batch or c.shape[-2:] != x.shape[-2:]:
+                raise ValueError(f"MultiDiffusion: context of shape {tuple(c.shape)} does not match x_t of shape "
+                                 f"{tuple(x.shape)} (need the same batch and spatial size)")
+            cp = F.pad(c, (pad, pad, pad, pad), mode=self.pad_mode) if pad else c
         weights = self.weights(plan, height, width)
         canvas = _Canvas(batch, height + 2 * pad, width + 2 * pad, x.dtype, x.device)
         for view, weight in zip(plan.views, weights):
@@ -337,7 +349,12 @@ class MultiDiffusion:
         for start in range(0, len(rows), self.view_batch_size):
             chunk = rows[start:start + self.view_batch_size]
             crops = torch.stack([xp[b, :, plan.views[k].rows, plan.views[k].cols] for k, b in chunk])
-            out = self.model(crops, t[[b for _, b in chunk]])
+            t_rows = t[[b for _, b in chunk]]
+            if cp is None:
+                out = self.model(crops, t_rows)
+            else:
+                out = self.model(crops, t_rows, torch.stack([cp[b, :, plan.views[k].rows, plan.views[k].cols]
+                                                             for k, b in chunk]))
             for (k, b), o in zip(chunk, out):
                 canvas.add(plan.views[k], o, weights[k], rows=b)
         return canvas.result((slice(pad, pad + height), slice(pad, pad + width)))
