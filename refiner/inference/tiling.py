@@ -162,7 +162,8 @@ class _Canvas:
         weight = self.weight[crop]
         if not bool((weight > 0).all()):
             raise AssertionError("tiles left pixels uncovered")  # internal invariant of the placement
-        return self.value[..., crop[0], crop[1]] / weight.to(self.value)
+        # in place (no second image-sized copy); contiguous copies only a cropped (padded) latent
+        return self.value[..., crop[0], crop[1]].div_(weight.to(self.value)).contiguous()
 
 
 # ------------------------------------------------------------------------------------ tiled VQ
