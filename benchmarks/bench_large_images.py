@@ -1,0 +1,240 @@
+"""Row 10: large images: time and peak memory vs pixels, and seams of tiling vs whole.
+
+Pipeline per size (batch 1): ``tiled_encode`` (demo VQ-f4, conf/first_stage/demo.yaml) ->
+two-stage ``refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and
+[0, 250), t_start=499, DDIM) -> ``tiled_decode``. Weights are random: they do not change the cost.
+Above the tile sizes the first stage runs on overlapping pixel tiles (``--vq-tile``/``--vq-overlap``)
+and every UNet through ``MultiDiffusion`` on latent tiles (``--latent-tile``/``--latent-stride``,
+``--view-batch``); at or below them, whole. Sizes: 256, 512, 1024, 2048, 4096 px; sizes above the
+tiles up to ``--whole-up-to`` are also timed untiled (where tiling starts to pay). ``--quick``: 128
+and 256 px with the small seam tiles and 2 steps, a smoke run of every path. Each size runs in a fresh subprocess after a warm-up on a 64 px image; peak
+memory is ``ru_maxrss`` at the end minus the resident size after building the models (torch
+allocations are invisible to tracemalloc).
+
+Seams, at sizes that fit whole (256 and 512 px; ``--quick``: 256): the same pipeline, same noise, once
+whole, once with MultiDiffusion alone (latent 32 / stride 24, VQ whole) and once with both tiled (VQ
+128 px / 32 overlap too). Reported: mean |tiled - whole| / mean |whole| of the VQ round trip, of the
+refined latent and image with MultiDiffusion alone, and of the image with both; and ``seam_ratio``
+(gradient across tile borders / beside them; about 1 = no seam) of the tiled images.
+With random weights the differences are pessimistic (a trained autoencoder's GroupNorm statistics
+vary less between tiles); ``--vq-ckpt`` measures the seams with a trained f4 of the demo.yaml shape
+instead (loaded by ``refiner.checkpoints.build_first_stage``, e.g. the demo's
+``outputs/demo/vq_f4/checkpoints/last.ckpt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common as C
+
+SIZES = (256, 512, 1024, 2048, 4096)
+QUICK_SIZES = (128, 256)  # with the small seam tiles, so every path (tiled, untiled, seams) runs
+SEAM_SIZES = (256, 512)
+SEAM_TILES = {"vq_tile": 128, "vq_overlap": 32, "latent_tile": 32, "latent_stride": 24}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 128 and 256 px with the small seam tiles, 2 steps, seams at 256 px")
+    p.add_argument("--threads", type=int, default=C.THREADS)
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps over t in [0, 499]")
+    p.add_argument("--sizes", default="", help="comma-separated image sides in px (default 256..4096)")
+    p.add_argument("--vq-tile", type=int, default=256, help="first-stage tile, px")
+    p.add_argument("--vq-overlap", type=int, default=32, help="first-stage tile overlap, px")
+    p.add_argument("--latent-tile", type=int, default=64, help="MultiDiffusion tile, latent px")
+    p.add_argument("--latent-stride", type=int, default=48, help="MultiDiffusion stride, latent px")
+    p.add_argument("--view-batch", type=int, default=4, help="MultiDiffusion tiles per UNet call")
+    p.add_argument("--whole-up-to", type=int, default=1024,
+                   help="also time the untiled pipeline at sizes above the tiles up to this side (the crossover)")
+    p.add_argument("--vq-ckpt", default="", help="trained demo-shaped f4 for the seam measurement")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_models(vq_ckpt: str = ""):
+    import torch
+    from bench_sampler import build_experts
+
+    if vq_ckpt:  # the project's loader: our Lightning first-stage checkpoints or CompVis/taming layouts
+        from refiner.checkpoints import build_first_stage
+
+        vq = build_first_stage(vq_ckpt, C.demo_vq_params(4)).eval()
+    else:
+        vq = C.build_vq(C.demo_vq_params(4))
+    _, stages = build_experts()
+    return vq, stages
+
+
+def smooth_photo(size: int):
+    """A deterministic image in [-1, 1]: a demo photo resized to ``size`` (bicubic), so the content
+    is natural at every size."""
+    import torch
+    import torch.nn.functional as F
+
+    from refiner.data.demo import demo_photos
+
+    photo = next(iter(demo_photos().values()))
+    x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def run_pipeline(vq, stages, x, steps: int, tiles: dict, seed: int = 0) -> dict:
+    """encode -> refine -> decode, whole when the image fits the tiles; returns outputs and times."""
+    import torch
+
+    from refiner.inference.tiling import tile_stages, tiled_decode, tiled_encode
+    from refiner.sampling import refine
+
+    ac = C.alphas_cumprod()
+    out: dict = {}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        z = tiled_encode(vq, x, tiles["vq_tile"], tiles["vq_overlap"])
+        t1 = time.perf_counter()
+        chain = stages
+        if max(z.shape[-2:]) > tiles["latent_tile"]:
+            chain = tile_stages(stages, tiles["latent_tile"], stride=tiles["latent_stride"],
+                                view_batch_size=tiles.get("view_batch", 16))
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+        z_ref = refine(chain, z, t_start=499, steps=steps, alphas_cumprod=ac, noise=noise)
+        t2 = time.perf_counter()
+        img = tiled_decode(vq, z_ref, tiles["vq_tile"], tiles["vq_overlap"])
+        t3 = time.perf_counter()
+    out.update(z=z, z_ref=z_ref, img=img, encode_s=t1 - t0, refine_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0,
+               latent_tiled=chain is not stages)
+    return out
+
+
+def whole_tiles(size: int, factor: int = 4) -> dict:
+    """Tile settings under which the pipeline runs untiled at ``size``."""
+    return {"vq_tile": size, "vq_overlap": 0, "latent_tile": size // factor, "latent_stride": size // factor}
+
+
+def worker_time(size: int, steps: int, tiles: dict, threads: int) -> dict:
+    C.set_threads(threads)
+    vq, stages = build_models()
+    x = smooth_photo(size)
+    run_pipeline(vq, stages, smooth_photo(64), 2, tiles)  # warm-up
+    base = rss_mb()
+    r = run_pipeline(vq, stages, x, steps, tiles)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"size": size, "pixels": size * size, "steps": steps, "vq_tiled": size > tiles["vq_tile"],
+            "latent_tiled": r["latent_tiled"], **{k: r[k] for k in ("encode_s", "refine_s", "decode_s", "total_s")},
+            "base_rss_mb": base, "peak_rss_mb": peak, "peak_minus_base_mb": peak - base}
+
+
+def worker_seams(size: int, steps: int, threads: int, vq_ckpt: str) -> dict:
+    import torch
+
+    from refiner.inference.tiling import seam_ratio, tile_borders, tiled_decode, tiled_encode
+
+    C.set_threads(threads)
+    vq, stages = build_models(vq_ckpt)
+    x = smooth_photo(size)
+    whole = run_pipeline(vq, stages, x, steps, whole_tiles(size, vq.factor))
+    tiled = run_pipeline(vq, stages, x, steps, SEAM_TILES)
+    latent_only = {**SEAM_TILES, "vq_tile": size, "vq_overlap": 0}  # MultiDiffusion alone, whole VQ
+    md = run_pipeline(vq, stages, x, steps, latent_only)
+
+    def rel(a, b) -> float:
+        return float((a - b).abs().mean() / b.abs().mean())
+
+    with torch.no_grad():
+        rt_whole = vq.decode(vq.encode(x))
+        rt_tiled = tiled_decode(vq, tiled_encode(vq, x, SEAM_TILES["vq_tile"], SEAM_TILES["vq_overlap"]),
+                                SEAM_TILES["vq_tile"], SEAM_TILES["vq_overlap"])
+    vq_borders = tile_borders(size, SEAM_TILES["vq_tile"], SEAM_TILES["vq_tile"] - SEAM_TILES["vq_overlap"])
+    md_borders = [b * vq.factor for b in tile_borders(size // vq.factor, SEAM_TILES["latent_tile"],
+                                                       SEAM_TILES["latent_stride"])]
+    return {
+        "size": size, "steps": steps, "tiles": SEAM_TILES, "vq_weights": vq_ckpt or "random",
+        "vq_round_trip_rel_diff": rel(rt_tiled, rt_whole),
+        "encode_rel_diff": rel(tiled["z"], whole["z"]),
+        "multidiffusion_latent_rel_diff": rel(md["z_ref"], whole["z_ref"]),
+        "multidiffusion_image_rel_diff": rel(md["img"], whole["img"]),
+        "image_rel_diff": rel(tiled["img"], whole["img"]),
+        "image_mean_abs_diff": float((tiled["img"] - whole["img"]).abs().mean()),
+        "seam_ratio_vq_borders": seam_ratio(tiled["img"], vq_borders, vq.factor),
+        "seam_ratio_multidiffusion_only": seam_ratio(md["img"], md_borders, vq.factor),
+        "seam_ratio_whole_at_vq_borders": seam_ratio(whole["img"], vq_borders, vq.factor),
+    }
+
+
+def run_sub(args: argparse.Namespace, job: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(job), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> dict:
+    args = parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        if job["kind"] == "time":
+            result = worker_time(job["size"], job["steps"], job["tiles"], args.threads)
+        else:
+            result = worker_seams(job["size"], job["steps"], args.threads, job["vq_ckpt"])
+        print(json.dumps(result))
+        return result
+    sizes = [int(s) for s in args.sizes.split(",") if s] or list(QUICK_SIZES if args.quick else SIZES)
+    steps = 2 if args.quick else args.steps
+    tiles = {"vq_tile": args.vq_tile, "vq_overlap": args.vq_overlap, "latent_tile": args.latent_tile,
+             "latent_stride": args.latent_stride, "view_batch": args.view_batch}
+    if args.quick:
+        tiles.update(SEAM_TILES)
+    timing, untiled = [], []
+    for s in sizes:  # the whole variant right after the tiled one, so both see the same machine load
+        timing.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles}))
+        if timing[-1]["vq_tiled"] or timing[-1]["latent_tiled"]:
+            if s <= args.whole_up_to:
+                untiled.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": whole_tiles(s)}))
+    seams = [run_sub(args, {"kind": "seams", "size": s, "steps": steps, "vq_ckpt": args.vq_ckpt})
+             for s in (SEAM_SIZES[:1] if args.quick else SEAM_SIZES)]
+
+    ref = timing[0]
+
+    def row(label: str, r: dict) -> list:
+        per_px = (r["total_s"] / r["pixels"]) / (ref["total_s"] / ref["pixels"])
+        return [label, "yes" if r["vq_tiled"] else "no", "yes" if r["latent_tiled"] else "no", C.fmt(r["encode_s"]),
+                C.fmt(r["refine_s"]), C.fmt(r["decode_s"]), C.fmt(r["total_s"]), C.fmt(r["total_s"] / ref["total_s"], 1),
+                C.fmt(per_px, 2), f"{r['peak_minus_base_mb']:.0f}"]
+
+    rows = [row(f"{r['size']} px", r) for r in timing] + [row(f"{r['size']} px, untiled", r) for r in untiled]
+    C.print_table(f"10a. Large images: tiled encode -> two-stage refine ({steps} steps) -> tiled decode, batch 1",
+                  ["image", "VQ tiled", "latent tiled", "encode s", "refine s", "decode s", "total s",
+                   f"x {ref['size']}px", "time/pixel (rel.)", "peak RSS - base, MB"], rows)
+    srows = [[f"{s['size']} px", s["vq_weights"] if s["vq_weights"] == "random" else "trained",
+              C.fmt(s["vq_round_trip_rel_diff"], 3), C.fmt(s["multidiffusion_latent_rel_diff"], 4),
+              C.fmt(s["multidiffusion_image_rel_diff"], 4), C.fmt(s["image_rel_diff"], 3),
+              C.fmt(s["seam_ratio_vq_borders"], 2), C.fmt(s["seam_ratio_multidiffusion_only"], 2),
+              C.fmt(s["seam_ratio_whole_at_vq_borders"], 2)] for s in seams]
+    C.print_table("10b. Seams: tiled (VQ 128/32 px, latent 32/24) vs whole, same noise; rel. diff = "
+                  "mean |tiled - whole| / mean |whole|; seam ratio = gradient across tile borders / beside them",
+                  ["image", "VQ weights", "VQ round trip rel. diff", "MultiDiffusion latent rel. diff",
+                   "MultiDiffusion image rel. diff", "both tiled, image rel. diff", "seam ratio, VQ borders",
+                   "seam ratio, MultiDiffusion borders", "whole image at VQ borders"], srows)
+    payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
+               "timing": timing, "untiled": untiled, "seams": seams}
+    C.write_result("bench_large_images", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

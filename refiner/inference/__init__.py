@@ -1,0 +1,1 @@
+"""Inference on images of any size: tiled first stage, MultiDiffusion latent tiles, DemoFusion-style upscaling."""
