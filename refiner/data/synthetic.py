@@ -253,6 +253,19 @@ def inject_defect(head: Head, kind: str, rng: np.random.Generator, size: int = 6
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def _save_mask(path: Path, mask: np.ndarray) -> None:
+    """A boolean mask as an 8-bit greyscale PNG (255 = defect), written atomically."""
+    import io
+
+    from PIL import Image
+
+    from refiner.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_folder(out: Path, n: int, seed: int, size: int = 64, defects: float = 0.0) -> dict:
     """Write ``n`` PNGs (``00000.png`` ...) and ``heads.json``; with ``defects > 0`` that fraction of the
     images carries one defect each (round-robin over :data:`DEFECTS`) and ``masks/<name>.png`` holds its
@@ -279,7 +292,7 @@ def write_folder(out: Path, n: int, seed: int, size: int = 64, defects: float = 
         if defect_every and i % defect_every == 0:
             kind = DEFECTS[(i // defect_every) % len(DEFECTS)]
             image, mask, _ = inject_defect(head, kind, np.random.default_rng([seed, i, 1]), size)
-            save_png_atomic(out / "masks" / name, mask.astype(np.uint8) * 255)
+            _save_mask(out / "masks" / name, mask)
             record["defect"] = kind
         else:
             image = render(head, size)
