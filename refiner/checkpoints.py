@@ -472,8 +472,13 @@ def _int_or_none(v) -> int | None:
 def load_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False) -> dict[str, Tensor]:
     """VQModel weights from a CompVis vq-f4/vq-f8 or taming VQGAN checkpoint (Lightning or raw state
     dict), or the ``first_stage_model.*`` part of an LDM checkpoint. Training-only ``loss.*`` keys
-    (discriminator, LPIPS, logvar) are dropped and reported through ``logging``."""
+    (discriminator, LPIPS, logvar) are dropped and reported through ``logging``. A folder is read as a
+    diffusers ``VQModel`` (e.g. ``<pipeline>/vqvae``) and returned in our layout."""
     source = str(ckpt_path)
+    if Path(ckpt_path).is_dir():
+        from refiner.formats.diffusers import load_diffusers_vq
+
+        return load_diffusers_vq(ckpt_path).state_dict()
     obj = safe_torch_load(ckpt_path, trust_checkpoint)
     kind = describe_checkpoint(obj)
     sd = _state_dict_of(obj)
