@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from refiner.data.synthetic import MIN_SIZE
+
 RULES = ("one_head", "head_elliptical", "two_eyes", "eyes_symmetric", "mouth_below_eyes")
 
 # colour classes (hue in degrees); the family's ranges are in refiner.data.synthetic
@@ -157,14 +159,6 @@ class HeadFrame:
         return (uu / max(a, 1e-6)) ** 2 + (vv / max(b, 1e-6)) ** 2 <= 1.0
 
 
-def _elongation(mask: np.ndarray) -> float:
-    ys, xs = np.nonzero(mask)
-    if len(xs) < 3:
-        return 1.0
-    evals = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
-    return float(math.sqrt(max(evals[1], 1e-6) / max(evals[0], 1e-6)))
-
-
 def _centroid(mask: np.ndarray) -> tuple[float, float]:
     ys, xs = np.nonzero(mask)
     return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
@@ -175,8 +169,6 @@ def check(image: np.ndarray) -> CheckResult:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"check expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
-    from refiner.data.synthetic import MIN_SIZE
-
     if min(H, W) < MIN_SIZE:
         raise ValueError(f"image is {W}x{H}; the checker needs at least {MIN_SIZE}x{MIN_SIZE} px to see the eyes")
     side = math.sqrt(H * W)
@@ -216,8 +208,14 @@ def check(image: np.ndarray) -> CheckResult:
     r_lo, r_hi = EYE_RADIUS[0] * side, EYE_RADIUS[1] * side
     area_lo, area_hi = EYE_AREA[0] * math.pi * r_lo**2, EYE_AREA[1] * math.pi * r_hi**2
     inner = [c for c in _components(classes["dark"]) if (c & head).sum() >= 0.6 * c.sum()]
-    eyes = [c for c in inner if area_lo <= c.sum() <= area_hi and _elongation(c) <= EYE_ELONGATION]
-    blobs = [c for c in inner if c.sum() > area_hi or (c.sum() >= area_lo and _elongation(c) > EYE_ELONGATION)]
+    eyes, blobs = [], []
+    for c in inner:  # eye-sized and round -> eye; bigger or elongated -> blob; smaller -> ignored
+        area = int(c.sum())
+        if area < area_lo:
+            continue
+        blob_frame = HeadFrame.fit(c)
+        round_enough = blob_frame.b / blob_frame.a <= EYE_ELONGATION
+        (eyes if area <= area_hi and round_enough else blobs).append(c)
     eye_uv = [frame.uv(*_centroid(e)) for e in eyes]
     rules["two_eyes"] = len(eyes) == 2 and not blobs
     for blob in blobs:
