@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean-demo
+.PHONY: setup test test-fast demo demo-photos bench clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,16 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# the cartoon-heads demo and its composition benchmark (DEMO=photos: the photo-crop experiment)
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+demo-photos: setup
+	PATH="$(abspath $(BIN)):$$PATH" DEMO=photos bash scripts/demo.sh
 
 bench: setup
 	$(BIN)/python -m pip install -q "diffusers>=0.30"
 	$(BIN)/python benchmarks/run_all.py
 
 clean-demo:
-	rm -rf data/demo data/shards/demo outputs/demo
+	rm -rf data/heads data/photos data/shards/heads data/shards/photos outputs/heads outputs/photos

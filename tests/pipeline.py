@@ -34,6 +34,7 @@ class World:
 
     def paths(self) -> list[str]:
         return [
+            "paths.demo=demo",
             f"paths.demo_dir={self.demo_dir}",
             f"paths.shards_dir={self.shards_dir}",
             f"first_stage.f4.ckpt_path={self.f4_ckpt}",

@@ -1,7 +1,7 @@
 """The README's "diffusers bridge" recipe runs as written, on tiny demo-shaped windows.
 
 The bash block's commands run in a folder laid out like the repo after `make demo` (train.py, conf/ and
-outputs/demo/refiner_*/checkpoints/last.ckpt); the training command gets the tiny-world overrides appended
+outputs/heads/refiner_*/checkpoints/last.ckpt); the training command gets the tiny-world overrides appended
 (tiny UNet, 4 steps, the test's shards). The python block then runs unchanged in the same folder.
 """
 
@@ -40,8 +40,8 @@ def test_readme_diffusers_recipe_runs(tmp_path):
     repo.mkdir()
     for name in ("train.py", "conf"):
         (repo / name).symlink_to(ROOT / name)
-    shape = world.train_refiner("demo_refiner_500_750", repo / "outputs/demo/refiner_500_750")
-    world.train_refiner("demo_refiner_751_1000", repo / "outputs/demo/refiner_751_1000",
+    shape = world.train_refiner("demo_refiner_500_750", repo / "outputs/heads/refiner_500_750")
+    world.train_refiner("demo_refiner_751_1000", repo / "outputs/heads/refiner_751_1000",
                         f"init_from={shape['last_ckpt']}")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
@@ -54,7 +54,7 @@ def test_readme_diffusers_recipe_runs(tmp_path):
         cmd = [sys.executable, *cmd[1:], *(tiny if cmd[1] == "train.py" else [])]
         res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, f"{cmd}\n{res.stderr[-3000:]}"
-    exported = repo / "outputs/demo/diffusers"
+    exported = repo / "outputs/heads/diffusers"
     assert (exported / "unet_2" / "config.json").is_file() and (exported / "README.md").is_file()
     assert (repo / "outputs/finetune/checkpoints/last.ckpt").is_file()
     card = (exported / "README.md").read_text()  # model card of real training runs

@@ -1,0 +1,30 @@
+"""The composition benchmark: ``python -m refiner.bench [overrides]`` or ``refiner-bench`` (``conf/bench.yaml``).
+
+Exit codes follow :mod:`refiner.cli`: 0 done, 2 a setting, checkpoint or output folder that cannot work
+(one ``error:`` line on stderr, before any compute).
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from refiner.apps import CONFIG_DIR
+
+
+def task(cfg: DictConfig) -> None:
+    from refiner.bench.run import run
+    from refiner.cli import run_cli
+
+    def body() -> None:
+        results = run(cfg)
+        from pathlib import Path
+
+        print((Path(cfg.output_dir) / "results.md").read_text())
+        print(f"results: {cfg.output_dir}/results.json (split {results['split']})")
+
+    raise SystemExit(run_cli(body))
+
+
+main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")(task)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""What the benchmark compares: diffusion refiners (SDEdit through any chain of window experts) and an
+unsharp-mask "SR-like" baseline, each over a sweep of one strength setting.
+
+A diffusion method is a list of window checkpoints and the t_start values to refine from. Every t_start
+gets the same DDIM step density (:func:`steps_for`), so two methods at the same t_start spend the same
+number of UNet evaluations: equal compute at inference. The methods of the default benchmark
+(``conf/bench.yaml``):
+
+* ``chain``: the shape window [250, 500) and the detail window [0, 250), the product;
+* ``shape_window`` / ``detail_window``: one window alone, used outside its window with
+  ``allow_outside_window`` (the nearest window takes the steps it does not cover);
+* ``full_range``: SDEdit through the full-range model trained with the chain's total step budget;
+* ``paired``: the paired img2img baseline (a full-range model conditioned on the input latent by concat),
+  trained on (f8-degraded, clean) pairs for the same budget;
+* ``unsharp``: PIL's unsharp mask at several amounts (no model at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from refiner.errors import SettingError
+
+KINDS = ("diffusion", "unsharp")
+
+
+class BenchError(SettingError):
+    """A benchmark setting, checkpoint or output folder that cannot work; raised before any compute."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method. ``settings`` are t_start values (diffusion) or unsharp amounts in percent."""
+
+    name: str
+    kind: str
+    settings: tuple[int, ...]
+    stages: tuple[str, ...] = ()
+    allow_outside_window: bool = False
+    radius: float = 1.0
+    label: str = ""
+
+    @property
+    def setting_name(self) -> str:
+        return "t_start" if self.kind == "diffusion" else "amount_percent"
+
+
+def _int_list(value, what: str) -> tuple[int, ...]:
+    if isinstance(value, (int, str)) or not value:
+        raise BenchError(f"{what} must be a non-empty list of ints, got {value!r}")
+    out = []
+    for v in value:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise BenchError(f"{what} must hold ints, got {v!r}")
+        out.append(v)
+    return tuple(out)
+
+
+def methods_from_config(spec: Mapping, num_timesteps: int = 1000) -> list[Method]:
+    """``{name: {stages: [...], t_starts: [...], allow_outside_window: bool}`` or
+    ``{name: {unsharp: {radius: r, amounts: [...]}}}`` -> methods, checked (no file is read here)."""
+    if not spec:
+        raise BenchError("methods is empty: name at least one method to benchmark")
+    methods = []
+    for name, m in spec.items():
+        m = dict(m or {})
+        label = str(m.pop("label", name))
+        if "unsharp" in m:
+            u = dict(m.pop("unsharp") or {})
+            amounts = _int_list(u.get("amounts"), f"methods.{name}.unsharp.amounts")
+            radius = float(u.get("radius", 1.0))
+            if radius <= 0 or any(a <= 0 for a in amounts):
+                raise BenchError(f"methods.{name}.unsharp: radius and amounts must be > 0, got {radius}, {amounts}")
+            methods.append(Method(name, "unsharp", amounts, radius=radius, label=label))
+        else:
+            stages = m.pop("stages", None)
+            if isinstance(stages, str) or not stages:
+                raise BenchError(f"methods.{name}.stages must be a non-empty list of window checkpoints, got {stages!r}")
+            t_starts = _int_list(m.pop("t_starts", None), f"methods.{name}.t_starts")
+            bad = [t for t in t_starts if not 1 <= t <= num_timesteps - 1]
+            if bad:
+                raise BenchError(f"methods.{name}.t_starts must lie in [1, {num_timesteps - 1}], got {bad}")
+            methods.append(Method(name, "diffusion", t_starts, tuple(str(s) for s in stages),
+                                  bool(m.pop("allow_outside_window", False)), label=label))
+        if m:
+            raise BenchError(f"methods.{name}: unknown keys {sorted(m)}")
+    return methods
+
+
+def steps_for(t_start: int, t_per_step: int) -> int:
+    """DDIM grid points in [0, t_start]: one per ``t_per_step`` timesteps, at least 1 (so t_start 499 gets
+    25 steps at the default 20, and the compute of two methods at equal t_start is equal)."""
+    return max(1, min(t_start + 1, round((t_start + 1) / t_per_step)))
+
+
+def unsharp(images: Sequence[np.ndarray], amount_percent: int, radius: float = 1.0) -> list[np.ndarray]:
+    """PIL's unsharp mask (threshold 0): out = in + amount * (in - gaussian_blur(in, radius))."""
+    from PIL import Image, ImageFilter
+
+    f = ImageFilter.UnsharpMask(radius=radius, percent=int(amount_percent), threshold=0)
+    return [np.asarray(Image.fromarray(img).filter(f)) for img in images]
+
+
+def _unit(images: Sequence[np.ndarray]):
+    import torch
+
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).double() / 255.0
+
+
+def score(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray], references: Sequence[np.ndarray],
+          clean: Sequence[np.ndarray] | None = None, swd_kwargs: Mapping | None = None) -> dict:
+    """The benchmark's numbers for one set of outputs.
+
+    * ``artifact_rate``: fraction failing any rule of :func:`refiner.bench.checker.check`, plus
+      ``rule_failure_rate`` per rule;
+    * ``swd_x1e3``: SWD (Laplacian-pyramid patches, :func:`refiner.metrics.swd`) to clean ``references`` (an
+      independent set of clean heads): how much the outputs look like the family;
+    * faithfulness to the input: ``rmse_to_input`` (pixels in [0, 1], mean over images of the per-image RMSE)
+      and ``ssim_to_input``;
+    * with ``clean``: ``psnr_to_clean`` (dB, mean over images).
+    """
+    from refiner.bench.checker import RULES, check_batch
+    from refiner.metrics import psnr, ssim, swd
+
+    results = check_batch(outputs)
+    out, inp, ref = _unit(outputs), _unit(inputs), _unit(references)
+    rmse = ((out - inp) ** 2).mean(dim=(1, 2, 3)).sqrt()
+    values = {
+        "artifact_rate": sum(not r.passed for r in results) / len(results),
+        "rule_failure_rate": {rule: sum(not r.rules[rule] for r in results) / len(results) for rule in RULES},
+        "swd_x1e3": swd(out, ref, **dict(swd_kwargs or {}))["mean"],
+        "rmse_to_input": float(rmse.mean()),
+        "ssim_to_input": float(ssim(out, inp).mean()),
+    }
+    if clean is not None:
+        p = psnr(out, _unit(clean))
+        values["psnr_to_clean"] = float(p.clamp(max=100.0).mean())  # identical images give inf; cap at 100 dB
+    values["failed"] = [i for i, r in enumerate(results) if not r.passed]
+    return values
+
+
+def settings_label(method: Method, setting: int) -> str:
+    return f"t_start {setting}" if method.kind == "diffusion" else f"amount {setting}%"

@@ -1,0 +1,210 @@
+"""The composition benchmark, end to end: ``python -m refiner.bench [overrides]`` (``conf/bench.yaml``).
+
+1. Check every setting, load every checkpoint and first stage, and plan every (method, t_start) grid before
+   any compute: a missing checkpoint, a first stage the windows were not trained with, or a t_start no
+   window covers is one ``error:`` line and exit 2.
+2. Build the three artifact sources (:mod:`refiner.bench.sources`) from the split's seeds.
+3. Run every method over its sweep on every source, through the same inference pipeline as ``sample.py``.
+4. Score (:func:`refiner.bench.methods.score`) and write ``results.json``, ``results.md``,
+   ``comparison_grid.png``, ``tradeoff.png`` and, when the training runs logged it, ``efficiency.png``
+   (:mod:`refiner.bench.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from refiner.bench.methods import BenchError, Method, methods_from_config, score, steps_for, unsharp
+from refiner.bench.sources import SOURCES, ArtifactSet, clean_heads, f8_degraded, generator_samples, injected_defects
+from refiner.data.synthetic import MIN_SIZE
+
+log = logging.getLogger(__name__)
+
+WRITTEN_BY = "refiner bench"
+OUTPUT_FILES = ("results.json", "results.md", "comparison_grid.png", "tradeoff.png", "efficiency.png")
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """The benchmark replaces only its own earlier outputs (``results.json`` names it as the writer)."""
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"output_dir {out} exists and is not a folder")
+    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
+    if not existing or overwrite:
+        return
+    try:
+        ours = json.loads((out / "results.json").read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise BenchError(f"output_dir {out} holds {', '.join(p.name for p in existing)} that the benchmark did not "
+                         f"write; choose another output_dir or set overwrite=true")
+
+
+def _check_settings(cfg: DictConfig) -> tuple[Mapping, list[str]]:
+    if cfg.split not in cfg.seeds:
+        raise BenchError(f"split must be one of {sorted(cfg.seeds)}, got {cfg.split!r}")
+    for key in ("n", "size", "t_per_step", "batch_size", "grid_images"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "grid_images" else 1):
+            raise BenchError(f"{key} must be a positive int, got {value!r}")
+    if cfg.size < MIN_SIZE or cfg.size % 8:
+        raise BenchError(f"size must be a multiple of 8 and >= {MIN_SIZE} px, got {cfg.size}")
+    sources = list(cfg.sources)
+    unknown = [s for s in sources if s not in SOURCES]
+    if not sources or unknown:
+        raise BenchError(f"sources must be a non-empty subset of {list(SOURCES)}, got {sources}")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise BenchError(f"seed must be an int >= 0, got {cfg.seed!r}")
+    return cfg.seeds[cfg.split], sources
+
+
+class Models:
+    """Every model the benchmark needs, loaded and checked up front; one pipeline per distinct chain."""
+
+    def __init__(self, cfg: DictConfig, methods: list[Method], sources: list[str]):
+        from refiner.checkpoints import first_stage_from_config
+        from refiner.inference.chain import Chain
+        from refiner.inference.pipeline import Pipeline
+
+        trust, device = bool(cfg.trust_checkpoint), str(cfg.device)
+        paths = {tuple(m.stages) for m in methods if m.kind == "diffusion"}
+        if "generator" in sources:
+            paths.add(tuple(str(s) for s in cfg.generator.stages))
+        for chain_paths in paths:
+            for p in chain_paths:
+                if not Path(p).is_file():
+                    raise BenchError(f"checkpoint {p} not found (make demo trains it; or point the benchmark's "
+                                     f"methods/generator stages at your own)")
+        for name in ("f4", "f8") if "f8" in sources else ("f4",):
+            ckpt = cfg.first_stage[name].ckpt_path
+            if not ckpt or not Path(ckpt).exists():
+                raise BenchError(f"first_stage.{name}.ckpt_path {ckpt} not found")
+        self.f4 = first_stage_from_config(cfg.first_stage.f4, "f4", trust_checkpoint=trust, device=device).eval()
+        self.f8 = (first_stage_from_config(cfg.first_stage.f8, "f8", trust_checkpoint=trust, device=device).eval()
+                   if "f8" in sources else None)
+        self.pipelines = {}
+        for chain_paths in sorted(paths):
+            chain = Chain.from_paths(list(chain_paths), use_ema=bool(cfg.use_ema), trust_checkpoint=trust,
+                                     device=device, allow_first_stage_mismatch=bool(cfg.allow_first_stage_mismatch))
+            chain.check_first_stage(self.f4, str(cfg.first_stage.f4.ckpt_path),
+                                    allow_mismatch=bool(cfg.allow_first_stage_mismatch))
+            self.pipelines[chain_paths] = Pipeline(self.f4, chain, self.f8, device=device)
+        for m in methods:
+            if m.kind == "diffusion":
+                chain = self.pipelines[m.stages].chain
+                for t in m.settings:
+                    chain.plan(t, steps_for(t, cfg.t_per_step), allow_outside_window=m.allow_outside_window)
+        if "generator" in sources:
+            gen = self.pipelines[tuple(str(s) for s in cfg.generator.stages)].chain
+            windows = [s.weights.window for s in gen.stages]
+            T = gen.alphas_cumprod.shape[0]
+            if len(windows) != 1 or windows[0].t_min != 0 or windows[0].t_max != T:
+                raise BenchError(f"generator.stages must be one full-range model (window [0, {T})), got windows "
+                                 f"{[str(w) for w in windows]}")
+            if gen.stages[0].weights.conditioning is not None:
+                raise BenchError("generator.stages: the generator must be unconditional (conditioning=null)")
+            if not 1 <= cfg.generator.steps <= T:
+                raise BenchError(f"generator.steps must be in [1, {T}], got {cfg.generator.steps}")
+
+
+def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: Models) -> dict[str, ArtifactSet]:
+    n, size = cfg.n, cfg.size
+    built: dict[str, ArtifactSet] = {}
+    for name in sources:
+        t0 = time.perf_counter()
+        if name == "defects":
+            built[name] = injected_defects(n, seeds["images"], size)
+        elif name == "f8":
+            built[name] = f8_degraded(n, seeds["images"], models.pipelines[next(iter(models.pipelines))].degrade,
+                                      size, cfg.batch_size)
+        else:
+            pipe = models.pipelines[tuple(str(s) for s in cfg.generator.stages)]
+            chain, f4 = pipe.chain, models.f4
+            model = chain.stages[0].stage(None).model
+            latent = (f4.embed_dim, size // f4.factor, size // f4.factor)
+            built[name] = generator_samples(
+                model, chain.alphas_cumprod, lambda z: f4.decode(z / chain.scale_factor).clamp(-1, 1), latent, n,
+                seeds["generator"], cfg.generator.steps, chain.stages[0].weights.parameterization, cfg.batch_size)
+        log.info("source %s: %d images in %.1f s", name, n, time.perf_counter() - t0)
+    return built
+
+
+def apply_method(method: Method, setting: int, images: list[np.ndarray], cfg: DictConfig, models: Models
+                 ) -> list[np.ndarray]:
+    if method.kind == "unsharp":
+        return unsharp(images, setting, method.radius)
+    pipe = models.pipelines[method.stages]
+    out: list[np.ndarray] = []
+    for k in range(0, len(images), cfg.batch_size):
+        batch = images[k:k + cfg.batch_size]
+        refined, _ = pipe.refine_images(batch, setting, steps_for(setting, cfg.t_per_step), seed=cfg.seed,
+                                        indices=list(range(k, k + len(batch))),
+                                        allow_outside_window=method.allow_outside_window)
+        out += refined
+    return out
+
+
+def grid_setting(method: Method, recommended_t_start: int) -> int:
+    """The sweep point shown in the comparison grid: the recommended t_start (or the nearest one swept);
+    for the unsharp mask, its middle amount."""
+    if method.kind == "unsharp":
+        return method.settings[len(method.settings) // 2]
+    return min(method.settings, key=lambda t: (abs(t - recommended_t_start), t))
+
+
+@torch.no_grad()
+def run(cfg: DictConfig) -> dict:
+    from refiner.bench import report
+
+    seeds, sources = _check_settings(cfg)
+    out_dir = Path(cfg.output_dir)
+    check_output_dir(out_dir, bool(cfg.overwrite))
+    methods = methods_from_config(OmegaConf.to_container(cfg.methods, resolve=True))
+    models = Models(cfg, methods, sources)  # everything loaded and checked: compute starts here
+    references = clean_heads(cfg.n, seeds["references"], cfg.size)
+    swd_kwargs = OmegaConf.to_container(cfg.swd, resolve=True) if cfg.swd else {}
+    sets = build_sources(cfg, seeds, sources, models)
+
+    results = {"written_by": WRITTEN_BY, "split": cfg.split, "seeds": dict(seeds), "n": cfg.n, "size": cfg.size,
+               "t_per_step": cfg.t_per_step, "recommended_t_start": cfg.recommended_t_start,
+               "generator_steps": cfg.generator.steps, "refine_seed": cfg.seed, "sources": {}}
+    grid_images: dict[str, dict[str, list[np.ndarray]]] = {}
+    for name, artifact_set in sets.items():
+        inputs = artifact_set.inputs
+        entry = {"input": score(inputs, inputs, references, artifact_set.clean, swd_kwargs), "methods": {}}
+        if artifact_set.clean is not None:
+            entry["clean"] = score(artifact_set.clean, inputs, references, artifact_set.clean, swd_kwargs)
+        shown = {"input": inputs[:cfg.grid_images]}
+        if artifact_set.clean is not None:
+            shown["clean"] = artifact_set.clean[:cfg.grid_images]
+        for method in methods:
+            rows = []
+            for setting in method.settings:
+                t0 = time.perf_counter()
+                outputs = apply_method(method, setting, inputs, cfg, models)
+                seconds = time.perf_counter() - t0
+                row = {method.setting_name: setting, "seconds": round(seconds, 2),
+                       **score(outputs, inputs, references, artifact_set.clean, swd_kwargs)}
+                if method.kind == "diffusion":
+                    row["steps"] = steps_for(setting, cfg.t_per_step)
+                rows.append(row)
+                log.info("%s / %s / %s: artifact rate %.3f, rmse to input %.4f (%.1f s)", name, method.name, setting,
+                         row["artifact_rate"], row["rmse_to_input"], seconds)
+                if setting == grid_setting(method, cfg.recommended_t_start):
+                    shown[f"{method.label} ({setting})" if method.kind == "diffusion" else
+                          f"{method.label} ({setting}%)"] = outputs[:cfg.grid_images]
+            entry["methods"][method.name] = {"kind": method.kind, "label": method.label, "stages": list(method.stages),
+                                             "allow_outside_window": method.allow_outside_window, "sweep": rows}
+        results["sources"][name] = entry
+        grid_images[name] = shown
+    results["efficiency"] = report.efficiency(cfg.efficiency)
+    report.write_all(out_dir, results, grid_images, methods, cfg.efficiency)
+    return results

@@ -1,0 +1,124 @@
+"""The composition benchmark's parts: methods and settings, scores, sources, outputs and the refusal of bad
+input before any compute. (The end-to-end run on trained models is in tests/test_bench_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from refiner.bench.methods import BenchError, methods_from_config, score, steps_for, unsharp
+from refiner.bench.report import efficiency, first_step_at_or_below, markdown, read_logged
+from refiner.bench.run import check_output_dir, grid_setting
+from refiner.bench.sources import clean_heads, injected_defects
+from refiner.data.synthetic import DEFECTS
+
+
+def test_steps_for_gives_equal_density_and_stays_in_range():
+    assert [steps_for(t, 20) for t in (99, 199, 499, 999)] == [5, 10, 25, 50]
+    assert steps_for(1, 20) == 1 and steps_for(5, 1) == 6  # never more points than timesteps in [0, t]
+
+
+def test_methods_from_config_reads_both_kinds_and_rejects_bad_specs():
+    ms = methods_from_config({"chain": {"stages": ["a.ckpt", "b.ckpt"], "t_starts": [99, 499]},
+                              "alone": {"stages": ["a.ckpt"], "t_starts": [299], "allow_outside_window": True},
+                              "usm": {"unsharp": {"radius": 2.0, "amounts": [50, 100]}}})
+    assert [(m.name, m.kind, m.settings) for m in ms] == [("chain", "diffusion", (99, 499)),
+                                                          ("alone", "diffusion", (299,)), ("usm", "unsharp", (50, 100))]
+    assert ms[1].allow_outside_window and not ms[0].allow_outside_window and ms[2].radius == 2.0
+    for bad, words in [({}, "empty"), ({"c": {"stages": "a.ckpt", "t_starts": [9]}}, "non-empty list"),
+                       ({"c": {"stages": ["a"], "t_starts": [1000]}}, "[1, 999]"),
+                       ({"c": {"stages": ["a"], "t_starts": [9.5]}}, "ints"),
+                       ({"c": {"stages": ["a"], "t_starts": [9], "t_stop": 3}}, "unknown keys"),
+                       ({"u": {"unsharp": {"amounts": [0]}}}, "> 0")]:
+        with pytest.raises(BenchError, match=words.replace("[", r"\[")):
+            methods_from_config(bad)
+
+
+def test_grid_setting_is_nearest_sweep_point():
+    (m,) = methods_from_config({"c": {"stages": ["a"], "t_starts": [99, 299, 699]}})
+    assert grid_setting(m, 399) == 299 and grid_setting(m, 500) == 699 and grid_setting(m, 99) == 99
+    (u,) = methods_from_config({"u": {"unsharp": {"amounts": [50, 100, 200]}}})
+    assert grid_setting(u, 399) == 100
+
+
+def test_unsharp_sharpens_an_edge_and_leaves_flat_regions():
+    img = np.full((32, 32, 3), 100, np.uint8)
+    img[:, 16:] = 160
+    out = unsharp([img], 200, radius=1.0)[0]
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert (out[:, :8] == 100).all() and (out[:, 24:] == 160).all()  # flat: unchanged
+    assert out[:, 15].max() < 100 and out[:, 16].min() > 160  # overshoot on both sides of the edge
+
+
+def test_score_on_clean_heads_and_on_defects():
+    clean = clean_heads(12, seed=9)
+    refs = clean_heads(12, seed=10)
+    s = score(clean, clean, refs, clean)
+    assert s["artifact_rate"] == 0 and s["rmse_to_input"] == 0 and s["ssim_to_input"] == pytest.approx(1.0)
+    assert s["psnr_to_clean"] == 100.0  # identical images: the cap, not inf
+    d = injected_defects(10, seed=9)
+    assert d.labels == [DEFECTS[i % len(DEFECTS)] for i in range(10)]
+    s = score(d.inputs, d.clean, refs, d.clean)
+    assert s["artifact_rate"] >= 0.9 and 0 < s["rmse_to_input"] < 0.2 and s["failed"]
+    # RMSE by hand for one pair
+    a, b = d.inputs[0].astype(float) / 255, d.clean[0].astype(float) / 255
+    one = score([d.inputs[0]], [d.clean[0]], refs[:1])
+    assert one["rmse_to_input"] == pytest.approx(np.sqrt(((a - b) ** 2).mean()), rel=1e-9)
+
+
+def test_sources_are_pure_functions_of_the_seed():
+    a, b, c = injected_defects(5, 3), injected_defects(5, 3), injected_defects(5, 4)
+    assert all((x == y).all() for x, y in zip(a.inputs, b.inputs))
+    assert not all((x == y).all() for x, y in zip(a.inputs, c.inputs))
+    assert all(m.any() and m.shape == (64, 64) for m in a.masks)
+
+
+def test_output_dir_refuses_files_the_bench_did_not_write(tmp_path):
+    check_output_dir(tmp_path / "new", overwrite=False)
+    (tmp_path / "results.md").write_text("my notes")
+    with pytest.raises(BenchError, match="did not write"):
+        check_output_dir(tmp_path, overwrite=False)
+    check_output_dir(tmp_path, overwrite=True)
+    (tmp_path / "results.json").write_text(json.dumps({"written_by": "refiner bench"}))
+    check_output_dir(tmp_path, overwrite=False)  # an earlier benchmark run: replaced
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BenchError, match="not a folder"):
+        check_output_dir(tmp_path / "file", overwrite=False)
+
+
+def _write_csv(run, rows):
+    d = run / "csv" / "version_0"
+    d.mkdir(parents=True)
+    lines = ["step,train/loss,val/loss_in_250_500"] + [f"{s},0.5,{v}" if v is not None else f"{s},0.5," for s, v in rows]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_efficiency_reads_logged_losses_and_finds_crossings(tmp_path):
+    _write_csv(tmp_path / "w", [(99, 0.30), (100, None), (199, 0.20), (299, 0.15)])
+    _write_csv(tmp_path / "f", [(99, 0.40), (199, 0.32), (299, 0.25), (399, 0.19)])
+    assert read_logged(tmp_path / "w", "val/loss_in_250_500") == ([99, 199, 299], [0.30, 0.20, 0.15])
+    eff = efficiency({"window": tmp_path / "w", "full_range": tmp_path / "f", "metric": "val/loss_in_250_500"})
+    assert eff["available"]
+    assert eff["window"]["steps_to_other_final"] == 299  # first window loss <= 0.19 (0.20 at 199 is not)
+    assert eff["full_range"]["steps_to_other_final"] is None  # never reaches 0.15
+    assert first_step_at_or_below([1, 2], [0.3, 0.1], 0.2) == 2
+    missing = efficiency({"window": tmp_path / "w", "full_range": tmp_path / "none", "metric": "val/loss_in_250_500"})
+    assert not missing["available"] and "none" in missing["why"]
+
+
+def test_markdown_lists_every_method_and_source():
+    row = {"t_start": 299, "artifact_rate": 0.25, "swd_x1e3": 50.0, "rmse_to_input": 0.05, "ssim_to_input": 0.9,
+           "seconds": 1.0}
+    inp = {"artifact_rate": 0.5, "swd_x1e3": 80.0, "rmse_to_input": 0.0, "ssim_to_input": 1.0}
+    results = {"split": "tune", "seeds": {}, "n": 4, "t_per_step": 20, "generator_steps": 10,
+               "recommended_t_start": 299, "sources": {
+                   "generator": {"input": inp, "methods": {
+                       "chain": {"kind": "diffusion", "label": "chain", "sweep": [row]},
+                       "unsharp": {"kind": "unsharp", "label": "unsharp mask",
+                                   "sweep": [{**row, "amount_percent": 100, "artifact_rate": 0.5}]}}}}}
+    text = markdown(results)
+    assert "| input (no refinement) | 50.0% |" in text
+    assert "| chain (t_start 299) | 25.0% |" in text and "| unsharp mask (100%) | 50.0% |" in text
+    assert "| chain | t=299 | 25.0% | 50.0 | 0.0500 | 0.900 | – | 1.0 |" in text
