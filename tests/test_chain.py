@@ -179,3 +179,24 @@ def test_training_grid_goes_through_chain_and_matches_the_old_loop(conditioning)
         sample_ddim(lambda x, t: module.unet(x, t, concat=concat), x_t, grid, module.alphas_cumprod,
                     callback=lambda i, t, x, out, x0: last.append(x0) if i == len(grid) - 1 else None)
     assert torch.equal(got, last[-1] / 0.8)
+
+
+def test_chain_reaches_multidiffusion_and_progressive_refinement():
+    from refiner.inference.progressive import progressive_refine
+    from refiner.inference.tiling import tile_stages
+
+    hi, lo = _unet(1), _unet(2)
+    chain = Chain.from_stages([_loaded(hi, (250, 500)), _loaded(lo, (0, 250))])
+    z, noise = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+    stages = [Stage(lambda x, t: hi(x, t), Window(250, 500, 1000)), Stage(lambda x, t: lo(x, t), Window(0, 250, 1000))]
+    tiles = dict(tile=8, stride=6, jitter=True, view_batch_size=4)
+    want = refine(tile_stages(stages, **tiles), z, 499, 3, AB, noise=noise)
+    assert torch.equal(chain.refine(z, 499, 3, noise=noise, tiles=tiles).latent, want)
+    assert not torch.allclose(chain.refine(z, 499, 3, noise=noise).latent, want, atol=1e-4)  # tiling mattered
+    z_small = z[..., :8, :8]
+    got = chain.refine_progressive(z_small, 499, 2, upscale=2, tile=8, generator=torch.Generator().manual_seed(0))
+    want = progressive_refine(stages, z_small, 499, 2, AB, upscale=2, tile=8, generator=torch.Generator().manual_seed(0))
+    assert got.shape == (1, 3, 16, 16) and torch.equal(got, want)
+    concat = Chain.from_stages([_loaded(_unet(3, in_channels=6), (0, 500), conditioning="concat")])
+    with pytest.raises(ChainError, match="concat-conditioned"):
+        concat.refine_progressive(z_small, 499, 2)

@@ -250,6 +250,23 @@ class Chain:
                             stage_of_step=step_plan.stage_of_step)
 
     @torch.no_grad()
+    def refine_progressive(self, z: Tensor, t_start: int, steps: int, *, upscale: int = 2, **kwargs) -> Tensor:
+        """DemoFusion-style progressive upscaling of the *scaled* latents ``z`` by ``upscale`` with this chain:
+        :func:`refiner.inference.progressive.progressive_refine` (``kwargs`` are its tile, DemoFusion and sampler
+        settings). Concat stages are refused: their conditioning latent would not match the upscaled phases.
+        The grid is validated by :meth:`plan` first."""
+        from refiner.inference.progressive import progressive_refine
+
+        concat = [s.weights.source for s in self.stages if s.weights.conditioning == "concat"]
+        if concat:
+            raise ChainError(f"progressive refinement cannot condition on a latent of another size: {concat} "
+                             "are concat-conditioned windows")
+        self.plan(t_start, steps, spacing=kwargs.get("spacing", "uniform"), eta=kwargs.get("eta", 0.0),
+                  allow_outside_window=kwargs.get("allow_outside_window", False))
+        return progressive_refine(self.sampling_stages(), z, t_start, steps, self.alphas_cumprod, upscale=upscale,
+                                  **kwargs)
+
+    @torch.no_grad()
     def preview(self, z: Tensor, steps: int = 10, seed: int = 0) -> Tensor:
         """The validation grid's picture: noise the *unscaled* latents ``z`` to the top of the chain's windows
         (``t_max - 1`` of the highest) with noise from ``seed``, DDIM through the windows only (down to the lowest
