@@ -1,7 +1,7 @@
 """Row 10: large images: time and peak memory vs pixels, and seams of tiling vs whole.
 
 Pipeline per size (batch 1): ``tiled_encode`` (demo VQ-f4, conf/first_stage/demo.yaml) ->
-two-stage ``refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and
+two-stage ``Chain.refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and
 [0, 250), t_start=499, DDIM) -> ``tiled_decode``. Weights are random: they do not change the cost.
 Above the tile sizes the first stage runs on overlapping pixel tiles (``--vq-tile``/``--vq-overlap``)
 and every UNet through ``MultiDiffusion`` on latent tiles (``--latent-tile``/``--latent-stride``,
@@ -67,10 +67,7 @@ def rss_mb() -> float:
 
 
 def build_models(vq_ckpt: str = ""):
-    from bench_sampler import build_experts
-
-    from refiner.diffusion import ScheduleConfig
-    from refiner.inference.chain import Chain
+    from bench_sampler import build_chain
 
     if vq_ckpt:  # the project's loader: our Lightning first-stage checkpoints or CompVis/taming layouts
         from refiner.formats.compvis import build_first_stage
@@ -78,10 +75,7 @@ def build_models(vq_ckpt: str = ""):
         vq = build_first_stage(vq_ckpt, C.demo_vq_params(4)).eval()
     else:
         vq = C.build_vq(C.demo_vq_params(4))
-    nets, stages = build_experts()
-    chain = Chain.from_unets(nets, [s.window for s in stages], ScheduleConfig(**C.demo_model_cfg()["schedule"]),
-                             unet_params=C.demo_unet_params())
-    return vq, chain
+    return vq, build_chain()
 
 
 def smooth_photo(size: int):
