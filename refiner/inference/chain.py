@@ -2,10 +2,11 @@
 
 A :class:`Chain` holds the loaded experts (:class:`LoadedStage`) together with what they must share: one noise
 schedule (``alphas_cumprod``), one ``scale_factor`` and one first stage (the VQ-f4 fingerprint they recorded).
-It is built from checkpoint paths (:meth:`Chain.from_paths`), or from a training module for its validation
-grid (:meth:`Chain.from_module`); it plans a grid without running any model (:meth:`Chain.plan`, which is
-:func:`refiner.sampling.plan`) and refines *scaled* latents (:meth:`Chain.refine`, which is
-:func:`refiner.sampling.refine`). Images around it (pad, encode, decode, crop) are
+It is built from checkpoint paths (:meth:`Chain.from_paths`), from in-memory UNets (:meth:`Chain.from_unets`),
+or from a training module for its validation grid (:meth:`Chain.from_module`, :meth:`Chain.preview`); it plans a
+grid without running any model (:meth:`Chain.plan`, which is :func:`refiner.sampling.plan`) and refines *scaled*
+latents (:meth:`Chain.refine`, which is :func:`refiner.sampling.refine`, optionally in MultiDiffusion tiles;
+:meth:`Chain.refine_progressive` for DemoFusion-style upscaling). Images around it (pad, encode, decode, crop) are
 :class:`refiner.inference.pipeline.Pipeline`'s job.
 """
 
@@ -83,8 +84,8 @@ def _bf16_autocast(model, device_type: str):
 class Chain:
     """Window experts plus their shared schedule, scale factor and first-stage fingerprint.
 
-    Build it with :meth:`from_paths` or :meth:`from_stages` (both check that the experts agree) or
-    :meth:`from_module`. ``first_stage_fingerprint`` is the windows' common recorded f4 fingerprint, None when
+    Build it with :meth:`from_paths`, :meth:`from_stages` or :meth:`from_unets` (all check that the experts
+    agree), or :meth:`from_module` (a training module's one window). ``first_stage_fingerprint`` is the windows' common recorded f4 fingerprint, None when
     none of them recorded one.
     """
 
@@ -210,16 +211,20 @@ class Chain:
         :meth:`refine` validates it (:func:`refiner.sampling.plan`) and without running any model. Raises
         :class:`ChainError` (overlapping windows, uncovered steps, t_start above the top window, eta too large);
         a loaded stage that gets no step is logged."""
-        try:
-            result = plan(self.sampling_stages(), t_start, steps, self.alphas_cumprod, t_end=t_end, spacing=spacing,
-                          eta=eta, allow_outside_window=allow_outside_window)
-        except (ValueError, TypeError) as err:
-            raise ChainError(f"invalid stage chain for t_start={t_start}, steps={steps}: {err}") from err
+        result = self._plan(t_start, steps, spacing, eta, allow_outside_window, t_end)
         for k, s in enumerate(self.stages):
             if k not in result.stage_of_step:
                 log.warning("stage %d (%s, window %s) gets no step of the grid %s..%s; it is loaded but unused",
                             k + 1, s.weights.source, s.weights.window, result.timesteps[0], result.timesteps[-1])
         return result
+
+    def _plan(self, t_start: int, steps: int, spacing: str, eta: float, allow_outside_window: bool,
+              t_end: int) -> StepPlan:
+        try:
+            return plan(self.sampling_stages(), t_start, steps, self.alphas_cumprod, t_end=t_end, spacing=spacing,
+                        eta=eta, allow_outside_window=allow_outside_window)
+        except (ValueError, TypeError) as err:
+            raise ChainError(f"invalid stage chain for t_start={t_start}, steps={steps}: {err}") from err
 
     @torch.no_grad()
     def refine(self, z: Tensor, t_start: int, steps: int, *, eta: float = 0.0, spacing: str = "uniform",
@@ -234,8 +239,7 @@ class Chain:
         MultiDiffusion tiles. The result carries the grid and stage assignment; its ``stage_latents`` and
         ``stage_x0`` are filled when ``return_stage_outputs``. Invalid settings raise :class:`ChainError` before
         any model runs."""
-        step_plan = self.plan(t_start, steps, spacing=spacing, eta=eta, allow_outside_window=allow_outside_window,
-                              t_end=t_end)
+        step_plan = self._plan(t_start, steps, spacing, eta, allow_outside_window, t_end)
         stages = self.sampling_stages(z if z_cond is None else z_cond)
         if tiles is not None:
             from refiner.inference.tiling import tile_stages
@@ -261,8 +265,8 @@ class Chain:
         if concat:
             raise ChainError(f"progressive refinement cannot condition on a latent of another size: {concat} "
                              "are concat-conditioned windows")
-        self.plan(t_start, steps, spacing=kwargs.get("spacing", "uniform"), eta=kwargs.get("eta", 0.0),
-                  allow_outside_window=kwargs.get("allow_outside_window", False))
+        self._plan(t_start, steps, kwargs.get("spacing", "uniform"), kwargs.get("eta", 0.0),
+                   kwargs.get("allow_outside_window", False), 0)
         return progressive_refine(self.sampling_stages(), z, t_start, steps, self.alphas_cumprod, upscale=upscale,
                                   **kwargs)
 
