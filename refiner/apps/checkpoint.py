@@ -16,7 +16,7 @@ from refiner.formats.window_files import export_safetensors, load_export
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refiner-checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="refiner-checkpoint", description="Export or inspect window checkpoint files.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="window .ckpt -> .safetensors (EMA weights by default)")
     ex.add_argument("ckpt")
