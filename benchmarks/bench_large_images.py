@@ -1,7 +1,7 @@
 """Row 10: large images: time and peak memory vs pixels, and seams of tiling vs whole.
 
 Pipeline per size (batch 1): ``tiled_encode`` (demo VQ-f4, conf/first_stage/demo.yaml) ->
-two-stage ``refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and
+two-stage ``Chain.refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and
 [0, 250), t_start=499, DDIM) -> ``tiled_decode``. Weights are random: they do not change the cost.
 Above the tile sizes the first stage runs on overlapping pixel tiles (``--vq-tile``/``--vq-overlap``)
 and every UNet through ``MultiDiffusion`` on latent tiles (``--latent-tile``/``--latent-stride``,
@@ -18,7 +18,7 @@ refined latent and image with MultiDiffusion alone, and of the image with both; 
 (gradient across tile borders / beside them; about 1 = no seam) of the tiled images.
 With random weights the differences are pessimistic (a trained autoencoder's GroupNorm statistics
 vary less between tiles); ``--vq-ckpt`` measures the seams with a trained f4 of the demo.yaml shape
-instead (loaded by ``refiner.checkpoints.build_first_stage``, e.g. the demo's
+instead (loaded by ``refiner.formats.compvis.build_first_stage``, e.g. the demo's
 ``outputs/demo/vq_f4/checkpoints/last.ckpt``).
 """
 
@@ -67,17 +67,15 @@ def rss_mb() -> float:
 
 
 def build_models(vq_ckpt: str = ""):
-    import torch
-    from bench_sampler import build_experts
+    from bench_sampler import build_chain
 
     if vq_ckpt:  # the project's loader: our Lightning first-stage checkpoints or CompVis/taming layouts
-        from refiner.checkpoints import build_first_stage
+        from refiner.formats.compvis import build_first_stage
 
         vq = build_first_stage(vq_ckpt, C.demo_vq_params(4)).eval()
     else:
         vq = C.build_vq(C.demo_vq_params(4))
-    _, stages = build_experts()
-    return vq, stages
+    return vq, build_chain()
 
 
 def smooth_photo(size: int):
@@ -93,30 +91,27 @@ def smooth_photo(size: int):
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def run_pipeline(vq, stages, x, steps: int, tiles: dict, seed: int = 0) -> dict:
+def run_pipeline(vq, chain, x, steps: int, tiles: dict, seed: int = 0) -> dict:
     """encode -> refine -> decode, whole when the image fits the tiles; returns outputs and times."""
     import torch
 
-    from refiner.inference.tiling import tile_stages, tiled_decode, tiled_encode
-    from refiner.sampling import refine
+    from refiner.inference.tiling import tiled_decode, tiled_encode
 
-    ac = C.alphas_cumprod()
     out: dict = {}
     with torch.no_grad():
         t0 = time.perf_counter()
         z = tiled_encode(vq, x, tiles["vq_tile"], tiles["vq_overlap"])
         t1 = time.perf_counter()
-        chain = stages
-        if max(z.shape[-2:]) > tiles["latent_tile"]:
-            chain = tile_stages(stages, tiles["latent_tile"], stride=tiles["latent_stride"],
-                                view_batch_size=tiles.get("view_batch", 16))
+        latent_tiled = max(z.shape[-2:]) > tiles["latent_tile"]
+        multidiffusion = dict(tile=tiles["latent_tile"], stride=tiles["latent_stride"],
+                              view_batch_size=tiles.get("view_batch", 16)) if latent_tiled else None
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
-        z_ref = refine(chain, z, t_start=499, steps=steps, alphas_cumprod=ac, noise=noise)
+        z_ref = chain.refine(z, 499, steps, noise=noise, tiles=multidiffusion).latent
         t2 = time.perf_counter()
         img = tiled_decode(vq, z_ref, tiles["vq_tile"], tiles["vq_overlap"])
         t3 = time.perf_counter()
     out.update(z=z, z_ref=z_ref, img=img, encode_s=t1 - t0, refine_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0,
-               latent_tiled=chain is not stages)
+               latent_tiled=latent_tiled)
     return out
 
 
@@ -127,11 +122,11 @@ def whole_tiles(size: int, factor: int = 4) -> dict:
 
 def worker_time(size: int, steps: int, tiles: dict, threads: int) -> dict:
     C.set_threads(threads)
-    vq, stages = build_models()
+    vq, chain = build_models()
     x = smooth_photo(size)
-    run_pipeline(vq, stages, smooth_photo(64), 2, tiles)  # warm-up
+    run_pipeline(vq, chain, smooth_photo(64), 2, tiles)  # warm-up
     base = rss_mb()
-    r = run_pipeline(vq, stages, x, steps, tiles)
+    r = run_pipeline(vq, chain, x, steps, tiles)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"size": size, "pixels": size * size, "steps": steps, "vq_tiled": size > tiles["vq_tile"],
             "latent_tiled": r["latent_tiled"], **{k: r[k] for k in ("encode_s", "refine_s", "decode_s", "total_s")},
@@ -144,12 +139,12 @@ def worker_seams(size: int, steps: int, threads: int, vq_ckpt: str) -> dict:
     from refiner.inference.tiling import seam_ratio, tile_borders, tiled_decode, tiled_encode
 
     C.set_threads(threads)
-    vq, stages = build_models(vq_ckpt)
+    vq, chain = build_models(vq_ckpt)
     x = smooth_photo(size)
-    whole = run_pipeline(vq, stages, x, steps, whole_tiles(size, vq.factor))
-    tiled = run_pipeline(vq, stages, x, steps, SEAM_TILES)
+    whole = run_pipeline(vq, chain, x, steps, whole_tiles(size, vq.factor))
+    tiled = run_pipeline(vq, chain, x, steps, SEAM_TILES)
     latent_only = {**SEAM_TILES, "vq_tile": size, "vq_overlap": 0}  # MultiDiffusion alone, whole VQ
-    md = run_pipeline(vq, stages, x, steps, latent_only)
+    md = run_pipeline(vq, chain, x, steps, latent_only)
 
     def rel(a, b) -> float:
         return float((a - b).abs().mean() / b.abs().mean())

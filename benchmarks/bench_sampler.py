@@ -33,6 +33,16 @@ def build_experts():
     return nets, stages
 
 
+def build_chain():
+    """The two experts of :func:`build_experts` as a :class:`refiner.inference.chain.Chain` (demo schedule)."""
+    from refiner.diffusion import ScheduleConfig
+    from refiner.inference.chain import Chain
+
+    nets, stages = build_experts()
+    return Chain.from_unets(nets, [s.window for s in stages], ScheduleConfig(**C.demo_model_cfg()["schedule"]),
+                            unet_params=C.demo_unet_params())
+
+
 def expert_for(nets, t: int):
     return nets[0] if t >= 250 else nets[1]
 

@@ -1,6 +1,6 @@
-"""Row 7: cost vs image size: two-stage ``refine()`` with the demo UNet, and VQ-f4 encode + decode.
+"""Row 7: cost vs image size: two-stage ``Chain.refine()`` with the demo UNet, and VQ-f4 encode + decode.
 
-Image sizes 256, 512, 1024 px -> f4 latents 64, 128, 256 (batch 1). ``refine`` runs two experts
+Image sizes 256, 512, 1024 px -> f4 latents 64, 128, 256 (batch 1). ``Chain.refine`` runs two experts
 (windows [250, 500) and [0, 250), t_start=499) for 10 and 25 DDIM steps (best of 2 runs each). Every (workload, size)
 runs in a fresh subprocess; peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the
 end minus the resident size after building the models (torch allocations are invisible to
@@ -34,20 +34,17 @@ def worker(kind: str, size: int, steps: list[int], threads: int) -> dict:
     C.set_threads(threads)
     out: dict = {"kind": kind, "size": size}
     if kind == "refine":
-        from bench_sampler import build_experts
+        from bench_sampler import build_chain
 
-        from refiner.sampling import refine
-
-        _, stages = build_experts()
-        ac = C.alphas_cumprod()
+        chain = build_chain()
         z = torch.randn(1, 3, size // 4, size // 4)
         base = rss_mb()
-        refine(stages, z, t_start=499, steps=2, alphas_cumprod=ac)  # warm-up
+        chain.refine(z, 499, 2)  # warm-up
         for s in steps:  # best of 2: interference from other jobs only ever adds time
             times = []
             for _ in range(2):
                 t0 = time.perf_counter()
-                refine(stages, z, t_start=499, steps=s, alphas_cumprod=ac)
+                chain.refine(z, 499, s)
                 times.append(time.perf_counter() - t0)
             out[f"steps_{s}_s"] = min(times)
     else:

@@ -1,5 +1,5 @@
 """The two kinds of error every entry point (``sample.py``, ``train.py``, ``build_shards.py``,
-``python -m refiner.checkpoints``) reports as one line, ``error: <message>`` on stderr.
+``refiner-checkpoint``) reports as one line, ``error: <message>`` on stderr.
 
 * :class:`SettingError`: a setting, or a file or folder named by a setting, that cannot work (bad range,
   missing checkpoint, output that would replace something). Found before or instead of the work; exit 2.
@@ -18,3 +18,8 @@ class SettingError(ValueError):
 
 class InputsFailed(RuntimeError):
     """The inputs themselves failed (none could be processed); entry points exit 1."""
+
+
+class SampleError(SettingError):
+    """A sampling setting, checkpoint chain or output location that cannot work; raised before any image is
+    refined (:class:`refiner.inference.chain.ChainError` is the chain's own kind)."""

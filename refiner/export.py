@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from refiner.checkpoints import CheckpointError
+from refiner.formats.safe_load import CheckpointError
 
 
 def _load_params(path: str | None) -> dict | None:

@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file in the target directory, fsync, ``os.replace``) and output-path checks.
+"""Atomic file writes (temp file in the target directory, fsync, ``os.replace``), output-path checks, and
+non-finite floats in JSON (:func:`json_float`).
 
 A kill mid-write leaves the old file (or nothing), never a truncated one. Hand-written because
 neither Lightning's ``_atomic_save`` (it streams into the final path) nor the stdlib offers it.
@@ -10,6 +11,7 @@ neither Lightning's ``_atomic_save`` (it streams into the final path) nor the st
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -92,3 +94,12 @@ def atomic_save(path: str | os.PathLike, save_fn: Callable[[Path], None]) -> Non
     """Call ``save_fn(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         save_fn(tmp)
+
+
+def json_float(x: float) -> float | str:
+    """``x`` itself if finite, else ``"inf"``, ``"-inf"`` or ``"nan"``: JSON has no non-finite numbers
+    (``json.dumps`` would write the invalid tokens ``Infinity``/``NaN``)."""
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")

@@ -6,7 +6,6 @@ FID/KID are available through :func:`fid_kid` only when local Inception weights 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from refiner.io import json_float
 
 
 # ------------------------------------------------------------------------------------------ input checks
@@ -215,17 +216,13 @@ def swd(
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def _finite(x: float) -> float | str:
-    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")  # JSON has no inf
-
-
 def compare(images: Tensor, reference: Tensor, swd_kwargs: dict | None = None) -> dict:
     """PSNR/SSIM (mean and per image) and SWD of ``images`` against ``reference``; JSON-serialisable."""
     p, s = psnr(images, reference), ssim(images, reference)
     d = swd(images, reference, **(swd_kwargs or {}))
     return {
-        "psnr": _finite(float(p.mean())),
-        "psnr_per_image": [_finite(float(v)) for v in p],
+        "psnr": json_float(float(p.mean())),
+        "psnr_per_image": [json_float(float(v)) for v in p],
         "ssim": float(s.mean()),
         "ssim_per_image": [float(v) for v in s],
         "swd_x1e3": d["mean"],

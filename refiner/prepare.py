@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from refiner.checkpoints import first_stage_from_config
+from refiner.formats.compvis import first_stage_from_config
 from refiner.data.images import scan_images
 from refiner.data.shards import ShardBuildError, build_shards, check_build_settings, check_shard_output
 from refiner.io import same_file

@@ -334,7 +334,9 @@ class RefineResult:
     stage_x0: list[Tensor] = field(default_factory=list)
 
 
-def _check_stages(stages: Sequence[Stage], alphas_cumprod: Tensor) -> None:
+def check_stages(stages: Sequence[Stage], alphas_cumprod: Tensor) -> None:
+    """Stages must be :class:`Stage` objects with a known parameterization, windows on the schedule of
+    ``alphas_cumprod`` (same T), and windows that do not overlap. Raises ``ValueError`` / ``TypeError``."""
     if not stages:
         raise ValueError("refine needs at least one Stage")
     T = alphas_cumprod.shape[0]
@@ -390,7 +392,7 @@ def _assign_stages(
     )
     if not allow_outside_window:
         raise ValueError(message + ". Pass allow_outside_window=True to use the nearest stage instead.")
-    warnings.warn(message + ". Using the nearest stage for those steps (allow_outside_window=True).", stacklevel=3)
+    warnings.warn(message + ". Using the nearest stage for those steps (allow_outside_window=True).", stacklevel=4)
 
     def distance(w: Window, t: int) -> int:
         return 0 if w.contains(t) else (w.t_min - t if t < w.t_min else t - (w.t_max - 1))
@@ -399,6 +401,45 @@ def _assign_stages(
         k if k is not None else min(range(len(windows)), key=lambda j: (distance(windows[j], t), windows[j].t_min))
         for t, k in zip(grid, assignment)
     ]
+
+
+@dataclass
+class StepPlan:
+    """Which stage runs which grid step: ``timesteps`` is the grid, ``stage_of_step[i]`` the index into the
+    stages used at ``timesteps[i]``."""
+
+    timesteps: list[int]
+    stage_of_step: list[int]
+
+    @property
+    def segments(self) -> list[int]:
+        """Stage indices in run order (each stage once per contiguous run of steps)."""
+        return [k for i, k in enumerate(self.stage_of_step) if i == 0 or self.stage_of_step[i - 1] != k]
+
+
+def plan(
+    stages: Sequence[Stage],
+    t_start: int,
+    steps: int,
+    alphas_cumprod: Tensor,
+    *,
+    t_end: int = 0,
+    spacing: Spacing = "uniform",
+    eta: float = 0.0,
+    allow_outside_window: bool = False,
+) -> StepPlan:
+    """Validate a chain of stages against one grid and say which stage runs each step, without calling any model.
+
+    The checks :func:`refine` applies before any compute, and the only place they live: stage windows must not
+    overlap and must share ``T = len(alphas_cumprod)``; the grid ``timestep_grid(t_start, steps, t_end, spacing, T)``
+    must exist; ``eta`` must fit every step (:func:`check_eta`); every grid t must lie in a window (errors name
+    uncovered t, gaps and windows; ``allow_outside_window=True`` warns and uses the nearest stage instead).
+    Raises ``ValueError`` / ``TypeError``.
+    """
+    check_stages(stages, alphas_cumprod)
+    grid = timestep_grid(t_start, steps, t_end, spacing, alphas_cumprod.shape[0])
+    check_eta(eta, grid, alphas_cumprod)
+    return StepPlan(grid, _assign_stages(stages, grid, allow_outside_window))
 
 
 @torch.no_grad()
@@ -415,13 +456,13 @@ def refine(
     allow_outside_window: bool = False,
     return_stage_outputs: bool = False,
     noise: Tensor | None = None,
+    t_end: int = 0,
 ) -> Tensor | RefineResult:
     """Img2img refinement of clean latents ``z`` (any shape ``(B, ...)``) with window experts.
 
-    1. Build one grid ``timestep_grid(t_start, steps, 0, spacing, T)`` and assign each t to the stage
-       whose window contains it; validate before any compute: stage windows must not overlap and must
-       share ``T = len(alphas_cumprod)``; every grid t must be covered (errors name uncovered t, gaps
-       and windows; ``allow_outside_window=True`` warns and uses the nearest stage instead).
+    1. :func:`plan`: build one grid ``timestep_grid(t_start, steps, t_end, spacing, T)`` and assign each t to
+       the stage whose window contains it, validating before any compute (overlap, shared T, coverage, eta).
+       ``t_end > 0`` stops the grid early (e.g. at a window's lower edge); the last step still targets ``ab[0]``.
     2. Noise ``z`` to exactly ``t_start`` with ``q_sample`` using ``noise`` if given, else
        ``randn`` from ``generator``.
     3. Run DDIM(eta) over the grid, switching experts at window boundaries with no re-noising at the
@@ -432,10 +473,9 @@ def refine(
     then one tensor per step when ``eta > 0``. Returns the final latent, or a :class:`RefineResult`
     when ``return_stage_outputs``. See the module docstring for ``callback``.
     """
-    _check_stages(stages, alphas_cumprod)
-    grid = timestep_grid(t_start, steps, 0, spacing, alphas_cumprod.shape[0])
-    check_eta(eta, grid, alphas_cumprod)
-    stage_of_step = _assign_stages(stages, grid, allow_outside_window)
+    step_plan = plan(stages, t_start, steps, alphas_cumprod, t_end=t_end, spacing=spacing, eta=eta,
+                     allow_outside_window=allow_outside_window)
+    grid, stage_of_step = step_plan.timesteps, step_plan.stage_of_step
     if noise is None:
         noise = _randn_like(z, generator)
     elif noise.shape != z.shape:

@@ -64,7 +64,7 @@ def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
     """Finetune source: (UNet state dict, info) from ``init_from``, or (None, None)."""
     if not cfg.get("init_from"):
         return None, None
-    from refiner.checkpoints import load_init_weights
+    from refiner.formats.init_from import load_init_weights
 
     return load_init_weights(cfg.init_from, use_ema=cfg.init_from_ema, trust_checkpoint=cfg.trust_checkpoint)
 
@@ -72,7 +72,7 @@ def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
 def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict, info: dict) -> dict:
     """Finetune: copy only weights (from :func:`read_init_from`) into ``model.unet``, strictly;
     optimizer and step start fresh."""
-    from refiner.checkpoints import load_strict
+    from refiner.formats.kinds import load_strict
 
     load_strict(model.unet, state, source=str(cfg.init_from))
     log.info("initialised weights from %s (%s)", cfg.init_from, info)
@@ -126,7 +126,7 @@ def resolve_first_stage_fingerprint(cfg: DictConfig, init_info: dict | None = No
     LDM, through its ``first_stage_model``) must have been trained with the same f4. Mismatches raise
     :class:`~refiner.formats.fingerprint.FirstStageMismatch` unless ``allow_first_stage_mismatch=true``.
     """
-    from refiner.checkpoints import first_stage_file_fingerprint
+    from refiner.formats.compvis import first_stage_file_fingerprint
     from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match
 
     allow = bool(cfg.get("allow_first_stage_mismatch", False))

@@ -32,28 +32,15 @@ def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor], text: Mappi
     return path
 
 
-@torch.no_grad()
-def refine_within_window(module, z_degraded: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    """Noise degraded latents to the top of ``module.window`` and DDIM-denoise through it only.
+def _pad_white(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return torch.nn.functional.pad(img, (0, size[1] - img.shape[-1], 0, size[0] - img.shape[-2]), value=1.0)
 
-    Returns the x0 prediction at the window's lower edge, unscaled back to first-stage latents.
-    """
-    from refiner.diffusion import q_sample
-    from refiner.sampling import sample_ddim, timestep_grid
 
-    window, ac = module.window, module.alphas_cumprod
-    scale = module.hparams.scale_factor
-    z = z_degraded.to(module.device) * scale
-    concat = z if module.hparams.conditioning else None
-    grid = timestep_grid(window.t_max - 1, max(1, min(steps, window.width)), t_end=window.t_min,
-                         num_timesteps=window.num_timesteps)
-    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(0)).to(z)
-    x_t = q_sample(z, torch.full((z.shape[0],), grid[0], device=z.device), ac, noise)
-    last_x0 = []
-    sample_ddim(lambda x, t: module.unet(x, t, concat=concat), x_t, grid, ac,
-                parameterization=module.hparams.parameterization,
-                callback=lambda i, t, x, out, x0: last_x0.append(x0) if i == len(grid) - 1 else None)
-    return last_x0[-1] / scale
+def save_combined_grid(path: str | os.PathLike, rows: Sequence[Sequence[torch.Tensor]],
+                       text: Mapping[str, str] | None = None) -> Path:
+    """One row per image (its columns side by side); smaller images are padded white to the largest."""
+    size = (max(c.shape[-2] for r in rows for c in r), max(c.shape[-1] for r in rows for c in r))
+    return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows], text=text)
 
 
 def log_grid(module, rows: Sequence[torch.Tensor], name: str, captions: Sequence[str]) -> Path:

@@ -1,4 +1,4 @@
-"""refiner.checkpoints against checkpoints built in the exact CompVis / taming / refiner layouts."""
+"""refiner.formats (safe loading, CompVis/taming layouts, window files, init_from) against checkpoints built in the exact CompVis / taming / refiner layouts."""
 
 import json
 import logging
@@ -15,19 +15,11 @@ from helpers_compvis import (
     make_first_stage_checkpoint,
     make_window_checkpoint,
 )
-from refiner.checkpoints import (
-    CheckpointError,
-    build_first_stage,
-    ema_key,
-    export_safetensors,
-    load_compvis_ldm,
-    load_first_stage,
-    load_init_weights,
-    load_strict,
-    load_window_checkpoint,
-    load_window_weights,
-    safe_torch_load,
-)
+from refiner.formats.compvis import build_first_stage, ema_key, load_compvis_ldm, load_first_stage
+from refiner.formats.init_from import load_init_weights
+from refiner.formats.kinds import load_strict
+from refiner.formats.safe_load import CheckpointError, safe_torch_load
+from refiner.formats.window_files import export_safetensors, load_window_checkpoint, load_window_weights
 from refiner.diffusion import ScheduleConfig, Window
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel
@@ -55,7 +47,7 @@ def test_ema_key_is_litema_name():
 
 
 def test_compvis_ldm_ema_selected_and_loads_strictly(ldm, caplog):
-    with caplog.at_level(logging.INFO, logger="refiner.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="refiner.formats.compvis"):
         ck = load_compvis_ldm(ldm["ckpt_path"], config_path=ldm["config_path"])
     assert ck.used_ema and ck.global_step == 7
     assert_state_equal(ck.unet, ldm["ema"])
@@ -105,7 +97,7 @@ def test_non_ldm_checkpoints_are_named(window, tmp_path):
 @pytest.mark.parametrize("lightning", [True, False])
 def test_first_stage_drops_training_keys_and_builds(tmp_path, caplog, lightning):
     made = make_first_stage_checkpoint(tmp_path, lightning=lightning)
-    with caplog.at_level(logging.INFO, logger="refiner.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="refiner.formats.compvis"):
         sd = load_first_stage(made["path"])
     assert_state_equal(sd, made["state"])
     assert "dropped 6 training-only keys" in caplog.text
@@ -212,7 +204,7 @@ def test_safetensors_export_round_trip(window, tmp_path):
 
 def test_export_cli(window, tmp_path):
     out = tmp_path / "cli.safetensors"
-    res = subprocess.run([sys.executable, "-m", "refiner.checkpoints", "export", str(window["path"]), str(out),
+    res = subprocess.run([sys.executable, "-m", "refiner.apps.checkpoint", "export", str(window["path"]), str(out),
                           "--raw"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert_state_equal(load_window_weights(out).unet_state, window["raw"])

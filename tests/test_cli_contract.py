@@ -59,7 +59,7 @@ def test_sample_output_dir_that_is_a_file_exits_2(tmp_path):
 def test_sample_unusable_device_is_a_setting_error(tmp_path, device, message):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from refiner.refine_images import run
+    from refiner.apps.sample import run
 
     cfg = compose_config("sample", [f"inputs={tmp_path}", f"device={device}", f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert run_cli(lambda: run(cfg)) == 2

@@ -18,7 +18,9 @@ import torch
 diffusers = pytest.importorskip("diffusers")  # a guard only: `make test` installs diffusers (the test extra)
 
 from helpers_compvis import make_first_stage_checkpoint, make_window_checkpoint, randomized  # noqa: E402
-from refiner.checkpoints import CheckpointError, build_first_stage, load_init_weights  # noqa: E402
+from refiner.formats.compvis import build_first_stage  # noqa: E402
+from refiner.formats.init_from import load_init_weights  # noqa: E402
+from refiner.formats.safe_load import CheckpointError  # noqa: E402
 from refiner.diffusion import ScheduleConfig, Window  # noqa: E402
 from refiner.formats.diffusers import (  # noqa: E402
     DiffusersFormatError, WindowChainPipeline, export_diffusers, load_diffusers_unet, load_diffusers_vq,
@@ -180,7 +182,7 @@ def test_model_card(chain):
 
 
 def test_export_import_round_trip_bit_identical(chain):
-    from refiner.checkpoints import load_window_checkpoint
+    from refiner.formats.window_files import load_window_checkpoint
 
     for path, sub in ((chain["shape"], "unet"), (chain["detail"], "unet_2")):
         want = load_window_checkpoint(path).unet_state
@@ -197,7 +199,7 @@ def test_export_import_round_trip_bit_identical(chain):
 
 
 def _our_stages(chain):
-    from refiner.checkpoints import load_window_checkpoint
+    from refiner.formats.window_files import load_window_checkpoint
 
     stages = []
     for p in (chain["shape"], chain["detail"]):
@@ -249,7 +251,7 @@ def test_full_range_window_is_a_standard_ldm_pipeline(tmp_path):
     images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     # the same two DDIM steps ([501, 1]) with our sampler and VQ, decoding latents / scale_factor
-    from refiner.checkpoints import load_window_checkpoint
+    from refiner.formats.window_files import load_window_checkpoint
     from refiner.sampling import sample_ddim
 
     ww = load_window_checkpoint(path)
@@ -306,7 +308,7 @@ def test_unsupported_diffusers_configs_are_named():
 def test_export_refusals(chain, tmp_path):
     with pytest.raises(DiffusersFormatError, match="already exists; pass --force"):
         export_diffusers([chain["shape"]], chain["out"])
-    with pytest.raises(DiffusersFormatError, match="overlapping windows"):
+    with pytest.raises(DiffusersFormatError, match="overlapping stage windows"):
         export_diffusers([chain["shape"], chain["shape"]], tmp_path / "x")
     inside = tmp_path / "host"
     inside.mkdir()

@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 
 from helpers_compvis import make_first_stage_checkpoint, make_window_checkpoint
-from refiner.checkpoints import (
-    export_safetensors, first_stage_file_fingerprint, load_init_weights, load_window_weights,
-)
+from refiner.formats.compvis import first_stage_file_fingerprint
+from refiner.formats.init_from import load_init_weights
+from refiner.formats.window_files import export_safetensors, load_window_weights
 from refiner.formats.fingerprint import first_stage_fingerprint
 from refiner.models.unet import tiny_unet_params
 from refiner.models.vq import VQModel

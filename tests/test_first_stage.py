@@ -7,7 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from refiner.checkpoints import load_first_stage, load_strict
+from refiner.formats.compvis import load_first_stage
+from refiner.formats.kinds import load_strict
 from refiner.lit.first_stage import FirstStageModule
 from refiner.models.vq import VQModel, tiny_ddconfig
 

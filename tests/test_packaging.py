@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 
-COMMANDS = ("refiner-train", "refiner-sample", "refiner-build-shards", "refiner-export")
+COMMANDS = ("refiner-train", "refiner-sample", "refiner-build-shards", "refiner-export", "refiner-checkpoint")
 
 
 def _run(cmd, cwd, env=None, timeout=180):
@@ -52,3 +52,4 @@ def test_wheel_installs_console_commands_that_find_their_configs(tmp_path):
     out = _run([str(site / "bin" / "refiner-build-shards"), "--cfg", "job"], elsewhere, env)
     assert "splits:" in out
     assert "diffusers" in _run([str(site / "bin" / "refiner-export"), "--help"], elsewhere, env)
+    assert "export" in _run([str(site / "bin" / "refiner-checkpoint"), "--help"], elsewhere, env)

@@ -1,4 +1,4 @@
-"""sample.py / refiner.refine_images: tiny VQ and window checkpoints in the real layouts, tiny images."""
+"""sample.py / refiner.apps.sample (Chain, Pipeline): tiny VQ and window checkpoints in the real layouts, tiny images."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from PIL import Image
 
 from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
 from conftest import ROOT, compose_config
-from refiner import refine_images
-from refiner.checkpoints import build_first_stage, load_window_weights
+from refiner.apps import sample as sample_app
+from refiner.formats.compvis import build_first_stage
+from refiner.formats.window_files import load_window_weights
 from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
-from refiner.refine_images import SampleError, plan_outputs, run
+from refiner.apps.sample import run
+from refiner.errors import SampleError
+from refiner.inference.chain import Chain
+from refiner.inference.outputs import plan_outputs
 from refiner.sampling import Stage, refine
 
 STEPS = 4
@@ -195,9 +199,7 @@ def test_bf16_precision_is_close_to_fp32_but_not_identical(models, tmp_path):
     a = np.asarray(Image.open(tmp_path / "fp32" / "a.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "bf16" / "a.png")).astype(int)
     assert np.abs(a - b).mean() < 8
-    from refiner.refine_images import load_stages
-
-    (fp32,), (bf16,) = (load_stages([str(models["hi"])], precision=p) for p in ("fp32", "bf16"))
+    (fp32,), (bf16,) = (Chain.from_paths([str(models["hi"])], precision=p).stages for p in ("fp32", "bf16"))
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([300])
     out32, out16 = fp32.stage(None).model(x, t), bf16.stage(None).model(x, t)
     assert out16.dtype == torch.float32 and not torch.equal(out32, out16)  # autocast really ran
@@ -249,8 +251,8 @@ def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages,
     def no_images(*a, **k):
         raise AssertionError("an image was loaded before the chain was validated")
 
-    monkeypatch.setattr(refine_images, "load_image", no_images)
-    monkeypatch.setattr(refine_images, "scan_images", no_images)
+    monkeypatch.setattr(sample_app, "load_image", no_images)
+    monkeypatch.setattr(sample_app, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
                    "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
     with pytest.raises(SampleError, match=message):
@@ -266,9 +268,8 @@ def test_stages_must_share_schedule_and_scale_factor(models, tmp_path):
         hp[field] = {**hp[field], **value} if isinstance(value, dict) else value
         path = tmp_path / f"lo_{field}.ckpt"
         torch.save(ckpt, path)
-        stages = refine_images.load_stages([str(models["hi"]), str(path)])
         with pytest.raises(SampleError, match=message):
-            refine_images.check_compatible(stages)
+            Chain.from_paths([str(models["hi"]), str(path)])
 
 
 def test_concat_stage_gets_the_degraded_latent(models, tmp_path):
@@ -283,9 +284,12 @@ def test_concat_stage_gets_the_degraded_latent(models, tmp_path):
     got = np.asarray(Image.open(tmp_path / "out" / "a.png"))
     assert _max_diff(got, _manual_refine(models, ("concat", "lo"), _rgb(16, 16, 0), 0)) <= 1
     # and a concat UNet whose channels do not fit the f4 latent is refused up front
-    stages = refine_images.load_stages([str(concat)])
+    chain = Chain.from_paths([str(concat)])
     with pytest.raises(SampleError, match="in/out channels"):
-        refine_images.check_compatible(stages, latent_channels=4)
+        chain.check_latent_channels(4)
+    f8 = build_first_stage(models["f8"], dict(ddconfig=tiny_ddconfig(8), n_embed=256, embed_dim=4))
+    with pytest.raises(SampleError, match="in/out channels"):  # check_first_stage checks the channels first
+        chain.check_first_stage(f8, "the f8")
 
 
 def test_oversized_image_is_refused_others_processed(models, tmp_path):
@@ -378,7 +382,8 @@ def _other_f4(models, tmp_path) -> Path:
 def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monkeypatch):
     import warnings
 
-    from refiner.checkpoints import export_safetensors, first_stage_file_fingerprint
+    from refiner.formats.compvis import first_stage_file_fingerprint
+    from refiner.formats.window_files import export_safetensors
     from refiner.formats.fingerprint import FirstStageMismatch
 
     fp = first_stage_file_fingerprint(models["f4"])
@@ -401,7 +406,7 @@ def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monk
         raise AssertionError("an image was loaded before the first stage was checked")
 
     with monkeypatch.context() as m:
-        m.setattr(refine_images, "load_image", no_images)
+        m.setattr(sample_app, "load_image", no_images)
         with pytest.raises(FirstStageMismatch) as err:
             run(_compose(fp_models, d, tmp_path / "bad", f"first_stage.f4.ckpt_path={other}"))
     message = str(err.value)
@@ -433,7 +438,7 @@ def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkey
         raise AssertionError("an image was refined before the output folder was checked")
 
     with monkeypatch.context() as m:
-        m.setattr(refine_images, "load_image", no_images)
+        m.setattr(sample_app, "load_image", no_images)
         with pytest.raises(SampleError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
                                               r"overwrite=true"):
             run(_compose(models, f"'{d}/*.jpg'", d))
@@ -444,7 +449,7 @@ def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkey
 
 
 def test_rerun_skips_finished_outputs_and_refuses_to_replace_other_settings(models, tmp_path):
-    from refiner.run_outputs import png_text, read_png_record
+    from refiner.inference.outputs import png_text, read_png_record
     from refiner.data.images import save_png_atomic
 
     d = tmp_path / "in"

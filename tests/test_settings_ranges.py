@@ -55,7 +55,7 @@ def test_eta_above_one_only_where_the_ddim_variance_fits():
 ])
 def test_sample_settings_out_of_range_fail_before_loading_anything(tmp_path, override, message):
     from conftest import compose_config
-    from refiner.refine_images import run
+    from refiner.apps.sample import run
 
     cfg = compose_config("sample", [f"inputs={tmp_path}", "stages=[/nonexistent.ckpt]", override,
                                     f"output_dir={tmp_path / 'out'}"], tmp_path / "out")
@@ -65,13 +65,13 @@ def test_sample_settings_out_of_range_fail_before_loading_anything(tmp_path, ove
 
 
 def test_eta_too_large_for_the_grid_is_a_setting_error():
-    from refiner.refine_images import SampleError, plan_steps
+    from refiner.errors import SampleError
+    from refiner.formats.window_files import WindowWeights
+    from refiner.inference.chain import Chain, LoadedStage
 
-    class Fake:  # plan_steps needs only the windows and parameterizations of the stages
-        def __init__(self, window):
-            self.weights = type("W", (), {"window": window, "parameterization": "eps", "source": "w.ckpt"})()
-            self.name = "w.ckpt"
-
+    weights = WindowWeights({}, {}, Window(0, 500), ScheduleConfig("linear", 1000, 0.0015, 0.0195), "eps", None,
+                            "w.ckpt", False)
+    chain = Chain([LoadedStage(weights, unet=None)], AB, 1.0)  # plan() needs only windows and parameterizations
     with pytest.raises(SampleError, match="eta=1.05 is too large"):
-        plan_steps([Fake(Window(0, 500))], AB, 299, 4, eta=1.05)
-    assert plan_steps([Fake(Window(0, 500))], AB, 299, 4, eta=1.0).timesteps == [299, 200, 101, 2]
+        chain.plan(299, 4, eta=1.05)
+    assert chain.plan(299, 4, eta=1.0).timesteps == [299, 200, 101, 2]

@@ -11,7 +11,8 @@ import torch
 from conftest import CONF, TINY_TRAINER, compose_config
 from pipeline import World, build_world
 
-from refiner.checkpoints import CheckpointError, load_window_checkpoint
+from refiner.formats.safe_load import CheckpointError
+from refiner.formats.window_files import load_window_checkpoint
 from refiner.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
 
 
@@ -227,7 +228,7 @@ def test_finetune_from_compvis_ldm_takes_its_ema_weights(world, compvis_files, t
 
 
 def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
-    from refiner.checkpoints import export_safetensors, load_window_weights
+    from refiner.formats.window_files import export_safetensors, load_window_weights
 
     out = tmp_path / "shape.safetensors"
     export_safetensors(shape_window["last_ckpt"], out)
@@ -241,7 +242,7 @@ def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
 
 # -- issue 9, class 2: the f4 identity is recorded by training and checked by init_from -------------------
 def test_window_records_the_fingerprint_of_its_first_stage(world, shape_window):
-    from refiner.checkpoints import first_stage_file_fingerprint
+    from refiner.formats.compvis import first_stage_file_fingerprint
     from refiner.data.shards import load_manifest
 
     fp = first_stage_file_fingerprint(world.f4_ckpt)

@@ -1,5 +1,6 @@
-"""Bodies of the Hydra commands (``train.py``, ``sample.py``, ``build_shards.py`` at the repo root, and the
-installed console scripts ``refiner-train``, ``refiner-sample``, ``refiner-build-shards``).
+"""Bodies of the commands: the Hydra ones (``train.py``, ``sample.py``, ``build_shards.py`` at the repo root, and the
+installed console scripts ``refiner-train``, ``refiner-sample``, ``refiner-build-shards``) and the argparse
+``refiner-checkpoint`` (:mod:`refiner.apps.checkpoint`).
 
 The configs live in the repo's ``conf/``; ``refiner/conf`` points there (a symlink in a checkout, real
 files in a built wheel), so an installed package finds them without the checkout.

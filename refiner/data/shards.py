@@ -46,6 +46,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from refiner.batching import batches_by
 from refiner.data.images import ImageError, encode_png, load_image, pad_to_multiple, scan_images, to_tensor, to_uint8
 from refiner.errors import InputsFailed, SettingError
 from refiner.formats.fingerprint import first_stage_fingerprint
@@ -263,11 +264,20 @@ def build_shards(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=nearest))
     try:
         writer = wds.ShardWriter(str(tmp_dir / SHARD_PATTERN), maxcount=maxcount_per_shard, verbose=0)
-        pending: list[tuple[int, Path, np.ndarray, dict]] = []
 
-        def flush() -> None:
-            if not pending:
-                return
+        def fitted() -> Iterator[tuple[int, Path, np.ndarray, dict]]:
+            for index, path in enumerate(tqdm(files, desc="building shards", unit="img", disable=not progress)):
+                try:
+                    img, info = _fit_size(load_image(path), size, multiple, fit, source=path)
+                except ImageError as exn:
+                    skipped.append({"file": str(path), "reason": str(exn)})
+                    log.warning("skipping %s", exn)
+                    continue
+                for flag in ("resized", "padded", "cropped"):
+                    counts[flag] += info[flag]
+                yield index, path, img, info
+
+        def write(pending: list[tuple[int, Path, np.ndarray, dict]]) -> None:
             enc = _encode_batch(f4, f8, [p[2] for p in pending], device)
             for j, (index, path, clean_u8, info) in enumerate(pending):
                 sample = {
@@ -286,21 +296,9 @@ def build_shards(
                 counts["samples"] += 1
                 image_shapes["x".join(map(str, info["size"]))] += 1
                 latent_shapes["x".join(map(str, enc["z_clean"][j].shape))] += 1
-            pending.clear()
 
-        for index, path in enumerate(tqdm(files, desc="building shards", unit="img", disable=not progress)):
-            try:
-                img, info = _fit_size(load_image(path), size, multiple, fit, source=path)
-            except ImageError as exn:
-                skipped.append({"file": str(path), "reason": str(exn)})
-                log.warning("skipping %s", exn)
-                continue
-            for flag in ("resized", "padded", "cropped"):
-                counts[flag] += info[flag]
-            if pending and (pending[0][2].shape != img.shape or len(pending) >= batch_size):
-                flush()
-            pending.append((index, path, img, info))
-        flush()
+        for pending in batches_by(fitted(), batch_size, key=lambda item: item[2].shape):
+            write(pending)
         writer.close()
         if counts["samples"] == 0:
             reasons = "; ".join(s["reason"] for s in skipped[:5])

@@ -58,7 +58,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from refiner.checkpoints import CheckpointError, WindowWeights, build_first_stage, load_window_weights, safe_torch_load
+from refiner.formats.compvis import build_first_stage
+from refiner.formats.safe_load import CheckpointError, safe_torch_load
+from refiner.formats.window_files import WindowWeights, load_window_weights
 from refiner.diffusion import ScheduleConfig, Window
 
 log = logging.getLogger(__name__)
@@ -590,7 +592,7 @@ def load_diffusers_vq(path: str | os.PathLike, expected_params: Mapping | None =
     The folder's config.json decides the architecture; if ``expected_params`` (the config's
     ``first_stage.*.params``) disagree, a warning names the differences.
     """
-    from refiner.checkpoints import load_strict
+    from refiner.formats.kinds import load_strict
     from refiner.models.vq import VQModel
 
     folder = Path(path)
@@ -635,9 +637,9 @@ class Expert:
 def read_source_metadata(path: Path, trust_checkpoint: bool = False) -> dict:
     """The hyper_parameters (plus ``callbacks``/``global_step``) of a window ``.ckpt``, or the metadata of an
     exported ``.safetensors``, as a plain dict (for the first stage and the model card)."""
-    from refiner.checkpoints import _is_safetensors
+    from refiner.formats.safe_load import is_safetensors
 
-    if _is_safetensors(path):
+    if is_safetensors(path):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -647,26 +649,21 @@ def read_source_metadata(path: Path, trust_checkpoint: bool = False) -> dict:
 
 
 def _check_chain(experts: Sequence[Expert]) -> None:
-    from refiner.refine_images import LoadedStage, SampleError, check_compatible
+    from refiner.inference.chain import Chain, ChainError, LoadedStage
 
     for e in experts:
         if e.weights.conditioning == "concat":
             raise DiffusersFormatError(
                 f"{e.path}: concat-conditioned window (in_channels={e.weights.unet_params['in_channels']}); "
                 "diffusers has no pipeline that feeds a degraded latent next to the noisy one, so it is not exported")
-    try:
-        check_compatible([LoadedStage(e.weights, None) for e in experts])  # type: ignore[arg-type]
-    except SampleError as err:
+    try:  # schedule, scale factor, first stage and window overlap: the checks every chain gets
+        Chain.from_stages([LoadedStage(e.weights, None) for e in experts])  # type: ignore[arg-type]
+    except ChainError as err:
         raise DiffusersFormatError(str(err)) from err
     params = {e.weights.parameterization for e in experts}
     if len(params) > 1:
         raise DiffusersFormatError(f"experts mix parameterizations {sorted(params)}; one DDIMScheduler has one "
                                    "prediction_type")
-    ordered = sorted(experts, key=lambda e: e.weights.window.t_min)
-    for lo, hi in zip(ordered, ordered[1:]):
-        if hi.weights.window.t_min < lo.weights.window.t_max:
-            raise DiffusersFormatError(f"overlapping windows {lo.weights.window} ({lo.path}) and "
-                                       f"{hi.weights.window} ({hi.path})")
 
 
 def _first_stage(experts: Sequence[Expert], ckpt: str | None, params: Mapping | None, trust_checkpoint: bool):

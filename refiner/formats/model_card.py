@@ -8,7 +8,7 @@ fingerprint, training data, steps and validation metrics. Values come from the c
 "not recorded" rather than guessed.
 
 Any exporter can call :func:`write_model_card` (the diffusers export does; the ``.safetensors`` export
-in ``refiner.checkpoints`` can pass the same entries).
+in ``refiner.formats.window_files`` can pass the same entries).
 """
 
 from __future__ import annotations

@@ -1,1 +1,3 @@
-"""Inference on images of any size: tiled first stage, MultiDiffusion latent tiles, DemoFusion-style upscaling."""
+"""Inference: the chain of window experts (:mod:`.chain`), images through it (:mod:`.pipeline`), images of any
+size (:mod:`.tiling`, :mod:`.progressive`), and sample.py's output records (:mod:`.outputs`) and metrics
+(:mod:`.evaluate`)."""

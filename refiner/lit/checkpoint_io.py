@@ -3,7 +3,7 @@
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction without fsync and loads
 with whatever ``weights_only`` the caller passed. Here a checkpoint is fsynced, then renamed into
 place (a SIGKILL mid-write leaves the previous ``last.ckpt`` intact), and loading goes through
-``refiner.checkpoints.safe_torch_load``: pickled code is refused unless ``trust_checkpoint=True``.
+``refiner.formats.safe_load.safe_torch_load``: pickled code is refused unless ``trust_checkpoint=True``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None
     ) -> dict[str, Any]:
-        from refiner.checkpoints import safe_torch_load
+        from refiner.formats.safe_load import safe_torch_load
 
         return safe_torch_load(path, trust_checkpoint=self.trust_checkpoint, map_location=map_location)

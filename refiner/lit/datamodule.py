@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from refiner.batching import batches_by
 from refiner.data.shards import (
     IMAGE_KEYS,
     LATENT_KEYS,
@@ -137,15 +138,7 @@ class _ListDataset(Dataset):
 def bucket_batches(samples: Sequence[dict], batch_size: int, keys: Sequence[str]) -> list[dict]:
     """Consecutive samples of equal shape grouped into batches of at most ``batch_size`` (validation
     images may differ in size, and only equal shapes can be stacked)."""
-    batches, run = [], []
-    for s in samples:
-        if run and (run[0][keys[0]].shape != s[keys[0]].shape or len(run) >= batch_size):
-            batches.append(collate_samples(run, keys))
-            run = []
-        run.append(s)
-    if run:
-        batches.append(collate_samples(run, keys))
-    return batches
+    return [collate_samples(run, keys) for run in batches_by(samples, batch_size, key=lambda s: s[keys[0]].shape)]
 
 
 class LatentDataModule(pl.LightningDataModule):

@@ -144,11 +144,12 @@ class WindowRefiner(pl.LightningModule):
         decoder = self._load_decoder()
         if decoder is None or "clean" not in batch:
             return
-        from refiner.visualize import log_grid, refine_within_window
+        from refiner.inference.chain import Chain
+        from refiner.visualize import log_grid
 
         n = self.hparams.grid_samples
         z_deg = batch["z_degraded"][:n].float()
-        refined = refine_within_window(self, z_deg, steps=self.hparams.grid_steps)
+        refined = Chain.from_module(self).preview(z_deg, steps=self.hparams.grid_steps)
         with torch.no_grad():
             images = decoder.decode(refined.to(next(decoder.parameters()).device)).clamp(-1, 1)
         rows = [batch["degraded"][:n].float(), images.to(batch["degraded"].device), batch["clean"][:n].float()]
@@ -160,7 +161,7 @@ class WindowRefiner(pl.LightningModule):
         cfg = self.hparams.first_stage
         if not cfg or not cfg.get("ckpt_path"):
             return None
-        from refiner.checkpoints import first_stage_from_config
+        from refiner.formats.compvis import first_stage_from_config
 
         vq = first_stage_from_config(cfg, "f4", device=self.device)
         self._decoder.append(vq)

@@ -13,19 +13,35 @@
    still hash to the recorded value is finished: ``mode=sample`` skips it and reports it under
    ``"skipped"``; ``mode=evaluate`` refines it again (the metrics need every image) and replaces it.
 5. Reports and grids that refiner wrote describe the folder's latest run and are replaced.
+
+:func:`plan_outputs` names the outputs, :func:`report_paths` the run-level files, :func:`settings_digest` is the
+digest recorded in every output, and :func:`check_outputs` applies rules 3 and 4 before any image is refined.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from refiner.errors import SampleError
+from refiner.formats.fingerprint import first_stage_fingerprint, weights_fingerprint
+from refiner.io import file_id
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from torch import nn
+
+    from refiner.inference.chain import Chain
+
+log = logging.getLogger(__name__)
 
 RECORD_KEY = "refiner"
 OUTPUT_FORMAT = "refiner-sample-output/1"
@@ -141,3 +157,73 @@ def check_existing(outputs: Sequence[Path], inputs: Sequence[Path], noise_seeds:
         elif (path.exists() or path.is_symlink()) and not written_by_refiner(path):
             found.conflicts.append(f"{path} (not written by refiner)")
     return found
+
+
+def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
+    """``output_dir/<stem>.png`` per input; equal stems (other folders or extensions) and the run's reserved
+    names (:data:`RESERVED_NAMES`, e.g. ``grid.png``) get ``-2``, ``-3``...
+    Raises :class:`SampleError` if an output would be one of the inputs (compared by inode: links count)."""
+    taken: set[str] = {name.casefold() for name in RESERVED_NAMES}
+    outputs = []
+    input_ids = {file_id(p): p for p in inputs}  # the same file by any spelling or link...
+    input_ids.pop(None, None)
+    input_paths = {p.resolve(): p for p in inputs}  # ...or, for paths that do not exist, the same path
+    for path in inputs:
+        stem, n = path.stem, 1
+        name = f"{stem}.png"
+        while name.casefold() in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name.casefold())
+        out = output_dir / name
+        clash = input_ids.get(file_id(out)) or input_paths.get(out.resolve())
+        if clash is not None:
+            raise SampleError(f"output {out} would overwrite the input image {clash}; "
+                              "choose an output_dir that is not the input folder")
+        outputs.append(out)
+    return outputs
+
+
+def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path]) -> list[Path]:
+    """The run-level files this run writes: config, summary, metrics (evaluate) and grids, as ``cfg`` asks."""
+    evaluate_mode = cfg.mode == "evaluate"
+    names = ["config_resolved.yaml", "summary.json"] + (["metrics.json"] if evaluate_mode else [])
+    if cfg.grid in ("combined", "both"):
+        names.append("comparison_grid.png" if evaluate_mode else "grid.png")
+    paths = [output_dir / name for name in names]
+    if cfg.grid in ("per_image", "both"):
+        paths += [output_dir / "grids" / out.name for out in outputs]
+    return paths
+
+
+def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.Module | None) -> str:
+    """16 hex chars that change with anything that changes a refined image: the stages' weights and placement,
+    the first stages, and the sampler settings (noise seeds are recorded per image). Device and batch size are
+    left out (results agree across them up to float noise; with eta > 0 they depend on batching)."""
+    payload = {
+        "mode": cfg.mode, "t_start": cfg.t_start, "steps": cfg.steps, "spacing": cfg.spacing, "eta": float(cfg.eta),
+        "allow_outside_window": cfg.allow_outside_window, "precision": cfg.get("precision", "fp32"),
+        "pad_mode": cfg.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
+        "stages": [{"weights": weights_fingerprint(s.weights.unet_state), "window": str(s.weights.window),
+                    "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
+                    "scale_factor": s.weights.scale_factor} for s in chain.stages],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
+                  settings: str) -> ExistingOutputs:
+    """What already exists where this run writes (:func:`check_existing`). Files refiner did
+    not write, or refined with other settings, raise :class:`SampleError` before any image is refined, unless
+    ``overwrite=true``."""
+    existing = check_existing(outputs, inputs, [cfg.seed + i for i in range(len(inputs))], settings,
+                              report_paths(cfg, output_dir, outputs))
+    if existing.conflicts and not cfg.get("overwrite", False):
+        n = len(existing.conflicts)
+        raise SampleError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
+                          f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
+                          "Pass overwrite=true to replace them, or choose another output_dir")
+    if existing.conflicts:
+        log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
+                    len(existing.conflicts), existing.conflicts[0])
+    return existing
