@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from refiner.io import atomic_write_bytes, atomic_write_text
+from refiner.io import atomic_write_bytes, atomic_write_text, json_float
 
 SOURCE_TITLES = {"generator": "generator samples (real artifacts)", "f8": "VQ-f8 round trips",
                  "defects": "injected defects"}
@@ -216,8 +215,9 @@ def efficiency_png(eff: Mapping) -> bytes:
 
 
 def _json_ready(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
+    """Nested results with every float through :func:`refiner.io.json_float`."""
+    if isinstance(x, float):
+        return json_float(x)
     if isinstance(x, dict):
         return {k: _json_ready(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

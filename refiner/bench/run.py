@@ -70,7 +70,7 @@ class Models:
     """Every model the benchmark needs, loaded and checked up front; one pipeline per distinct chain."""
 
     def __init__(self, cfg: DictConfig, methods: list[Method], sources: list[str]):
-        from refiner.checkpoints import first_stage_from_config
+        from refiner.formats.compvis import first_stage_from_config
         from refiner.inference.chain import Chain
         from refiner.inference.pipeline import Pipeline
 

@@ -1,0 +1,135 @@
+"""The benchmark command end to end on tiny models (32 px, a few training steps): every source, method and
+sweep point is reported and every output file written; bad settings, missing checkpoints and a foreign
+first stage are refused before any compute. Quality is not asserted here (see test_bench_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_TRAINER, compose_config
+from pipeline import CROP, World, build_world
+
+from refiner.errors import SettingError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[World, dict[str, Path]]:
+    world = build_world(tmp_path_factory.mktemp("world"))
+    root = world.root
+    shape = world.train_refiner("demo_refiner_500_750", root / "shape")
+    runs = {
+        "shape": Path(shape["last_ckpt"]),
+        "detail": Path(world.train_refiner("demo_refiner_751_1000", root / "detail",
+                                           f"init_from={shape['last_ckpt']}")["last_ckpt"]),
+        "full": Path(world.train_refiner("demo_full_range", root / "full")["last_ckpt"]),
+        "paired": Path(world.train_refiner("demo_paired_baseline", root / "paired")["last_ckpt"]),
+    }
+    return world, runs
+
+
+def _overrides(world: World, runs: dict[str, Path], *extra: str) -> list[str]:
+    return [*world.paths(), "n=5", f"size={CROP}", "grid_images=2", "split=tune",
+            f"generator.stages=[{runs['full']}]", "generator.steps=3", "t_per_step=100", "recommended_t_start=299",
+            f"methods.chain.stages=[{runs['shape']},{runs['detail']}]", "methods.chain.t_starts=[99,299]",
+            f"methods.shape_window.stages=[{runs['shape']}]", "methods.shape_window.t_starts=[199]",
+            f"methods.detail_window.stages=[{runs['detail']}]", "methods.detail_window.t_starts=[199]",
+            f"methods.full_range.stages=[{runs['full']}]", "methods.full_range.t_starts=[299,699]",
+            f"methods.paired.stages=[{runs['paired']}]", "methods.paired.t_starts=[999]",
+            "methods.unsharp.unsharp.amounts=[100]", *extra]
+
+
+def test_bench_reports_every_source_method_and_setting(trained, tmp_path):
+    from refiner.bench.run import run
+
+    world, runs = trained
+    out = tmp_path / "bench"
+    results = run(compose_config("bench", _overrides(world, runs, f"output_dir={out}"), out))
+    assert set(results["sources"]) == {"generator", "f8", "defects"}
+    sweeps = {"chain": [99, 299], "shape_window": [199], "detail_window": [199], "full_range": [299, 699],
+              "paired": [999], "unsharp": [100]}
+    for source, entry in results["sources"].items():
+        assert set(entry["methods"]) == set(sweeps)
+        for name, want in sweeps.items():
+            rows = entry["methods"][name]["sweep"]
+            key = "amount_percent" if name == "unsharp" else "t_start"
+            assert [r[key] for r in rows] == want
+            for r in rows:
+                assert 0 <= r["artifact_rate"] <= 1 and r["rmse_to_input"] >= 0 and r["swd_x1e3"] >= 0
+                assert ("psnr_to_clean" in r) == (source != "generator")
+        assert ("clean" in entry) == (source != "generator")
+    # the defect source is broken by construction, the chain's steps follow t_per_step
+    assert results["sources"]["defects"]["input"]["artifact_rate"] == 1.0
+    assert [r["steps"] for r in results["sources"]["f8"]["methods"]["chain"]["sweep"]] == [1, 3]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["written_by"] == "refiner bench" and on_disk["split"] == "tune"
+    text = (out / "results.md").read_text()
+    assert "| chain (t_start 299) |" in text and "## injected defects" in text
+    from PIL import Image
+
+    for name in ("comparison_grid.png", "tradeoff.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 200 and img.size[1] > 100
+    assert not (out / "efficiency.png").exists()  # the tiny runs logged no in-window losses
+    assert results["efficiency"]["available"] is False
+
+    # deterministic: a second run into the same folder replaces its own outputs with the same numbers
+    again = run(compose_config("bench", _overrides(world, runs, f"output_dir={out}"), out))
+    assert again["sources"]["generator"]["methods"]["chain"]["sweep"][1]["artifact_rate"] == \
+        results["sources"]["generator"]["methods"]["chain"]["sweep"][1]["artifact_rate"]
+    assert again["sources"]["f8"]["methods"]["chain"]["sweep"][1]["rmse_to_input"] == \
+        results["sources"]["f8"]["methods"]["chain"]["sweep"][1]["rmse_to_input"]
+
+
+def test_bench_refuses_before_compute(trained, tmp_path, monkeypatch):
+    from refiner.bench import run as bench_run
+    from refiner.bench.run import run
+
+    world, runs = trained
+    monkeypatch.setattr(bench_run, "build_sources", lambda *a, **k: pytest.fail("compute started"))
+    cases = [
+        (["methods.chain.stages=[missing.ckpt]"], "missing.ckpt not found"),
+        ([f"methods.chain.stages=[{runs['shape']},{runs['full']}]"], "overlap"),
+        (["methods.chain.t_starts=[699]"], "699"),  # above the chain's top window
+        (["split=holdout"], "split must be one of"),
+        (["n=0"], "n must be a positive int"),
+        (["size=36"], "multiple of 8"),
+        (["sources=[photos]"], "sources must be"),
+        ([f"generator.stages=[{runs['shape']}]"], "full-range"),
+        # the f8 as the f4: its 4-channel latent does not fit the windows' 3 channels
+        ([f"first_stage.f4.ckpt_path={world.f8_ckpt}", "first_stage.f4.params=${first_stage.f8.params}"], "channel"),
+    ]
+    for extra, words in cases:
+        with pytest.raises(SettingError, match=words.replace("[", r"\[")):
+            run(compose_config("bench", _overrides(world, runs, f"output_dir={tmp_path / 'b'}", *extra), tmp_path))
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_refuses_a_first_stage_the_windows_were_not_trained_with(trained, tmp_path, monkeypatch):
+    from refiner.bench import run as bench_run
+    from refiner.bench.run import run
+    from refiner.formats.fingerprint import FirstStageMismatch
+    from refiner.train import run as train
+
+    world, runs = trained
+    other = train(compose_config("train", [
+        "experiment=demo_vq_f4", *TINY_TRAINER, f"paths.demo_dir={world.demo_dir}", f"data.crop_size={CROP}",
+        f"first_stage.f4.params.ddconfig.resolution={CROP}", "data.batch_size=4", "seed=7"], tmp_path / "f4b"))
+    monkeypatch.setattr(bench_run, "build_sources", lambda *a, **k: pytest.fail("compute started"))
+    with pytest.raises(FirstStageMismatch):
+        run(compose_config("bench", _overrides(world, runs, f"first_stage.f4.ckpt_path={other['last_ckpt']}",
+                                               f"output_dir={tmp_path / 'b'}"), tmp_path))
+
+
+def test_bench_cli_exit_code_and_one_line_error(trained, tmp_path):
+    world, runs = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "refiner.bench", *_overrides(world, runs, "n=-3"),
+                          f"hydra.run.dir={tmp_path / 'h'}", f"output_dir={tmp_path / 'b'}"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == "error: n must be a positive int, got -3"
