@@ -188,7 +188,7 @@ class WindowRefiner(pl.LightningModule):
     def _log_buckets(self, stage: str, t: torch.Tensor, mse: torch.Tensor, every_bucket: bool, **kw) -> None:
         """Unweighted MSE per t bucket, weighted by how many samples fell in it. In validation every bucket is
         logged on every batch (an empty one with batch_size 0 adds nothing to the epoch mean), so that all
-        ranks log the same keys for ``sync_dist``."""
+        ranks log the same keys for ``sync_dist``; a bucket no validation sample fell in all epoch logs nan."""
         for lo, hi in self.buckets:
             inside = (t >= lo) & (t < hi)
             count = int(inside.sum())
