@@ -352,6 +352,7 @@ def test_checkpoints_keep_the_distribution_and_old_ones_load_as_uniform(tmp_path
                          default_root_dir=tmp_path, max_steps=2, limit_val_batches=0, callbacks=[saver])
     trainer.fit(module, train_dataloaders=DataLoader(Latents(n_batches=10), batch_size=None))
     path = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["window"] == module.window.to_dict()
     assert load_window_checkpoint(path, use_ema=False).window == module.window
     again = WindowRefiner.load_from_checkpoint(path, weights_only=True)
     assert again.window == module.window and again.hparams.loss_weighting == "min_snr"

@@ -113,8 +113,9 @@ class WindowRefiner(pl.LightningModule):
         super().__init__()
         unet, window, schedule, first_stage, val_windows = (
             plain(v) for v in (unet, window, schedule, first_stage, val_windows))
-        self.save_hyperparameters(
-            dict(unet=unet, window=window, schedule=schedule, parameterization=parameterization,
+        self.window = Window(**window)
+        self.save_hyperparameters(  # the window as Window.to_dict(): a uniform one is stored as before
+            dict(unet=unet, window=self.window.to_dict(), schedule=schedule, parameterization=parameterization,
                  conditioning=conditioning, scale_factor=float(scale_factor), base_lr=base_lr, scale_lr=scale_lr,
                  warmup_steps=warmup_steps, seed=seed, grid_steps=grid_steps, grid_samples=grid_samples,
                  first_stage=first_stage, batch_size=batch_size, first_stage_fingerprint=first_stage_fingerprint,
@@ -127,7 +128,6 @@ class WindowRefiner(pl.LightningModule):
         if conditioning not in (None, "concat"):
             raise ValueError(f"conditioning must be null or 'concat', got {conditioning!r}")
         self.schedule = ScheduleConfig(**schedule)
-        self.window = Window(**window)
         if self.window.num_timesteps != self.schedule.num_timesteps:
             raise ValueError(
                 f"window.num_timesteps={self.window.num_timesteps} != schedule.num_timesteps="
