@@ -176,14 +176,13 @@ class WindowRefiner(pl.LightningModule):
         ``loss_weighting`` (``none``: exactly ``F.mse_loss`` over the batch, as before weighting existed)."""
         out, z0, noise, _, t = self._denoise(batch, self.window, generator)
         target = training_target(self.hparams.parameterization, z0, noise, t, self.alphas_cumprod).float()
-        per_sample = (out - target).pow(2).flatten(1).mean(1)
         if self.hparams.loss_weighting == "none":
             loss = F.mse_loss(out, target)
-        else:
-            w = loss_weight(self.hparams.loss_weighting, t, self.alphas_cumprod, self.hparams.parameterization,
-                            self.hparams.min_snr_gamma)
-            loss = (w.to(per_sample.dtype) * per_sample).mean()
-        return LossTerms(loss, t, per_sample.detach())
+            return LossTerms(loss, t, (out.detach() - target).pow(2).flatten(1).mean(1))
+        per_sample = (out - target).pow(2).flatten(1).mean(1)
+        w = loss_weight(self.hparams.loss_weighting, t, self.alphas_cumprod, self.hparams.parameterization,
+                        self.hparams.min_snr_gamma)
+        return LossTerms((w.to(per_sample.dtype) * per_sample).mean(), t, per_sample.detach())
 
     def _log_buckets(self, stage: str, t: torch.Tensor, mse: torch.Tensor, every_bucket: bool, **kw) -> None:
         """Unweighted MSE per t bucket, weighted by how many samples fell in it. In validation every bucket is
