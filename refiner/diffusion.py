@@ -8,14 +8,19 @@ All functions are pure; schedules are float64 tensors, gathered values are cast 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from refiner.errors import SettingError
+from refiner.settings import require_choice, require_number
+
 Parameterization = Literal["eps", "x0", "v"]
 PARAMETERIZATIONS = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+DISTRIBUTIONS = ("uniform", "logit_normal", "piecewise")
 
 
 def make_betas(
@@ -136,17 +141,88 @@ def training_target(
     raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
 
 
+def snr(t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """Signal-to-noise ratio of q(x_t | x_0): SNR(t) = ab_t / (1 - ab_t), float64, one value per t."""
+    ab = alphas_cumprod.double()[torch.as_tensor(t, device=alphas_cumprod.device).long()]
+    return ab / (1 - ab)
+
+
+def loss_weight(
+    kind: str, t: Tensor, alphas_cumprod: Tensor, parameterization: Parameterization, gamma: float = 5.0
+) -> Tensor:
+    """Per-sample weight of the MSE on the network's own target, float64 with one value per t.
+
+    ``none``: 1 for every t (plain MSE).
+
+    ``min_snr``: Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", arXiv 2303.09556, sec. 3.4): the x0-space loss ``||x0 - x0_hat||^2`` is weighted by
+    ``min(SNR(t), gamma)``. The same weight expressed on each parameterization's own target follows from
+
+        ||eps - eps_hat||^2 = SNR(t) * ||x0 - x0_hat||^2              (x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab))
+        ||v - v_hat||^2     = (SNR(t) + 1) * ||x0 - x0_hat||^2        (x0 = sqrt(ab) x_t - sqrt(1-ab) v)
+
+    so, with SNR(t) = ab_t / (1 - ab_t):
+
+        w_eps(t) = min(SNR(t), gamma) / SNR(t)
+        w_x0(t)  = min(SNR(t), gamma)
+        w_v(t)   = min(SNR(t), gamma) / (SNR(t) + 1)
+
+    In CompVis's linear schedule SNR(t) runs from about 666 at t=0 down to about 1 near t=250, so with eps
+    prediction and gamma=5 the low-noise end of a window [0, 250) is down-weighted by up to ~130x.
+    """
+    require_choice("model.loss_weighting", kind, LOSS_WEIGHTINGS)
+    t = torch.as_tensor(t, device=alphas_cumprod.device).long()
+    if kind == "none":
+        return torch.ones(t.shape, dtype=torch.float64, device=alphas_cumprod.device)
+    if not (require_number("model.min_snr_gamma", gamma) > 0):
+        raise SettingError(f"model.min_snr_gamma must be > 0, got {gamma!r}")
+    s = snr(t, alphas_cumprod)
+    clipped = s.clamp(max=float(gamma))
+    if parameterization == "eps":
+        return clipped / s
+    if parameterization == "x0":
+        return clipped
+    if parameterization == "v":
+        return clipped / (s + 1)
+    raise ValueError(f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}")
+
+
 @dataclass(frozen=True)
 class Window:
-    """A half-open timestep window ``[t_min, t_max)`` of a schedule with ``num_timesteps`` steps.
+    """A half-open timestep window ``[t_min, t_max)`` of a schedule with ``num_timesteps`` steps, and how
+    training draws t inside it.
 
     This is where the window is enforced: training draws t only through :meth:`sample`, and the
     staged sampler asks :meth:`contains`. The blog's "sampling steps 500-750" are t in [250, 500).
+
+    The draw distribution is a field of the window rather than a separate object because it is part of
+    how a window is trained, is configured in the same ``window=`` preset, travels in the same checkpoint
+    entry (``hyper_parameters['window']``) and is checked in the same place. Sampling ignores it:
+    :meth:`contains` reads only the bounds. ``distribution`` is one of
+
+    * ``uniform`` (default): ``torch.randint(t_min, t_max)``, as CompVis LDM draws over [0, T).
+    * ``logit_normal``: ``t = t_min + floor(sigmoid(logit_mean + logit_std * n) * width)``, n ~ N(0, 1): the
+      logit-normal density of Esser et al. 2024 (SD3, arXiv 2403.03206, sec. 3.1)
+      ``pi_ln(u; m, s) = 1/(s sqrt(2 pi)) * 1/(u (1-u)) * exp(-(logit(u) - m)^2 / (2 s^2))`` on u in (0, 1),
+      discretised onto the window's timesteps (u near 0 -> t_min, u near 1 -> t_max - 1). A positive
+      ``logit_mean`` moves draws toward the noisy end. P(t_min + k) = Phi((logit((k+1)/W) - m)/s) -
+      Phi((logit(k/W) - m)/s) for W = width.
+    * ``piecewise``: ``piecewise = ((lo, hi, weight), ...)`` sub-ranges that tile [t_min, t_max) exactly;
+      ``weight`` is a relative probability per timestep, so P(t) = weight(t) / sum_s weight(s) and a
+      sub-range's share is ``weight * (hi - lo) / sum(weight_j * (hi_j - lo_j))``. Equal weights give the
+      uniform distribution whatever the sub-ranges; weight 0 excludes a sub-range.
+
+    Checkpoints written before these fields existed load as ``uniform``; :meth:`to_dict` omits the fields
+    that are at their defaults, so a uniform window serialises exactly as it always did.
     """
 
     t_min: int
     t_max: int
     num_timesteps: int = 1000
+    distribution: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    piecewise: tuple | None = None
 
     def __post_init__(self):
         for name in ("t_min", "t_max", "num_timesteps"):
@@ -159,6 +235,48 @@ class Window:
                 f"need 0 <= t_min < t_max <= T{hint}. Remember t=0 is clean and t=T-1 is pure noise; "
                 f"the blog's 'steps 500-750' are t_min=250, t_max=500."
             )
+        require_choice("window.distribution", self.distribution, DISTRIBUTIONS)
+        object.__setattr__(self, "logit_mean", require_number("window.logit_mean", self.logit_mean))
+        std = require_number("window.logit_std", self.logit_std)
+        if std <= 0:
+            raise SettingError(f"window.logit_std must be > 0, got {self.logit_std!r}")
+        object.__setattr__(self, "logit_std", std)
+        if self.distribution == "piecewise":
+            object.__setattr__(self, "piecewise", self._checked_pieces())
+        elif self.piecewise is not None:
+            raise SettingError(f"window.piecewise={self.piecewise!r} is set but window.distribution="
+                               f"{self.distribution!r}; set window.distribution=piecewise or window.piecewise=null")
+
+    def _checked_pieces(self) -> tuple:
+        """``piecewise`` as sorted ``(lo, hi, weight)`` tuples that tile [t_min, t_max) with weights >= 0."""
+        if self.piecewise is None or isinstance(self.piecewise, (str, bytes)) or not len(self.piecewise):
+            raise SettingError(f"window.distribution=piecewise needs window.piecewise=[[lo, hi, weight], ...] "
+                               f"tiling [{self.t_min}, {self.t_max}), got {self.piecewise!r}")
+        pieces = []
+        for piece in self.piecewise:
+            if isinstance(piece, (str, bytes)) or not hasattr(piece, "__len__") or len(piece) != 3:
+                raise SettingError(f"window.piecewise entries are [lo, hi, weight], got {piece!r}")
+            lo, hi, weight = piece
+            if any(not isinstance(v, int) or isinstance(v, bool) for v in (lo, hi)) or lo >= hi:
+                raise SettingError(f"window.piecewise entry {list(piece)!r}: lo and hi must be integers with lo < hi")
+            weight = require_number(f"window.piecewise weight of [{lo}, {hi})", weight)
+            if weight < 0:
+                raise SettingError(f"window.piecewise entry {list(piece)!r}: weight must be >= 0")
+            pieces.append((lo, hi, weight))
+        pieces.sort()
+        edge = self.t_min
+        for lo, hi, _ in pieces:
+            if lo != edge:
+                what = "overlaps" if lo < edge else "leaves a gap before"
+                raise SettingError(f"window.piecewise sub-range [{lo}, {hi}) {what} t={edge}: the sub-ranges "
+                                   f"must tile the window [{self.t_min}, {self.t_max}) exactly")
+            edge = hi
+        if edge != self.t_max:
+            raise SettingError(f"window.piecewise ends at {edge}, not at t_max={self.t_max}: the sub-ranges must "
+                               f"tile the window [{self.t_min}, {self.t_max}) exactly")
+        if not any(w > 0 for _, _, w in pieces):
+            raise SettingError(f"window.piecewise weights are all zero: {[list(p) for p in pieces]!r}")
+        return tuple(pieces)
 
     @property
     def width(self) -> int:
@@ -170,11 +288,30 @@ class Window:
         return self.t_min <= int(t) < self.t_max
 
     def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Draw n timesteps uniformly from the window (LDM draws from [0, T) with randint)."""
-        return torch.randint(self.t_min, self.t_max, (n,), generator=generator, device=device)
+        """Draw n timesteps from the window with its ``distribution`` (see the class docstring).
+
+        ``uniform`` is exactly the draw of earlier versions (LDM draws from [0, T) with randint), so runs
+        and resumes stay bit-identical for the same generator.
+        """
+        if self.distribution == "uniform":
+            return torch.randint(self.t_min, self.t_max, (n,), generator=generator, device=device)
+        if self.distribution == "logit_normal":
+            normal = torch.randn(n, generator=generator, dtype=torch.float64)
+            u = torch.sigmoid(self.logit_mean + self.logit_std * normal)  # in (0, 1); may round to 1.0
+            offset = torch.floor(u * self.width).long().clamp_(0, self.width - 1)
+        else:
+            per_t = torch.cat([torch.full((hi - lo,), w, dtype=torch.float64) for lo, hi, w in self.piecewise])
+            offset = torch.multinomial(per_t, n, replacement=True, generator=generator)
+        return (self.t_min + offset).to(device)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain fields for checkpoints and JSON; the distribution fields only where they differ from the default."""
+        out = {"t_min": self.t_min, "t_max": self.t_max, "num_timesteps": self.num_timesteps}
+        for f in fields(self)[3:]:
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = [list(p) for p in value] if f.name == "piecewise" else value
+        return out
 
     def __str__(self) -> str:
         return f"[{self.t_min}, {self.t_max})"

@@ -8,7 +8,7 @@ EMA comes from Lightning's ``EMAWeightAveraging`` callback (configured in ``conf
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import pytorch_lightning as pl
@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from refiner.diffusion import ScheduleConfig, Window, q_sample, training_target
+from refiner.diffusion import (LOSS_WEIGHTINGS, ScheduleConfig, Window, loss_weight, q_sample, to_x0_eps,
+                               training_target)
+from refiner.errors import SettingError
 from refiner.models.unet import UNetModel
+from refiner.settings import require_choice, require_int, require_number
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +37,31 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
+class LossTerms(NamedTuple):
+    """``loss``: the (weighted) training objective; ``t``: the timesteps drawn; ``mse``: the unweighted
+    per-sample MSE on the network's target, one value per sample."""
+
+    loss: torch.Tensor
+    t: torch.Tensor
+    mse: torch.Tensor
+
+
+def t_buckets(window: Window, n: int) -> list[tuple[int, int]]:
+    """``n`` contiguous half-open t ranges splitting the window as equally as integers allow (at most one
+    per timestep); ``n=0`` gives none."""
+    n = min(n, window.width)
+    edges = [window.t_min + k * window.width // n for k in range(n + 1)] if n else []
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class WindowRefiner(pl.LightningModule):
     """Denoiser trained only on ``t in [t_min, t_max)``.
 
     Args:
         unet: ``UNetModel`` params, CompVis ``unet_config.params`` names.
-        window: ``{t_min, t_max, num_timesteps}``; t is drawn uniformly from it, nowhere else.
+        window: ``{t_min, t_max, num_timesteps}`` plus optionally ``distribution`` (``uniform``,
+            ``logit_normal`` with ``logit_mean``/``logit_std``, ``piecewise`` with ``piecewise``): t is drawn
+            from it, nowhere else (:class:`refiner.diffusion.Window`).
         schedule: ``ScheduleConfig`` fields (CompVis ``linear``: 0.0015 -> 0.0195 for VQ-f4 LDMs).
         parameterization: what the network predicts: ``eps`` (CompVis), ``x0`` or ``v``.
         conditioning: ``None`` (refiner) or ``"concat"``: the degraded latent is concatenated on
@@ -55,6 +77,14 @@ class WindowRefiner(pl.LightningModule):
         first_stage_fingerprint: :func:`refiner.formats.fingerprint.first_stage_fingerprint` of the f4 whose
             latents this window is trained on (train.py sets it); saved in the checkpoint so that sampling and
             finetuning can refuse another first stage. None when unknown.
+        loss_weighting: ``none`` (plain MSE) or ``min_snr``: each sample's MSE is weighted by
+            :func:`refiner.diffusion.loss_weight` (Min-SNR-gamma, Hang et al. 2023).
+        min_snr_gamma: gamma of ``min_snr``.
+        loss_buckets: the unweighted per-sample MSE is also logged per t bucket, ``{train,val}/loss_t{lo}_{hi}``,
+            for this many equal buckets of the window (0: none).
+        val_windows: ``[[t_min, t_max], ...]`` or None: validation also logs ``val/loss_in_{t_min}_{t_max}``, the
+            plain eps-MSE with t uniform in that window, at fixed t and noise per batch (the generator of
+            ``val/loss``), so models trained on different windows compare on the same in-window loss.
     """
 
     def __init__(
@@ -75,24 +105,36 @@ class WindowRefiner(pl.LightningModule):
         first_stage: Optional[dict] = None,
         batch_size: Optional[int] = None,
         first_stage_fingerprint: Optional[str] = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+        loss_buckets: int = 4,
+        val_windows: Optional[list] = None,
     ):
         super().__init__()
-        unet, window, schedule, first_stage = (plain(v) for v in (unet, window, schedule, first_stage))
-        self.save_hyperparameters(
-            dict(unet=unet, window=window, schedule=schedule, parameterization=parameterization,
+        unet, window, schedule, first_stage, val_windows = (
+            plain(v) for v in (unet, window, schedule, first_stage, val_windows))
+        self.window = Window(**window)
+        self.save_hyperparameters(  # the window as Window.to_dict(): a uniform one is stored as before
+            dict(unet=unet, window=self.window.to_dict(), schedule=schedule, parameterization=parameterization,
                  conditioning=conditioning, scale_factor=float(scale_factor), base_lr=base_lr, scale_lr=scale_lr,
                  warmup_steps=warmup_steps, seed=seed, grid_steps=grid_steps, grid_samples=grid_samples,
-                 first_stage=first_stage, batch_size=batch_size, first_stage_fingerprint=first_stage_fingerprint)
+                 first_stage=first_stage, batch_size=batch_size, first_stage_fingerprint=first_stage_fingerprint,
+                 loss_weighting=loss_weighting, min_snr_gamma=min_snr_gamma, loss_buckets=loss_buckets,
+                 val_windows=val_windows)
         )
+        require_choice("model.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if not require_number("model.min_snr_gamma", min_snr_gamma) > 0:
+            raise SettingError(f"model.min_snr_gamma must be > 0, got {min_snr_gamma!r}")
         if conditioning not in (None, "concat"):
             raise ValueError(f"conditioning must be null or 'concat', got {conditioning!r}")
         self.schedule = ScheduleConfig(**schedule)
-        self.window = Window(**window)
         if self.window.num_timesteps != self.schedule.num_timesteps:
             raise ValueError(
                 f"window.num_timesteps={self.window.num_timesteps} != schedule.num_timesteps="
                 f"{self.schedule.num_timesteps}"
             )
+        self.buckets = t_buckets(self.window, require_int("model.loss_buckets", loss_buckets, minimum=0))
+        self.val_windows = [self._val_window(w) for w in (val_windows or [])]
         self.unet = UNetModel(**unet)
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod(), persistent=False)
         self.optimizer_factory = optimizer
@@ -111,28 +153,74 @@ class WindowRefiner(pl.LightningModule):
     def _generator(self, *parts: int) -> torch.Generator:
         return torch.Generator().manual_seed(step_seed(self.hparams.seed, *parts))
 
-    def diffusion_loss(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE between the network output and its target at t drawn from the window."""
+    def _val_window(self, bounds: Any) -> Window:
+        if isinstance(bounds, (str, bytes)) or not hasattr(bounds, "__len__") or len(bounds) != 2:
+            raise SettingError(f"model.val_windows entries are [t_min, t_max], got {bounds!r}")
+        try:
+            return Window(bounds[0], bounds[1], self.schedule.num_timesteps)
+        except (TypeError, ValueError) as err:
+            raise SettingError(f"model.val_windows entry {list(bounds)!r}: {err}") from err
+
+    def _denoise(self, batch: dict, window: Window, generator: torch.Generator):
+        """Noise the clean latents to t drawn from ``window`` (t first, then the noise, from ``generator``) and
+        run the UNet: ``(output, z0, noise, x_t, t)``."""
         z0 = batch["z_clean"].float() * self.hparams.scale_factor
-        t = self.window.sample(z0.shape[0], generator=generator).to(self.device)
+        t = window.sample(z0.shape[0], generator=generator).to(self.device)
         noise = torch.randn(z0.shape, generator=generator).to(self.device)
         x_t = q_sample(z0, t, self.alphas_cumprod, noise)
         concat = batch["z_degraded"].float() * self.hparams.scale_factor if self.hparams.conditioning else None
-        target = training_target(self.hparams.parameterization, z0, noise, t, self.alphas_cumprod)
-        return F.mse_loss(self.unet(x_t, t, concat=concat).float(), target.float()), t
+        return self.unet(x_t, t, concat=concat).float(), z0, noise, x_t, t
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator) -> LossTerms:
+        """MSE between the network output and its target at t drawn from the window, weighted per sample by
+        ``loss_weighting`` (``none``: exactly ``F.mse_loss`` over the batch, as before weighting existed)."""
+        out, z0, noise, _, t = self._denoise(batch, self.window, generator)
+        target = training_target(self.hparams.parameterization, z0, noise, t, self.alphas_cumprod).float()
+        if self.hparams.loss_weighting == "none":
+            loss = F.mse_loss(out, target)
+            return LossTerms(loss, t, (out.detach() - target).pow(2).flatten(1).mean(1))
+        per_sample = (out - target).pow(2).flatten(1).mean(1)
+        w = loss_weight(self.hparams.loss_weighting, t, self.alphas_cumprod, self.hparams.parameterization,
+                        self.hparams.min_snr_gamma)
+        return LossTerms((w.to(per_sample.dtype) * per_sample).mean(), t, per_sample.detach())
+
+    def _log_buckets(self, stage: str, t: torch.Tensor, mse: torch.Tensor, every_bucket: bool, **kw) -> None:
+        """Unweighted MSE per t bucket, weighted by how many samples fell in it. In validation every bucket is
+        logged on every batch (an empty one with batch_size 0 adds nothing to the epoch mean), so that all
+        ranks log the same keys for ``sync_dist``; a bucket no validation sample fell in all epoch logs nan."""
+        for lo, hi in self.buckets:
+            inside = (t >= lo) & (t < hi)
+            count = int(inside.sum())
+            if count or every_bucket:
+                value = mse[inside].mean() if count else mse.new_zeros(())
+                self.log(f"{stage}/loss_t{lo}_{hi}", value, batch_size=count, **kw)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         micro = batch_idx % max(1, self.trainer.accumulate_grad_batches)
         g = self._generator(self.global_rank, self.global_step, micro)
-        loss, t = self.diffusion_loss(batch, g)
+        loss, t, mse = self.diffusion_loss(batch, g)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({"train/t_min_drawn": t.min().float(), "train/t_max_drawn": t.max().float()})
+        if self.hparams.loss_weighting != "none":
+            self.log("train/loss_unweighted", mse.mean())
+        self._log_buckets("train", t, mse, every_bucket=False)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        g = self._generator(2**32 - 1, batch_idx)  # fixed t and noise: val losses compare across evals
-        loss, _ = self.diffusion_loss(batch, g)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["z_clean"].shape[0])
+        n = batch["z_clean"].shape[0]
+        seed_parts = (2**32 - 1, batch_idx)  # fixed t and noise: val losses compare across evals
+        loss, t, mse = self.diffusion_loss(batch, self._generator(*seed_parts))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        if self.hparams.loss_weighting != "none":
+            self.log("val/loss_unweighted", mse.mean(), sync_dist=True, batch_size=n)
+        self._log_buckets("val", t, mse, every_bucket=True, sync_dist=True)
+        for window in self.val_windows:
+            # plain eps-MSE, t uniform in the listed window, the same generator as val/loss: a model trained on
+            # exactly this window with uniform t and no weighting logs the same number as its val/loss
+            out, _, noise, x_t, t_in = self._denoise(batch, window, self._generator(*seed_parts))
+            eps = to_x0_eps(out, x_t, t_in, self.alphas_cumprod, self.hparams.parameterization)[1]
+            self.log(f"val/loss_in_{window.t_min}_{window.t_max}", F.mse_loss(eps, noise.float()), sync_dist=True,
+                     batch_size=n)
         if batch_idx == 0:
             self._grid_batch = batch
 
