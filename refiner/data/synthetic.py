@@ -13,7 +13,7 @@ part        hue (degrees)    saturation       value
 background  165 .. 265       0.25 .. 0.55     0.50 .. 0.95
 skin        22 .. 42         0.35 .. 0.65     0.72 .. 0.95
 eyes        any              0 .. 0.3         0.05 .. 0.18
-mouth       -12 .. 6         0.65 .. 0.90     0.55 .. 0.80
+mouth       -24 .. 0         0.65 .. 0.90     0.55 .. 0.80
 ==========  ===============  ===============  ===============
 
 :func:`inject_defect` renders the same head with one controlled composition error and returns the
@@ -45,7 +45,7 @@ DEFECTS = ("missing_eye", "extra_eye", "dented_head", "merged_head", "displaced_
 BG_HUE, BG_SAT, BG_VAL = (165.0, 265.0), (0.25, 0.55), (0.50, 0.95)
 SKIN_HUE, SKIN_SAT, SKIN_VAL = (22.0, 42.0), (0.35, 0.65), (0.72, 0.95)
 EYE_SAT, EYE_VAL = (0.0, 0.3), (0.05, 0.18)
-MOUTH_HUE, MOUTH_SAT, MOUTH_VAL = (-12.0, 6.0), (0.65, 0.90), (0.55, 0.80)
+MOUTH_HUE, MOUTH_SAT, MOUTH_VAL = (-24.0, 0.0), (0.65, 0.90), (0.55, 0.80)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ def _hsv(rng: np.random.Generator, hue, sat, val) -> tuple[float, float, float]:
 def sample_head(rng: np.random.Generator) -> Head:
     """One well-formed head. Geometry (fractions of the side): semi-axes a in [0.21, 0.27] across and
     b = a x [1.18, 1.40] along the head, tilt within +-14 degrees, centre within +-0.06 of the middle; eyes at
-    u = +-[0.38, 0.50] a, v = -[0.12, 0.32] b, radius [0.050, 0.062]; mouth at v = [0.42, 0.58] b."""
+    u = +-[0.38, 0.50] a, v = -[0.12, 0.32] b, radius [0.050, 0.062]; mouth at v = [0.42, 0.58] b with
+    semi-axes [0.30, 0.45] a across and [0.13, 0.17] b along."""
     a = rng.uniform(0.21, 0.27)
     b = a * rng.uniform(1.18, 1.40)
     face = Ellipse(0.5 + rng.uniform(-0.06, 0.06), 0.5 + rng.uniform(-0.06, 0.06), a, b,
@@ -122,7 +123,7 @@ def sample_head(rng: np.random.Generator) -> Head:
         eye_radius=rng.uniform(0.050, 0.062),
         mouth_color=_hsv(rng, MOUTH_HUE, MOUTH_SAT, MOUTH_VAL),
         mouth=(0.0, rng.uniform(0.42, 0.58) * b),
-        mouth_size=(rng.uniform(0.30, 0.45) * a, rng.uniform(0.09, 0.13) * b),
+        mouth_size=(rng.uniform(0.30, 0.45) * a, rng.uniform(0.13, 0.17) * b),
     )
 
 
