@@ -18,8 +18,8 @@ start=$(date +%s)
 
 if [[ "$DEMO" == heads ]]; then
   step 1 "demo images: procedural cartoon heads, train seed 0, val seed 1 (refiner.data.synthetic)"
-  [[ -f "$DATA/train/heads.json" ]] || python -m refiner.data.synthetic "$DATA/train" --n 4000 --seed 0
-  [[ -f "$DATA/val/heads.json" ]] || python -m refiner.data.synthetic "$DATA/val" --n 256 --seed 1
+  [[ -f "$DATA/train/heads.json" ]] || python -m refiner.data.synthetic "$DATA/train" --n 1500 --seed 0
+  [[ -f "$DATA/val/heads.json" ]] || python -m refiner.data.synthetic "$DATA/val" --n 128 --seed 1
 else
   step 1 "demo images: crops of the photos scikit-image and scikit-learn ship (chelsea, flower held out)"
   [[ -d "$DATA/train" ]] || python -m refiner.data.demo "$DATA"

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from refiner.bench.methods import BenchError, Method, methods_from_config, score, steps_for, unsharp
 from refiner.bench.sources import SOURCES, ArtifactSet, clean_heads, f8_degraded, generator_samples, injected_defects
+from refiner.data.images import to_tensor, to_uint8
 from refiner.data.synthetic import MIN_SIZE
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Models:
         from refiner.inference.pipeline import Pipeline
 
         trust, device = bool(cfg.trust_checkpoint), str(cfg.device)
+        self.device = device
         paths = {tuple(m.stages) for m in methods if m.kind == "diffusion"}
         if "generator" in sources:
             paths.add(tuple(str(s) for s in cfg.generator.stages))
@@ -123,8 +125,10 @@ def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: M
         if name == "defects":
             built[name] = injected_defects(n, seeds["images"], size)
         elif name == "f8":
-            built[name] = f8_degraded(n, seeds["images"], models.pipelines[next(iter(models.pipelines))].degrade,
-                                      size, cfg.batch_size)
+            f8 = models.f8  # size is a multiple of 8 (checked), so no padding is needed
+            built[name] = f8_degraded(n, seeds["images"], lambda imgs: [
+                to_uint8(y) for y in f8.round_trip(torch.stack([to_tensor(i) for i in imgs]).to(models.device))],
+                size, cfg.batch_size)
         else:
             pipe = models.pipelines[tuple(str(s) for s in cfg.generator.stages)]
             chain, f4 = pipe.chain, models.f4
