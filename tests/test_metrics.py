@@ -53,6 +53,14 @@ def test_psnr_hand_values():
     assert p.tolist() == pytest.approx([20.0, 40.0], abs=1e-4)  # torchmetrics uses a float32 log(10)
 
 
+def test_ssim_in_float32_agrees_with_float64():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 3, 32, 32, generator=g, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    fast, exact = ssim(a, b, dtype=torch.float32), ssim(a, b)
+    assert fast.dtype == torch.float64 and (fast - exact).abs().max() < 1e-5 and (exact < 0.95).all()
+
+
 def test_ssim_constant_images_hand_value():
     # constant images: variance/covariance terms are (0 + C2)/(0 + C2) = 1, only luminance remains
     a = torch.full((1, 3, 16, 16), 0.5, dtype=torch.float64)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from refiner.errors import SettingError
 
@@ -104,9 +105,7 @@ def unsharp(images: Sequence[np.ndarray], amount_percent: int, radius: float = 1
     return [np.asarray(Image.fromarray(img).filter(f)) for img in images]
 
 
-def _unit(images: Sequence[np.ndarray]):
-    import torch
-
+def _unit(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).double() / 255.0
 
 
@@ -133,7 +132,7 @@ def score(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray], reference
         "rule_failure_rate": {rule: sum(not r.rules[rule] for r in results) / len(results) for rule in RULES},
         "swd_x1e3": swd(out, ref, **dict(swd_kwargs or {}))["mean"],
         "rmse_to_input": float(rmse.mean()),
-        "ssim_to_input": float(ssim(out, inp).mean()),
+        "ssim_to_input": float(ssim(out, inp, dtype=torch.float32).mean()),
     }
     if clean is not None:
         p = psnr(out, _unit(clean))
