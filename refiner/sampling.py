@@ -475,7 +475,27 @@ def refine(
     """
     step_plan = plan(stages, t_start, steps, alphas_cumprod, t_end=t_end, spacing=spacing, eta=eta,
                      allow_outside_window=allow_outside_window)
+    return refine_with_plan(stages, z, step_plan, alphas_cumprod, eta=eta, generator=generator, callback=callback,
+                            return_stage_outputs=return_stage_outputs, noise=noise)
+
+
+@torch.no_grad()
+def refine_with_plan(
+    stages: Sequence[Stage],
+    z: Tensor,
+    step_plan: StepPlan,
+    alphas_cumprod: Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    return_stage_outputs: bool = False,
+    noise: Tensor | None = None,
+) -> Tensor | RefineResult:
+    """Steps 2-3 of :func:`refine` over a ``step_plan`` that :func:`plan` made for these ``stages``, ``eta`` and
+    ``alphas_cumprod`` (so a caller that has validated once, like :meth:`refiner.inference.chain.Chain.refine`,
+    does not plan twice). The grid starts at ``t_start = step_plan.timesteps[0]``."""
     grid, stage_of_step = step_plan.timesteps, step_plan.stage_of_step
+    t_start = grid[0]
     if noise is None:
         noise = _randn_like(z, generator)
     elif noise.shape != z.shape:

@@ -115,8 +115,8 @@ def test_markdown_lists_every_method_and_source():
     results = {"split": "tune", "seeds": {}, "n": 4, "t_per_step": 20, "generator_steps": 10,
                "recommended_t_start": 299, "sources": {
                    "generator": {"input": inp, "methods": {
-                       "chain": {"kind": "diffusion", "label": "chain", "sweep": [row]},
-                       "unsharp": {"kind": "unsharp", "label": "unsharp mask",
+                       "chain": {"kind": "diffusion", "label": "chain", "grid_setting": 299, "sweep": [row]},
+                       "unsharp": {"kind": "unsharp", "label": "unsharp mask", "grid_setting": 100,
                                    "sweep": [{**row, "amount_percent": 100, "artifact_rate": 0.5}]}}}}}
     text = markdown(results)
     assert "| input (no refinement) | 50.0% |" in text

@@ -4,6 +4,8 @@ Exit codes follow :mod:`refiner.cli`: 0 done, 2 a setting, checkpoint or output 
 (one ``error:`` line on stderr, before any compute).
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,8 +18,6 @@ def task(cfg: DictConfig) -> None:
 
     def body() -> None:
         results = run(cfg)
-        from pathlib import Path
-
         print((Path(cfg.output_dir) / "results.md").read_text())
         print(f"results: {cfg.output_dir}/results.json (split {results['split']})")
 

@@ -25,9 +25,6 @@ import torch
 
 from refiner.errors import SettingError
 
-KINDS = ("diffusion", "unsharp")
-
-
 class BenchError(SettingError):
     """A benchmark setting, checkpoint or output folder that cannot work; raised before any compute."""
 
@@ -139,7 +136,3 @@ def score(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray], reference
         values["psnr_to_clean"] = float(p.clamp(max=100.0).mean())  # identical images give inf; cap at 100 dB
     values["failed"] = [i for i, r in enumerate(results) if not r.passed]
     return values
-
-
-def settings_label(method: Method, setting: int) -> str:
-    return f"t_start {setting}" if method.kind == "diffusion" else f"amount {setting}%"

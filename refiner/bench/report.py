@@ -44,16 +44,14 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
-def best_row(sweep: Sequence[Mapping], setting_name: str, setting: int) -> Mapping | None:
+def row_at(sweep: Sequence[Mapping], setting_name: str, setting: int) -> Mapping | None:
+    """The sweep row measured at ``setting``, if any."""
     return next((r for r in sweep if r[setting_name] == setting), None)
 
 
 def markdown(results: Mapping) -> str:
     """One summary table (every method at its grid setting, artifact rate per source) and one table per
     source with the whole sweep."""
-    from refiner.bench.run import grid_setting
-    from refiner.bench.methods import Method
-
     rec = results["recommended_t_start"]
     sources = list(results["sources"])
     lines = [f"# Composition benchmark: split `{results['split']}`, seeds {results['seeds']}, "
@@ -66,17 +64,15 @@ def markdown(results: Mapping) -> str:
              "| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     lines.append("| input (no refinement) | " + " | ".join(
         f"{results['sources'][s]['input']['artifact_rate']:.1%}" for s in sources) + " |")
-    first = results["sources"][sources[0]]["methods"]
-    for name, m in first.items():
+    for name, m in results["sources"][sources[0]]["methods"].items():
         setting_name = "t_start" if m["kind"] == "diffusion" else "amount_percent"
-        method = Method(name, m["kind"], tuple(r[setting_name] for r in m["sweep"]))
-        setting = grid_setting(method, rec)
+        setting = m["grid_setting"]
         cells = []
         for s in sources:
-            row = best_row(results["sources"][s]["methods"][name]["sweep"], setting_name, setting)
+            row = row_at(results["sources"][s]["methods"][name]["sweep"], setting_name, setting)
             cells.append(f"{row['artifact_rate']:.1%}" if row else "–")
-        unit = f" (t_start {setting})" if m["kind"] == "diffusion" else f" ({setting}%)"
-        lines.append(f"| {m['label']}{unit} | " + " | ".join(cells) + " |")
+        unit = f"t_start {setting}" if m["kind"] == "diffusion" else f"{setting}%"
+        lines.append(f"| {m['label']} ({unit}) | " + " | ".join(cells) + " |")
     for s in sources:
         entry = results["sources"][s]
         inp = entry["input"]
@@ -225,7 +221,7 @@ def _json_ready(x):
     return x
 
 
-def write_all(out_dir: Path, results: Mapping, grid_images, methods, efficiency_spec) -> None:
+def write_all(out_dir: Path, results: Mapping, grid_images) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(_json_ready(results), indent=1))
     atomic_write_text(out_dir / "results.md", markdown(results))

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from refiner.bench.methods import BenchError, Method, methods_from_config, score, steps_for, unsharp
 from refiner.bench.sources import SOURCES, ArtifactSet, clean_heads, f8_degraded, generator_samples, injected_defects
-from refiner.data.images import to_tensor, to_uint8
 from refiner.data.synthetic import MIN_SIZE
+from refiner.inference.pipeline import vq_round_trip
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ class Models:
 
         trust, device = bool(cfg.trust_checkpoint), str(cfg.device)
         self.device = device
+        self.generator_stages = tuple(str(s) for s in cfg.generator.stages) if "generator" in sources else None
         paths = {tuple(m.stages) for m in methods if m.kind == "diffusion"}
-        if "generator" in sources:
-            paths.add(tuple(str(s) for s in cfg.generator.stages))
+        if self.generator_stages:
+            paths.add(self.generator_stages)
         for chain_paths in paths:
             for p in chain_paths:
                 if not Path(p).is_file():
@@ -104,8 +105,8 @@ class Models:
                 chain = self.pipelines[m.stages].chain
                 for t in m.settings:
                     chain.plan(t, steps_for(t, cfg.t_per_step), allow_outside_window=m.allow_outside_window)
-        if "generator" in sources:
-            gen = self.pipelines[tuple(str(s) for s in cfg.generator.stages)].chain
+        if self.generator_stages:
+            gen = self.pipelines[self.generator_stages].chain
             windows = [s.weights.window for s in gen.stages]
             T = gen.alphas_cumprod.shape[0]
             if len(windows) != 1 or windows[0].t_min != 0 or windows[0].t_max != T:
@@ -125,12 +126,10 @@ def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: M
         if name == "defects":
             built[name] = injected_defects(n, seeds["images"], size)
         elif name == "f8":
-            f8 = models.f8  # size is a multiple of 8 (checked), so no padding is needed
-            built[name] = f8_degraded(n, seeds["images"], lambda imgs: [
-                to_uint8(y) for y in f8.round_trip(torch.stack([to_tensor(i) for i in imgs]).to(models.device))],
-                size, cfg.batch_size)
+            built[name] = f8_degraded(n, seeds["images"], lambda imgs: vq_round_trip(models.f8, imgs, device=models.device),
+                                      size, cfg.batch_size)
         else:
-            pipe = models.pipelines[tuple(str(s) for s in cfg.generator.stages)]
+            pipe = models.pipelines[models.generator_stages]
             chain, f4 = pipe.chain, models.f4
             model = chain.stages[0].stage(None).model
             latent = (f4.embed_dim, size // f4.factor, size // f4.factor)
@@ -190,7 +189,7 @@ def run(cfg: DictConfig) -> dict:
         if artifact_set.clean is not None:
             shown["clean"] = artifact_set.clean[:cfg.grid_images]
         for method in methods:
-            rows = []
+            rows, shown_setting = [], grid_setting(method, cfg.recommended_t_start)
             for setting in method.settings:
                 t0 = time.perf_counter()
                 outputs = apply_method(method, setting, inputs, cfg, models)
@@ -202,13 +201,14 @@ def run(cfg: DictConfig) -> dict:
                 rows.append(row)
                 log.info("%s / %s / %s: artifact rate %.3f, rmse to input %.4f (%.1f s)", name, method.name, setting,
                          row["artifact_rate"], row["rmse_to_input"], seconds)
-                if setting == grid_setting(method, cfg.recommended_t_start):
-                    shown[f"{method.label} ({setting})" if method.kind == "diffusion" else
-                          f"{method.label} ({setting}%)"] = outputs[:cfg.grid_images]
+                if setting == shown_setting:
+                    unit = "" if method.kind == "diffusion" else "%"
+                    shown[f"{method.label} ({setting}{unit})"] = outputs[:cfg.grid_images]
             entry["methods"][method.name] = {"kind": method.kind, "label": method.label, "stages": list(method.stages),
-                                             "allow_outside_window": method.allow_outside_window, "sweep": rows}
+                                             "allow_outside_window": method.allow_outside_window,
+                                             "grid_setting": shown_setting, "sweep": rows}
         results["sources"][name] = entry
         grid_images[name] = shown
     results["efficiency"] = report.efficiency(cfg.efficiency)
-    report.write_all(out_dir, results, grid_images, methods, cfg.efficiency)
+    report.write_all(out_dir, results, grid_images)
     return results

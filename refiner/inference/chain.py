@@ -25,7 +25,7 @@ from refiner.diffusion import ScheduleConfig, Window
 from refiner.errors import SampleError
 from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint
 from refiner.formats.window_files import WindowWeights, load_window_weights
-from refiner.sampling import Callback, RefineResult, Stage, StepPlan, check_stages, plan, refine
+from refiner.sampling import Callback, RefineResult, Stage, StepPlan, check_stages, plan, refine_with_plan
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +245,8 @@ class Chain:
             from refiner.inference.tiling import tile_stages
 
             stages = tile_stages(stages, **tiles)
-        out = refine(stages, z, t_start, steps, self.alphas_cumprod, eta=eta, generator=generator, spacing=spacing,
-                     callback=callback, allow_outside_window=allow_outside_window,
-                     return_stage_outputs=return_stage_outputs, noise=noise, t_end=t_end)
+        out = refine_with_plan(stages, z, step_plan, self.alphas_cumprod, eta=eta, generator=generator,
+                               callback=callback, return_stage_outputs=return_stage_outputs, noise=noise)
         if return_stage_outputs:
             return out
         return RefineResult(latent=out, stage_latents=[], timesteps=step_plan.timesteps,

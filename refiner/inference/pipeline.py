@@ -23,6 +23,27 @@ from refiner.inference.chain import Chain
 PAD_MODES = ("reflect", "replicate", "constant")
 
 
+def padded_batch(images: Sequence[np.ndarray], multiple: int, pad_mode: str = "reflect",
+                 device: str | torch.device = "cpu") -> Tensor:
+    """Same-size uint8 images -> one (B, 3, H', W') batch in [-1, 1], padded bottom/right to ``multiple``."""
+    if not images:
+        raise ValueError("no images given")
+    if any(img.shape != images[0].shape for img in images):
+        raise ValueError(f"images of one batch must share one size, got {sorted({img.shape for img in images})}")
+    x = torch.stack([to_tensor(img) for img in images]).to(device)
+    return pad_to_multiple(x, multiple, mode=pad_mode)[0]
+
+
+@torch.no_grad()
+def vq_round_trip(vq: nn.Module, images: Sequence[np.ndarray], pad_mode: str = "reflect",
+                  device: str | torch.device = "cpu") -> list[np.ndarray]:
+    """Same-size uint8 images through ``vq`` (pad to its factor, encode, quantize, decode, crop back), as uint8:
+    the VQ-f8 degradation."""
+    h, w = images[0].shape[:2]
+    y = vq.round_trip(padded_batch(images, vq.factor, pad_mode, device))
+    return [to_uint8(crop_to(img, (h, w))) for img in y]
+
+
 class Pipeline:
     """pad -> encode (f4) -> scale -> :meth:`Chain.refine` -> unscale -> decode (f4) -> crop; ``f8`` degrades."""
 
@@ -40,21 +61,13 @@ class Pipeline:
         return int(self.f4.factor) * self.chain.multiple
 
     def _pad(self, images: Sequence[np.ndarray], multiple: int) -> Tensor:
-        if not images:
-            raise ValueError("no images given")
-        if any(img.shape != images[0].shape for img in images):
-            raise ValueError(f"images of one batch must share one size, got {sorted({img.shape for img in images})}")
-        x = torch.stack([to_tensor(img) for img in images]).to(self.device)
-        return pad_to_multiple(x, multiple, mode=self.pad_mode)[0]
+        return padded_batch(images, multiple, self.pad_mode, self.device)
 
-    @torch.no_grad()
     def degrade(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """VQ-f8 round trip (pad, encode, quantize, decode, crop), stored as uint8 like a saved artifact image."""
+        """VQ-f8 round trip (:func:`vq_round_trip`), stored as uint8 like a saved artifact image."""
         if self.f8 is None:
             raise ValueError("degrade needs the VQ-f8 first stage (Pipeline(..., f8=...))")
-        h, w = images[0].shape[:2]
-        y = self.f8.round_trip(self._pad(images, self.f8.factor))
-        return [to_uint8(crop_to(img, (h, w))) for img in y]
+        return vq_round_trip(self.f8, images, self.pad_mode, self.device)
 
     @torch.no_grad()
     def refine_images(self, images: Sequence[np.ndarray], t_start: int, steps: int, *, seed: int = 0,
