@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -109,26 +110,36 @@ def reconstruct_laplacian_pyramid(levels: list[Tensor]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ sliced Wasserstein (SWD)
+def _sort_rows(x: Tensor) -> Tensor:
+    """Each row sorted ascending. On CPU through NumPy: for (128, 8192) rows its vectorised sort took 12 ms
+    (float32) and 38 ms (float64) here against 190-200 ms for ``torch.sort``, with identical results (sorting
+    is exact); the sorts were 80% of an SWD."""
+    if x.device.type == "cpu" and not x.requires_grad:
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+    return torch.sort(x, dim=1).values
+
+
 def sliced_wasserstein(
-    a: Tensor, b: Tensor, directions_per_repeat: int = 128, repeats: int = 4, generator: torch.Generator | None = None
+    a: Tensor, b: Tensor, directions_per_repeat: int = 128, repeats: int = 4, generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Sliced Wasserstein-1 distance between two equal-size point clouds ``a, b`` of shape (N, D).
 
     For each of ``repeats`` batches, draw ``directions_per_repeat`` random unit directions, project,
     sort each projection (the 1-D optimal coupling of equal-size empirical measures), take the mean
-    absolute difference; average over all directions (Karras et al. 2018, appendix D).
+    absolute difference; average over all directions (Karras et al. 2018, appendix D). The directions are
+    drawn in float64 whatever ``dtype`` the projections and sorts use, so both dtypes see the same directions.
     """
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"sliced_wasserstein needs two (N, D) clouds of equal shape, got {tuple(a.shape)}, {tuple(b.shape)}")
-    a, b = a.double(), b.double()
-    total = a.new_zeros(())
+    a, b = a.to(dtype), b.to(dtype)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
     for _ in range(repeats):
         dirs = torch.randn(a.shape[1], directions_per_repeat, generator=generator, dtype=torch.float64).to(a.device)
-        dirs = dirs / dirs.norm(dim=0, keepdim=True)
+        dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(dtype)
         # (directions, N), contiguous along the sorted axis (much faster than sorting dim 0)
-        pa = torch.sort((a @ dirs).T.contiguous(), dim=1).values
-        pb = torch.sort((b @ dirs).T.contiguous(), dim=1).values
-        total = total + (pa - pb).abs().mean()
+        pa, pb = _sort_rows((a @ dirs).T.contiguous()), _sort_rows((b @ dirs).T.contiguous())
+        total = total + (pa - pb).abs().mean().double()
     return total / repeats
 
 
@@ -164,6 +175,7 @@ def swd(
     repeats: int = 4,
     normalize: Literal["per_set", "joint"] = "per_set",
     generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict:
     """Sliced Wasserstein distance between two image sets on Laplacian-pyramid patches, x1e3.
 
@@ -181,6 +193,9 @@ def swd(
     * Reproducible: everything is drawn from ``generator`` (seed 0 if None). Both sets use the *same*
       patch positions when they have equal size (common random numbers), so ``swd(x, x) == 0`` and
       paired comparisons (degraded vs clean) have low variance.
+
+    * ``dtype``: of the projections and sorts (the pyramid and the patch statistics stay float64).
+      ``torch.float32`` is about twice as fast on CPU and agrees with float64 to about 1e-4 relative (tested).
 
     Returns ``{"levels": {"HxW": swd_x1e3, ...} (finest first), "mean": average over levels,
     "patches_per_level": n}`` with plain floats.
@@ -211,7 +226,7 @@ def swd(
         else:
             stats = _channel_stats(torch.cat([da, db]))
             da, db = _normalize_channels(da, *stats), _normalize_channels(db, *stats)
-        dist = sliced_wasserstein(da.flatten(1), db.flatten(1), directions_per_repeat, repeats, generator)
+        dist = sliced_wasserstein(da.flatten(1), db.flatten(1), directions_per_repeat, repeats, generator, dtype)
         levels[f"{la.shape[-2]}x{la.shape[-1]}"] = float(dist) * 1e3
     return {"levels": levels, "mean": sum(levels.values()) / len(levels), "patches_per_level": n}
 

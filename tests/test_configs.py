@@ -39,3 +39,24 @@ def test_slurm_launcher_preset_composes(tmp_path):
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert launcher.partition == "gpu"
+
+
+@pytest.mark.parametrize("preset", ["full", "demo"])
+def test_bench_method_presets_compose_and_parse(preset, tmp_path):
+    from omegaconf import OmegaConf
+
+    from refiner.bench.methods import methods_from_config
+
+    cfg = compose_config("bench", [f"methods={preset}"], tmp_path)
+    methods = {m.name: m for m in methods_from_config(OmegaConf.to_container(cfg.methods, resolve=True))}
+    assert set(methods) == {"chain", "shape_window", "detail_window", "full_range", "paired", "unsharp"}
+    # every diffusion method is run at the recommended t_start, so the grid and the demo's table compare there
+    for m in methods.values():
+        if m.kind == "diffusion":
+            assert cfg.recommended_t_start in m.settings, (m.name, m.settings)
+    # the demo preset keeps the full preset's checkpoints and only thins the sweeps
+    full = compose_config("bench", ["methods=full"], tmp_path).methods
+    for name, m in methods.items():
+        assert m.stages == tuple(full[name].get("stages", ()))
+        if preset == "demo":
+            assert len(m.settings) <= 2

@@ -122,3 +122,26 @@ def test_attention_hands_sdpa_contiguous_tensors(monkeypatch):
         VQModel(tiny_ddconfig(4, resolution=32), 16, 3).encode(torch.zeros(1, 3, 32, 32))
         UNetModel(**tiny_unet_params())(torch.zeros(1, 3, 16, 16), torch.tensor([5]))
     assert len(seen) >= 3 and all(seen)
+
+
+def test_warmup_cosine_hand_values():
+    from refiner.lit.first_stage import warmup_cosine
+
+    assert [warmup_cosine(s, 4, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(8, 4, 12) == pytest.approx(0.5)  # halfway through the decay: (1 + cos(pi/2)) / 2
+    assert warmup_cosine(12, 4, 12) == pytest.approx(0.0) and warmup_cosine(30, 4, 12) == pytest.approx(0.0)
+    assert warmup_cosine(0, 0, 10) == 1.0
+
+
+def test_cosine_schedule_reaches_zero_and_restarts_stop(tmp_path, monkeypatch):
+    module = FirstStageModule(tiny_ddconfig(4, resolution=32), n_embed=32, embed_dim=3, lr=1e-3,
+                              lr_schedule="cosine", warmup_steps=2, restart_every=1, restart_until=3)
+    restarts = []
+    original = module.restart_dead_codes
+    monkeypatch.setattr(module, "restart_dead_codes", lambda x: restarts.append(module.global_step) or original(x))
+    trainer = _fit(module, 8, tmp_path)
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert restarts == [0, 1, 2]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        FirstStageModule(tiny_ddconfig(4, resolution=32), n_embed=32, embed_dim=3, lr_schedule="linear")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from refiner.metrics import (
+    _sort_rows,
     evaluate_pairs,
     fid_kid,
     laplacian_pyramid,
@@ -122,6 +123,18 @@ def test_sliced_wasserstein_shift_closed_form():
     assert got == pytest.approx(expected, rel=0.03)
     with pytest.raises(ValueError, match="equal shape"):
         sliced_wasserstein(a, a[:10])
+
+
+def test_sliced_wasserstein_float32_matches_float64_and_sort_is_exact():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    d64 = sliced_wasserstein(a, b, 32, 2, torch.Generator().manual_seed(5)).item()
+    d32 = sliced_wasserstein(a, b, 32, 2, torch.Generator().manual_seed(5), dtype=torch.float32).item()
+    assert d32 == pytest.approx(d64, rel=1e-5) and d32 != d64
+    # the CPU sort path (NumPy) gives exactly torch.sort's order
+    x = torch.randn(7, 1001, generator=g)
+    assert torch.equal(_sort_rows(x), torch.sort(x, dim=1).values)
 
 
 # ------------------------------------------------------------------------------------------------- SWD

@@ -127,7 +127,7 @@ def score(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray], reference
     values = {
         "artifact_rate": sum(not r.passed for r in results) / len(results),
         "rule_failure_rate": {rule: sum(not r.rules[rule] for r in results) / len(results) for rule in RULES},
-        "swd_x1e3": swd(out, ref, **dict(swd_kwargs or {}))["mean"],
+        "swd_x1e3": swd(out, ref, **{"dtype": torch.float32, **dict(swd_kwargs or {})})["mean"],
         "rmse_to_input": float(rmse.mean()),
         "ssim_to_input": float(ssim(out, inp, dtype=torch.float32).mean()),
     }

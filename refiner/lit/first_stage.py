@@ -12,6 +12,7 @@ taming's quantizer has neither; rank 0 draws the new codes and broadcasts them, 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import pytorch_lightning as pl
@@ -20,6 +21,17 @@ import torch.nn.functional as F
 
 from refiner.lit.window_module import plain
 from refiner.models.vq import VQModel
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor at optimizer step ``step``: ``(step + 1) / warmup`` during warmup, then
+    ``(1 + cos(pi * p)) / 2`` with ``p`` the fraction of the remaining steps done (0 at ``total``)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 class FirstStageModule(pl.LightningModule):
@@ -30,8 +42,13 @@ class FirstStageModule(pl.LightningModule):
     disc_weight: weight of the generator's adversarial term; 0 disables the discriminator.
     disc_start: optimizer step at which the discriminator switches on.
     restart_every: steps between dead-code restarts (0 disables init and restarts).
+    restart_until: no restarts from this optimizer step on (null: until the end). Every restart moves codes
+        the decoder has learned to read, so a short training stops restarting early and lets the decoder settle.
     usage_decay: decay of the running code-usage counts; codes below ``dead_threshold`` restart.
     optimizer: partial optimizer (Hydra ``_partial_: true``); ``lr`` is set here.
+    lr_schedule: ``constant``, or ``cosine``: linear warmup over ``warmup_steps``, then a cosine decay of
+        the autoencoder's learning rate to 0 at ``max_steps`` (the trainer's; Loshchilov & Hutter 2017, eq. 5
+        with one cycle and eta_min 0). The discriminator's rate stays constant.
     """
 
     def __init__(
@@ -47,13 +64,20 @@ class FirstStageModule(pl.LightningModule):
         usage_decay: float = 0.9,
         dead_threshold: float = 0.03,
         optimizer: Optional[Callable] = None,
+        restart_until: Optional[int] = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
     ):
         super().__init__()
         ddconfig = plain(ddconfig)
         self.save_hyperparameters(dict(ddconfig=ddconfig, n_embed=n_embed, embed_dim=embed_dim, lr=lr,
                                        codebook_weight=codebook_weight, disc_weight=disc_weight,
                                        disc_start=disc_start, restart_every=restart_every,
-                                       usage_decay=usage_decay, dead_threshold=dead_threshold))
+                                       usage_decay=usage_decay, dead_threshold=dead_threshold,
+                                       restart_until=restart_until, lr_schedule=lr_schedule,
+                                       warmup_steps=warmup_steps))
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
         vq = VQModel(ddconfig, n_embed=n_embed, embed_dim=embed_dim, legacy=False)
         self.register_buffer("code_usage", torch.zeros(n_embed), persistent=False)
         # Register VQModel's parts at top level and the discriminator under ``loss.``, so our
@@ -107,8 +131,8 @@ class FirstStageModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = batch["image"]
-        every = self.hparams.restart_every
-        if every and self.global_step % every == 0:
+        every, until = self.hparams.restart_every, self.hparams.get("restart_until")
+        if every and self.global_step % every == 0 and (until is None or self.global_step < until):
             self.log("train/codes_restarted", float(self.restart_dead_codes(x)))
         opts = self.optimizers()
         opt_ae, opt_disc = (opts if isinstance(opts, list) else [opts, None])
@@ -122,6 +146,9 @@ class FirstStageModule(pl.LightningModule):
         self.manual_backward(loss)
         self.clip_gradients(opt_ae, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
         opt_ae.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:  # manual optimization: Lightning does not step it
+            scheduler.step()
         if use_disc:
             # hinge loss, Lim & Ye 2017: E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]
             d_loss = 0.5 * (F.relu(1 - self.discriminator(x)).mean()
@@ -146,7 +173,14 @@ class FirstStageModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt_ae = self.optimizer_factory(self.vq.parameters(), lr=self.hparams.lr)
-        if self.discriminator is None:
-            return opt_ae
-        opt_disc = self.optimizer_factory(self.discriminator.parameters(), lr=self.hparams.lr)
-        return [opt_ae, opt_disc]
+        optimizers = [opt_ae]
+        if self.discriminator is not None:
+            optimizers.append(self.optimizer_factory(self.discriminator.parameters(), lr=self.hparams.lr))
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizers if len(optimizers) > 1 else opt_ae
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("lr_schedule=cosine needs trainer.max_steps (the step the rate reaches 0)")
+        warmup = int(self.hparams.get("warmup_steps", 0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lambda step: warmup_cosine(step, warmup, total))
+        return optimizers, [{"scheduler": sched, "interval": "step"}]
