@@ -51,6 +51,29 @@ def validate(cfg: DictConfig) -> None:
     if first_stage and first_stage.get("ckpt_path"):
         _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)",
                       folder_ok=True)
+    if lora_enabled(cfg) and not (cfg.get("init_from") or cfg.get("ckpt_path")):
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank} trains adapters on top of a base: give "
+                          "init_from=<window checkpoint, CompVis LDM or diffusers folder> (or ckpt_path= to resume)")
+    for path in (cfg.get("val") or {}).get("chain") or []:
+        _require_file(path, "val.chain entry (an earlier window checkpoint)", folder_ok=False)
+
+
+def lora_enabled(cfg: DictConfig) -> bool:
+    """``model.lora`` validated (a bad value raises a one-line SettingError); True when rank > 0."""
+    from refiner.models.lora import LoraSettings
+
+    lora = cfg.model.get("lora")
+    return LoraSettings.from_config(OmegaConf.to_container(lora, resolve=True) if lora is not None else None) is not None
+
+
+def record_lora_base(cfg: DictConfig, state: dict | None) -> None:
+    """Under ``model.lora``, record the ``init_from`` weights as the adapters' base (path, EMA, fingerprint)."""
+    if state is None or not lora_enabled(cfg):
+        return
+    from refiner.formats.lora import base_reference
+
+    with open_dict(cfg):
+        cfg.model.lora_base = base_reference(cfg.init_from, state, cfg.init_from_ema)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -70,11 +93,9 @@ def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
 
 
 def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict, info: dict) -> dict:
-    """Finetune: copy only weights (from :func:`read_init_from`) into ``model.unet``, strictly;
-    optimizer and step start fresh."""
-    from refiner.formats.kinds import load_strict
-
-    load_strict(model.unet, state, source=str(cfg.init_from))
+    """Finetune: copy only weights (from :func:`read_init_from`) into ``model.unet``, strictly (under
+    ``model.lora``: into the frozen base under the adapters); optimizer and step start fresh."""
+    model.load_base_weights(state, source=str(cfg.init_from))
     log.info("initialised weights from %s (%s)", cfg.init_from, info)
     return info
 
@@ -157,6 +178,7 @@ def run(cfg: DictConfig) -> dict:
     if "unet" in cfg.model:
         resolve_scale_factor(cfg, init_info)
         resolve_first_stage_fingerprint(cfg, init_info)
+        record_lora_base(cfg, init_state)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
