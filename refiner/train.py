@@ -172,6 +172,18 @@ def resolve_first_stage_fingerprint(cfg: DictConfig, init_info: dict | None = No
     return fingerprint
 
 
+def chain_validation(cfg: DictConfig) -> list:
+    """The whole-chain validation callback when ``val.chain`` lists earlier windows (window runs only)."""
+    val = cfg.get("val") or {}
+    if not val.get("chain") or "unet" not in cfg.model:
+        return []
+    from refiner.lit.chain_validation import ChainValidation
+
+    settings = OmegaConf.to_container(val, resolve=True)
+    return [ChainValidation(**settings, trust_checkpoint=cfg.trust_checkpoint,
+                            allow_first_stage_mismatch=bool(cfg.get("allow_first_stage_mismatch", False)))]
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     init_state, init_info = read_init_from(cfg)
@@ -188,7 +200,7 @@ def run(cfg: DictConfig) -> dict:
         apply_init_from(model, cfg, init_state, init_info)
 
     loggers = instantiate_dict(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback with bars disabled

@@ -243,7 +243,7 @@ class WindowRefiner(pl.LightningModule):
         batch, self._grid_batch = self._grid_batch, None
         if batch is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
-        decoder = self._load_decoder()
+        decoder = self.load_decoder()
         if decoder is None or "clean" not in batch:
             return
         from refiner.inference.chain import Chain
@@ -257,7 +257,8 @@ class WindowRefiner(pl.LightningModule):
         rows = [batch["degraded"][:n].float(), images.to(batch["degraded"].device), batch["clean"][:n].float()]
         log_grid(self, rows, name="val/grid", captions=["degraded", f"refined {self.window}", "clean"])
 
-    def _load_decoder(self):
+    def load_decoder(self):
+        """The f4 of ``first_stage`` (loaded once, kept out of state_dict and EMA), or None without a checkpoint."""
         if self._decoder:
             return self._decoder[0]
         cfg = self.hparams.first_stage
