@@ -267,9 +267,18 @@ def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, ba
     x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 200])
     with torch.no_grad():
         torch.testing.assert_close(peft_unet(x, t), merged.build_unet()(x, t), rtol=1e-4, atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "| adapters | LoRA rank 4 (alpha 8.0" in card and config["base_model_name_or_path"] in card
     assert export_main(["peft", lora_window["last_ckpt"], str(out)]) == 2  # exists: refused without --force
     assert export_main(["peft", base_window["last_ckpt"], str(tmp_path / "p2")]) == 2  # not a LoRA window
     assert not (tmp_path / "p2").exists()
+
+    # the diffusers export merges too: its unet/ reads back as the merged weights
+    from refiner.formats.diffusers import load_diffusers_unet
+
+    assert export_main(["diffusers", lora_window["last_ckpt"], str(tmp_path / "hf")]) == 0
+    state, _ = load_diffusers_unet(tmp_path / "hf" / "unet")
+    assert all(torch.equal(state[k], v) for k, v in merged.unet_state.items())
 
 
 def test_adapter_checkpoint_is_over_10x_smaller_than_a_full_one_at_demo_size(tmp_path):
