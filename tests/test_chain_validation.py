@@ -13,20 +13,10 @@ import pytest
 import torch
 
 from conftest import compose_config
-from pipeline import World, build_world
+from pipeline import World
 
 from refiner.errors import SettingError
 from refiner.train import ConfigError, run
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    return build_world(tmp_path_factory.mktemp("chainval_world"))
-
-
-@pytest.fixture(scope="module")
-def shape_window(world, tmp_path_factory) -> dict:
-    return world.train_refiner("demo_refiner_500_750", tmp_path_factory.mktemp("shape"))
 
 
 def detail_overrides(world: World, shape: dict, *extra: str) -> list[str]:

@@ -13,7 +13,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import compose_config
-from pipeline import World, build_world
 from test_window_module import RandomLatents
 
 from refiner.diffusion import ScheduleConfig
@@ -31,13 +30,9 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    return build_world(tmp_path_factory.mktemp("lora_world"))
-
-
-@pytest.fixture(scope="module")
-def base_window(world, tmp_path_factory) -> dict:
-    return world.train_refiner("demo_refiner_500_750", tmp_path_factory.mktemp("base"))
+def base_window(shape_window) -> dict:
+    """The shared shape window (conftest), the base of the adapters here."""
+    return shape_window
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,11 @@ import pytest
 import torch
 
 from conftest import CONF, TINY_TRAINER, compose_config
-from pipeline import World, build_world
+from pipeline import World
 
 from refiner.formats.safe_load import CheckpointError
 from refiner.formats.window_files import load_window_checkpoint
 from refiner.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> World:
-    return build_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="session")
-def shape_window(world, tmp_path_factory) -> dict:
-    """A trained demo_refiner_500_750 run (t in [250, 500))."""
-    return world.train_refiner("demo_refiner_500_750", tmp_path_factory.mktemp("r500_750"))
 
 
 def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):
