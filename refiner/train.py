@@ -83,6 +83,18 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+def read_resume_info(cfg: DictConfig) -> dict | None:
+    """Resume (``ckpt_path``): the recorded ``scale_factor`` of the run being resumed, so that
+    ``model.scale_factor=auto`` takes the value the run was trained with (inherited from its ``init_from``, which
+    a resume does not repeat) instead of recomputing it from the shards. None without ``ckpt_path``."""
+    if not cfg.get("ckpt_path") or "unet" not in cfg.model:
+        return None
+    from refiner.formats.safe_load import safe_torch_load
+
+    hp = (safe_torch_load(cfg.ckpt_path, cfg.trust_checkpoint).get("hyper_parameters") or {})
+    return {"scale_factor": float(hp["scale_factor"]), "from": "ckpt_path"} if "scale_factor" in hp else None
+
+
 def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
     """Finetune source: (UNet state dict, info) from ``init_from``, or (None, None)."""
     if not cfg.get("init_from"):
@@ -101,22 +113,24 @@ def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict, inf
 
 
 def resolve_scale_factor(cfg: DictConfig, init_info: dict | None = None, max_samples: int = 256) -> None:
-    """``model.scale_factor=auto``: the finetuning source's factor if it has one, else 1 / std of the
-    first training latents (LDM's ``scale_by_std``).
+    """``model.scale_factor=auto``: the finetuning source's factor if it has one (or, resuming, the resumed run's:
+    ``init_info`` from :func:`read_resume_info`), else 1 / std of the first training latents (LDM's
+    ``scale_by_std``).
 
     The first ``max_samples`` samples in shard order are the same files on every rank, so the value
     is identical everywhere by construction; ``WindowRefiner.on_fit_start`` checks it against rank 0.
     """
     inherited = (init_info or {}).get("scale_factor")
+    source = (init_info or {}).get("from", "init_from")
     current = cfg.model.get("scale_factor")
     if str(current) != "auto":
         if inherited is not None and current is not None and abs(float(current) - inherited) > 1e-6:
-            log.warning("model.scale_factor=%s differs from init_from's %s: the finetuned window will not "
-                        "chain with its source", current, inherited)
+            log.warning("model.scale_factor=%s differs from %s's %s: the window will not chain with its source",
+                        current, source, inherited)
         return
     if inherited is not None:
         cfg.model.scale_factor = float(inherited)
-        log.info("model.scale_factor=auto -> %.5f (from init_from)", cfg.model.scale_factor)
+        log.info("model.scale_factor=auto -> %.5f (from %s)", cfg.model.scale_factor, source)
         return
     import torch
 
@@ -188,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     init_state, init_info = read_init_from(cfg)
     if "unet" in cfg.model:
-        resolve_scale_factor(cfg, init_info)
+        resolve_scale_factor(cfg, init_info or read_resume_info(cfg))
         resolve_first_stage_fingerprint(cfg, init_info)
         record_lora_base(cfg, init_state)
     pl.seed_everything(cfg.seed, workers=True)

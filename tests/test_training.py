@@ -85,6 +85,20 @@ def test_resume_continues_step_optimizer_ema_and_data_exactly(world, tmp_path):
     _assert_same_training_state(_train_state(full["last_ckpt"]), _train_state(resumed["last_ckpt"]))
 
 
+def test_resume_keeps_the_scale_factor_the_run_inherited(world, shape_window, tmp_path):
+    """A finetune inherits scale_factor from init_from; a resume (no init_from) must not recompute it from the
+    shards (here they would give another value)."""
+    source = torch.load(shape_window["last_ckpt"], weights_only=True)
+    source["hyper_parameters"]["scale_factor"] = 0.5
+    base = tmp_path / "base.ckpt"
+    torch.save(source, base)
+    half = world.train_refiner("demo_refiner_751_1000", tmp_path / "run", f"init_from={base}", "trainer.max_steps=2")
+    assert torch.load(half["last_ckpt"], weights_only=True)["hyper_parameters"]["scale_factor"] == 0.5
+    resumed = world.train_refiner("demo_refiner_751_1000", tmp_path / "run", "init_from=null", "trainer.max_steps=4",
+                                  f"ckpt_path={half['last_ckpt']}")
+    assert torch.load(resumed["last_ckpt"], weights_only=True)["hyper_parameters"]["scale_factor"] == 0.5
+
+
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
