@@ -241,7 +241,7 @@ def test_chain_with_a_lora_detail_stage_runs_the_unmerged_adapters(base_window, 
 
 
 # -- exports and size ----------------------------------------------------------------------------------------
-def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, base_window, tmp_path):
+def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, base_window, tmp_path, capsys):
     from peft import PeftModel
 
     from refiner.apps.checkpoint import main as checkpoint_main
@@ -249,6 +249,9 @@ def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, ba
 
     merged = load_window_weights(lora_window["last_ckpt"])
     assert checkpoint_main(["export", lora_window["last_ckpt"], str(tmp_path / "w.safetensors")]) == 0
+    assert checkpoint_main(["inspect", lora_window["last_ckpt"]]) == 0
+    assert "LoRA adapters only (rank 4, alpha 8) on base " + str(Path(base_window["last_ckpt"]).resolve()) in \
+        capsys.readouterr().out
     exported = load_window_weights(tmp_path / "w.safetensors")
     assert all(torch.equal(exported.unet_state[k], v) for k, v in merged.unet_state.items())
 

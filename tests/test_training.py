@@ -230,6 +230,26 @@ def test_finetune_from_compvis_ldm_takes_its_ema_weights(world, compvis_files, t
     assert all(torch.equal(state[k], raw[k]) for k in raw)
 
 
+def test_lora_on_a_compvis_ldm_keeps_its_weights_and_loads_merged(world, compvis_files, tmp_path):
+    """LoRA on the ffhq preset's CompVis LDM: the checkpoint refers to the LDM file and loading merges onto its
+    EMA UNet weights; the adapters' zero-initialised B after training moved off zero."""
+    from refiner.formats.window_files import load_window_weights
+
+    overrides = ["experiment=ffhq_500_750", *TINY_TRAINER, *_ffhq_overrides(world, compvis_files),
+                 "model.lora.rank=4", "model.scale_lr=false", "model.base_lr=1e-2", "model.warmup_steps=1"]
+    result = run(compose_config("train", overrides, tmp_path / "run"))
+    ckpt = torch.load(result["last_ckpt"], weights_only=True)
+    assert ckpt["hyper_parameters"]["lora_base"]["path"] == str(Path(compvis_files["ldm"]["ckpt_path"]).resolve())
+    assert all(".lora_" in k for k in ckpt["state_dict"])
+    assert any(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if ".lora_B." in k)
+    merged = load_window_weights(result["last_ckpt"])
+    ema = compvis_files["ldm"]["ema"]
+    untouched = [k for k in ema if not k.endswith(("qkv.weight", "proj_out.weight", "in_layers.2.weight",
+                                                    "out_layers.3.weight"))]
+    assert untouched and all(torch.equal(merged.unet_state[k], ema[k]) for k in untouched)
+    assert any(not torch.equal(merged.unet_state[k], ema[k]) for k in ema if k.endswith("qkv.weight"))
+
+
 def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
     from refiner.formats.window_files import export_safetensors, load_window_weights
 
