@@ -241,7 +241,8 @@ def test_chain_with_a_lora_detail_stage_runs_the_unmerged_adapters(base_window, 
 
 
 # -- exports and size ----------------------------------------------------------------------------------------
-def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, base_window, tmp_path, capsys):
+def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, base_window, tmp_path, capsys,
+                                                                 monkeypatch):
     from peft import PeftModel
 
     from refiner.apps.checkpoint import main as checkpoint_main
@@ -267,6 +268,11 @@ def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, ba
         torch.testing.assert_close(peft_unet(x, t), merged.build_unet()(x, t), rtol=1e-4, atol=1e-5)
     card = (out / "README.md").read_text()
     assert "| adapters | LoRA rank 4 (alpha 8.0" in card and config["base_model_name_or_path"] in card
+    monkeypatch.chdir(tmp_path)  # the card's usage snippet runs as written, beside the folder
+    namespace: dict = {}
+    exec(card.split("```python\n")[1].split("```")[0], namespace)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["unet"].eval()(x, t), merged.build_unet()(x, t), rtol=1e-4, atol=1e-5)
     assert export_main(["peft", lora_window["last_ckpt"], str(out)]) == 2  # exists: refused without --force
     assert export_main(["peft", base_window["last_ckpt"], str(tmp_path / "p2")]) == 2  # not a LoRA window
     assert not (tmp_path / "p2").exists()

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 LORA_KEY = "lora"
 BASE_KEY = "lora_base"
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
@@ -93,6 +92,7 @@ def export_peft_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike, us
     from refiner.formats.model_card import card_entry, write_model_card
     from refiner.formats.safe_load import safe_torch_load
     from refiner.formats.window_files import WINDOW_UNET_PREFIX, window_from_checkpoint
+    from refiner.models.lora import ADAPTER_NAME, adapter_state
 
     out, ckpt_path = Path(out), Path(ckpt_path)
     _check_output(out, [ckpt_path], force)
@@ -104,19 +104,20 @@ def export_peft_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike, us
                               "rank > 0); export a full window with refiner-checkpoint export or the diffusers export")
     weights = window_from_checkpoint(obj, str(ckpt_path), use_ema, trust_checkpoint)  # also checks the base
     states = obj.get("state_dict") if use_ema or "current_model_state" not in obj else obj["current_model_state"]
-    from refiner.models.lora import ADAPTER_NAME, adapter_state
-
     tensors = {PEFT_PREFIX + k[len(WINDOW_UNET_PREFIX):].replace(f".{ADAPTER_NAME}.", "."): v.detach().contiguous()
                for k, v in adapter_state(states).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        settings.peft_config(base=hp[BASE_KEY]["path"]).save_pretrained(str(tmp))  # adapter_config.json
+        settings.peft_config(base=hp[BASE_KEY]["path"]).save_pretrained(str(tmp))  # writes adapter_config.json
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         extra = {**dict(hp), "callbacks": obj.get("callbacks") or {}}
+        base = hp[BASE_KEY]
         usage = "\n".join([
-            "```python", "from peft import PeftModel", "from refiner.formats.window_files import load_window_weights",
-            f"base = load_window_weights({hp[BASE_KEY]['path']!r}).build_unet()  # the base these adapters need",
+            "```python", "from peft import PeftModel", "from refiner.formats.init_from import load_init_weights",
+            "from refiner.models.unet import UNetModel", "",
+            f"state, _ = load_init_weights({base['path']!r}, use_ema={bool(base.get('use_ema', True))})  # the base",
+            f"base = UNetModel(**{dict(hp['unet'])!r})", "base.load_state_dict(state)",
             f'unet = PeftModel.from_pretrained(base, "{out.name}")', "```",
             "", f"Base weights fingerprint (refiner.formats.fingerprint.weights_fingerprint): "
                 f"`{hp[BASE_KEY]['fingerprint']}`."])
