@@ -3,14 +3,19 @@
 ``python -m refiner.export diffusers CHAIN... OUT``: one or more window checkpoints (our ``.ckpt`` or an
 exported ``.safetensors``) -> a diffusers folder (``unet/``, ``unet_2/``..., ``vqvae/``, ``scheduler/``,
 ``refiner_chain.json``, ``README.md``; a single full-range window is also a standard ``LDMPipeline``
-folder). See :mod:`refiner.formats.diffusers`. Exit code 2 on a bad input, with a one-line message.
+folder). See :mod:`refiner.formats.diffusers`. A LoRA window (adapters + base reference) is exported merged.
+
+``python -m refiner.export peft LORA_CKPT OUT``: the adapters of a LoRA window as a peft adapter folder
+(``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``); see :mod:`refiner.formats.lora`.
+The merged weights as our ``.safetensors``: ``refiner-checkpoint export LORA_CKPT OUT.safetensors``.
+
+Exit code 2 on a bad input, with a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from refiner.formats.safe_load import CheckpointError
@@ -43,22 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights of .ckpt windows")
     d.add_argument("--force", action="store_true", help="replace an existing output folder")
     d.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    p = sub.add_parser("peft", help="LoRA window checkpoint -> a peft adapter folder (adapters only, not merged)")
+    p.add_argument("ckpt", help="a LoRA window .ckpt (trained with model.lora.rank > 0)")
+    p.add_argument("out", help="the output folder")
+    p.add_argument("--raw", action="store_true", help="export the raw (non-EMA) adapters")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
     args = parser.parse_args(argv)
-    if len(args.paths) < 2:
+    if args.format == "diffusers" and len(args.paths) < 2:
         parser.error("give at least one window checkpoint and the output folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from refiner.formats.diffusers import export_diffusers
+    from refiner.cli import run_cli
 
-    try:
-        out = export_diffusers(args.paths[:-1], args.paths[-1], first_stage=args.first_stage,
+    def body() -> None:
+        if args.format == "peft":
+            from refiner.formats.lora import export_peft_adapter
+
+            print(export_peft_adapter(args.ckpt, args.out, use_ema=not args.raw,
+                                      trust_checkpoint=args.trust_checkpoint, force=args.force))
+            return
+        from refiner.formats.diffusers import export_diffusers
+
+        print(export_diffusers(args.paths[:-1], args.paths[-1], first_stage=args.first_stage,
                                first_stage_params=_load_params(args.first_stage_params), use_ema=not args.raw,
-                               trust_checkpoint=args.trust_checkpoint, force=args.force)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+                               trust_checkpoint=args.trust_checkpoint, force=args.force))
 
+    return run_cli(body)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -51,6 +51,29 @@ def validate(cfg: DictConfig) -> None:
     if first_stage and first_stage.get("ckpt_path"):
         _require_file(first_stage.ckpt_path, "model.first_stage.ckpt_path (f4 autoencoder for image grids)",
                       folder_ok=True)
+    if lora_enabled(cfg) and not (cfg.get("init_from") or cfg.get("ckpt_path")):
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank} trains adapters on top of a base: give "
+                          "init_from=<window checkpoint, CompVis LDM or diffusers folder> (or ckpt_path= to resume)")
+    for path in (cfg.get("val") or {}).get("chain") or []:
+        _require_file(path, "val.chain entry (an earlier window checkpoint)", folder_ok=False)
+
+
+def lora_enabled(cfg: DictConfig) -> bool:
+    """``model.lora`` validated (a bad value raises a one-line SettingError); True when rank > 0."""
+    from refiner.models.lora import LoraSettings
+
+    lora = cfg.model.get("lora")
+    return LoraSettings.from_config(OmegaConf.to_container(lora, resolve=True) if lora is not None else None) is not None
+
+
+def record_lora_base(cfg: DictConfig, state: dict | None) -> None:
+    """Under ``model.lora``, record the ``init_from`` weights as the adapters' base (path, EMA, fingerprint)."""
+    if state is None or not lora_enabled(cfg):
+        return
+    from refiner.formats.lora import base_reference
+
+    with open_dict(cfg):
+        cfg.model.lora_base = base_reference(cfg.init_from, state, cfg.init_from_ema)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -58,6 +81,18 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def read_resume_info(cfg: DictConfig) -> dict | None:
+    """Resume (``ckpt_path``): the recorded ``scale_factor`` of the run being resumed, so that
+    ``model.scale_factor=auto`` takes the value the run was trained with (inherited from its ``init_from``, which
+    a resume does not repeat) instead of recomputing it from the shards. None without ``ckpt_path``."""
+    if not cfg.get("ckpt_path") or "unet" not in cfg.model:
+        return None
+    from refiner.formats.safe_load import safe_torch_load
+
+    hp = (safe_torch_load(cfg.ckpt_path, cfg.trust_checkpoint).get("hyper_parameters") or {})
+    return {"scale_factor": float(hp["scale_factor"]), "from": "ckpt_path"} if "scale_factor" in hp else None
 
 
 def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
@@ -70,32 +105,32 @@ def read_init_from(cfg: DictConfig) -> tuple[dict, dict] | tuple[None, None]:
 
 
 def apply_init_from(model: pl.LightningModule, cfg: DictConfig, state: dict, info: dict) -> dict:
-    """Finetune: copy only weights (from :func:`read_init_from`) into ``model.unet``, strictly;
-    optimizer and step start fresh."""
-    from refiner.formats.kinds import load_strict
-
-    load_strict(model.unet, state, source=str(cfg.init_from))
+    """Finetune: copy only weights (from :func:`read_init_from`) into ``model.unet``, strictly (under
+    ``model.lora``: into the frozen base under the adapters); optimizer and step start fresh."""
+    model.load_base_weights(state, source=str(cfg.init_from))
     log.info("initialised weights from %s (%s)", cfg.init_from, info)
     return info
 
 
 def resolve_scale_factor(cfg: DictConfig, init_info: dict | None = None, max_samples: int = 256) -> None:
-    """``model.scale_factor=auto``: the finetuning source's factor if it has one, else 1 / std of the
-    first training latents (LDM's ``scale_by_std``).
+    """``model.scale_factor=auto``: the finetuning source's factor if it has one (or, resuming, the resumed run's:
+    ``init_info`` from :func:`read_resume_info`), else 1 / std of the first training latents (LDM's
+    ``scale_by_std``).
 
     The first ``max_samples`` samples in shard order are the same files on every rank, so the value
     is identical everywhere by construction; ``WindowRefiner.on_fit_start`` checks it against rank 0.
     """
     inherited = (init_info or {}).get("scale_factor")
+    source = (init_info or {}).get("from", "init_from")
     current = cfg.model.get("scale_factor")
     if str(current) != "auto":
         if inherited is not None and current is not None and abs(float(current) - inherited) > 1e-6:
-            log.warning("model.scale_factor=%s differs from init_from's %s: the finetuned window will not "
-                        "chain with its source", current, inherited)
+            log.warning("model.scale_factor=%s differs from %s's %s: the window will not chain with its source",
+                        current, source, inherited)
         return
     if inherited is not None:
         cfg.model.scale_factor = float(inherited)
-        log.info("model.scale_factor=auto -> %.5f (from init_from)", cfg.model.scale_factor)
+        log.info("model.scale_factor=auto -> %.5f (from %s)", cfg.model.scale_factor, source)
         return
     import torch
 
@@ -151,12 +186,25 @@ def resolve_first_stage_fingerprint(cfg: DictConfig, init_info: dict | None = No
     return fingerprint
 
 
+def chain_validation(cfg: DictConfig) -> list:
+    """The whole-chain validation callback when ``val.chain`` lists earlier windows (window runs only)."""
+    val = cfg.get("val") or {}
+    if not val.get("chain") or "unet" not in cfg.model:
+        return []
+    from refiner.lit.chain_validation import ChainValidation
+
+    settings = OmegaConf.to_container(val, resolve=True)
+    return [ChainValidation(**settings, trust_checkpoint=cfg.trust_checkpoint,
+                            allow_first_stage_mismatch=bool(cfg.get("allow_first_stage_mismatch", False)))]
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
     init_state, init_info = read_init_from(cfg)
     if "unet" in cfg.model:
-        resolve_scale_factor(cfg, init_info)
+        resolve_scale_factor(cfg, init_info or read_resume_info(cfg))
         resolve_first_stage_fingerprint(cfg, init_info)
+        record_lora_base(cfg, init_state)
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -166,7 +214,7 @@ def run(cfg: DictConfig) -> dict:
         apply_init_from(model, cfg, init_state, init_info)
 
     loggers = instantiate_dict(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback with bars disabled

@@ -43,10 +43,10 @@ def save_combined_grid(path: str | os.PathLike, rows: Sequence[Sequence[torch.Te
     return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows], text=text)
 
 
-def log_grid(module, rows: Sequence[torch.Tensor], name: str, captions: Sequence[str]) -> Path:
-    """Save the grid PNG under the run's ``val_grids/`` and send it to wandb when that logger is on."""
+def log_grid(module, rows: Sequence[torch.Tensor], name: str, captions: Sequence[str], stem: str = "step") -> Path:
+    """Save the grid PNG as the run's ``val_grids/<stem>_<step>.png`` and send it to wandb when that logger is on."""
     step = module.global_step
-    out = Path(module.trainer.default_root_dir) / "val_grids" / f"step_{step:07d}.png"
+    out = Path(module.trainer.default_root_dir) / "val_grids" / f"{stem}_{step:07d}.png"
     save_grid(out, rows)
     for logger in module.trainer.loggers:
         if type(logger).__name__ == "WandbLogger":

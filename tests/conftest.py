@@ -39,3 +39,17 @@ def compose_train(tmp_path):
         return compose_config("train", [*TINY_TRAINER, *overrides], output_dir or tmp_path / "run")
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """The tiny end-to-end world (demo images -> VQ-f4/f8 -> shards) of ``tests/pipeline.py``, built once."""
+    from pipeline import build_world
+
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def shape_window(world, tmp_path_factory) -> dict:
+    """A trained demo_refiner_500_750 run (t in [250, 500), 4 steps) in the shared world."""
+    return world.train_refiner("demo_refiner_500_750", tmp_path_factory.mktemp("r500_750"))

@@ -360,7 +360,7 @@ def test_finetune_config_takes_diffusers_folder(chain, compose_train):
     model = instantiate(cfg.model)
     apply_init_from(model, cfg, state, info)
     assert torch.equal(model.unet.out[2].weight, state["out.2.weight"])
-    assert model._load_decoder().quantize.embedding.weight.shape == (16, 3)
+    assert model.load_decoder().quantize.embedding.weight.shape == (16, 3)
 
 
 def test_schedules_map_to_diffusers_betas():

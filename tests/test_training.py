@@ -9,22 +9,11 @@ import pytest
 import torch
 
 from conftest import CONF, TINY_TRAINER, compose_config
-from pipeline import World, build_world
+from pipeline import World
 
 from refiner.formats.safe_load import CheckpointError
 from refiner.formats.window_files import load_window_checkpoint
 from refiner.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> World:
-    return build_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="session")
-def shape_window(world, tmp_path_factory) -> dict:
-    """A trained demo_refiner_500_750 run (t in [250, 500))."""
-    return world.train_refiner("demo_refiner_500_750", tmp_path_factory.mktemp("r500_750"))
 
 
 def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):
@@ -94,6 +83,20 @@ def test_resume_continues_step_optimizer_ema_and_data_exactly(world, tmp_path):
                                   f"ckpt_path={half['last_ckpt']}")
     assert resumed["global_step"] == 8
     _assert_same_training_state(_train_state(full["last_ckpt"]), _train_state(resumed["last_ckpt"]))
+
+
+def test_resume_keeps_the_scale_factor_the_run_inherited(world, shape_window, tmp_path):
+    """A finetune inherits scale_factor from init_from; a resume (no init_from) must not recompute it from the
+    shards (here they would give another value)."""
+    source = torch.load(shape_window["last_ckpt"], weights_only=True)
+    source["hyper_parameters"]["scale_factor"] = 0.5
+    base = tmp_path / "base.ckpt"
+    torch.save(source, base)
+    half = world.train_refiner("demo_refiner_751_1000", tmp_path / "run", f"init_from={base}", "trainer.max_steps=2")
+    assert torch.load(half["last_ckpt"], weights_only=True)["hyper_parameters"]["scale_factor"] == 0.5
+    resumed = world.train_refiner("demo_refiner_751_1000", tmp_path / "run", "init_from=null", "trainer.max_steps=4",
+                                  f"ckpt_path={half['last_ckpt']}")
+    assert torch.load(resumed["last_ckpt"], weights_only=True)["hyper_parameters"]["scale_factor"] == 0.5
 
 
 def experiment_names() -> list[str]:
@@ -225,6 +228,26 @@ def test_finetune_from_compvis_ldm_takes_its_ema_weights(world, compvis_files, t
     cfg.init_from_ema = False
     state, _ = read_init_from(cfg)
     assert all(torch.equal(state[k], raw[k]) for k in raw)
+
+
+def test_lora_on_a_compvis_ldm_keeps_its_weights_and_loads_merged(world, compvis_files, tmp_path):
+    """LoRA on the ffhq preset's CompVis LDM: the checkpoint refers to the LDM file and loading merges onto its
+    EMA UNet weights; the adapters' zero-initialised B after training moved off zero."""
+    from refiner.formats.window_files import load_window_weights
+
+    overrides = ["experiment=ffhq_500_750", *TINY_TRAINER, *_ffhq_overrides(world, compvis_files),
+                 "model.lora.rank=4", "model.scale_lr=false", "model.base_lr=1e-2", "model.warmup_steps=1"]
+    result = run(compose_config("train", overrides, tmp_path / "run"))
+    ckpt = torch.load(result["last_ckpt"], weights_only=True)
+    assert ckpt["hyper_parameters"]["lora_base"]["path"] == str(Path(compvis_files["ldm"]["ckpt_path"]).resolve())
+    assert all(".lora_" in k for k in ckpt["state_dict"])
+    assert any(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if ".lora_B." in k)
+    merged = load_window_weights(result["last_ckpt"])
+    ema = compvis_files["ldm"]["ema"]
+    untouched = [k for k in ema if not k.endswith(("qkv.weight", "proj_out.weight", "in_layers.2.weight",
+                                                    "out_layers.3.weight"))]
+    assert untouched and all(torch.equal(merged.unet_state[k], ema[k]) for k in untouched)
+    assert any(not torch.equal(merged.unet_state[k], ema[k]) for k in ema if k.endswith("qkv.weight"))
 
 
 def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):

@@ -15,6 +15,18 @@ from refiner.formats.safe_load import is_safetensors, safe_torch_load
 from refiner.formats.window_files import export_safetensors, load_export
 
 
+def _lora_note(obj) -> str:
+    from refiner.formats.lora import BASE_KEY, lora_settings
+
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    settings = lora_settings(hp) if isinstance(hp, dict) else None
+    if settings is None:
+        return ""
+    base = hp.get(BASE_KEY) or {}
+    return (f"; LoRA adapters only (rank {settings.rank}, alpha {settings.alpha:g}) on base {base.get('path')} "
+            f"(weights fingerprint {base.get('fingerprint')})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="refiner-checkpoint", description="Export or inspect window checkpoint files.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             obj = safe_torch_load(p, args.trust_checkpoint)
             sd = state_dict_of(obj) or {}
-            print(f"{p}: {kind_text(obj)}; {len(sd)} tensors; {prefix_summary(sd, depth=1)}")
+            print(f"{p}: {kind_text(obj)}; {len(sd)} tensors; {prefix_summary(sd, depth=1)}{_lora_note(obj)}")
 
     return run_cli(body)
 

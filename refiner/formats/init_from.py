@@ -32,7 +32,7 @@ def load_init_weights(path: str | os.PathLike, use_ema: bool = True,
     obj = safe_torch_load(p, trust_checkpoint)
     kind = describe_checkpoint(obj)
     if kind == "window":
-        ww = window_from_checkpoint(obj, source, use_ema)
+        ww = window_from_checkpoint(obj, source, use_ema, trust_checkpoint)
         return ww.unet_state, _window_info("window", ww)
     if kind == "compvis_ldm":
         ldm = ldm_from_checkpoint(obj, source, use_ema)

@@ -14,7 +14,7 @@ from refiner.formats.safe_load import CheckpointError
 LDM_UNET_PREFIX = "model.diffusion_model."
 
 
-def _mismatch_report(expected: Mapping[str, torch.Size], state_dict: Mapping[str, Tensor]) -> str | None:
+def mismatch_report(expected: Mapping[str, torch.Size], state_dict: Mapping[str, Tensor]) -> str | None:
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
@@ -35,7 +35,7 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], source: str
     """``module.load_state_dict(state_dict, strict=True)``; a mismatch raises :class:`CheckpointError`
     naming ``source``, the architecture, missing/unexpected key counts (first 5 each) and shape mismatches."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
-    report = _mismatch_report(expected, state_dict)
+    report = mismatch_report(expected, state_dict)
     if report:
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: {report}")
     module.load_state_dict(state_dict, strict=True)
@@ -50,7 +50,7 @@ def check_unet_state(state_dict: Mapping[str, Tensor], unet_params: dict, source
             model = UNetModel(**unet_params)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: its UNet parameters do not build a refiner UNetModel: {err}") from err
-    report = _mismatch_report({k: v.shape for k, v in model.state_dict().items()}, state_dict)
+    report = mismatch_report({k: v.shape for k, v in model.state_dict().items()}, state_dict)
     if report:
         raise CheckpointError(f"{source} does not fit UNetModel(**{unet_params}): {report}")
 

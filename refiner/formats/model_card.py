@@ -41,6 +41,7 @@ class CardEntry:
     global_step: int | None = None
     ema: bool | None = None
     validation: dict[str, float] = field(default_factory=dict)
+    lora: str | None = None  # "LoRA rank r (alpha a) on <base> (weights fingerprint f)" for an adapter window
 
 
 def _describe_schedule(schedule) -> str:
@@ -105,8 +106,16 @@ def card_entry(path: str | os.PathLike, weights, extra: Mapping[str, Any], name:
         scale_factor=float(weights.scale_factor),
         first_stage_fingerprint=str(extra.get(FINGERPRINT_KEY) or UNKNOWN),
         training_data=training_data(path, extra), global_step=weights.global_step, ema=weights.has_ema,
-        validation=validation_metrics(extra),
+        validation=validation_metrics(extra), lora=_lora_text(extra),
     )
+
+
+def _lora_text(extra: Mapping[str, Any]) -> str | None:
+    lora, base = extra.get("lora"), extra.get("lora_base")
+    if not isinstance(lora, Mapping) or not lora.get("rank") or not isinstance(base, Mapping):
+        return None
+    return (f"LoRA rank {lora['rank']} (alpha {lora.get('alpha')}, targets {', '.join(lora.get('targets') or [])}) "
+            f"on `{base.get('path')}` (weights fingerprint {base.get('fingerprint')})")
 
 
 def render_model_card(entries: Sequence[CardEntry], title: str, usage: str = "",
@@ -130,6 +139,7 @@ def render_model_card(entries: Sequence[CardEntry], title: str, usage: str = "",
             f"| training data | {e.training_data} |",
             f"| steps | {UNKNOWN if e.global_step is None else e.global_step} |",
             f"| weights | {'EMA' if e.ema else 'raw'} |",
+            *([f"| adapters | {e.lora} |"] if e.lora else []),
             f"| validation | {metrics} |",
             f"| source | `{e.source}` |", "",
         ]

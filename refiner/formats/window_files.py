@@ -1,7 +1,8 @@
 """Our window experts on disk: the Lightning ``.ckpt`` a training run writes and the ``.safetensors`` export.
 
 * :func:`load_window_weights`: either file -> :class:`WindowWeights` (UNet weights plus window, schedule,
-  parameterization, conditioning, scale factor and first-stage fingerprint).
+  parameterization, conditioning, scale factor and first-stage fingerprint). A LoRA window's ``.ckpt`` comes back
+  with its adapters merged into its base (:mod:`refiner.formats.lora`).
 * :func:`export_safetensors`: ``.ckpt`` -> one ``.safetensors`` file with that metadata, written atomically and
   never onto its input.
 """
@@ -22,6 +23,7 @@ from torch import Tensor
 from refiner.diffusion import PARAMETERIZATIONS, ScheduleConfig, Window
 from refiner.formats.fingerprint import FINGERPRINT_KEY
 from refiner.formats.kinds import check_unet_state, describe_checkpoint, int_or_none, kind_text, load_strict, strip_prefix
+from refiner.formats.lora import lora_settings, merge_adapters
 from refiner.formats.safe_load import CheckpointError, is_safetensors, safe_torch_load
 from refiner.io import atomic_save, check_output_path
 
@@ -70,7 +72,10 @@ def _dataclass_from(cls, values: Any, what: str, source: str):
         raise CheckpointError(f"{source}: invalid hyper_parameters['{what}']: {err}") from err
 
 
-def window_from_checkpoint(obj: Any, source: str, use_ema: bool) -> WindowWeights:
+def window_from_checkpoint(obj: Any, source: str, use_ema: bool, trust_checkpoint: bool = False) -> WindowWeights:
+    """A window expert from a loaded Lightning checkpoint. A LoRA window (``hyper_parameters['lora']``) holds only
+    adapters: its base is loaded (``trust_checkpoint`` applies to it) and the merged weights are returned
+    (:mod:`refiner.formats.lora`)."""
     if describe_checkpoint(obj) != "window":
         raise CheckpointError(f"{source} is {kind_text(obj)}, not a refiner window checkpoint "
                               "(expected hyper_parameters with 'unet' and 'window')")
@@ -89,6 +94,8 @@ def window_from_checkpoint(obj: Any, source: str, use_ema: bool) -> WindowWeight
     if not unet_state:
         raise CheckpointError(f"{source}: no '{WINDOW_UNET_PREFIX}*' weights in the checkpoint")
     unet_params = dict(hp["unet"])
+    if lora_settings(hp) is not None:
+        unet_state = merge_adapters(unet_state, hp, source, trust_checkpoint)
     check_unet_state(unet_state, unet_params, source)
     return WindowWeights(
         unet_state=unet_state, unet_params=unet_params,
@@ -113,7 +120,7 @@ def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
                            trust_checkpoint: bool = False) -> WindowWeights:
     """A window expert from our Lightning ``.ckpt``: EMA weights (``state_dict``) by default, raw ones
     (``current_model_state``) with ``use_ema=False``."""
-    return window_from_checkpoint(safe_torch_load(path, trust_checkpoint), str(path), use_ema)
+    return window_from_checkpoint(safe_torch_load(path, trust_checkpoint), str(path), use_ema, trust_checkpoint)
 
 
 def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, use_ema: bool = True,

@@ -1,4 +1,4 @@
-"""Lightning CheckpointIO that writes atomically and loads safely.
+"""Lightning CheckpointIO that writes atomically and loads safely; a ModelCheckpoint whose last.ckpt is the newest.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction without fsync and loads
 with whatever ``weights_only`` the caller passed. Here a checkpoint is fsynced, then renamed into
@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from refiner.io import atomic_save
 
@@ -32,3 +33,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from refiner.formats.safe_load import safe_torch_load
 
         return safe_torch_load(path, trust_checkpoint=self.trust_checkpoint, map_location=map_location)
+
+
+class LastAndBestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is written at every validation, improved or not.
+
+    Lightning 2.6 writes ``last`` only in a step where a top-k checkpoint was also written ("Only save last
+    checkpoint if a checkpoint was actually saved in this step"): once ``val/loss`` stops improving,
+    ``last.ckpt`` stays at the best step and a resume silently goes back in time. Here ``last`` always follows
+    the newest validation. The state key is ``ModelCheckpoint``'s, so earlier checkpoints restore its state.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

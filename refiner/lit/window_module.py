@@ -1,7 +1,8 @@
 """LightningModule that trains one denoiser on a timestep window ``[t_min, t_max)``.
 
 Thin on purpose: the noise process lives in ``refiner.diffusion``, sampling in ``refiner.sampling``.
-EMA comes from Lightning's ``EMAWeightAveraging`` callback (configured in ``conf/callbacks``), so
+EMA comes from Lightning's ``EMAWeightAveraging`` callback (``refiner.lit.ema.TrainableEMA``, configured in
+``conf/callbacks``; under LoRA it averages only the adapters), so
 ``state_dict`` in a checkpoint holds EMA weights and ``current_model_state`` the raw ones.
 """
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from refiner.diffusion import (LOSS_WEIGHTINGS, ScheduleConfig, Window, loss_weight, q_sample, to_x0_eps,
                                training_target)
 from refiner.errors import SettingError
+from refiner.models.lora import LoraSettings, adapter_state, inject_lora, is_adapter_key, load_base_state
 from refiner.models.unet import UNetModel
 from refiner.settings import require_choice, require_int, require_number
 
@@ -85,6 +87,12 @@ class WindowRefiner(pl.LightningModule):
         val_windows: ``[[t_min, t_max], ...]`` or None: validation also logs ``val/loss_in_{t_min}_{t_max}``, the
             plain eps-MSE with t uniform in that window, at fixed t and noise per batch (the generator of
             ``val/loss``), so models trained on different windows compare on the same in-window loss.
+        lora: ``{rank, alpha, targets, dropout}`` (:class:`refiner.models.lora.LoraSettings`); rank > 0 wraps the
+            target layers of the UNet in peft LoRA adapters and trains only those: the optimizer and the EMA see
+            only adapters, and ``state_dict`` (so every checkpoint) holds only adapters.
+        lora_base: where the frozen base weights come from (:func:`refiner.formats.lora.base_reference`: path,
+            use_ema, fingerprint); train.py sets it from ``init_from``. Resuming (``ckpt_path``) reloads the base
+            from the checkpoint's reference and refuses it if its weights changed.
     """
 
     def __init__(
@@ -109,10 +117,13 @@ class WindowRefiner(pl.LightningModule):
         min_snr_gamma: float = 5.0,
         loss_buckets: int = 4,
         val_windows: Optional[list] = None,
+        lora: Optional[dict] = None,
+        lora_base: Optional[dict] = None,
     ):
         super().__init__()
-        unet, window, schedule, first_stage, val_windows = (
-            plain(v) for v in (unet, window, schedule, first_stage, val_windows))
+        unet, window, schedule, first_stage, val_windows, lora, lora_base = (
+            plain(v) for v in (unet, window, schedule, first_stage, val_windows, lora, lora_base))
+        self.lora = LoraSettings.from_config(lora)
         self.window = Window(**window)
         self.save_hyperparameters(  # the window as Window.to_dict(): a uniform one is stored as before
             dict(unet=unet, window=self.window.to_dict(), schedule=schedule, parameterization=parameterization,
@@ -120,7 +131,8 @@ class WindowRefiner(pl.LightningModule):
                  warmup_steps=warmup_steps, seed=seed, grid_steps=grid_steps, grid_samples=grid_samples,
                  first_stage=first_stage, batch_size=batch_size, first_stage_fingerprint=first_stage_fingerprint,
                  loss_weighting=loss_weighting, min_snr_gamma=min_snr_gamma, loss_buckets=loss_buckets,
-                 val_windows=val_windows)
+                 val_windows=val_windows, lora=self.lora.to_dict() if self.lora else None,
+                 lora_base=lora_base if self.lora else None)
         )
         require_choice("model.loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         if not require_number("model.min_snr_gamma", min_snr_gamma) > 0:
@@ -136,6 +148,8 @@ class WindowRefiner(pl.LightningModule):
         self.buckets = t_buckets(self.window, require_int("model.loss_buckets", loss_buckets, minimum=0))
         self.val_windows = [self._val_window(w) for w in (val_windows or [])]
         self.unet = UNetModel(**unet)
+        if self.lora:
+            inject_lora(self.unet, self.lora)
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod(), persistent=False)
         self.optimizer_factory = optimizer
         self._grid_batch: Optional[dict] = None
@@ -229,7 +243,7 @@ class WindowRefiner(pl.LightningModule):
         batch, self._grid_batch = self._grid_batch, None
         if batch is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
-        decoder = self._load_decoder()
+        decoder = self.load_decoder()
         if decoder is None or "clean" not in batch:
             return
         from refiner.inference.chain import Chain
@@ -243,7 +257,8 @@ class WindowRefiner(pl.LightningModule):
         rows = [batch["degraded"][:n].float(), images.to(batch["degraded"].device), batch["clean"][:n].float()]
         log_grid(self, rows, name="val/grid", captions=["degraded", f"refined {self.window}", "clean"])
 
-    def _load_decoder(self):
+    def load_decoder(self):
+        """The f4 of ``first_stage`` (loaded once, kept out of state_dict and EMA), or None without a checkpoint."""
         if self._decoder:
             return self._decoder[0]
         cfg = self.hparams.first_stage
@@ -254,6 +269,51 @@ class WindowRefiner(pl.LightningModule):
         vq = first_stage_from_config(cfg, "f4", device=self.device)
         self._decoder.append(vq)
         return vq
+
+    # -- LoRA: the frozen base and the adapter-only state ------------------------------------------------
+    def load_base_weights(self, state: dict, source: str) -> None:
+        """Plain-layout UNet weights (``init_from``) into the UNet: all of it, or the frozen base under LoRA."""
+        from refiner.formats.kinds import load_strict
+
+        if self.lora:
+            load_base_state(self.unet, state, source)
+        else:
+            load_strict(self.unet, state, source)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """Under LoRA only the adapters (the base is referenced by ``hparams.lora_base``, not copied)."""
+        state = super().state_dict(*args, **kwargs)
+        return adapter_state(state) if self.lora else state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Under LoRA the adapters only, strictly over them (the base was loaded by :meth:`on_load_checkpoint`)."""
+        if not self.lora:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        from refiner.formats.kinds import mismatch_report
+        from refiner.formats.safe_load import CheckpointError
+
+        expected = {k: v.shape for k, v in adapter_state(super().state_dict()).items()}
+        report = mismatch_report(expected, state_dict)
+        if strict and report:
+            raise CheckpointError(f"the checkpoint's LoRA adapters do not fit model.lora={self.lora.to_dict()}: "
+                                  f"{report}")
+        return super().load_state_dict({k: v for k, v in state_dict.items() if is_adapter_key(k)}, strict=False,
+                                       assign=assign)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume of a LoRA run: reload the frozen base the checkpoint refers to (checked by fingerprint)."""
+        from refiner.formats.lora import BASE_KEY, load_base
+        from refiner.formats.safe_load import CheckpointError
+
+        if not self.lora:
+            return
+        reference = (checkpoint.get("hyper_parameters") or {}).get(BASE_KEY)
+        ours = self.hparams.get(BASE_KEY)
+        if ours and reference and ours.get("fingerprint") != reference.get("fingerprint"):
+            raise CheckpointError(f"the checkpoint's LoRA base ({reference.get('path')}) is not this run's "
+                                  f"({ours.get('path')}): their weights differ")
+        self.load_base_weights(load_base(reference, "the resumed checkpoint"), str((reference or {}).get("path")))
+        self.hparams[BASE_KEY] = reference
 
     # -- optimizer --------------------------------------------------------------------------
     def effective_lr(self) -> float:
@@ -267,7 +327,7 @@ class WindowRefiner(pl.LightningModule):
         lr = self.effective_lr()
         log.info("learning rate %.3g (base_lr %.3g, scale_lr=%s)", lr, self.hparams.base_lr, self.hparams.scale_lr)
         factory = self.optimizer_factory or torch.optim.AdamW
-        opt = factory(self.unet.parameters(), lr=lr)
+        opt = factory([p for p in self.unet.parameters() if p.requires_grad], lr=lr)  # adapters only under LoRA
         warmup = max(1, int(self.hparams.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
