@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-photos bench clean-demo
+.PHONY: setup test test-fast demo demo-full demo-photos bench clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-fast: setup
 # the cartoon-heads demo and its composition benchmark (DEMO=photos: the photo-crop experiment)
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
+
+# demo + the paired baseline + the benchmark's whole sweep on both seed splits: the README's numbers
+demo-full: setup
+	PATH="$(abspath $(BIN)):$$PATH" FULL=1 bash scripts/demo.sh
 
 demo-photos: setup
 	PATH="$(abspath $(BIN)):$$PATH" DEMO=photos bash scripts/demo.sh
