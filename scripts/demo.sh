@@ -98,7 +98,7 @@ if [[ "$FULL" == 1 ]]; then
   python -m refiner.bench split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
 else
   step 6 "benchmark at t_start 499: artifact rate, SWD and faithfulness per artifact source and method"
-  # methods=demo: one point per method, no paired baseline (make demo-full trains it and sweeps everything)
+  # methods=demo: the chain, full-range SDEdit and the unsharp mask at one point each (make demo-full: everything)
   python -m refiner.bench methods=demo "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
 fi
 
