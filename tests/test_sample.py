@@ -16,6 +16,7 @@ from PIL import Image
 from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
 from conftest import ROOT, compose_config
 from refiner.apps import sample as sample_app
+from refiner.inference import batch_refine
 from refiner.formats.compvis import build_first_stage
 from refiner.formats.window_files import load_window_weights
 from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
@@ -251,7 +252,7 @@ def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages,
     def no_images(*a, **k):
         raise AssertionError("an image was loaded before the chain was validated")
 
-    monkeypatch.setattr(sample_app, "load_image", no_images)
+    monkeypatch.setattr(batch_refine, "load_image", no_images)
     monkeypatch.setattr(sample_app, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
                    "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
@@ -406,7 +407,7 @@ def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monk
         raise AssertionError("an image was loaded before the first stage was checked")
 
     with monkeypatch.context() as m:
-        m.setattr(sample_app, "load_image", no_images)
+        m.setattr(batch_refine, "load_image", no_images)
         with pytest.raises(FirstStageMismatch) as err:
             run(_compose(fp_models, d, tmp_path / "bad", f"first_stage.f4.ckpt_path={other}"))
     message = str(err.value)
@@ -438,7 +439,7 @@ def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkey
         raise AssertionError("an image was refined before the output folder was checked")
 
     with monkeypatch.context() as m:
-        m.setattr(sample_app, "load_image", no_images)
+        m.setattr(batch_refine, "load_image", no_images)
         with pytest.raises(SampleError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
                                               r"overwrite=true"):
             run(_compose(models, f"'{d}/*.jpg'", d))
