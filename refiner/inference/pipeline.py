@@ -44,12 +44,13 @@ from refiner.settings import require_choice, require_int
 PAD_MODES = ("reflect", "replicate", "constant")
 TILING_MODES = ("auto", "always", "never")
 UPSCALES = (1, 2, 4)
-# Tiling switches on above this many (padded) pixels. Measured on this 2-core CPU with the demo models
-# (conf/first_stage/demo.yaml f4, two conf/model/refiner_tiny.yaml windows, 10 steps; benchmarks/
-# bench_large_images.py --crossover, BENCHMARKS.md row 10c): whole-image time per pixel is flat up to 256 px
-# and then grows (the VQ's mid-block attention over all latent tokens); the tiled pipeline (f4 256/32 px,
-# latent 64/48) is faster from 512 px on and its peak memory stays flat, while the whole image's grows.
-AUTO_ABOVE_PIXELS = 384 * 384
+# Tiling switches on above this many (padded) pixels: 512 x 512. Measured on this 2-core CPU (1 thread, shared
+# machine) with the demo models (conf/first_stage/demo.yaml f4, two conf/model/refiner_tiny.yaml windows, 10 DDIM
+# steps), whole vs tiled (f4 256/32 px, latent 64/48), `benchmarks/bench_large_images.py --crossover`
+# (BENCHMARKS.md row 10c). Whole images: 35, 42, 55, 108, 75 us per pixel and +120, +201, +286, +432, +694 MB
+# peak at 256, 384, 512, 640, 768 px; tiled: +170 to +186 MB throughout. Whole is faster up to 512 px (14.3 s vs
+# 18.8 s: 3x3 overlapping VQ tiles there cost more than they save), tiled from 640 px on (18.7 s vs 44.1 s).
+AUTO_ABOVE_PIXELS = 512 * 512
 
 
 @dataclass(frozen=True)
