@@ -661,3 +661,11 @@ def test_an_image_above_one_megapixel_is_refined_on_tiles(models, tmp_path):
     d = _one_image(tmp_path, 1024, 1040, 8)
     summary = run(_compose(models, d, tmp_path / "out", "steps=2", "grid=none"))
     assert not summary["failed"] and _sizes(tmp_path / "out")["a.png"] == (1040, 1024)
+
+
+def test_a_concat_window_runs_on_latent_tiles_with_its_conditioning_cropped(models, tmp_path):
+    concat = _window_checkpoint(tmp_path, (250, 500), "c.ckpt", tiny_unet_params(in_channels=6), conditioning="concat")
+    d = _one_image(tmp_path, 48, 48, 9)
+    summary = run(_compose({**models, "concat": concat}, d, tmp_path / "out", "tiling.mode=always",
+                           *SMALL_TILES, stages=("concat", "lo")))
+    assert not summary["failed"] and _sizes(tmp_path / "out")["a.png"] == (48, 48)
