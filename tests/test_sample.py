@@ -603,6 +603,9 @@ def test_upscale_refines_progressively_into_a_larger_image(models, tmp_path):
                                      view_batch_size=4, generator=torch.Generator().manual_seed(2))
         hand = to_uint8(f4.decode(z)[0])
     assert _max_diff(np.asarray(Image.open(out / "a.png")), hand) <= 1
+    # default tiling (auto): a small image is refined in one tile, x4 in two phases
+    run(_compose(models, d, tmp_path / "x4", "upscale=4", "grid=none"))
+    assert _sizes(tmp_path / "x4") == {"a.png": (128, 128)}
 
 
 def test_tiling_and_upscale_are_part_of_the_resume_record(models, tmp_path):

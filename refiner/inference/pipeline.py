@@ -46,10 +46,12 @@ TILING_MODES = ("auto", "always", "never")
 UPSCALES = (1, 2, 4)
 # Tiling switches on above this many (padded) pixels: 512 x 512. Measured on this 2-core CPU (1 thread, shared
 # machine) with the demo models (conf/first_stage/demo.yaml f4, two conf/model/refiner_tiny.yaml windows, 10 DDIM
-# steps), whole vs tiled (f4 256/32 px, latent 64/48), `benchmarks/bench_large_images.py --crossover`
-# (BENCHMARKS.md row 10c). Whole images: 35, 42, 55, 108, 75 us per pixel and +120, +201, +286, +432, +694 MB
-# peak at 256, 384, 512, 640, 768 px; tiled: +170 to +186 MB throughout. Whole is faster up to 512 px (14.3 s vs
-# 18.8 s: 3x3 overlapping VQ tiles there cost more than they save), tiled from 640 px on (18.7 s vs 44.1 s).
+# steps), whole (tiling.mode=never) vs tiled (always; f4 256/32 px, latent 64/48), by
+# `python benchmarks/bench_large_images.py --crossover --threads 1` (BENCHMARKS.md row 10c). Whole images at 256,
+# 384, 512, 640, 768 px: 2.2, 5.7, 12.4, 25.9, 46.3 s, i.e. time per pixel 1.00, 1.18, 1.44, 1.93, 2.39 (the VQ's
+# mid-block attention over all latent tokens), peak memory +69, +224, +389, +542, +733 MB. Tiled: +199 to +256 MB
+# at every size; slower up to 512 px (18.6 s: 3x3 overlapping VQ tiles cost more than they save), faster from
+# 640 px on (17.8 s vs 25.9 s).
 AUTO_ABOVE_PIXELS = 512 * 512
 
 
@@ -251,7 +253,8 @@ class Pipeline:
         if self.upscale > 1:
             tiles = self.tiling.latent_tiles(noise_seed)
             if not self.tiling.applies(x.shape[-2] * x.shape[-1] * self.upscale**2):
-                tiles.update(tile=max(z.shape[-2:]) * self.upscale, jitter=False)  # one tile: not tiled
+                side = max(z.shape[-2:]) * self.upscale  # one tile covering the largest phase: not tiled
+                tiles.update(tile=side, stride=side, jitter=False)
             latent = self.chain.refine_progressive(z, upscale=self.upscale, generator=generator,
                                                    **{**sampler, **tiles})
             return self._finish(latent, [])
