@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
                    help="tiling.auto_above_pixels (default: refiner.inference.pipeline.AUTO_ABOVE_PIXELS)")
     p.add_argument("--crossover", action="store_true",
                    help="only time mode=never vs mode=always at 256..768 px (where tiling starts to pay)")
+    p.add_argument("--seams-only", action="store_true", help="only the seam table (10b), e.g. with --vq-ckpt")
     p.add_argument("--whole-up-to", type=int, default=1024,
                    help="also time the untiled pipeline at sizes above the tiles up to this side (the crossover)")
     p.add_argument("--vq-ckpt", default="", help="trained demo-shaped f4 for the seam measurement")
@@ -272,6 +273,8 @@ def main() -> dict:
         tiles.update(SEAM_TILES)
     if args.crossover:
         return crossover(args, tiles, steps)
+    if args.seams_only:
+        return seam_table(args, steps)
     sizes = [int(s) for s in args.sizes.split(",") if s] or list(QUICK_SIZES if args.quick else SIZES)
     auto_above = args.auto_above or (128 * 128 if args.quick else 0)
     timing, untiled = [], []
@@ -280,14 +283,22 @@ def main() -> dict:
                                      "auto_above": auto_above}))
         if (timing[-1]["vq_tiled"] or timing[-1]["latent_tiled"]) and s <= args.whole_up_to:
             untiled.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": "never"}))
-    seams = [run_sub(args, {"kind": "seams", "size": s, "steps": steps, "vq_ckpt": args.vq_ckpt})
-             for s in (SEAM_SIZES[:1] if args.quick else SEAM_SIZES)]
-
     ref = timing[0]
     rows = [timing_row(f"{r['size']} px", r, ref) for r in timing] + [
         timing_row(f"{r['size']} px, untiled", r, ref) for r in untiled]
     C.print_table(f"10a. Large images: Pipeline.refine_images, tiling auto (above {timing[0]['auto_above_pixels']} "
                   f"px), two-stage refine ({steps} steps), batch 1", TIMING_HEADER, rows)
+    payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
+               "auto_above_pixels": timing[0]["auto_above_pixels"], "timing": timing, "untiled": untiled,
+               **seam_table(args, steps)}
+    C.write_result("bench_large_images", payload)
+    return payload
+
+
+def seam_table(args: argparse.Namespace, steps: int) -> dict:
+    """10b: tiled vs whole at sizes that fit whole; returns ``{"seams": [...]}`` (written alone with --seams-only)."""
+    seams = [run_sub(args, {"kind": "seams", "size": s, "steps": steps, "vq_ckpt": args.vq_ckpt})
+             for s in (SEAM_SIZES[:1] if args.quick else SEAM_SIZES)]
     srows = [[f"{s['size']} px", s["vq_weights"] if s["vq_weights"] == "random" else "trained",
               C.fmt(s["vq_round_trip_rel_diff"], 3), C.fmt(s["multidiffusion_latent_rel_diff"], 4),
               C.fmt(s["multidiffusion_image_rel_diff"], 4), C.fmt(s["image_rel_diff"], 3),
@@ -298,11 +309,11 @@ def main() -> dict:
                   ["image", "VQ weights", "VQ round trip rel. diff", "MultiDiffusion latent rel. diff",
                    "MultiDiffusion image rel. diff", "both tiled, image rel. diff", "seam ratio, VQ borders",
                    "seam ratio, MultiDiffusion borders", "whole image at VQ borders"], srows)
-    payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
-               "auto_above_pixels": timing[0]["auto_above_pixels"],
-               "timing": timing, "untiled": untiled, "seams": seams}
-    C.write_result("bench_large_images", payload)
-    return payload
+    if args.seams_only:
+        C.write_result("bench_large_images_seams", {"command": C.command("bench_large_images", args.quick)
+                                                    + " --seams-only" + (" --vq-ckpt ..." if args.vq_ckpt else ""),
+                                                    "steps": steps, "seams": seams})
+    return {"seams": seams}
 
 
 if __name__ == "__main__":
