@@ -94,7 +94,6 @@ def test_stale_temporary_files_of_a_killed_write_are_removed_and_nothing_else(tm
 
 
 # ------------------------------------------------------------------------------------------ torchrun
-@pytest.mark.slow
 def test_two_ranks_refine_every_image_once_exactly_like_one_process(models, tmp_path):
     d = _images(tmp_path, 5)
     extra = ("batch_size=1", "seed=11")
