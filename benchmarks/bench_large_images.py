@@ -1,15 +1,19 @@
 """Row 10: large images: time and peak memory vs pixels, and seams of tiling vs whole.
 
-Pipeline per size (batch 1): ``tiled_encode`` (demo VQ-f4, conf/first_stage/demo.yaml) ->
-two-stage ``Chain.refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and
-[0, 250), t_start=499, DDIM) -> ``tiled_decode``. Weights are random: they do not change the cost.
-Above the tile sizes the first stage runs on overlapping pixel tiles (``--vq-tile``/``--vq-overlap``)
-and every UNet through ``MultiDiffusion`` on latent tiles (``--latent-tile``/``--latent-stride``,
-``--view-batch``); at or below them, whole. Sizes: 256, 512, 1024, 2048, 4096 px; sizes above the
-tiles up to ``--whole-up-to`` are also timed untiled (where tiling starts to pay). ``--quick``: 128
-and 256 px with the small seam tiles and 2 steps, a smoke run of every path. Each size runs in a fresh subprocess after a warm-up on a 64 px image; peak
-memory is ``ru_maxrss`` at the end minus the resident size after building the models (torch
-allocations are invisible to tracemalloc).
+Timing (10a) goes through sample.py's own path, :meth:`refiner.inference.pipeline.Pipeline.refine_images`
+(batch 1, uint8 in and out): pad, VQ-f4 encode (demo, conf/first_stage/demo.yaml), two-stage
+``Chain.refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and [0, 250),
+t_start=499, DDIM), decode, crop, with ``Tiling(mode=auto)``: above ``--auto-above`` pixels (default
+the pipeline's measured ``AUTO_ABOVE_PIXELS``) the first stage runs on overlapping pixel tiles
+(``--vq-tile``/``--vq-overlap``) and every UNet through ``MultiDiffusion`` on jittered latent tiles
+(``--latent-tile``/``--latent-stride``, ``--view-batch``). Weights are random: they do not change the cost.
+Sizes: 256, 512, 1024, 2048 px (``--sizes`` adds 4096); tiled sizes up to ``--whole-up-to`` are also
+timed with ``mode=never``. Encode and decode times are the summed time inside the VQ's ``encode`` /
+``decode`` calls (tile blending is counted as refine). ``--crossover`` (10c) times ``mode=never`` and
+``mode=always`` at 256, 384, 512, 640, 768 px: where tiling starts to pay, the source of ``AUTO_ABOVE_PIXELS``.
+``--quick``: 128 and 256 px with the small seam tiles and 2 steps, a smoke run of every path. Each
+size runs in a fresh subprocess after a warm-up on a 64 px image; peak memory is ``ru_maxrss`` at the
+end minus the resident size after building the models (torch allocations are invisible to tracemalloc).
 
 Seams, at sizes that fit whole (256 and 512 px; ``--quick``: 256): the same pipeline, same noise, once
 whole, once with MultiDiffusion alone (latent 32 / stride 24, VQ whole) and once with both tiled (VQ
@@ -34,7 +38,8 @@ from pathlib import Path
 
 import common as C
 
-SIZES = (256, 512, 1024, 2048, 4096)
+SIZES = (256, 512, 1024, 2048)  # 4096: add it with --sizes (about 17 min for 10 steps here)
+CROSSOVER_SIZES = (256, 384, 512, 640, 768)
 QUICK_SIZES = (128, 256)  # with the small seam tiles, so every path (tiled, untiled, seams) runs
 SEAM_SIZES = (256, 512)
 SEAM_TILES = {"vq_tile": 128, "vq_overlap": 32, "latent_tile": 32, "latent_stride": 24}
@@ -52,6 +57,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latent-tile", type=int, default=64, help="MultiDiffusion tile, latent px")
     p.add_argument("--latent-stride", type=int, default=48, help="MultiDiffusion stride, latent px")
     p.add_argument("--view-batch", type=int, default=4, help="MultiDiffusion tiles per UNet call")
+    p.add_argument("--auto-above", type=int, default=0,
+                   help="tiling.auto_above_pixels (default: refiner.inference.pipeline.AUTO_ABOVE_PIXELS)")
+    p.add_argument("--crossover", action="store_true",
+                   help="only time mode=never vs mode=always at 256..768 px (where tiling starts to pay)")
+    p.add_argument("--seams-only", action="store_true", help="only the seam table (10b), e.g. with --vq-ckpt")
     p.add_argument("--whole-up-to", type=int, default=1024,
                    help="also time the untiled pipeline at sizes above the tiles up to this side (the crossover)")
     p.add_argument("--vq-ckpt", default="", help="trained demo-shaped f4 for the seam measurement")
@@ -116,21 +126,58 @@ def run_pipeline(vq, chain, x, steps: int, tiles: dict, seed: int = 0) -> dict:
 
 
 def whole_tiles(size: int, factor: int = 4) -> dict:
-    """Tile settings under which the pipeline runs untiled at ``size``."""
+    """Tile settings under which the library-level pipeline (:func:`run_pipeline`) runs untiled at ``size``."""
     return {"vq_tile": size, "vq_overlap": 0, "latent_tile": size // factor, "latent_stride": size // factor}
 
 
-def worker_time(size: int, steps: int, tiles: dict, threads: int) -> dict:
+class _Timed:
+    """Wraps a bound method and sums the seconds spent in it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def pipeline_for(vq, chain, tiles: dict, mode: str, auto_above: int):
+    from refiner.inference.pipeline import AUTO_ABOVE_PIXELS, Pipeline, Tiling
+
+    tiling = Tiling(mode=mode, auto_above_pixels=auto_above or AUTO_ABOVE_PIXELS, f4_tile=tiles["vq_tile"],
+                    f4_overlap=tiles["vq_overlap"], latent_tile=tiles["latent_tile"],
+                    latent_stride=tiles["latent_stride"], view_batch_size=tiles.get("view_batch", 4))
+    return Pipeline(vq, chain, tiling=tiling)
+
+
+def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "auto", auto_above: int = 0) -> dict:
+    """sample.py's path (Pipeline.refine_images) on one ``size`` x ``size`` photo, tiling ``mode``."""
     C.set_threads(threads)
     vq, chain = build_models()
-    x = smooth_photo(size)
-    run_pipeline(vq, chain, smooth_photo(64), 2, tiles)  # warm-up
+    pipe = pipeline_for(vq, chain, tiles, mode, auto_above)
+    image = to_uint8_image(smooth_photo(size))
+    pipe.refine_images([to_uint8_image(smooth_photo(64))], 499, 2)  # warm-up
+    vq.encode, vq.decode = _Timed(vq.encode), _Timed(vq.decode)
     base = rss_mb()
-    r = run_pipeline(vq, chain, x, steps, tiles)
+    t0 = time.perf_counter()
+    pipe.refine_images([image], 499, steps, seed=0)
+    total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"size": size, "pixels": size * size, "steps": steps, "vq_tiled": size > tiles["vq_tile"],
-            "latent_tiled": r["latent_tiled"], **{k: r[k] for k in ("encode_s", "refine_s", "decode_s", "total_s")},
-            "base_rss_mb": base, "peak_rss_mb": peak, "peak_minus_base_mb": peak - base}
+    tiled = pipe.tiled(size, size)
+    return {"size": size, "pixels": size * size, "steps": steps, "mode": mode,
+            "auto_above_pixels": pipe.tiling.auto_above_pixels, "vq_tiled": tiled and size > tiles["vq_tile"],
+            "latent_tiled": tiled and size // vq.factor > tiles["latent_tile"], "encode_s": vq.encode.seconds,
+            "decode_s": vq.decode.seconds, "refine_s": total - vq.encode.seconds - vq.decode.seconds,
+            "total_s": total, "base_rss_mb": base, "peak_rss_mb": peak, "peak_minus_base_mb": peak - base}
+
+
+def to_uint8_image(x):
+    from refiner.data.images import to_uint8
+
+    return to_uint8(x[0])
 
 
 def worker_seams(size: int, steps: int, threads: int, vq_ckpt: str) -> dict:
@@ -178,43 +225,80 @@ def run_sub(args: argparse.Namespace, job: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def timing_row(label: str, r: dict, ref: dict) -> list:
+    per_px = (r["total_s"] / r["pixels"]) / (ref["total_s"] / ref["pixels"])
+    return [label, "yes" if r["vq_tiled"] else "no", "yes" if r["latent_tiled"] else "no", C.fmt(r["encode_s"]),
+            C.fmt(r["refine_s"]), C.fmt(r["decode_s"]), C.fmt(r["total_s"]), C.fmt(r["total_s"] / ref["total_s"], 1),
+            C.fmt(per_px, 2), f"{r['peak_minus_base_mb']:.0f}"]
+
+
+TIMING_HEADER = ["image", "VQ tiled", "latent tiled", "encode s", "refine s", "decode s", "total s", "x first size",
+                 "time/pixel (rel.)", "peak RSS - base, MB"]
+
+
+def crossover(args: argparse.Namespace, tiles: dict, steps: int) -> dict:
+    """10c: mode=never vs mode=always, interleaved per size (both see the same machine load)."""
+    rows, results = [], []
+    for s in [int(x) for x in args.sizes.split(",") if x] or CROSSOVER_SIZES:
+        pair = {m: run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": m,
+                                  "auto_above": args.auto_above}) for m in ("never", "always")}
+        results.append(pair)
+    ref = results[0]["never"]
+    for pair in results:
+        for m in ("never", "always"):
+            rows.append(timing_row(f"{pair[m]['size']} px, {'whole' if m == 'never' else 'tiled'}", pair[m], ref))
+    C.print_table(f"10c. Crossover: Pipeline.refine_images whole (tiling.mode=never) vs tiled (always), {steps} steps",
+                  TIMING_HEADER, rows)
+    payload = {"command": C.command("bench_large_images", args.quick) + " --crossover", "tiles": tiles,
+               "steps": steps, "crossover": results}
+    C.write_result("bench_large_images_crossover", payload)
+    return payload
+
+
 def main() -> dict:
     args = parse_args()
     if args.worker:
         job = json.loads(args.worker)
         if job["kind"] == "time":
-            result = worker_time(job["size"], job["steps"], job["tiles"], args.threads)
+            result = worker_time(job["size"], job["steps"], job["tiles"], args.threads, job.get("mode", "auto"),
+                                 job.get("auto_above", 0))
         else:
             result = worker_seams(job["size"], job["steps"], args.threads, job["vq_ckpt"])
         print(json.dumps(result))
         return result
-    sizes = [int(s) for s in args.sizes.split(",") if s] or list(QUICK_SIZES if args.quick else SIZES)
     steps = 2 if args.quick else args.steps
     tiles = {"vq_tile": args.vq_tile, "vq_overlap": args.vq_overlap, "latent_tile": args.latent_tile,
              "latent_stride": args.latent_stride, "view_batch": args.view_batch}
     if args.quick:
         tiles.update(SEAM_TILES)
+    if args.crossover:
+        return crossover(args, tiles, steps)
+    if args.seams_only:
+        return seam_table(args, steps)
+    sizes = [int(s) for s in args.sizes.split(",") if s] or list(QUICK_SIZES if args.quick else SIZES)
+    auto_above = args.auto_above or (128 * 128 if args.quick else 0)
     timing, untiled = [], []
     for s in sizes:  # the whole variant right after the tiled one, so both see the same machine load
-        timing.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles}))
-        if timing[-1]["vq_tiled"] or timing[-1]["latent_tiled"]:
-            if s <= args.whole_up_to:
-                untiled.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": whole_tiles(s)}))
+        timing.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": "auto",
+                                     "auto_above": auto_above}))
+        if (timing[-1]["vq_tiled"] or timing[-1]["latent_tiled"]) and s <= args.whole_up_to:
+            untiled.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": "never"}))
+    ref = timing[0]
+    rows = [timing_row(f"{r['size']} px", r, ref) for r in timing] + [
+        timing_row(f"{r['size']} px, untiled", r, ref) for r in untiled]
+    C.print_table(f"10a. Large images: Pipeline.refine_images, tiling auto (above {timing[0]['auto_above_pixels']} "
+                  f"px), two-stage refine ({steps} steps), batch 1", TIMING_HEADER, rows)
+    payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
+               "auto_above_pixels": timing[0]["auto_above_pixels"], "timing": timing, "untiled": untiled,
+               **seam_table(args, steps)}
+    C.write_result("bench_large_images", payload)
+    return payload
+
+
+def seam_table(args: argparse.Namespace, steps: int) -> dict:
+    """10b: tiled vs whole at sizes that fit whole; returns ``{"seams": [...]}`` (written alone with --seams-only)."""
     seams = [run_sub(args, {"kind": "seams", "size": s, "steps": steps, "vq_ckpt": args.vq_ckpt})
              for s in (SEAM_SIZES[:1] if args.quick else SEAM_SIZES)]
-
-    ref = timing[0]
-
-    def row(label: str, r: dict) -> list:
-        per_px = (r["total_s"] / r["pixels"]) / (ref["total_s"] / ref["pixels"])
-        return [label, "yes" if r["vq_tiled"] else "no", "yes" if r["latent_tiled"] else "no", C.fmt(r["encode_s"]),
-                C.fmt(r["refine_s"]), C.fmt(r["decode_s"]), C.fmt(r["total_s"]), C.fmt(r["total_s"] / ref["total_s"], 1),
-                C.fmt(per_px, 2), f"{r['peak_minus_base_mb']:.0f}"]
-
-    rows = [row(f"{r['size']} px", r) for r in timing] + [row(f"{r['size']} px, untiled", r) for r in untiled]
-    C.print_table(f"10a. Large images: tiled encode -> two-stage refine ({steps} steps) -> tiled decode, batch 1",
-                  ["image", "VQ tiled", "latent tiled", "encode s", "refine s", "decode s", "total s",
-                   f"x {ref['size']}px", "time/pixel (rel.)", "peak RSS - base, MB"], rows)
     srows = [[f"{s['size']} px", s["vq_weights"] if s["vq_weights"] == "random" else "trained",
               C.fmt(s["vq_round_trip_rel_diff"], 3), C.fmt(s["multidiffusion_latent_rel_diff"], 4),
               C.fmt(s["multidiffusion_image_rel_diff"], 4), C.fmt(s["image_rel_diff"], 3),
@@ -225,10 +309,11 @@ def main() -> dict:
                   ["image", "VQ weights", "VQ round trip rel. diff", "MultiDiffusion latent rel. diff",
                    "MultiDiffusion image rel. diff", "both tiled, image rel. diff", "seam ratio, VQ borders",
                    "seam ratio, MultiDiffusion borders", "whole image at VQ borders"], srows)
-    payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
-               "timing": timing, "untiled": untiled, "seams": seams}
-    C.write_result("bench_large_images", payload)
-    return payload
+    if args.seams_only:
+        C.write_result("bench_large_images_seams", {"command": C.command("bench_large_images", args.quick)
+                                                    + " --seams-only" + (" --vq-ckpt ..." if args.vq_ckpt else ""),
+                                                    "steps": steps, "seams": seams})
+    return {"seams": seams}
 
 
 if __name__ == "__main__":

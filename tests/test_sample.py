@@ -16,13 +16,14 @@ from PIL import Image
 from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
 from conftest import ROOT, compose_config
 from refiner.apps import sample as sample_app
+from refiner.inference import batch_refine
 from refiner.formats.compvis import build_first_stage
 from refiner.formats.window_files import load_window_weights
 from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
 from refiner.apps.sample import run
-from refiner.errors import SampleError
+from refiner.errors import SampleError, SettingError
 from refiner.inference.chain import Chain
 from refiner.inference.outputs import plan_outputs
 from refiner.sampling import Stage, refine
@@ -251,7 +252,7 @@ def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages,
     def no_images(*a, **k):
         raise AssertionError("an image was loaded before the chain was validated")
 
-    monkeypatch.setattr(sample_app, "load_image", no_images)
+    monkeypatch.setattr(batch_refine, "load_image", no_images)
     monkeypatch.setattr(sample_app, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
                    "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
@@ -406,7 +407,7 @@ def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monk
         raise AssertionError("an image was loaded before the first stage was checked")
 
     with monkeypatch.context() as m:
-        m.setattr(sample_app, "load_image", no_images)
+        m.setattr(batch_refine, "load_image", no_images)
         with pytest.raises(FirstStageMismatch) as err:
             run(_compose(fp_models, d, tmp_path / "bad", f"first_stage.f4.ckpt_path={other}"))
     message = str(err.value)
@@ -438,7 +439,7 @@ def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkey
         raise AssertionError("an image was refined before the output folder was checked")
 
     with monkeypatch.context() as m:
-        m.setattr(sample_app, "load_image", no_images)
+        m.setattr(batch_refine, "load_image", no_images)
         with pytest.raises(SampleError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
                                               r"overwrite=true"):
             run(_compose(models, f"'{d}/*.jpg'", d))
@@ -522,3 +523,152 @@ def test_an_output_that_is_a_link_to_an_input_is_refused(tmp_path):
     (out / "a.png").symlink_to(src / "b.png")
     with pytest.raises(SampleError, match="would overwrite the input image"):
         plan_outputs([src / "a.jpg", src / "b.png"], out)
+
+
+# -- issue 10: large images (tiling) and progressive upscaling in sample.py ----------------------------------
+SMALL_TILES = ["tiling.f4_tile=32", "tiling.f4_overlap=16", "tiling.latent_tile=8", "tiling.latent_stride=4"]
+
+
+def _one_image(tmp_path, h, w, seed=0, name="a.png") -> Path:
+    d = tmp_path / "in"
+    d.mkdir(exist_ok=True)
+    Image.fromarray(_rgb(h, w, seed)).save(d / name)
+    return d
+
+
+def test_defaults_tile_automatically_and_set_no_pixel_limit(models, tmp_path):
+    cfg = _compose(models, tmp_path, tmp_path / "out")
+    assert cfg.max_pixels is None and cfg.upscale == 1 and cfg.tiling.mode == "auto"
+    from refiner.inference.pipeline import AUTO_ABOVE_PIXELS, Tiling
+
+    assert Tiling.from_settings(cfg.tiling) == Tiling() and cfg.tiling.auto_above_pixels == AUTO_ABOVE_PIXELS
+
+
+def test_tiling_with_tiles_covering_the_image_is_exactly_the_whole_pipeline(models, tmp_path):
+    """One VQ tile and one (jittered) latent tile cover a 48x48 image: the tiled, one-image-at-a-time route must
+    reproduce the whole-image route bit for bit (same noise per image; whole images one at a time, since a batch
+    of two may round differently, see test_batching_does_not_change_results)."""
+    d = _one_image(tmp_path, 48, 48, 1)
+    Image.fromarray(_rgb(48, 48, 2)).save(d / "b.png")
+    run(_compose(models, d, tmp_path / "whole", "tiling.mode=never", "grid=none", "batch_size=1"))
+    run(_compose(models, d, tmp_path / "tiled", "tiling.mode=always", "tiling.f4_tile=64", "tiling.latent_tile=12",
+                 "tiling.latent_stride=4", "tiling.jitter=true", "grid=none", "batch_size=2"))
+    for name in ("a.png", "b.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "whole" / name)),
+                              np.asarray(Image.open(tmp_path / "tiled" / name)))
+
+
+def test_auto_tiling_switches_on_above_the_threshold_and_matches_the_tiled_library_path(models, tmp_path):
+    from refiner.inference.tiling import tiled_decode, tiled_encode
+
+    d = _one_image(tmp_path, 32, 32, 3, "a_small.png")  # 1024 px: whole
+    Image.fromarray(_rgb(64, 80, 4)).save(d / "b_big.png")  # 5120 px: tiled
+    extra = ["tiling.auto_above_pixels=2048", "grid=none", "seed=3", *SMALL_TILES]
+    summary = run(_compose(models, d, tmp_path / "auto", *extra))
+    run(_compose(models, d, tmp_path / "never", *extra, "tiling.mode=never"))
+    assert summary["tiling"]["auto_above_pixels"] == 2048 and not summary["failed"]
+    small = [np.asarray(Image.open(tmp_path / k / "a_small.png")) for k in ("auto", "never")]
+    big = [np.asarray(Image.open(tmp_path / k / "b_big.png")).astype(int) for k in ("auto", "never")]
+    assert np.array_equal(*small)
+    assert np.abs(big[0] - big[1]).mean() > 0.5  # tiled: really another computation...
+    # ...namely the library's tiles, by hand: tiled encode, MultiDiffusion with jitter seeded by the noise seed
+    # (seed 3 + index 1), tiled decode
+    f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
+    chain = Chain.from_paths([str(models["hi"]), str(models["lo"])])
+    x = to_tensor(load_image(d / "b_big.png"))[None]
+    with torch.no_grad():
+        z = tiled_encode(f4, x, 32, 16)
+        noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(4))[None]
+        z = chain.refine(z, 499, STEPS, noise=noise, tiles=dict(tile=8, stride=4, jitter=True, seed=4,
+                                                                 view_batch_size=4)).latent
+        hand = to_uint8(tiled_decode(f4, z, 32, 16)[0])
+    assert _max_diff(big[0].astype(np.uint8), hand) <= 1
+
+
+def test_upscale_refines_progressively_into_a_larger_image(models, tmp_path):
+    d = _one_image(tmp_path, 32, 32, 5)
+    out = tmp_path / "out"
+    summary = run(_compose(models, d, out, "upscale=2", "tiling.mode=always", "tiling.f4_tile=64", "seed=2",
+                           "tiling.latent_tile=8", "tiling.latent_stride=4"))
+    assert _sizes(out)["a.png"] == (64, 64) and summary["upscale"] == 2
+    assert summary["grid_columns"] == ["input (bicubic x2)", "refined (x2, progressive)"]
+    assert Image.open(out / "grid.png").size == (2 * (64 + 4), 64 + 4)
+    # by hand: whole encode (one 64 px VQ tile), DemoFusion phases on 8/4 latent tiles with jitter, every draw from
+    # the noise seed 2 + 0, whole decode of the 64x64 result
+    f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
+    chain = Chain.from_paths([str(models["hi"]), str(models["lo"])])
+    with torch.no_grad():
+        z = f4.encode(to_tensor(_rgb(32, 32, 5))[None])
+        z = chain.refine_progressive(z, 499, STEPS, upscale=2, tile=8, stride=4, jitter=True, seed=2,
+                                     view_batch_size=4, generator=torch.Generator().manual_seed(2))
+        hand = to_uint8(f4.decode(z)[0])
+    assert _max_diff(np.asarray(Image.open(out / "a.png")), hand) <= 1
+    # default tiling (auto): a small image is refined in one tile, x4 in two phases
+    run(_compose(models, d, tmp_path / "x4", "upscale=4", "grid=none"))
+    assert _sizes(tmp_path / "x4") == {"a.png": (128, 128)}
+
+
+def test_tiling_and_upscale_are_part_of_the_resume_record(models, tmp_path):
+    d = _one_image(tmp_path, 16, 16, 6)
+    out = tmp_path / "out"
+    run(_compose(models, d, out, "grid=none"))
+    assert run(_compose(models, d, out, "grid=none"))["skipped"]
+    for changed in ("tiling.latent_tile=68", "tiling.jitter=false", "upscale=2"):
+        with pytest.raises(SampleError, match="other settings"):
+            run(_compose(models, d, out, "grid=none", changed))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tiling.f4_tile=254", r"tiling.f4_tile=254 and tiling.f4_overlap=32 must be multiples of the f4 first stage's "
+                          r"downsampling factor 4"),
+    ("tiling.f4_overlap=256", r"tiling.f4_overlap=256 must be smaller than tiling.f4_tile=256"),
+    ("tiling.f8_overlap=300", r"tiling.f8_overlap=300 must be smaller than tiling.f8_tile=256"),
+    ("tiling.latent_tile=50", r"tiling.latent_tile=50 must be a multiple of the window UNets' downsampling 4"),
+    ("tiling.latent_stride=100", r"tiling.latent_stride=100 must not exceed tiling.latent_tile=64"),
+    ("tiling.mode=sometimes", r"tiling.mode must be one of \('auto', 'always', 'never'\)"),
+    ("+tiling.tile=64", r"tiling: unknown setting\(s\) \['tile'\]"),
+    ("upscale=3", r"upscale must be one of \(1, 2, 4\), got 3"),
+])
+def test_bad_tiling_settings_fail_before_any_image(models, tmp_path, monkeypatch, override, message):
+    def no_images(*a, **k):
+        raise AssertionError("an image was looked at before the tiling settings were checked")
+
+    monkeypatch.setattr(batch_refine, "load_image", no_images)
+    monkeypatch.setattr(sample_app, "scan_images", no_images)
+    with pytest.raises(SettingError, match=message):
+        run(_compose(models, tmp_path / "in", tmp_path / "out", override))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_tile_is_one_error_line_and_exit_2(models, tmp_path):
+    d = _one_image(tmp_path, 16, 16, 7)
+    cmd = [sys.executable, "sample.py", *_overrides(models, d, tmp_path / "out", "tiling.latent_tile=50"),
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: tiling.latent_tile=50 must be a multiple of the window UNets' downsampling 4 "
+                      "(latent pixels)"] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_with_upscale_is_refused(models, tmp_path):
+    with pytest.raises(SampleError, match="mode=evaluate .* upscale=2"):
+        run(_compose(models, tmp_path / "in", tmp_path / "out", "mode=evaluate", "upscale=2"))
+
+
+@pytest.mark.slow
+def test_an_image_above_one_megapixel_is_refined_on_tiles(models, tmp_path):
+    """The old 1 Mpx refusal is gone: 1040x1024 (1.06 Mpx) goes through auto tiling with default tile sizes."""
+    d = _one_image(tmp_path, 1024, 1040, 8)
+    summary = run(_compose(models, d, tmp_path / "out", "steps=2", "grid=none"))
+    assert not summary["failed"] and _sizes(tmp_path / "out")["a.png"] == (1040, 1024)
+
+
+def test_a_concat_window_runs_on_latent_tiles_with_its_conditioning_cropped(models, tmp_path):
+    concat = _window_checkpoint(tmp_path, (250, 500), "c.ckpt", tiny_unet_params(in_channels=6), conditioning="concat")
+    d = _one_image(tmp_path, 48, 48, 9)
+    summary = run(_compose({**models, "concat": concat}, d, tmp_path / "out", "tiling.mode=always",
+                           *SMALL_TILES, stages=("concat", "lo")))
+    assert not summary["failed"] and _sizes(tmp_path / "out")["a.png"] == (48, 48)

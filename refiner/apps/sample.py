@@ -12,10 +12,17 @@ experts switched by t; a ``conditioning: concat`` stage sees the scaled latent o
 a real artifact image would be), refines that, and writes ``metrics.json``
 (:func:`refiner.inference.evaluate.evaluate`).
 
-Everything that can be checked without images is checked first (stage files, shared schedule and
-scale factor, channel counts, window coverage of the timestep grid, first-stage files, output
-names), so a bad chain fails before any image is read. Unreadable or oversized images are reported
-(file + reason) in ``summary.json`` and on stderr; the others are still processed.
+Large images are tiled automatically above ``tiling.auto_above_pixels`` (VQ tiles and MultiDiffusion latent
+tiles, :class:`refiner.inference.pipeline.Tiling`); ``upscale=2|4`` refines DemoFusion-style into an image that
+many times larger (:meth:`Chain.refine_progressive`). The per-image work is :class:`refiner.inference.batch_refine.RefineJob`.
+
+Bulk: ``torchrun --nproc_per_node=N sample.py inputs=... output_dir=...`` shards the sorted inputs by rank and
+merges the ranks' summaries (:mod:`refiner.inference.distributed`).
+
+Everything that can be checked without images is checked first (settings and tile sizes, stage files, shared
+schedule and scale factor, channel counts, window coverage of the timestep grid, first-stage files, output
+names), so a bad chain fails before any image is read. Unreadable images, and images above a ``max_pixels``
+you set, are reported (file + reason) in ``summary.json`` and on stderr; the others are still processed.
 
 Noise: image ``i`` (its index in the sorted input list) gets its ``q_sample`` noise from
 ``seed + i`` (see :mod:`refiner.inference.pipeline`).
@@ -29,33 +36,31 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from torch import Tensor
 
 from refiner.apps import CONFIG_DIR
-from refiner.batching import batches_by
-from refiner.data.images import ImageError, load_image, save_png_atomic, scan_images, to_tensor
+from refiner.data.images import scan_images
 from refiner.errors import SampleError
 from refiner.formats.compvis import first_stage_from_config
+from refiner.inference.batch_refine import Collected, RefineJob
 from refiner.inference.chain import PRECISIONS, Chain
-from refiner.inference.evaluate import MIN_EVAL_SIDE, evaluate, format_metrics_table
-from refiner.inference.outputs import (
-    GRID_RECORD, WRITTEN_BY, YAML_MARKER, check_outputs, output_record, plan_outputs, png_text, settings_digest,
-    sha256_file,
+from refiner.inference.distributed import (
+    Ranks, merge_summaries, partial_summary_name, read_partial_summaries, write_partial_summary,
 )
-from refiner.inference.pipeline import PAD_MODES, Pipeline
+from refiner.inference.evaluate import evaluate, format_metrics_table
+from refiner.inference.outputs import (
+    GRID_RECORD, WRITTEN_BY, YAML_MARKER, check_outputs, plan_outputs, png_text, settings_digest,
+)
+from refiner.inference.pipeline import PAD_MODES, UPSCALES, Pipeline, Tiling
 from refiner.io import atomic_write_text
-from refiner.sampling import SPACINGS
+from refiner.sampling import SPACINGS, StepPlan
 from refiner.settings import check_device, check_writable_dir, require_choice, require_int, require_number
-from refiner.visualize import save_combined_grid, save_grid
+from refiner.visualize import save_combined_grid
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +68,11 @@ MODES = ("sample", "evaluate")
 GRID_MODES = ("none", "per_image", "combined", "both")
 
 
-def image_size(path: Path) -> tuple[int, int] | None:
-    """``(H, W)`` from the file header (no decoding), or None if PIL cannot open it."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-        return h, w
-    except Exception:  # reported properly by load_image later
-        return None
-
-
-@dataclass
-class Item:
-    index: int
-    path: Path
-    output: Path
-    image: np.ndarray  # (H, W, 3) uint8: the clean reference in evaluate mode, else the refiner input
-    input_sha256: str = ""  # of the input file, for the output's record (refiner.inference.outputs)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.shape[0], self.image.shape[1]
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
-
-
 def _check_settings(cfg: DictConfig) -> None:
     """Every setting's type and range, the device and the output folder, before any file is loaded. (The
     grid-dependent limits, t_start below the schedule's T, steps <= t_start + 1 and eta > 1, are checked by
-    :meth:`Chain.plan` once the stages are known.)"""
+    :meth:`Chain.plan` once the stages are known; tile sizes against the first-stage factors and the UNets'
+    downsampling by :class:`Pipeline`, also before any image is read.)"""
     require_choice("mode", cfg.mode, MODES)
     require_choice("grid", cfg.grid, GRID_MODES)
     require_choice("spacing", cfg.spacing, SPACINGS)
@@ -111,6 +89,11 @@ def _check_settings(cfg: DictConfig) -> None:
     require_int("grid_max_images", cfg.grid_max_images, minimum=0)
     if cfg.max_pixels is not None:
         require_int("max_pixels", cfg.max_pixels, minimum=1)
+    require_choice("upscale", require_int("upscale", cfg.get("upscale", 1)), UPSCALES)
+    if cfg.mode == "evaluate" and cfg.get("upscale", 1) != 1:
+        raise SampleError(f"mode=evaluate compares refined with clean images of the same size; upscale="
+                          f"{cfg.upscale} makes them larger (use upscale=1)")
+    Tiling.from_settings(cfg.get("tiling")).check()
     for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch"):
         if not isinstance(cfg.get(flag, False), bool):
             raise SampleError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
@@ -128,28 +111,9 @@ def _check_settings(cfg: DictConfig) -> None:
                               "refiner.metrics.fid_kid); unset inception_weights to evaluate without FID/KID")
 
 
-@dataclass
-class _Collected:
-    processed: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
-    failed: list[dict] = field(default_factory=list)
-    grid_rows: list[tuple[int, list[Tensor]]] = field(default_factory=list)
-    eval_images: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-
-
-def run(cfg: DictConfig) -> dict:
-    """Refine (or evaluate) every input image; returns the summary also written to ``summary.json``.
-
-    Raises :class:`SampleError` / :class:`~refiner.formats.safe_load.CheckpointError` /
-    ``FileNotFoundError`` for problems found before processing (bad chain, settings, no inputs).
-    Per-image problems are collected in ``summary["failed"]`` instead.
-    """
-    from tqdm.auto import tqdm
-
-    _check_settings(cfg)
-    evaluate_mode = cfg.mode == "evaluate"
-    device = torch.device(cfg.device)
-    # 1. Checkpoints and the step plan: everything that can fail without looking at an image.
+def _build_pipeline(cfg: DictConfig, device: torch.device) -> tuple[Pipeline, StepPlan, str]:
+    """Checkpoints, the step plan and the tile sizes: everything that can fail without looking at an image.
+    Returns the pipeline, the plan and the f4 fingerprint."""
     allow_mismatch = bool(cfg.get("allow_first_stage_mismatch", False))
     chain = Chain.from_paths(list(cfg.stages), use_ema=cfg.use_ema, trust_checkpoint=cfg.trust_checkpoint,
                              device=device, precision=cfg.get("precision", "fp32"),
@@ -160,105 +124,24 @@ def run(cfg: DictConfig) -> dict:
     f4_fingerprint = chain.check_first_stage(f4, f"first_stage.f4.ckpt_path={cfg.first_stage.f4.ckpt_path}",
                                              allow_mismatch)
     f8 = first_stage_from_config(cfg.first_stage.get("f8"), "f8", cfg.trust_checkpoint, device) \
-        if evaluate_mode else None
-    pipeline = Pipeline(f4, chain, f8, pad_mode=cfg.pad_mode, device=device)
-    stages = chain.stages
-    inputs_spec = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
-    try:
-        paths, ignored = scan_images(inputs_spec)
-    except (FileNotFoundError, ValueError) as err:
-        raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
-    output_dir = Path(cfg.output_dir)
-    outputs = plan_outputs(paths, output_dir)
-    settings = settings_digest(cfg, chain, f4_fingerprint, f8)
-    existing = check_outputs(cfg, output_dir, paths, outputs, settings)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "config_resolved.yaml", f"{YAML_MARKER}\n{OmegaConf.to_yaml(cfg, resolve=True)}")
-    columns = (["clean", "degraded"] if evaluate_mode else ["input"]) + [  # stages numbered in run order
+        if cfg.mode == "evaluate" else None
+    pipeline = Pipeline(f4, chain, f8, pad_mode=cfg.pad_mode, device=device,
+                        tiling=Tiling.from_settings(cfg.get("tiling")), upscale=cfg.get("upscale", 1))
+    return pipeline, plan, f4_fingerprint
+
+
+def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan) -> list[str]:
+    if pipeline.upscale > 1:
+        return [f"input (bicubic x{pipeline.upscale})", f"refined (x{pipeline.upscale}, progressive)"]
+    stages = pipeline.chain.stages
+    return (["clean", "degraded"] if cfg.mode == "evaluate" else ["input"]) + [  # stages numbered in run order
         f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
         for j, k in enumerate(plan.segments)]
-    log.info("%d images, %d steps t=%d..%d, stages in run order: %s; sides padded to multiples of %d",
-             len(paths), len(plan.timesteps), plan.timesteps[0], plan.timesteps[-1], columns[-len(plan.segments):],
-             pipeline.multiple)
 
-    # 2. Images: header sizes first (cheap), so same sizes batch together and oversized ones are refused.
-    sizes = {i: image_size(p) for i, p in enumerate(paths)}
-    order = sorted(range(len(paths)), key=lambda i: (sizes[i] is None, sizes[i] or (0, 0), i))
-    got = _Collected()
-    progress = tqdm(total=len(paths), unit="img", desc=cfg.mode, disable=not cfg.progress, file=sys.stderr)
-    grid_per_image = cfg.grid in ("per_image", "both")
-    grid_combined = cfg.grid in ("combined", "both")
-    inputs_protect = [str(p) for p in paths]
 
-    def fail(path: Path, reason: str) -> None:
-        got.failed.append({"input": str(path), "reason": reason})
-        log.warning("skipping %s: %s", path, reason)
-        progress.update(1)
-
-    def load(i: int) -> Item | None:
-        path, size = paths[i], sizes[i]
-        if i in existing.finished and not evaluate_mode:
-            got.skipped.append({"input": str(path), "output": str(outputs[i]),
-                                "reason": "already refined from this input with these settings (pixels verified)"})
-            progress.update(1)
-            return None
-        if i in existing.damaged:
-            log.warning("%s: its pixels do not match its record (damaged?); refining %s again", outputs[i], path)
-        if size is not None and cfg.max_pixels is not None and size[0] * size[1] > cfg.max_pixels:
-            fail(path, f"{size[1]}x{size[0]} = {size[0] * size[1]} pixels exceeds max_pixels={cfg.max_pixels} "
-                       "(images are refined whole, not in tiles); downscale it or raise max_pixels if memory allows")
-            return None
-        try:
-            image = load_image(path)
-            input_sha256 = sha256_file(path)
-        except (ImageError, OSError) as err:
-            fail(path, str(err) if isinstance(err, ImageError) else f"cannot read image {path}: {err}")
-            return None
-        if evaluate_mode and min(image.shape[:2]) < MIN_EVAL_SIDE:
-            fail(path, f"{image.shape[1]}x{image.shape[0]} is too small to evaluate (SSIM needs at least "
-                       f"{MIN_EVAL_SIDE}x{MIN_EVAL_SIDE})")
-            return None
-        return Item(i, path, outputs[i], image, input_sha256)
-
-    loaded = (it for it in map(load, order) if it is not None)
-    for batch in batches_by(loaded, cfg.batch_size, key=lambda it: it.size):
-        want_rows = grid_per_image or (grid_combined and len(got.grid_rows) < cfg.grid_max_images)
-        try:
-            inputs = pipeline.degrade([it.image for it in batch]) if evaluate_mode else [it.image for it in batch]
-            refined, stage_images = pipeline.refine_images(
-                inputs, cfg.t_start, cfg.steps, seed=cfg.seed, indices=[it.index for it in batch], eta=cfg.eta,
-                spacing=cfg.spacing, allow_outside_window=cfg.allow_outside_window, with_stages=want_rows)
-        except (FloatingPointError, RuntimeError, MemoryError) as err:
-            if not (_is_out_of_memory(err) or isinstance(err, FloatingPointError)):
-                raise
-            for it in batch:
-                fail(it.path, f"{type(err).__name__}: {err}" + (" (try batch_size=1 or a lower max_pixels)"
-                                                               if _is_out_of_memory(err) else ""))
-            continue
-        for it, src, out, stage_imgs in zip(batch, inputs, refined, stage_images):
-            try:
-                record = output_record(it.input_sha256, cfg.seed + it.index, settings, out)
-                save_png_atomic(it.output, out, protect=inputs_protect, text=png_text(record))
-            except (OSError, ValueError) as err:
-                fail(it.path, f"cannot write {it.output}: {err}")
-                continue
-            record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])]}
-            if want_rows:
-                row = ([to_tensor(it.image), to_tensor(src)] if evaluate_mode else [to_tensor(src)]) + stage_imgs
-                if grid_per_image:
-                    grid_path = output_dir / "grids" / it.output.name
-                    save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
-                    record["grid"] = str(grid_path)
-                if grid_combined and len(got.grid_rows) < cfg.grid_max_images:
-                    got.grid_rows.append((it.index, row))
-            if evaluate_mode:
-                got.eval_images.append((it.index, str(it.path), it.image, src, out))
-            got.processed.append(record)
-            progress.update(1)
-    progress.close()
-
-    # 3. Reports.
-    summary: dict[str, Any] = {
+def _summary(cfg: DictConfig, got: Collected, ignored: list, settings: str, columns: list[str], plan: StepPlan,
+             pipeline: Pipeline, f4_fingerprint: str) -> dict[str, Any]:
+    return {
         "written_by": WRITTEN_BY,
         "mode": cfg.mode,
         "processed": sorted(got.processed, key=lambda r: r["input"]),
@@ -272,35 +155,109 @@ def run(cfg: DictConfig) -> dict:
         "stage_of_step": plan.stage_of_step,
         "stages": [{"path": s.weights.source, "window": str(s.weights.window), "conditioning": s.weights.conditioning,
                     "ema": s.weights.has_ema, "first_stage_fingerprint": s.weights.first_stage_fingerprint}
-                   for s in stages],
+                   for s in pipeline.chain.stages],
         "first_stage_fingerprint": f4_fingerprint,
         "padded_to_multiple_of": pipeline.multiple,
+        "tiling": pipeline.tiling.as_dict(),
+        "upscale": pipeline.upscale,
     }
-    if grid_combined and got.grid_rows:
-        name = "comparison_grid.png" if evaluate_mode else "grid.png"
-        rows = [r for _, r in sorted(got.grid_rows, key=lambda x: x[0])]
-        summary["grid"] = str(save_combined_grid(output_dir / name, rows, text=png_text(GRID_RECORD)))
-    if evaluate_mode and got.eval_images:
-        ev = sorted(got.eval_images, key=lambda x: x[0])
-        metrics = evaluate([e[2] for e in ev], [e[3] for e in ev], [e[4] for e in ev],
-                           swd_kwargs=OmegaConf.to_container(cfg.swd, resolve=True) if cfg.get("swd") else None,
-                           inception_weights=cfg.get("inception_weights"))
-        metrics["images"] = [e[1] for e in ev]
-        metrics["written_by"] = WRITTEN_BY
-        metrics_path = output_dir / "metrics.json"
-        atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-        summary["metrics"] = str(metrics_path)
-        print(format_metrics_table(metrics))
-        if "grid" in summary:
-            print(f"comparison grid: {summary['grid']}")
-    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-    print(f"{len(got.processed)} refined, {len(got.skipped)} skipped (already done), {len(got.failed)} failed; "
-          f"outputs in {output_dir} "
-          f"(summary: {output_dir / 'summary.json'})")
+
+
+def _write_reports(cfg: DictConfig, ranks: Ranks, output_dir: Path, summary: dict, got: Collected) -> dict:
+    """summary.json, the combined grid and (evaluate) metrics.json. Across ranks: every rank writes its partial
+    summary, and after a barrier rank 0 merges them with every rank's grid rows; all ranks return the merge."""
+    rows = got.grid_rows
+    if ranks.distributed:
+        write_partial_summary(ranks, output_dir, summary)
+        ranks.barrier()
+        gathered = ranks.gather(got.grid_rows)
+        if ranks.is_main:
+            summary = merge_summaries(read_partial_summaries(output_dir, ranks.world_size))
+            rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])[:cfg.grid_max_images]
+    if ranks.is_main:
+        if cfg.grid in ("combined", "both") and rows:
+            name = "comparison_grid.png" if cfg.mode == "evaluate" else "grid.png"
+            summary["grid"] = str(save_combined_grid(output_dir / name, [r for _, r in rows],
+                                                     text=png_text(GRID_RECORD)))
+        if cfg.mode == "evaluate" and got.eval_images:
+            summary["metrics"] = str(_write_metrics(cfg, output_dir, got))
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
+        for k in range(ranks.world_size if ranks.distributed else 0):
+            (output_dir / partial_summary_name(k, ranks.world_size)).unlink()
+    return ranks.broadcast(summary)
+
+
+def _write_metrics(cfg: DictConfig, output_dir: Path, got: Collected) -> Path:
+    ev = sorted(got.eval_images, key=lambda x: x[0])
+    metrics = evaluate([e[2] for e in ev], [e[3] for e in ev], [e[4] for e in ev],
+                       swd_kwargs=OmegaConf.to_container(cfg.swd, resolve=True) if cfg.get("swd") else None,
+                       inception_weights=cfg.get("inception_weights"))
+    metrics["images"] = [e[1] for e in ev]
+    metrics["written_by"] = WRITTEN_BY
+    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print(format_metrics_table(metrics))
+    return output_dir / "metrics.json"
+
+
+def _print_report(summary: dict, output_dir: Path) -> None:
+    if "metrics" in summary and "grid" in summary:
+        print(f"comparison grid: {summary['grid']}")
+    print(f"{len(summary['processed'])} refined, {len(summary['skipped'])} skipped (already done), "
+          f"{len(summary['failed'])} failed; outputs in {output_dir} (summary: {output_dir / 'summary.json'})")
     for f in summary["failed"]:
         print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)
-    for f in ignored:
+    for f in summary["ignored"]:
         print(f"ignored: {f['file']}: {f['reason']}", file=sys.stderr)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Refine (or evaluate) every input image (under torchrun: this rank's shard); returns the summary also
+    written to ``summary.json`` (across ranks: the merged one, on every rank).
+
+    Raises :class:`SampleError` / :class:`~refiner.formats.safe_load.CheckpointError` /
+    ``FileNotFoundError`` for problems found before processing (bad chain, settings, no inputs).
+    Per-image problems are collected in ``summary["failed"]`` instead.
+    """
+    from tqdm.auto import tqdm
+
+    _check_settings(cfg)
+    ranks = Ranks.from_env()
+    if ranks.distributed and cfg.mode == "evaluate":
+        raise SampleError("mode=evaluate runs in one process (its metrics need every image together); run it "
+                          "without torchrun")
+    # 1. Everything that can fail without looking at an image.
+    pipeline, plan, f4_fingerprint = _build_pipeline(cfg, torch.device(ranks.device(cfg.device)))
+    inputs_spec = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
+    try:
+        paths, ignored = scan_images(inputs_spec)
+    except (FileNotFoundError, ValueError) as err:
+        raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
+    output_dir = Path(cfg.output_dir)
+    outputs = plan_outputs(paths, output_dir)
+    settings = settings_digest(cfg, pipeline.chain, f4_fingerprint, pipeline.f8)
+    columns = _grid_columns(cfg, pipeline, plan)
+    with ranks.group():
+        ranks.check_same("output_dir", str(output_dir.resolve()), "pass output_dir=<folder> explicitly (the default "
+                                                                  "is each process's own Hydra run dir)")
+        mine = ranks.shard(len(paths))
+        existing = ranks.agree(lambda: check_outputs(cfg, output_dir, paths, outputs, settings, indices=mine,
+                                                     reports=ranks.is_main, world_size=ranks.world_size))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if ranks.is_main:
+            atomic_write_text(output_dir / "config_resolved.yaml",
+                              f"{YAML_MARKER}\n{OmegaConf.to_yaml(cfg, resolve=True)}")
+        log.info("rank %d/%d: %d of %d images, %d steps t=%d..%d, grid columns %s; sides padded to multiples of %d",
+                 ranks.rank, ranks.world_size, len(mine), len(paths), len(plan.timesteps), plan.timesteps[0],
+                 plan.timesteps[-1], columns, pipeline.multiple)
+        # 2. Images (this rank's shard), 3. reports.
+        progress = tqdm(total=len(mine), unit="img", desc=cfg.mode, disable=not (cfg.progress and ranks.is_main),
+                        file=sys.stderr)
+        got = RefineJob(cfg, pipeline, paths, outputs, settings, existing, output_dir, progress.update).run(mine)
+        progress.close()
+        summary = _write_reports(cfg, ranks, output_dir,
+                                 _summary(cfg, got, ignored, settings, columns, plan, pipeline, f4_fingerprint), got)
+    if ranks.is_main:
+        _print_report(summary, output_dir)
     return summary
 
 

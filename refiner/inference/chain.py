@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,8 +64,8 @@ class LoadedStage:
         elif z_cond is None:
             def model(x: Tensor, t: Tensor) -> Tensor:
                 raise ValueError(f"{source} needs the degraded latent (conditioning='concat'); pass z_cond")
-        else:
-            model = lambda x, t: unet(x, t, concat=z_cond)  # noqa: E731
+        else:  # an optional third argument replaces z_cond: MultiDiffusion passes each tile's crop of it
+            model = lambda x, t, cond=z_cond: unet(x, t, concat=cond)  # noqa: E731
         if self.precision == "bf16":  # autocast only the UNet; the sampler's update stays in fp32
             model = _bf16_autocast(model, next(unet.parameters()).device.type)
         return Stage(model=model, window=self.weights.window, parameterization=self.weights.parameterization,
@@ -73,9 +73,9 @@ class LoadedStage:
 
 
 def _bf16_autocast(model, device_type: str):
-    def autocast_model(x: Tensor, t: Tensor) -> Tensor:
+    def autocast_model(x: Tensor, t: Tensor, *cond: Tensor) -> Tensor:
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            return model(x, t).float()
+            return model(x, t, *cond).float()
 
     return autocast_model
 
@@ -240,11 +240,14 @@ class Chain:
         ``stage_x0`` are filled when ``return_stage_outputs``. Invalid settings raise :class:`ChainError` before
         any model runs."""
         step_plan = self._plan(t_start, steps, spacing, eta, allow_outside_window, t_end)
-        stages = self.sampling_stages(z if z_cond is None else z_cond)
-        if tiles is not None:
-            from refiner.inference.tiling import tile_stages
+        cond = z if z_cond is None else z_cond
+        stages = self.sampling_stages(cond)
+        if tiles is not None:  # concat stages get their conditioning latent cropped with each tile
+            from refiner.inference.tiling import MultiDiffusion
 
-            stages = tile_stages(stages, **tiles)
+            stages = [replace(st, model=MultiDiffusion(st.model, **tiles, context=cond if ls.weights.conditioning
+                                                       == "concat" else None))
+                      for st, ls in zip(stages, self.stages)]
         out = refine_with_plan(stages, z, step_plan, self.alphas_cumprod, eta=eta, generator=generator,
                                callback=callback, return_stage_outputs=return_stage_outputs, noise=noise)
         if return_stage_outputs:

@@ -25,8 +25,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -131,11 +132,13 @@ class ExistingOutputs:
 
 
 def check_existing(outputs: Sequence[Path], inputs: Sequence[Path], noise_seeds: Sequence[int], settings: str,
-                   reports: Sequence[Path]) -> ExistingOutputs:
+                   reports: Sequence[Path], indices: Iterable[int] | None = None) -> ExistingOutputs:
     """Classify what already exists where this run will write: per-image ``outputs`` (of ``inputs``, with their
-    noise seeds) and the run's ``reports`` (summary, config, metrics, grids)."""
+    noise seeds; only those at ``indices`` when given, e.g. one rank's shard) and the run's ``reports``
+    (summary, config, metrics, grids)."""
     found = ExistingOutputs()
-    for i, out in enumerate(outputs):
+    for i in range(len(outputs)) if indices is None else indices:
+        out = outputs[i]
         if not (out.exists() or out.is_symlink()):
             continue
         record = read_png_record(out) if out.is_file() else None
@@ -184,10 +187,15 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
     return outputs
 
 
-def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path]) -> list[Path]:
-    """The run-level files this run writes: config, summary, metrics (evaluate) and grids, as ``cfg`` asks."""
+def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], world_size: int = 1) -> list[Path]:
+    """The run-level files this run writes: config, summary (and, across ``world_size`` > 1 processes, the ranks'
+    partial summaries), metrics (evaluate) and grids, as ``cfg`` asks."""
+    from refiner.inference.distributed import partial_summary_name
+
     evaluate_mode = cfg.mode == "evaluate"
     names = ["config_resolved.yaml", "summary.json"] + (["metrics.json"] if evaluate_mode else [])
+    if world_size > 1:
+        names += [partial_summary_name(k, world_size) for k in range(world_size)]
     if cfg.grid in ("combined", "both"):
         names.append("comparison_grid.png" if evaluate_mode else "grid.png")
     paths = [output_dir / name for name in names]
@@ -198,9 +206,13 @@ def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path]) -> 
 
 def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.Module | None) -> str:
     """16 hex chars that change with anything that changes a refined image: the stages' weights and placement,
-    the first stages, and the sampler settings (noise seeds are recorded per image). Device and batch size are
-    left out (results agree across them up to float noise; with eta > 0 they depend on batching)."""
+    the first stages, the sampler settings, the tiling settings and ``upscale`` (noise seeds are recorded per
+    image). Device, batch size and the number of processes are left out (results agree across them up to float
+    noise; with eta > 0 whole-image batches depend on batching)."""
+    from refiner.inference.pipeline import Tiling
+
     payload = {
+        "tiling": Tiling.from_settings(cfg.get("tiling")).as_dict(), "upscale": cfg.get("upscale", 1),
         "mode": cfg.mode, "t_start": cfg.t_start, "steps": cfg.steps, "spacing": cfg.spacing, "eta": float(cfg.eta),
         "allow_outside_window": cfg.allow_outside_window, "precision": cfg.get("precision", "fp32"),
         "pad_mode": cfg.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
@@ -212,18 +224,35 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
 
 
 def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
-                  settings: str) -> ExistingOutputs:
-    """What already exists where this run writes (:func:`check_existing`). Files refiner did
-    not write, or refined with other settings, raise :class:`SampleError` before any image is refined, unless
-    ``overwrite=true``."""
+                  settings: str, indices: Sequence[int] | None = None, reports: bool = True,
+                  world_size: int = 1) -> ExistingOutputs:
+    """What already exists where this run writes (:func:`check_existing`; the outputs at ``indices`` only when
+    given, the run-level reports only when ``reports``). Files refiner did not write, or refined with other
+    settings, raise :class:`SampleError` before any image is refined, unless ``overwrite=true``. Temporary files
+    of an interrupted atomic write of these outputs are removed (:func:`remove_stale_temps`)."""
     existing = check_existing(outputs, inputs, [cfg.seed + i for i in range(len(inputs))], settings,
-                              report_paths(cfg, output_dir, outputs))
+                              report_paths(cfg, output_dir, outputs, world_size) if reports else [], indices)
     if existing.conflicts and not cfg.get("overwrite", False):
         n = len(existing.conflicts)
         raise SampleError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
                           f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
                           "Pass overwrite=true to replace them, or choose another output_dir")
+    remove_stale_temps([outputs[i] for i in (range(len(outputs)) if indices is None else indices)])
     if existing.conflicts:
         log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
                     len(existing.conflicts), existing.conflicts[0])
     return existing
+
+
+def remove_stale_temps(outputs: Sequence[Path]) -> list[Path]:
+    """Delete the temporary files ``.<name>.<random>.tmp`` that :func:`refiner.io.atomic_path` leaves next to an
+    output when a run is killed mid-write (only files of exactly that pattern, for these outputs). Returns them."""
+    removed = []
+    for out in outputs:
+        for tmp in out.parent.glob(f".{glob_escape(out.name)}.*.tmp") if out.parent.is_dir() else ():
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+                removed.append(tmp)
+    if removed:
+        log.warning("removed %d temporary file(s) of an interrupted run (first: %s)", len(removed), removed[0])
+    return removed

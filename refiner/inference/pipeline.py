@@ -4,23 +4,126 @@
 :attr:`Pipeline.multiple`, ``z = f4.encode(x) * scale_factor``, :meth:`Chain.refine`, ``f4.decode(z / scale_factor)``,
 crop back. :meth:`Pipeline.degrade` is the VQ-f8 round trip that makes evaluation inputs.
 
+**Large images** (:class:`Tiling`): above ``auto_above_pixels`` (``mode="auto"``; ``"always"`` / ``"never"`` force
+it) the first stages run on overlapping, feathered pixel tiles (:func:`~refiner.inference.tiling.tiled_encode`,
+:func:`~refiner.inference.tiling.tiled_decode`) and every window expert on MultiDiffusion latent tiles
+(:class:`~refiner.inference.tiling.MultiDiffusion`: Bar-Tal et al. 2023, eq. 5, the per-pixel average of the
+overlapping tiles' outputs, with DemoFusion's per-step random jitter of the tile offsets). Each decision is taken
+on the pixels the stage sees: encode and refine on the padded input, decode on the padded output.
+
+**Progressive upscaling** (``upscale`` 2 or 4): :meth:`Chain.refine_progressive`, DemoFusion (Du et al. 2024)
+phases of x2: bicubic upsampling and re-noising ``zhat_t = q_sample(up(z), t, n)``, skip residual
+``z_t <- (1 - c1) z_t + c1 zhat_t`` with ``c1 = (0.5 (1 + cos(pi (T - t) / T)))^alpha1``, the local
+(MultiDiffusion) path mixed with the dilated global path by ``c2 = cos_factor^alpha2``, and renormalisation to
+the first phase's latent mean and std (equations and defaults in :mod:`refiner.inference.progressive`). The
+result is ``upscale`` times larger.
+
 Noise: image ``i`` (its index in the caller's input list, ``indices``) gets its ``q_sample`` noise from
 ``seed + i``, so with ``eta=0`` its result does not depend on how images were batched. With ``eta > 0`` the
-per-step noise comes from one generator per batch, seeded with ``seed + indices[0]``.
+per-step noise of a whole-image batch comes from one generator per batch, seeded with ``seed + indices[0]``.
+Tiled and progressive images are refined one at a time (their tiles are batched instead, ``view_batch_size``),
+with every random draw (noise, jitter offsets, eta noise, DemoFusion's phase noise) from ``seed + i``: their
+results never depend on batching.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from refiner.data.images import crop_to, pad_to_multiple, to_tensor, to_uint8
+from refiner.errors import SettingError
 from refiner.inference.chain import Chain
+from refiner.inference.tiling import tiled_decode, tiled_encode
+from refiner.settings import require_choice, require_int
 
 PAD_MODES = ("reflect", "replicate", "constant")
+TILING_MODES = ("auto", "always", "never")
+UPSCALES = (1, 2, 4)
+# Tiling switches on above this many (padded) pixels: 512 x 512. Measured on this 2-core CPU (1 thread, shared
+# machine) with the demo models (conf/first_stage/demo.yaml f4, two conf/model/refiner_tiny.yaml windows, 10 DDIM
+# steps), whole (tiling.mode=never) vs tiled (always; f4 256/32 px, latent 64/48), by
+# `python benchmarks/bench_large_images.py --crossover --threads 1` (BENCHMARKS.md row 10c). Whole images at 256,
+# 384, 512, 640, 768 px: 2.2, 5.7, 12.4, 25.9, 46.3 s, i.e. time per pixel 1.00, 1.18, 1.44, 1.93, 2.39 (the VQ's
+# mid-block attention over all latent tokens), peak memory +69, +224, +389, +542, +733 MB. Tiled: +199 to +256 MB
+# at every size; slower up to 512 px (18.6 s: 3x3 overlapping VQ tiles cost more than they save), faster from
+# 640 px on (17.8 s vs 25.9 s).
+AUTO_ABOVE_PIXELS = 512 * 512
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """When and how :class:`Pipeline` tiles (sizes in pixels of the stage they apply to).
+
+    ``mode``: ``auto`` tiles a stage whose input has more than ``auto_above_pixels`` pixels, ``always`` / ``never``
+    force it. ``f4_tile``/``f4_overlap`` and ``f8_tile``/``f8_overlap``: the first stages' pixel tiles (multiples
+    of the factor, feathered over the overlap). ``latent_tile``/``latent_stride``: MultiDiffusion tiles in latent
+    pixels (the tile a multiple of the UNets' downsampling; overlap ``tile - stride``), ``jitter`` DemoFusion's
+    random offsets (up to ``(tile - stride) // 4`` per step), ``view_batch_size`` tiles per UNet call.
+    """
+
+    mode: str = "auto"
+    auto_above_pixels: int = AUTO_ABOVE_PIXELS
+    f4_tile: int = 256
+    f4_overlap: int = 32
+    f8_tile: int = 256
+    f8_overlap: int = 64
+    latent_tile: int = 64
+    latent_stride: int = 48
+    jitter: bool = True
+    view_batch_size: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None) -> "Tiling":
+        """From a config group (``conf/sample.yaml: tiling``); unknown keys are a :class:`SettingError`."""
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SettingError(f"tiling: unknown setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**settings)
+
+    def check(self, f4_factor: int | None = None, f8_factor: int | None = None,
+              latent_multiple: int | None = None) -> "Tiling":
+        """Every value's type and range, and (when given) the tile sizes against the first stages' factors and
+        the UNets' downsampling. Raises :class:`SettingError` naming the setting."""
+        require_choice("tiling.mode", self.mode, TILING_MODES)
+        require_int("tiling.auto_above_pixels", self.auto_above_pixels, minimum=0)
+        require_int("tiling.view_batch_size", self.view_batch_size, minimum=1)
+        if not isinstance(self.jitter, bool):
+            raise SettingError(f"tiling.jitter must be true or false, got {self.jitter!r}")
+        for name, factor in (("f4", f4_factor), ("f8", f8_factor)):
+            tile = require_int(f"tiling.{name}_tile", getattr(self, f"{name}_tile"), minimum=1)
+            overlap = require_int(f"tiling.{name}_overlap", getattr(self, f"{name}_overlap"), minimum=0)
+            if overlap >= tile:
+                raise SettingError(f"tiling.{name}_overlap={overlap} must be smaller than tiling.{name}_tile={tile}")
+            if factor is not None and (tile % factor or overlap % factor):
+                raise SettingError(f"tiling.{name}_tile={tile} and tiling.{name}_overlap={overlap} must be multiples "
+                                   f"of the {name} first stage's downsampling factor {factor}")
+        tile = require_int("tiling.latent_tile", self.latent_tile, minimum=1)
+        stride = require_int("tiling.latent_stride", self.latent_stride, minimum=1)
+        if stride > tile:
+            raise SettingError(f"tiling.latent_stride={stride} must not exceed tiling.latent_tile={tile} (the "
+                               "overlap is tile - stride; a larger stride leaves gaps)")
+        if latent_multiple is not None and tile % latent_multiple:
+            raise SettingError(f"tiling.latent_tile={tile} must be a multiple of the window UNets' downsampling "
+                               f"{latent_multiple} (latent pixels)")
+        return self
+
+    def applies(self, pixels: int) -> bool:
+        """Whether a stage whose input has ``pixels`` pixels runs tiled."""
+        return self.mode == "always" or (self.mode == "auto" and pixels > self.auto_above_pixels)
+
+    def latent_tiles(self, seed: int) -> dict:
+        """Keyword arguments of :class:`~refiner.inference.tiling.MultiDiffusion` (jitter seeded by ``seed``)."""
+        return dict(tile=self.latent_tile, stride=self.latent_stride, jitter=self.jitter, seed=seed,
+                    view_batch_size=self.view_batch_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def padded_batch(images: Sequence[np.ndarray], multiple: int, pad_mode: str = "reflect",
@@ -36,24 +139,33 @@ def padded_batch(images: Sequence[np.ndarray], multiple: int, pad_mode: str = "r
 
 @torch.no_grad()
 def vq_round_trip(vq: nn.Module, images: Sequence[np.ndarray], pad_mode: str = "reflect",
-                  device: str | torch.device = "cpu") -> list[np.ndarray]:
+                  device: str | torch.device = "cpu", tiles: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Same-size uint8 images through ``vq`` (pad to its factor, encode, quantize, decode, crop back), as uint8:
-    the VQ-f8 degradation."""
+    the VQ-f8 degradation. ``tiles = (tile, overlap)`` runs it on overlapping pixel tiles
+    (:func:`~refiner.inference.tiling.tiled_encode` / :func:`~refiner.inference.tiling.tiled_decode`)."""
     h, w = images[0].shape[:2]
-    y = vq.round_trip(padded_batch(images, vq.factor, pad_mode, device))
+    x = padded_batch(images, vq.factor, pad_mode, device)
+    y = vq.round_trip(x) if tiles is None else tiled_decode(vq, tiled_encode(vq, x, *tiles), *tiles)
     return [to_uint8(crop_to(img, (h, w))) for img in y]
 
 
 class Pipeline:
-    """pad -> encode (f4) -> scale -> :meth:`Chain.refine` -> unscale -> decode (f4) -> crop; ``f8`` degrades."""
+    """pad -> encode (f4) -> scale -> :meth:`Chain.refine` (or :meth:`Chain.refine_progressive` when ``upscale``
+    > 1) -> unscale -> decode (f4) -> crop; ``f8`` degrades. ``tiling`` (default :class:`Tiling`, auto) decides
+    per image size whether the first stages and the UNets run on tiles (see the module docstring)."""
 
     def __init__(self, f4: nn.Module, chain: Chain, f8: nn.Module | None = None, *, pad_mode: str = "reflect",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", tiling: Tiling | None = None, upscale: int = 1):
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        if upscale not in UPSCALES or isinstance(upscale, bool):
+            raise SettingError(f"upscale must be one of {UPSCALES}, got {upscale!r}")
         self.f4, self.chain, self.f8 = f4, chain, f8
         self.pad_mode = pad_mode
         self.device = torch.device(device)
+        self.tiling = (tiling or Tiling()).check(int(f4.factor), int(f8.factor) if f8 is not None else None,
+                                                 chain.multiple)
+        self.upscale = upscale
 
     @property
     def multiple(self) -> int:
@@ -63,11 +175,31 @@ class Pipeline:
     def _pad(self, images: Sequence[np.ndarray], multiple: int) -> Tensor:
         return padded_batch(images, multiple, self.pad_mode, self.device)
 
+    def tiled(self, height: int, width: int) -> bool:
+        """Whether an image of this (padded) size is encoded and refined on tiles."""
+        return self.tiling.applies(height * width)
+
     def degrade(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """VQ-f8 round trip (:func:`vq_round_trip`), stored as uint8 like a saved artifact image."""
+        """VQ-f8 round trip (:func:`vq_round_trip`), stored as uint8 like a saved artifact image; on tiles above
+        the tiling threshold."""
         if self.f8 is None:
             raise ValueError("degrade needs the VQ-f8 first stage (Pipeline(..., f8=...))")
-        return vq_round_trip(self.f8, images, self.pad_mode, self.device)
+        f, (h, w) = int(self.f8.factor), images[0].shape[:2]
+        tiles = (self.tiling.f8_tile, self.tiling.f8_overlap) if self.tiled(-(-h // f) * f, -(-w // f) * f) else None
+        return vq_round_trip(self.f8, images, self.pad_mode, self.device, tiles)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``f4.encode`` of padded images, on tiles above the threshold."""
+        if self.tiled(*x.shape[-2:]):
+            return tiled_encode(self.f4, x, self.tiling.f4_tile, self.tiling.f4_overlap)
+        return self.f4.encode(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``f4.decode`` of latents (quantized first), on tiles when the decoded image is above the threshold."""
+        f = int(self.f4.factor)
+        if self.tiled(z.shape[-2] * f, z.shape[-1] * f):
+            return tiled_decode(self.f4, z, self.tiling.f4_tile, self.tiling.f4_overlap)
+        return self.f4.decode(z)
 
     @torch.no_grad()
     def refine_images(self, images: Sequence[np.ndarray], t_start: int, steps: int, *, seed: int = 0,
@@ -76,27 +208,58 @@ class Pipeline:
                       ) -> tuple[list[np.ndarray], list[list[Tensor]]]:
         """Refine same-size uint8 ``(H, W, 3)`` images. ``indices`` (default ``0..n-1``) are the images' positions
         in the caller's whole input list; image ``i``'s noise is seeded with ``seed + i``. Returns the refined
-        uint8 images and, per image, the decoded x0 prediction after each stage in run order (cropped, in
-        [-1, 1], on CPU) when ``with_stages``, else empty lists. Raises ``FloatingPointError`` if the refined
-        latent is not finite."""
+        uint8 images (``upscale`` times larger) and, per image, the decoded x0 prediction after each stage in run
+        order (cropped, in [-1, 1], on CPU) when ``with_stages`` (not for ``upscale`` > 1: empty lists), else empty
+        lists. Raises ``FloatingPointError`` if the refined latent is not finite."""
         indices = list(range(len(images))) if indices is None else [int(i) for i in indices]
         if len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(indices)} indices")
         h, w = images[0].shape[:2]
+        x = self._pad(images, self.multiple)
+        sampler = dict(t_start=t_start, steps=steps, eta=eta, spacing=spacing, allow_outside_window=allow_outside_window)
+        if self.upscale == 1 and not self.tiled(*x.shape[-2:]):
+            parts = [self._refine_batch(x, indices, seed, sampler, with_stages)]
+        else:  # one image at a time: memory is bounded by the tiles, and every draw comes from seed + i
+            parts = [self._refine_one(x[j:j + 1], seed + i, sampler, with_stages) for j, i in enumerate(indices)]
+        size = (h * self.upscale, w * self.upscale)
+        refined = [to_uint8(img) for out, _ in parts for img in crop_to(out, size)]
+        stage_images: list[list[Tensor]] = [[] for _ in images]
+        j = 0
+        for out, stage_x0 in parts:
+            for b in range(out.shape[0]):
+                stage_images[j] = [crop_to(x0[b], size).clamp(-1, 1).cpu() for x0 in stage_x0]
+                j += 1
+        return refined, stage_images
+
+    def _finish(self, latent: Tensor, stage_x0: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        if not torch.isfinite(latent).all():
+            raise FloatingPointError("the refined latent has NaN/inf values (the denoiser diverged)")
         scale = self.chain.scale_factor
-        z = self.f4.encode(self._pad(images, self.multiple)) * scale
+        return self.decode(latent / scale), [self.decode(x0 / scale) for x0 in stage_x0]
+
+    def _refine_batch(self, x: Tensor, indices: list[int], seed: int, sampler: dict, with_stages: bool):
+        """Whole images, one batch: noise per image from ``seed + i``."""
+        z = self.f4.encode(x) * self.chain.scale_factor
         noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed + i))
                              for i in indices]).to(z)
         generator = torch.Generator(device=z.device).manual_seed(seed + indices[0])
-        result = self.chain.refine(z, t_start, steps, eta=eta, spacing=spacing,
-                                   allow_outside_window=allow_outside_window, noise=noise, generator=generator,
-                                   return_stage_outputs=with_stages)
-        if not torch.isfinite(result.latent).all():
-            raise FloatingPointError("the refined latent has NaN/inf values (the denoiser diverged)")
-        refined = crop_to(self.f4.decode(result.latent / scale), (h, w))
-        stage_images: list[list[Tensor]] = [[] for _ in images]
-        for x0 in result.stage_x0:
-            decoded = crop_to(self.f4.decode(x0 / scale), (h, w)).clamp(-1, 1).cpu()
-            for j, img in enumerate(decoded):
-                stage_images[j].append(img)
-        return [to_uint8(img) for img in refined], stage_images
+        result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages, **sampler)
+        return self._finish(result.latent, result.stage_x0)
+
+    def _refine_one(self, x: Tensor, noise_seed: int, sampler: dict, with_stages: bool):
+        """One image on tiles (above the threshold) or progressively upscaled; every draw from ``noise_seed``."""
+        z = self.encode(x) * self.chain.scale_factor
+        generator = torch.Generator(device=z.device).manual_seed(noise_seed)
+        if self.upscale > 1:
+            tiles = self.tiling.latent_tiles(noise_seed)
+            if not self.tiling.applies(x.shape[-2] * x.shape[-1] * self.upscale**2):
+                side = max(z.shape[-2:]) * self.upscale  # one tile covering the largest phase: not tiled
+                tiles.update(tile=side, stride=side, jitter=False)
+            latent = self.chain.refine_progressive(z, upscale=self.upscale, generator=generator,
+                                                   **{**sampler, **tiles})
+            return self._finish(latent, [])
+        noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(noise_seed))[None].to(z)
+        tiles = self.tiling.latent_tiles(noise_seed) if self.tiled(*x.shape[-2:]) else None
+        result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
+                                   tiles=tiles, **sampler)
+        return self._finish(result.latent, result.stage_x0)

@@ -1,0 +1,187 @@
+"""The per-image work of ``sample.py``: read, batch by size, refine through a
+:class:`~refiner.inference.pipeline.Pipeline`, write each PNG atomically with its record, keep grid rows.
+
+:class:`RefineJob` runs over the input indices it is given (all of them, or one rank's shard,
+:mod:`refiner.inference.distributed`) and returns what happened to each (:class:`Collected`); the run-level
+reports are the caller's. Images are visited in order of their header size so that equal sizes batch together
+(:func:`refiner.batching.batches_by`); a failure of one image (unreadable, too large for ``max_pixels``, out of
+memory, NaN) is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor
+
+from refiner.batching import batches_by
+from refiner.data.images import ImageError, load_image, save_png_atomic, to_tensor
+from refiner.inference.evaluate import MIN_EVAL_SIDE
+from refiner.inference.outputs import GRID_RECORD, ExistingOutputs, output_record, png_text, sha256_file
+from refiner.inference.pipeline import Pipeline
+from refiner.visualize import save_grid
+
+log = logging.getLogger(__name__)
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """``(H, W)`` from the file header (no decoding), or None if PIL cannot open it."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+        return h, w
+    except Exception:  # reported properly by load_image later
+        return None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+@dataclass
+class Item:
+    index: int
+    path: Path
+    output: Path
+    image: np.ndarray  # (H, W, 3) uint8: the clean reference in evaluate mode, else the refiner input
+    input_sha256: str = ""  # of the input file, for the output's record (refiner.inference.outputs)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+
+@dataclass
+class Collected:
+    """What a :class:`RefineJob` did: summary records, grid rows (the ``grid_max_images`` lowest input indices
+    processed) and, in evaluate mode, the images for the metrics."""
+
+    processed: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    grid_rows: list[tuple[int, list[Tensor]]] = field(default_factory=list)
+    eval_images: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def wants_row(self, indices: Sequence[int], limit: int) -> bool:
+        """Could a row of one of ``indices`` enter the kept rows?"""
+        if len(self.grid_rows) < limit:
+            return True
+        return limit > 0 and min(indices) < max(i for i, _ in self.grid_rows)
+
+    def keep_row(self, index: int, row: list[Tensor], limit: int) -> None:
+        self.grid_rows = sorted(self.grid_rows + [(index, row)], key=lambda r: r[0])[:limit]
+
+
+@dataclass
+class RefineJob:
+    """Refine (or, ``mode=evaluate``, degrade then refine) the inputs at the given indices; see the module
+    docstring. ``existing`` says which outputs are finished (skipped in sample mode) or damaged (redone)."""
+
+    cfg: DictConfig
+    pipeline: Pipeline
+    paths: Sequence[Path]
+    outputs: Sequence[Path]
+    settings: str
+    existing: ExistingOutputs
+    output_dir: Path
+    progress: Callable[[int], object] = lambda n: None
+
+    @property
+    def evaluate_mode(self) -> bool:
+        return self.cfg.mode == "evaluate"
+
+    def run(self, indices: Sequence[int]) -> Collected:
+        got = Collected()
+        sizes = {i: image_size(self.paths[i]) for i in indices}
+        order = sorted(indices, key=lambda i: (sizes[i] is None, sizes[i] or (0, 0), i))
+        loaded = (it for it in (self._load(i, sizes[i], got) for i in order) if it is not None)
+        for batch in batches_by(loaded, self.cfg.batch_size, key=lambda it: it.size):
+            self._refine_batch(batch, got)
+        return got
+
+    def _fail(self, got: Collected, path: Path, reason: str) -> None:
+        got.failed.append({"input": str(path), "reason": reason})
+        log.warning("skipping %s: %s", path, reason)
+        self.progress(1)
+
+    def _load(self, i: int, size: tuple[int, int] | None, got: Collected) -> Item | None:
+        path, cfg = self.paths[i], self.cfg
+        if i in self.existing.finished and not self.evaluate_mode:
+            got.skipped.append({"input": str(path), "output": str(self.outputs[i]),
+                                "reason": "already refined from this input with these settings (pixels verified)"})
+            self.progress(1)
+            return None
+        if i in self.existing.damaged:
+            log.warning("%s: its pixels do not match its record (damaged?); refining %s again", self.outputs[i], path)
+        if size is not None and cfg.max_pixels is not None and size[0] * size[1] > cfg.max_pixels:
+            self._fail(got, path, f"{size[1]}x{size[0]} = {size[0] * size[1]} pixels exceeds max_pixels="
+                                  f"{cfg.max_pixels} (a limit you set; null = no limit, large images are tiled)")
+            return None
+        try:
+            image = load_image(path)
+            input_sha256 = sha256_file(path)
+        except (ImageError, OSError) as err:
+            self._fail(got, path, str(err) if isinstance(err, ImageError) else f"cannot read image {path}: {err}")
+            return None
+        if self.evaluate_mode and min(image.shape[:2]) < MIN_EVAL_SIDE:
+            self._fail(got, path, f"{image.shape[1]}x{image.shape[0]} is too small to evaluate (SSIM needs at least "
+                                  f"{MIN_EVAL_SIDE}x{MIN_EVAL_SIDE})")
+            return None
+        return Item(i, path, self.outputs[i], image, input_sha256)
+
+    def _refine_batch(self, batch: list[Item], got: Collected) -> None:
+        cfg, pipeline = self.cfg, self.pipeline
+        grid_per_image = cfg.grid in ("per_image", "both")
+        grid_combined = cfg.grid in ("combined", "both")
+        want_rows = grid_per_image or (grid_combined and got.wants_row([it.index for it in batch],
+                                                                       cfg.grid_max_images))
+        try:
+            inputs = pipeline.degrade([it.image for it in batch]) if self.evaluate_mode else [it.image for it in batch]
+            refined, stage_images = pipeline.refine_images(
+                inputs, cfg.t_start, cfg.steps, seed=cfg.seed, indices=[it.index for it in batch], eta=cfg.eta,
+                spacing=cfg.spacing, allow_outside_window=cfg.allow_outside_window, with_stages=want_rows)
+        except (FloatingPointError, RuntimeError, MemoryError) as err:
+            if not (is_out_of_memory(err) or isinstance(err, FloatingPointError)):
+                raise
+            hint = " (try batch_size=1, tiling.mode=always or smaller tiles)" if is_out_of_memory(err) else ""
+            for it in batch:
+                self._fail(got, it.path, f"{type(err).__name__}: {err}{hint}")
+            return
+        protect = [str(p) for p in self.paths]
+        for it, src, out, stage_imgs in zip(batch, inputs, refined, stage_images):
+            try:
+                record = output_record(it.input_sha256, cfg.seed + it.index, self.settings, out)
+                save_png_atomic(it.output, out, protect=protect, text=png_text(record))
+            except (OSError, ValueError) as err:
+                self._fail(got, it.path, f"cannot write {it.output}: {err}")
+                continue
+            record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])]}
+            if want_rows:
+                row = self._grid_row(it, src, out, stage_imgs)
+                if grid_per_image:
+                    grid_path = self.output_dir / "grids" / it.output.name
+                    save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
+                    record["grid"] = str(grid_path)
+                if grid_combined and got.wants_row([it.index], cfg.grid_max_images):
+                    got.keep_row(it.index, row, cfg.grid_max_images)
+            if self.evaluate_mode:
+                got.eval_images.append((it.index, str(it.path), it.image, src, out))
+            got.processed.append(record)
+            self.progress(1)
+
+    def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, stage_imgs: list[Tensor]) -> list[Tensor]:
+        """clean | degraded (evaluate) or input, then each stage's x0; with ``upscale`` > 1: the input upscaled
+        bicubically | the refined output."""
+        if self.pipeline.upscale > 1:
+            up = F.interpolate(to_tensor(src)[None], scale_factor=self.pipeline.upscale, mode="bicubic")
+            return [up[0].clamp(-1, 1), to_tensor(out)]
+        return ([to_tensor(it.image), to_tensor(src)] if self.evaluate_mode else [to_tensor(src)]) + stage_imgs
