@@ -71,6 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="ignored: the comparison fixes the thread counts (2 vs 1+1)")
     args = p.parse_args()
     steps, rounds = (10, 1) if args.quick else (30, args.rounds)
     rows, payload = [], {}

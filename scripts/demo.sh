@@ -25,7 +25,7 @@ step() { printf '\n\033[1m==> [%s/%s] %s\033[0m\n' "$1" "$N" "$2"; }
 start=$(date +%s)
 
 # Trainings that do not depend on each other run side by side, one CPU thread each: these models are so small
-# that two single-thread runs do 1.5x the steps per second of one run on two threads (BENCHMARKS.md). Each
+# that two single-thread runs do 1.37x the steps per second of one run on two threads (BENCHMARKS.md row 11). Each
 # lane's output goes to $OUT/logs/<lane>.log; a failing lane stops the demo and prints its log's tail.
 LANES=()
 lane() {  # lane NAME COMMAND...: run the command in the background on one thread
