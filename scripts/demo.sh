@@ -26,7 +26,8 @@ start=$(date +%s)
 
 # Trainings that do not depend on each other run side by side, one CPU thread each: these models are so small
 # that two single-thread runs do 1.37x the steps per second of one run on two threads (BENCHMARKS.md row 11). Each
-# lane's output goes to $OUT/logs/<lane>.log; a failing lane stops the demo and prints its log's tail.
+# lane's output goes to $OUT/logs/<lane>.log; once every lane has ended, a failed one stops the demo and prints
+# its log's tail.
 LANES=()
 lane() {  # lane NAME COMMAND...: run the command in the background on one thread
   local name=$1; shift

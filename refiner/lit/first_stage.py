@@ -131,7 +131,7 @@ class FirstStageModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x = batch["image"]
-        every, until = self.hparams.restart_every, self.hparams.get("restart_until")
+        every, until = self.hparams.restart_every, self.hparams.restart_until
         if every and self.global_step % every == 0 and (until is None or self.global_step < until):
             self.log("train/codes_restarted", float(self.restart_dead_codes(x)))
         opts = self.optimizers()
@@ -176,11 +176,11 @@ class FirstStageModule(pl.LightningModule):
         optimizers = [opt_ae]
         if self.discriminator is not None:
             optimizers.append(self.optimizer_factory(self.discriminator.parameters(), lr=self.hparams.lr))
-        if self.hparams.get("lr_schedule", "constant") == "constant":
+        if self.hparams.lr_schedule == "constant":
             return optimizers if len(optimizers) > 1 else opt_ae
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ValueError("lr_schedule=cosine needs trainer.max_steps (the step the rate reaches 0)")
-        warmup = int(self.hparams.get("warmup_steps", 0))
+        warmup = int(self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt_ae, lambda step: warmup_cosine(step, warmup, total))
         return optimizers, [{"scheduler": sched, "interval": "step"}]
