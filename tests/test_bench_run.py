@@ -133,3 +133,41 @@ def test_bench_cli_exit_code_and_one_line_error(trained, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == "error: n must be a positive int, got -3"
+
+
+def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_path):
+    from refiner.bench.artifacts import run as run_artifacts
+    from refiner.bench.methods import BenchError
+
+    world, runs = trained
+    tune, report = tmp_path / "tune", tmp_path / "report"
+    common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499"]
+    res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common), tune))
+    assert set(res["detection"]) == {"generator", "defects"}
+    for per in res["detection"].values():
+        assert set(per) == {"asced", "asced_code", "residual"}
+        assert all(0 <= s["flagged_fraction"] <= 1 for s in per.values())
+    # TTC regenerates the generator source from the same noise: its plain rate is the benchmark's input rate
+    assert set(res["generation"]) == {"asced", "asced_code"}
+    calibration = json.loads((tune / "t_start_auto.json").read_text())
+    assert calibration["chain"]["stages"] == [str(runs["shape"]), str(runs["detail"])]
+    assert [k[1] for k in calibration["knots"]] == sorted(k[1] for k in calibration["knots"])
+    points = [r["point"] for r in res["adaptive"]["defects"]]
+    assert points == ["fixed t_start 99", "fixed t_start 499", "strength map (residual; rest from 99)"]
+
+    with pytest.raises(BenchError, match="run split=tune first"):
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
+                                                         f"artifacts.calibration={tmp_path}/none.json", *common),
+                                     report))
+    res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
+                                                           f"artifacts.calibration={tune}/t_start_auto.json",
+                                                           *common), report))
+    auto = next(r for r in res["adaptive"]["generator"] if r["point"].startswith("t_start=auto"))
+    assert 99 <= auto["mean_t_start"] <= 499 and 0 <= auto["artifact_rate"] <= 1
+    assert "## Refinement of `defects`" in (report / "artifacts.md").read_text()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "artifacts.md").write_text("mine")
+    with pytest.raises(BenchError, match="did not write"):
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={foreign}", *common), foreign))
+    assert (foreign / "artifacts.md").read_text() == "mine"

@@ -28,3 +28,18 @@ main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench
 
 if __name__ == "__main__":
     main()
+
+
+def artifacts_task(cfg: DictConfig) -> None:
+    """``python -m refiner.bench.artifacts``: detection and targeted correction (:mod:`refiner.bench.artifacts`)."""
+    from refiner.bench.artifacts import run
+    from refiner.cli import run_cli
+
+    def body() -> None:
+        run(cfg)
+        print((Path(cfg.output_dir) / "artifacts.md").read_text())
+
+    raise SystemExit(run_cli(body))
+
+
+artifacts_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")(artifacts_task)

@@ -1,0 +1,296 @@
+"""Detection and targeted correction on the composition benchmark: ``python -m refiner.bench.artifacts [overrides]``
+(``conf/bench.yaml``, its ``artifacts`` group; the same seeds, sources, checkpoints and scoring as the benchmark).
+
+1. **Detection in input images** (ASCED's setting (b), :func:`refiner.artifacts.probe.probe_detect`): every
+   detector's masks on the ``defects`` source against the injected defects' true masks, and on the ``generator``
+   source against the checker's violation masks (:func:`refiner.artifacts.detect.mask_scores`).
+2. **Detection during generation** (ASCED's own setting (a)): the benchmark's weak generator sampled again from the
+   *same* noise with a detector watching and TTC correcting at ``t_correct``
+   (:class:`refiner.artifacts.correct.TrajectoryCorrection`); its artifact rate against the plain samples'.
+3. **Adaptive strength in refinement**: the chain at fixed t_starts, with ``t_start=auto`` (each image's start from
+   its residual severity through the isotonic map; fitted and saved as ``t_start_auto.json`` on ``split=tune``,
+   loaded from ``artifacts.calibration`` on any other split) and with region strength maps (flagged pixels start at
+   the probe's t_start, the others at ``strength_t_low``), as points of artifact rate vs RMSE to the input.
+   The UNet evaluations per image are reported with each point (the probe's included).
+
+Writes ``artifacts.json``, ``artifacts.md`` and ``artifacts_tradeoff.png`` into ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
+from refiner.artifacts.detect import (Detection, PixelChangeConfig, asced_paper_mask, mask_scores,
+                                      pixel_change_mask)
+from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
+from refiner.artifacts.probe import probe_detect
+from refiner.bench.checker import check_batch
+from refiner.bench.methods import BenchError, Method, score, steps_for
+from refiner.bench.run import Models, _check_settings, build_sources
+from refiner.bench.sources import clean_heads
+from refiner.data.images import to_uint8
+from refiner.io import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+WRITTEN_BY = "refiner bench.artifacts"
+OUTPUT_FILES = ("artifacts.json", "artifacts.md", "artifacts_tradeoff.png", "t_start_auto.json")
+
+
+def _check_output_dir(out: Path, overwrite: bool) -> None:
+    existing = [out / n for n in OUTPUT_FILES if (out / n).exists()]
+    if not existing or overwrite:
+        return
+    try:
+        ours = json.loads((out / "artifacts.json").read_text()).get("written_by") == WRITTEN_BY
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise BenchError(f"output_dir {out} holds {', '.join(p.name for p in existing)} that this command did not "
+                         "write; choose another output_dir or set overwrite=true")
+
+
+def _batches(n: int, size: int):
+    return [list(range(k, min(n, k + size))) for k in range(0, n, size)]
+
+
+def _detect_all(pipe, images, method: str, t_start: int, steps: int, cfg) -> Detection:
+    parts = [probe_detect(pipe, [images[i] for i in idx], method, t_start, steps, seed=cfg.seed, indices=idx,
+                          pixel_cfg=_pixel_cfg(method, cfg))
+             for idx in _batches(len(images), cfg.batch_size)]
+    return Detection(torch.cat([p.latent for p in parts]), torch.cat([p.pixel for p in parts]),
+                     torch.cat([p.severity for p in parts]), method)
+
+
+def _pixel_cfg(method: str, cfg) -> PixelChangeConfig:
+    scale = cfg.artifacts.residual_mad_scale if method == "residual" else 3.0
+    return PixelChangeConfig(mad_scale=float(scale))
+
+
+# ------------------------------------------------------------------------------------------- 1. detection
+def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
+    out, severities = {}, {}
+    for name, art in sets.items():
+        if name == "defects":
+            truth = torch.from_numpy(np.stack(art.masks)).bool()
+        else:
+            truth = torch.from_numpy(np.stack([r.violation_mask for r in check_batch(art.inputs)]))
+        for method in cfg.artifacts.detectors:
+            t0 = time.perf_counter()
+            det = _detect_all(pipe, art.inputs, method, cfg.artifacts.probe_t_start, probe_steps, cfg)
+            seconds = time.perf_counter() - t0
+            out.setdefault(name, {})[method] = {**mask_scores(det.pixel, truth), "seconds": round(seconds, 2),
+                                                "truth": "injected masks" if name == "defects" else "checker"}
+            severities[(name, method)] = det.severity
+            log.info("detect %s / %s: pixel IoU %.3f (%.1f s)", name, method, out[name][method]["pixel_iou"], seconds)
+    return out, severities
+
+
+# ------------------------------------------------------------------------------------------- 2. generation + TTC
+@torch.no_grad()
+def generate_with_ttc(models: Models, cfg, method: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The generator source again, same noise (seed + i), with ``method`` watching and TTC correcting."""
+    from refiner.sampling import sample_ddim, timestep_grid
+
+    chain, f4 = models.pipelines[models.generator_stages].chain, models.f4
+    stage = chain.stages[0]
+    model, param = stage.stage(None).model, stage.weights.parameterization
+    T, a = chain.alphas_cumprod.shape[0], cfg.artifacts.ttc
+    grid = timestep_grid(T - 1, cfg.generator.steps, 0, "uniform", T)
+    side = cfg.size // f4.factor
+    decode = lambda z: f4.decode(z / chain.scale_factor).clamp(-1, 1)  # noqa: E731
+    images, masks = [], []
+    for idx in _batches(cfg.n, cfg.batch_size):
+        seeds = cfg_seeds(cfg)["generator"]
+        x = torch.stack([torch.randn((f4.embed_dim, side, side), generator=torch.Generator().manual_seed(seeds + i))
+                         for i in idx])
+        rec = StepRecorder(chain.alphas_cumprod, param, t_low=a.t_correct, t_high=a.t_detect,
+                           keep_scores=method == "asced", keep_x0=method != "asced")
+
+        def mask_fn(rec=rec):
+            if method == "asced":
+                return asced_paper_mask(rec.timesteps, rec.scores, t_correct=a.t_correct, t_detect=a.t_detect,
+                                        factor=f4.factor).latent
+            return pixel_change_mask([decode(z) for z in rec.x0], factor=f4.factor).latent
+
+        ttc = TrajectoryCorrection(grid, chain.alphas_cumprod, mask_fn, a.t_correct, gamma=float(a.gamma),
+                                   correction_eta=float(a.correction_eta), parameterization=param,
+                                   generator=torch.Generator().manual_seed(seeds + idx[0] + 7))
+        z = sample_ddim(model, x, grid, chain.alphas_cumprod, parameterization=param,
+                        callback=chain_callbacks([rec, ttc]))
+        images += [to_uint8(img) for img in decode(z)]
+        masks += [m for m in ttc.mask[:, 0].cpu().numpy()] if ttc.mask is not None else [None] * len(idx)
+    return images, masks
+
+
+def cfg_seeds(cfg) -> dict:
+    return dict(cfg.seeds[cfg.split])
+
+
+# ------------------------------------------------------------------------------------------- 3. adaptive strength
+def _refine(pipe, images, t_start: int, cfg, starts: torch.Tensor | None = None) -> list[np.ndarray]:
+    out = []
+    for idx in _batches(len(images), cfg.batch_size):
+        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps_for(t_start, cfg.t_per_step),
+                                        seed=cfg.seed, indices=idx,
+                                        starts=None if starts is None else starts[idx])
+        out += refined
+    return out
+
+
+def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
+    """Per image, the smallest swept t_start whose refinement passes the checker (the largest when none does); also
+    the fixed-t outputs, reused as the sweep's points."""
+    outputs = {t: _refine(pipe, images, t, cfg) for t in t_starts}
+    passed = {t: [r.passed for r in check_batch(outs)] for t, outs in outputs.items()}
+    needed = [next((t for t in sorted(t_starts) if passed[t][i]), max(t_starts)) for i in range(len(images))]
+    return np.asarray(needed, dtype=float), outputs
+
+
+def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int, references) -> tuple[dict, dict]:
+    a, points, calibration = cfg.artifacts, {}, {}
+    t_starts, top = list(a.t_starts), int(a.probe_t_start)
+    auto = None
+    if cfg.split != "tune":
+        auto = AutoStart.load(a.calibration)
+    for name in a.sources:
+        art = sets[name]
+        rows = []
+        needed, fixed = _needed_t(pipe, art.inputs, t_starts, cfg)
+        for t in t_starts:
+            rows.append({"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
+                         **score(fixed[t], art.inputs, references, art.clean)})
+        severity = severities[(name, "residual")].numpy()
+        if cfg.split == "tune":
+            calibration[name] = (severity, needed)
+        else:
+            starts_i = auto(severity)
+            starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
+            outs = _refine(pipe, art.inputs, max(starts_i), cfg, starts)
+            rows.append({"point": "t_start=auto (residual severity)", "mean_t_start": float(np.mean(starts_i)),
+                         "unet_evals": probe_steps + steps_for(max(starts_i), cfg.t_per_step),
+                         **score(outs, art.inputs, references, art.clean)})
+        det = _detect_all(pipe, art.inputs, "residual", top, probe_steps, cfg)
+        for t_low in a.strength_t_low:
+            starts = starts_from_strength(det.pixel.float(), int(t_low), top)
+            outs = _refine(pipe, art.inputs, top, cfg, starts)
+            rows.append({"point": f"strength map (residual; rest from {t_low})", "unet_evals":
+                         probe_steps + steps_for(top, cfg.t_per_step),
+                         **score(outs, art.inputs, references, art.clean)})
+        for r in rows:
+            r.pop("failed", None)
+            log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
+        points[name] = rows
+    if cfg.split == "tune":
+        sev = np.concatenate([s for s, _ in calibration.values()])
+        need = np.concatenate([n for _, n in calibration.values()])
+        auto = fit_auto_start(sev.tolist(), need.tolist(), min(t_starts), max(t_starts),
+                              chain={"stages": [str(s) for s in cfg.methods.chain.stages]},
+                              source={"split": cfg.split, "seeds": cfg_seeds(cfg), "n": cfg.n,
+                                      "sources": list(a.sources), "detector": "residual"})
+        auto.save(out_dir / "t_start_auto.json")
+    return points, {"knots": auto.knots}
+
+
+# ------------------------------------------------------------------------------------------- report
+def markdown(res: dict) -> str:
+    f = lambda x: "–" if x is None or (isinstance(x, float) and x != x) else (f"{x:.3f}" if isinstance(x, float) else str(x))  # noqa: E731
+    lines = [f"# Artifact detection and targeted correction: split `{res['split']}`, seeds {res['seeds']}, "
+             f"{res['n']} images per source", "", "## Detection in input images (probe from t_start "
+             f"{res['probe_t_start']}, {res['probe_steps']} steps)", "",
+             "| source (truth) | detector | pixel IoU | pixel precision | pixel recall | mean image IoU | "
+             "image precision | image recall | flagged | s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, per in res["detection"].items():
+        for m, s in per.items():
+            lines.append(f"| {name} ({s['truth']}) | {m} | {f(s['pixel_iou'])} | {f(s['pixel_precision'])} | "
+                         f"{f(s['pixel_recall'])} | {f(s['mean_image_iou'])} | {f(s['image_precision'])} | "
+                         f"{f(s['image_recall'])} | {f(s['flagged_fraction'])} | {s['seconds']} |")
+    lines += ["", "## Generation with ASCED + TTC (same noise as the plain generator)", "",
+              "| detector | artifact rate plain | artifact rate with TTC | images changed |", "|---|---|---|---|"]
+    for m, s in res["generation"].items():
+        lines.append(f"| {m} | {f(s['plain_artifact_rate'])} | {f(s['ttc_artifact_rate'])} | {s['changed']} |")
+    for name, rows in res["adaptive"].items():
+        lines += ["", f"## Refinement of `{name}`: fixed t_start vs adaptive strength", "",
+                  "| point | artifact rate | RMSE to input | SWD×1e3 | UNet evals/image |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['point']} | {f(r['artifact_rate'])} | {f(r['rmse_to_input'])} | {f(r['swd_x1e3'])} | "
+                         f"{r['unet_evals']} |")
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_png(res: dict) -> bytes:
+    from refiner.bench.report import _figure_png, _pyplot
+
+    plt = _pyplot()
+    names = list(res["adaptive"])
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = res["adaptive"][name]
+        fixed = [r for r in rows if r["point"].startswith("fixed")]
+        ax.plot([r["rmse_to_input"] for r in fixed], [r["artifact_rate"] for r in fixed], "o-", label="fixed t_start")
+        for r in rows:
+            if not r["point"].startswith("fixed"):
+                ax.plot(r["rmse_to_input"], r["artifact_rate"], "s" if "strength" in r["point"] else "*",
+                        markersize=9, label=r["point"])
+        ax.set_xlabel("RMSE to input (lower = more faithful)")
+        ax.set_ylabel("artifact rate (lower is better)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    return _figure_png(fig)
+
+
+@torch.no_grad()
+def run(cfg: DictConfig) -> dict:
+    seeds, _ = _check_settings(cfg)
+    out_dir = Path(cfg.output_dir)
+    _check_output_dir(out_dir, bool(cfg.overwrite))
+    a = cfg.artifacts
+    if cfg.split != "tune" and not Path(a.calibration).is_file():
+        raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
+                         "t_start_auto.json), or point artifacts.calibration at one")
+    chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
+    sources = ["generator", "defects"]
+    models = Models(cfg, [chain_method], sources)
+    pipe = models.pipelines[chain_method.stages]
+    references = clean_heads(cfg.n, seeds["references"], cfg.size)
+    sets = build_sources(cfg, seeds, sources, models)
+    top = int(a.probe_t_start)
+    window = next(s.weights.window for s in pipe.chain.stages if s.weights.window.contains(top))
+    probe_steps = steps_for(top - window.t_min, cfg.t_per_step)
+
+    detection, severities = detection_quality(pipe, sets, cfg, probe_steps)
+    generation = {}
+    plain = sets["generator"].inputs
+    plain_rate = np.mean([not r.passed for r in check_batch(plain)])
+    for method in a.ttc.detectors:
+        t0 = time.perf_counter()
+        images, _ = generate_with_ttc(models, cfg, method)
+        generation[method] = {"plain_artifact_rate": float(plain_rate),
+                              "ttc_artifact_rate": float(np.mean([not r.passed for r in check_batch(images)])),
+                              "changed": int(sum(not np.array_equal(p, q) for p, q in zip(plain, images))),
+                              "seconds": round(time.perf_counter() - t0, 2)}
+    adaptive, calibration = adaptive_points(pipe, sets, severities, cfg, out_dir, probe_steps, references)
+    res = {"written_by": WRITTEN_BY, "split": cfg.split, "seeds": dict(seeds), "n": cfg.n, "size": cfg.size,
+           "probe_t_start": top, "probe_steps": probe_steps, "settings": OmegaConf.to_container(a, resolve=True),
+           "detection": detection, "generation": generation, "adaptive": adaptive, "calibration": calibration}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from refiner.bench.report import _json_ready
+
+    atomic_write_text(out_dir / "artifacts.json", json.dumps(_json_ready(res), indent=2) + "\n")
+    atomic_write_text(out_dir / "artifacts.md", markdown(res))
+    atomic_write_bytes(out_dir / "artifacts_tradeoff.png", tradeoff_png(res))
+    return res
+
+
+if __name__ == "__main__":
+    from refiner.apps.bench import artifacts_main
+
+    artifacts_main()
