@@ -19,7 +19,8 @@ sys.path.insert(0, str(HERE))
 
 import common as C  # noqa: E402
 
-ORDER = ("peers", "framework", "latents", "sampler", "flops", "loader", "scaling", "knobs", "large_images", "lanes")
+ORDER = ("peers", "framework", "latents", "sampler", "flops", "loader", "scaling", "knobs", "large_images", "lanes",
+         "artifacts")
 
 
 def main() -> int:

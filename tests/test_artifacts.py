@@ -72,7 +72,11 @@ def test_paper_detector_finds_the_planted_region_and_nothing_when_none_is_plante
     truth[0, 4:8, 10:14] = True
     assert torch.equal(det.latent, truth)
     assert det.pixel.shape == (2, 64, 64) and torch.equal(det.pixel[0, 16:32, 40:56], torch.ones(16, 16).bool())
-    assert det.severity[0] == pytest.approx(16 / 256) and det.severity[1] == 0
+    assert det.area[0] == pytest.approx(16 / 256) and det.area[1] == 0
+    # severity: the mean of the bank's changes (absolute), larger where the jump is
+    bank = torch.stack([(b - a).norm(dim=1) for a, b in zip(scores[:2], scores[1:3])])  # changes at t 500, 480
+    assert torch.allclose(det.severity, bank.transpose(0, 1).flatten(1).mean(1))
+    assert det.severity[0] > det.severity[1]
     steps, scores = _planted_scores(False)
     assert not asced_paper_mask(steps, scores, t_correct=470, t_detect=999, factor=4).latent.any()
     # the bank is (t_correct, t_detect]: a jump below t_correct is not seen
@@ -99,7 +103,9 @@ def test_code_detector_finds_a_planted_blob_filters_by_area_and_flags_nothing_on
     assert not det.pixel[:, :80].any() and not det.pixel[:, 160:].any()
     grown = torch.zeros_like(truth)
     grown[:, 100 - 12:140 + 12, 60 - 12:100 + 12] = True              # the blur's reach (~2 sigma) + 5 px dilation
-    assert not det.pixel[~grown].any() and det.severity[0] == det.pixel.float().mean()
+    assert not det.pixel[~grown].any() and det.area[0] == det.pixel.float().mean()
+    expected = np.mean([(b - a).abs().mean().item() for a, b in zip(frames, frames[1:])]) / 2
+    assert det.severity[0].item() == pytest.approx(expected, rel=1e-5)
     assert not pixel_change_mask(frames, factor=4, cfg=PixelChangeConfig(min_area=5000)).pixel.any()  # too small
     frames, _ = _frames(120)  # 14,400 px: above the code's max_area of 10,000 px
     assert not pixel_change_mask(frames, factor=4).pixel.any()

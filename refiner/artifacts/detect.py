@@ -23,7 +23,10 @@ same pixel rule applied to the two frames ``[input, the model's x0 prediction]``
 (:func:`residual_mask`): where the denoiser wants to change the picture.
 
 Every detector returns a :class:`Detection`: a boolean mask per image at latent and pixel resolution and a severity
-per image (the flagged fraction of the picture, in [0, 1]).
+per image, an absolute measure of how much the watched trajectory moved (the paper rule: the mean of the bank; the
+pixel rules: the mean absolute change between consecutive frames, on the [0, 1] scale). The flagged fraction is
+:attr:`Detection.area`. An absolute severity ranks a picture that is broken everywhere above one with a small
+defect; the masks' thresholds are relative to each picture and cannot.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ REFERENCE_SIDE = 256  # ASCED's public code ran on 256 x 256 FFHQ / LSUN
 
 @dataclass
 class Detection:
-    """Per-image artifact masks: ``latent`` (B, h, w) and ``pixel`` (B, H, W) booleans, ``severity`` (B,) float (the
-    fraction of the pixel mask that is set), and the detector's name."""
+    """Per-image artifact masks: ``latent`` (B, h, w) and ``pixel`` (B, H, W) booleans, ``severity`` (B,) float (how
+    much the watched trajectory moved, in the detector's own absolute units: see each detector), and the detector's
+    name. :attr:`area` is the flagged fraction of each picture."""
 
     latent: Tensor
     pixel: Tensor
@@ -51,6 +55,10 @@ class Detection:
 
     def __len__(self) -> int:
         return self.pixel.shape[0]
+
+    @property
+    def area(self) -> Tensor:
+        return self.pixel.float().mean(dim=(-2, -1))
 
 
 def latent_from_pixel(mask: Tensor, factor: int) -> Tensor:
@@ -66,13 +74,20 @@ def pixel_from_latent(mask: Tensor, factor: int, size: tuple[int, int] | None = 
 
 
 def detection(pixel: Tensor | None = None, latent: Tensor | None = None, *, factor: int, method: str,
-              size: tuple[int, int] | None = None) -> Detection:
+              severity: Tensor, size: tuple[int, int] | None = None) -> Detection:
     """A :class:`Detection` from either resolution (the other is derived with ``factor``)."""
     if pixel is None:
         pixel = pixel_from_latent(latent, factor, size)
     if latent is None:
         latent = latent_from_pixel(pixel, factor)
-    return Detection(latent.bool(), pixel.bool(), pixel.float().mean(dim=(-2, -1)), method)
+    return Detection(latent.bool(), pixel.bool(), severity.float(), method)
+
+
+def dilate(mask: Tensor, px: int) -> Tensor:
+    """(B, H, W) bool grown by ``px`` pixels in every direction (a (2 px + 1)^2 square)."""
+    if px <= 0:
+        return mask.bool()
+    return F.max_pool2d(mask.float()[:, None], 2 * px + 1, 1, px)[:, 0] > 0
 
 
 # ------------------------------------------------------------------------------------------------- paper
@@ -106,7 +121,7 @@ def asced_paper_mask(timesteps: Sequence[int], scores: Sequence[Tensor], *, t_co
     per_image = d.permute(1, 0, 2, 3).flatten(1)         # (B, K*h*w)
     tau = scale * torch.maximum(_mad(per_image), per_image.mean(dim=1))
     mask = (d > tau[None, :, None, None]).any(dim=0)
-    return detection(latent=mask, factor=factor, method="asced", size=size)
+    return detection(latent=mask, factor=factor, method="asced", size=size, severity=per_image.mean(dim=1))
 
 
 # ------------------------------------------------------------------------------------------------- code
@@ -172,7 +187,8 @@ def pixel_change_mask(frames: Sequence[Tensor], *, factor: int, cfg: PixelChange
         raise ValueError(f"pixel_change_mask needs at least two frames, got {len(frames)}")
     cfg = (cfg or PixelChangeConfig()).at(max(frames[0].shape[-2:]))
     masks = [pixel_change_mask_one([_frame_uint8(f[b]) for f in frames], cfg) for b in range(frames[0].shape[0])]
-    return detection(pixel=torch.from_numpy(np.stack(masks)), factor=factor, method=method)
+    change = torch.stack([(b - a).abs().float().mean(dim=(1, 2, 3)) for a, b in zip(frames, frames[1:])]).mean(0)
+    return detection(pixel=torch.from_numpy(np.stack(masks)), factor=factor, method=method, severity=change / 2)
 
 
 def residual_mask(inputs: Tensor, x0_pixels: Tensor, *, factor: int, cfg: PixelChangeConfig | None = None

@@ -32,8 +32,7 @@ DETECTORS = ("asced", "asced_code", "residual")
 
 def _crop_detection(det: Detection, size: tuple[int, int], factor: int) -> Detection:
     lat = (-(-size[0] // factor), -(-size[1] // factor))
-    return Detection(det.latent[:, :lat[0], :lat[1]], det.pixel[:, :size[0], :size[1]],
-                     det.pixel[:, :size[0], :size[1]].float().mean(dim=(-2, -1)), det.method)
+    return Detection(det.latent[:, :lat[0], :lat[1]], det.pixel[:, :size[0], :size[1]], det.severity, det.method)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@
 3. **Adaptive strength in refinement**: the chain at fixed t_starts, with ``t_start=auto`` (each image's start from
    its residual severity through the isotonic map; fitted and saved as ``t_start_auto.json`` on ``split=tune``,
    loaded from ``artifacts.calibration`` on any other split) and with region strength maps (flagged pixels start at
-   the probe's t_start, the others at ``strength_t_low``), as points of artifact rate vs RMSE to the input.
+   the probe's t_start, the others at ``strength_t_low``; the residual mask grown by ``strength_dilate_px``), as points of artifact rate vs RMSE to the input.
    The UNet evaluations per image are reported with each point (the probe's included).
 
 Writes ``artifacts.json``, ``artifacts.md`` and ``artifacts_tradeoff.png`` into ``output_dir``.
@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
-from refiner.artifacts.detect import (Detection, PixelChangeConfig, asced_paper_mask, mask_scores,
-                                      pixel_change_mask)
+from refiner.artifacts.detect import (Detection, PixelChangeConfig, asced_paper_mask, dilate, mask_scores,
+                                      pixel_change_mask, pixel_from_latent)
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
 from refiner.artifacts.probe import probe_detect
 from refiner.bench.checker import check_batch
@@ -127,7 +127,8 @@ def generate_with_ttc(models: Models, cfg, method: str) -> tuple[list[np.ndarray
         z = sample_ddim(model, x, grid, chain.alphas_cumprod, parameterization=param,
                         callback=chain_callbacks([rec, ttc]))
         images += [to_uint8(img) for img in decode(z)]
-        masks += [m for m in ttc.mask[:, 0].cpu().numpy()] if ttc.mask is not None else [None] * len(idx)
+        masks += (list(ttc.mask[:, 0].bool().cpu().numpy()) if ttc.mask is not None
+                  else [np.zeros((side, side), dtype=bool)] * len(idx))
     return images, masks
 
 
@@ -179,8 +180,9 @@ def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int
                          "unet_evals": probe_steps + steps_for(max(starts_i), cfg.t_per_step),
                          **score(outs, art.inputs, references, art.clean)})
         det = _detect_all(pipe, art.inputs, "residual", top, probe_steps, cfg)
+        flagged = dilate(det.pixel, int(a.strength_dilate_px)).float()
         for t_low in a.strength_t_low:
-            starts = starts_from_strength(det.pixel.float(), int(t_low), top)
+            starts = starts_from_strength(flagged, int(t_low), top)
             outs = _refine(pipe, art.inputs, top, cfg, starts)
             rows.append({"point": f"strength map (residual; rest from {t_low})", "unet_evals":
                          probe_steps + steps_for(top, cfg.t_per_step),
@@ -214,9 +216,11 @@ def markdown(res: dict) -> str:
                          f"{f(s['pixel_recall'])} | {f(s['mean_image_iou'])} | {f(s['image_precision'])} | "
                          f"{f(s['image_recall'])} | {f(s['flagged_fraction'])} | {s['seconds']} |")
     lines += ["", "## Generation with ASCED + TTC (same noise as the plain generator)", "",
-              "| detector | artifact rate plain | artifact rate with TTC | images changed |", "|---|---|---|---|"]
+              "| detector | artifact rate plain | artifact rate with TTC | masked | RMSE to plain outside / inside "
+              "the mask |", "|---|---|---|---|---|"]
     for m, s in res["generation"].items():
-        lines.append(f"| {m} | {f(s['plain_artifact_rate'])} | {f(s['ttc_artifact_rate'])} | {s['changed']} |")
+        lines.append(f"| {m} | {f(s['plain_artifact_rate'])} | {f(s['ttc_artifact_rate'])} | {f(s['masked_fraction'])} "
+                     f"| {f(s['rmse_outside_mask'])} / {f(s['rmse_inside_mask'])} |")
     for name, rows in res["adaptive"].items():
         lines += ["", f"## Refinement of `{name}`: fixed t_start vs adaptive strength", "",
                   "| point | artifact rate | RMSE to input | SWD×1e3 | UNet evals/image |", "|---|---|---|---|---|"]
@@ -272,8 +276,13 @@ def run(cfg: DictConfig) -> dict:
     plain_rate = np.mean([not r.passed for r in check_batch(plain)])
     for method in a.ttc.detectors:
         t0 = time.perf_counter()
-        images, _ = generate_with_ttc(models, cfg, method)
+        images, masks = generate_with_ttc(models, cfg, method)
+        outside = ~pixel_from_latent(torch.from_numpy(np.stack(masks)).bool(), int(models.f4.factor))
+        diff = torch.from_numpy(np.stack(images).astype(np.float32) - np.stack(plain).astype(np.float32)) / 255
         generation[method] = {"plain_artifact_rate": float(plain_rate),
+                              "masked_fraction": float(1 - outside.float().mean()),
+                              "rmse_outside_mask": float(diff[outside].pow(2).mean().sqrt()) if outside.any() else None,
+                              "rmse_inside_mask": float(diff[~outside].pow(2).mean().sqrt()) if (~outside).any() else None,
                               "ttc_artifact_rate": float(np.mean([not r.passed for r in check_batch(images)])),
                               "changed": int(sum(not np.array_equal(p, q) for p, q in zip(plain, images))),
                               "seconds": round(time.perf_counter() - t0, 2)}
