@@ -149,6 +149,8 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
         assert all(0 <= s["flagged_fraction"] <= 1 for s in per.values())
     # TTC regenerates the generator source from the same noise: its plain rate is the benchmark's input rate
     assert set(res["generation"]) == {"asced", "asced_code"}
+    assert 0 <= res["detection"]["defects"]["residual"]["clean_images_flagged"] <= 1
+    assert "clean_images_flagged" not in res["detection"]["generator"]["residual"]
     calibration = json.loads((tune / "t_start_auto.json").read_text())
     assert calibration["chain"]["stages"] == [str(runs["shape"]), str(runs["detail"])]
     assert [k[1] for k in calibration["knots"]] == sorted(k[1] for k in calibration["knots"])
