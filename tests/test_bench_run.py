@@ -173,3 +173,21 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     with pytest.raises(BenchError, match="did not write"):
         run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={foreign}", *common), foreign))
     assert (foreign / "artifacts.md").read_text() == "mine"
+
+
+def test_upscale_bench_compares_progressive_with_bicubic_then_refine(trained, tmp_path):
+    from refiner.bench.upscale import run as run_upscale
+
+    world, runs = trained
+    out = tmp_path / "up"
+    res = run_upscale(compose_config("bench", _overrides(world, runs, f"output_dir={out}", "upscale.t_starts=[299]"),
+                                     out))
+    for name, rows in res["sources"].items():
+        assert [r["method"] for r in rows] == ["bicubic", "bicubic + chain, t_start 299",
+                                               "progressive + chain, t_start 299"]
+        assert rows[0]["rmse_to_input"] == 0 and rows[0]["unet_evals"] == 0
+        assert all(0 <= r["artifact_rate"] <= 1 and r["psnr_to_clean"] > 0 for r in rows)
+    assert res["sources"]["injected defects"][0]["artifact_rate"] == 1.0  # bicubic keeps every defect
+    assert "progressive + chain" in (out / "upscale.md").read_text()
+    with pytest.raises(SettingError, match="multiple of 16"):
+        run_upscale(compose_config("bench", _overrides(world, runs, f"output_dir={out}2", "size=40"), out))

@@ -30,16 +30,24 @@ if __name__ == "__main__":
     main()
 
 
-def artifacts_task(cfg: DictConfig) -> None:
-    """``python -m refiner.bench.artifacts``: detection and targeted correction (:mod:`refiner.bench.artifacts`)."""
-    from refiner.bench.artifacts import run
-    from refiner.cli import run_cli
+def _side_task(module: str, report: str):
+    """A Hydra task over ``conf/bench.yaml`` that runs ``refiner.bench.<module>.run`` and prints its ``report``."""
 
-    def body() -> None:
-        run(cfg)
-        print((Path(cfg.output_dir) / "artifacts.md").read_text())
+    def side_task(cfg: DictConfig) -> None:
+        import importlib
 
-    raise SystemExit(run_cli(body))
+        from refiner.cli import run_cli
+
+        def body() -> None:
+            importlib.import_module(f"refiner.bench.{module}").run(cfg)
+            print((Path(cfg.output_dir) / report).read_text())
+
+        raise SystemExit(run_cli(body))
+
+    return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")(side_task)
 
 
-artifacts_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")(artifacts_task)
+# python -m refiner.bench.artifacts: detection and targeted correction (refiner.bench.artifacts)
+artifacts_main = _side_task("artifacts", "artifacts.md")
+# python -m refiner.bench.upscale: progressive vs bicubic-then-refine upscaling (refiner.bench.upscale)
+upscale_main = _side_task("upscale", "upscale.md")
