@@ -4,7 +4,8 @@
 # (python -m refiner.bench) measures artifact rates. DEMO=photos: crops of the photos scikit-image and
 # scikit-learn ship, evaluated by PSNR/SSIM/SWD against the clean crops.
 # FULL=1 (`make demo-full`, heads only): also trains the paired img2img baseline, runs the artifact-detection
-# benchmark (python -m refiner.bench.artifacts) on both splits, and runs the benchmark's whole
+# benchmark (python -m refiner.bench.artifacts) on both splits and the upscaling comparison
+# (python -m refiner.bench.upscale), and runs the benchmark's whole
 # sweep on both seed splits (tune, then report): the README's numbers. Plain `make demo` shows the chain against
 # full-range SDEdit at equal compute and the unsharp mask, at t_start 499, in under 15 minutes.
 # Each step is skipped when its result already exists; FORCE=1 rebuilds this demo from scratch.
@@ -21,7 +22,7 @@ if [[ "$FULL" == 1 && "$DEMO" != heads ]]; then echo "error: FULL=1 is for DEMO=
 DATA="data/$DEMO" SHARDS="data/shards/$DEMO" OUT="outputs/$DEMO"
 if [[ "${FORCE:-0}" == 1 ]]; then rm -rf "$DATA" "$SHARDS" "$OUT"; fi
 P="paths.demo=$DEMO"
-N=$([[ "$FULL" == 1 ]] && echo 9 || echo 6)
+N=$([[ "$FULL" == 1 ]] && echo 10 || echo 6)
 step() { printf '\n\033[1m==> [%s/%s] %s\033[0m\n' "$1" "$N" "$2"; }
 start=$(date +%s)
 
@@ -102,6 +103,8 @@ if [[ "$FULL" == 1 ]]; then
   python -m refiner.bench.artifacts split=tune "$P" output_dir="$OUT/bench_tune" hydra.run.dir="$OUT/bench_tune"
   step 9 "artifact detection, ASCED + TTC and adaptive strength, split=report"
   python -m refiner.bench.artifacts split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
+  step 10 "upscaling x2: DemoFusion-style progressive vs bicubic then refine, split=report"
+  python -m refiner.bench.upscale split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
 else
   step 6 "benchmark at t_start 499: artifact rate, SWD and faithfulness per artifact source and method"
   # methods=demo: the chain, full-range SDEdit and the unsharp mask at one point each (make demo-full: everything)
