@@ -27,6 +27,11 @@ you set, are reported (file + reason) in ``summary.json`` and on stderr; the oth
 Noise: image ``i`` (its index in the sorted input list) gets its ``q_sample`` noise from
 ``seed + i`` (see :mod:`refiner.inference.pipeline`).
 
+Artifacts (issue #11): ``detect=asced|asced_code|residual`` probes each batch first and writes ``<name>.mask.png``
+beside each output; ``correct=ttc|strength_map`` fixes only the flagged (or ``mask=``) region; ``t_start=auto``
+gives each image its own start from its severity (:mod:`refiner.inference.artifact_options`,
+:mod:`refiner.inference.artifact_batch`).
+
 Exit codes follow :mod:`refiner.cli`: 0 done, 1 some inputs failed, 2 a setting that cannot work (one
 ``error:`` line on stderr).
 """
@@ -47,6 +52,8 @@ from refiner.apps import CONFIG_DIR
 from refiner.data.images import scan_images
 from refiner.errors import SampleError
 from refiner.formats.compvis import first_stage_from_config
+from refiner.inference.artifact_batch import artifact_run, grid_column
+from refiner.inference.artifact_options import ArtifactOptions, check_whole_images, steps_for_start
 from refiner.inference.batch_refine import Collected, RefineJob
 from refiner.inference.chain import PRECISIONS, Chain
 from refiner.inference.distributed import (
@@ -80,7 +87,8 @@ def _check_settings(cfg: DictConfig) -> None:
     require_choice("precision", cfg.get("precision", "fp32"), PRECISIONS)
     if cfg.inputs is None or cfg.inputs == "" or (not isinstance(cfg.inputs, str) and len(cfg.inputs) == 0):
         raise SampleError("inputs is not set: pass inputs=<folder|glob|[a.png,b.jpg]>")
-    require_int("t_start", cfg.t_start, minimum=0)
+    if cfg.t_start != "auto":  # auto: ArtifactOptions.from_settings
+        require_int("t_start", cfg.t_start, minimum=0)
     require_int("steps", cfg.steps, minimum=1)
     # eta in [0, 1] interpolates DDIM (0) and DDPM (1); eta > 1 only where the DDIM variance fits (Chain.plan)
     require_number("eta", cfg.eta, minimum=0.0)
@@ -94,7 +102,8 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SampleError(f"mode=evaluate compares refined with clean images of the same size; upscale="
                           f"{cfg.upscale} makes them larger (use upscale=1)")
     Tiling.from_settings(cfg.get("tiling")).check()
-    for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch"):
+    for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch",
+                 "allow_calibration_mismatch"):
         if not isinstance(cfg.get(flag, False), bool):
             raise SampleError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
     check_device(cfg.device)
@@ -111,15 +120,19 @@ def _check_settings(cfg: DictConfig) -> None:
                               "refiner.metrics.fid_kid); unset inception_weights to evaluate without FID/KID")
 
 
-def _build_pipeline(cfg: DictConfig, device: torch.device) -> tuple[Pipeline, StepPlan, str]:
+def _build_pipeline(cfg: DictConfig, device: torch.device, starts: tuple[int, int]) -> tuple[Pipeline, StepPlan, str]:
     """Checkpoints, the step plan and the tile sizes: everything that can fail without looking at an image.
-    Returns the pipeline, the plan and the f4 fingerprint."""
+    ``starts`` are the lowest and highest t_start a batch may run from (the same unless t_start=auto); both grids
+    are validated. Returns the pipeline, the plan (from the highest) and the f4 fingerprint."""
     allow_mismatch = bool(cfg.get("allow_first_stage_mismatch", False))
     chain = Chain.from_paths(list(cfg.stages), use_ema=cfg.use_ema, trust_checkpoint=cfg.trust_checkpoint,
                              device=device, precision=cfg.get("precision", "fp32"),
                              allow_first_stage_mismatch=allow_mismatch)
-    plan = chain.plan(cfg.t_start, cfg.steps, spacing=cfg.spacing, eta=cfg.eta,
-                      allow_outside_window=cfg.allow_outside_window)
+    low, top = starts
+    sampler = dict(spacing=cfg.spacing, eta=cfg.eta, allow_outside_window=cfg.allow_outside_window)
+    plan = chain.plan(top, cfg.steps, **sampler)
+    if low != top:
+        chain.plan(low, steps_for_start(cfg.steps, low, top), **sampler)
     f4 = first_stage_from_config(cfg.first_stage.get("f4"), "f4", cfg.trust_checkpoint, device)
     f4_fingerprint = chain.check_first_stage(f4, f"first_stage.f4.ckpt_path={cfg.first_stage.f4.ckpt_path}",
                                              allow_mismatch)
@@ -130,11 +143,11 @@ def _build_pipeline(cfg: DictConfig, device: torch.device) -> tuple[Pipeline, St
     return pipeline, plan, f4_fingerprint
 
 
-def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan) -> list[str]:
+def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan, opts: ArtifactOptions) -> list[str]:
     if pipeline.upscale > 1:
         return [f"input (bicubic x{pipeline.upscale})", f"refined (x{pipeline.upscale}, progressive)"]
     stages = pipeline.chain.stages
-    return (["clean", "degraded"] if cfg.mode == "evaluate" else ["input"]) + [  # stages numbered in run order
+    return (["clean", "degraded"] if cfg.mode == "evaluate" else ["input"]) + grid_column(opts) + [  # run order
         f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
         for j, k in enumerate(plan.segments)]
 
@@ -221,12 +234,14 @@ def run(cfg: DictConfig) -> dict:
     from tqdm.auto import tqdm
 
     _check_settings(cfg)
+    opts = ArtifactOptions.from_settings(cfg)
     ranks = Ranks.from_env()
     if ranks.distributed and cfg.mode == "evaluate":
         raise SampleError("mode=evaluate runs in one process (its metrics need every image together); run it "
                           "without torchrun")
     # 1. Everything that can fail without looking at an image.
-    pipeline, plan, f4_fingerprint = _build_pipeline(cfg, torch.device(ranks.device(cfg.device)))
+    pipeline, plan, f4_fingerprint = _build_pipeline(cfg, torch.device(ranks.device(cfg.device)),
+                                                     opts.start_range(cfg.t_start))
     inputs_spec = cfg.inputs if isinstance(cfg.inputs, str) else list(cfg.inputs)
     try:
         paths, ignored = scan_images(inputs_spec)
@@ -234,8 +249,11 @@ def run(cfg: DictConfig) -> dict:
         raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
     output_dir = Path(cfg.output_dir)
     outputs = plan_outputs(paths, output_dir)
-    settings = settings_digest(cfg, pipeline.chain, f4_fingerprint, pipeline.f8)
-    columns = _grid_columns(cfg, pipeline, plan)
+    if opts.active:
+        check_whole_images(paths, pipeline)
+        opts.load_masks(paths)
+    settings = settings_digest(cfg, pipeline.chain, f4_fingerprint, pipeline.f8, opts.digest())
+    columns = _grid_columns(cfg, pipeline, plan, opts)
     with ranks.group():
         ranks.check_same("output_dir", str(output_dir.resolve()), "pass output_dir=<folder> explicitly (the default "
                                                                   "is each process's own Hydra run dir)")
@@ -252,10 +270,11 @@ def run(cfg: DictConfig) -> dict:
         # 2. Images (this rank's shard), 3. reports.
         progress = tqdm(total=len(mine), unit="img", desc=cfg.mode, disable=not (cfg.progress and ranks.is_main),
                         file=sys.stderr)
-        got = RefineJob(cfg, pipeline, paths, outputs, settings, existing, output_dir, progress.update).run(mine)
+        got = RefineJob(cfg, pipeline, paths, outputs, settings, existing, output_dir, progress.update,
+                        artifact_run(opts, pipeline, cfg)).run(mine)
         progress.close()
-        summary = _write_reports(cfg, ranks, output_dir,
-                                 _summary(cfg, got, ignored, settings, columns, plan, pipeline, f4_fingerprint), got)
+        report = _summary(cfg, got, ignored, settings, columns, plan, pipeline, f4_fingerprint) | opts.summary()
+        summary = _write_reports(cfg, ranks, output_dir, report, got)
     if ranks.is_main:
         _print_report(summary, output_dir)
     return summary

@@ -35,6 +35,11 @@ def _crop_detection(det: Detection, size: tuple[int, int], factor: int) -> Detec
     return Detection(det.latent[:, :lat[0], :lat[1]], det.pixel[:, :size[0], :size[1]], det.severity, det.method)
 
 
+def probe_t_end(chain, t_start: int) -> int:
+    """Where a probe from ``t_start`` stops by default: the lower edge of the window that contains ``t_start``."""
+    return next((s.weights.window.t_min for s in chain.stages if s.weights.window.contains(t_start)), 0)
+
+
 @torch.no_grad()
 def probe_detect(pipeline: Pipeline, images: Sequence[np.ndarray], method: str, t_start: int, steps: int, *,
                  seed: int = 0, indices: Sequence[int] | None = None, t_end: int | None = None,
@@ -47,7 +52,7 @@ def probe_detect(pipeline: Pipeline, images: Sequence[np.ndarray], method: str, 
     chain, f4 = pipeline.chain, pipeline.f4
     indices = list(range(len(images))) if indices is None else [int(i) for i in indices]
     if t_end is None:
-        t_end = next((s.weights.window.t_min for s in chain.stages if s.weights.window.contains(t_start)), 0)
+        t_end = probe_t_end(chain, t_start)
     parameterizations = {s.weights.parameterization for s in chain.stages}
     size, factor = images[0].shape[:2], int(f4.factor)
     x = padded_batch(images, pipeline.multiple, pipeline.pad_mode, pipeline.device)

@@ -223,9 +223,10 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def encode_png(img: np.ndarray, text: Mapping[str, str] | None = None) -> bytes:
-    """``(H, W, 3) uint8`` -> PNG bytes, with optional ``text`` chunks (tEXt, written before the image data)."""
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
+    """``(H, W, 3) uint8`` (RGB) or ``(H, W) uint8`` (greyscale, mode L) -> PNG bytes, with optional ``text``
+    chunks (tEXt, written before the image data)."""
+    if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+        raise ValueError(f"expected an (H, W, 3) or (H, W) uint8 array, got {img.shape} {img.dtype}")
     info = None
     if text:
         info = PngInfo()

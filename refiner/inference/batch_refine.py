@@ -24,6 +24,7 @@ from torch import Tensor
 
 from refiner.batching import batches_by
 from refiner.data.images import ImageError, load_image, save_png_atomic, to_tensor
+from refiner.inference.artifact_batch import ArtifactRun
 from refiner.inference.evaluate import MIN_EVAL_SIDE
 from refiner.inference.outputs import GRID_RECORD, ExistingOutputs, output_record, png_text, sha256_file
 from refiner.inference.pipeline import Pipeline
@@ -84,7 +85,9 @@ class Collected:
 @dataclass
 class RefineJob:
     """Refine (or, ``mode=evaluate``, degrade then refine) the inputs at the given indices; see the module
-    docstring. ``existing`` says which outputs are finished (skipped in sample mode) or damaged (redone)."""
+    docstring. ``existing`` says which outputs are finished (skipped in sample mode) or damaged (redone).
+    ``artifacts`` (detect/correct/mask/t_start=auto, :mod:`refiner.inference.artifact_batch`) probes each batch
+    first, sets its starts and TTC callback, and writes each image's mask before its output."""
 
     cfg: DictConfig
     pipeline: Pipeline
@@ -94,6 +97,7 @@ class RefineJob:
     existing: ExistingOutputs
     output_dir: Path
     progress: Callable[[int], object] = lambda n: None
+    artifacts: ArtifactRun | None = None
 
     @property
     def evaluate_mode(self) -> bool:
@@ -146,9 +150,12 @@ class RefineJob:
                                                                        cfg.grid_max_images))
         try:
             inputs = pipeline.degrade([it.image for it in batch]) if self.evaluate_mode else [it.image for it in batch]
+            art = self.artifacts.prepare(inputs, [it.index for it in batch]) if self.artifacts else None
             refined, stage_images = pipeline.refine_images(
-                inputs, cfg.t_start, cfg.steps, seed=cfg.seed, indices=[it.index for it in batch], eta=cfg.eta,
-                spacing=cfg.spacing, allow_outside_window=cfg.allow_outside_window, with_stages=want_rows)
+                inputs, art.t_start if art else cfg.t_start, art.steps if art else cfg.steps, seed=cfg.seed,
+                indices=[it.index for it in batch], eta=cfg.eta, spacing=cfg.spacing,
+                allow_outside_window=cfg.allow_outside_window, with_stages=want_rows,
+                **(art.refine_kwargs() if art else {}))
         except (FloatingPointError, RuntimeError, MemoryError) as err:
             if not (is_out_of_memory(err) or isinstance(err, FloatingPointError)):
                 raise
@@ -157,16 +164,19 @@ class RefineJob:
                 self._fail(got, it.path, f"{type(err).__name__}: {err}{hint}")
             return
         protect = [str(p) for p in self.paths]
-        for it, src, out, stage_imgs in zip(batch, inputs, refined, stage_images):
+        for j, (it, src, out, stage_imgs) in enumerate(zip(batch, inputs, refined, stage_images)):
             try:
+                if art:
+                    art.save_mask(j, it.output, protect)
                 record = output_record(it.input_sha256, cfg.seed + it.index, self.settings, out)
                 save_png_atomic(it.output, out, protect=protect, text=png_text(record))
             except (OSError, ValueError) as err:
                 self._fail(got, it.path, f"cannot write {it.output}: {err}")
                 continue
-            record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])]}
+            record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])],
+                      **(art.record(j, it.output) if art else {})}
             if want_rows:
-                row = self._grid_row(it, src, out, stage_imgs)
+                row = self._grid_row(it, src, out, stage_imgs, art.overlay(j, src) if art else [])
                 if grid_per_image:
                     grid_path = self.output_dir / "grids" / it.output.name
                     save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
@@ -178,10 +188,12 @@ class RefineJob:
             got.processed.append(record)
             self.progress(1)
 
-    def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, stage_imgs: list[Tensor]) -> list[Tensor]:
-        """clean | degraded (evaluate) or input, then each stage's x0; with ``upscale`` > 1: the input upscaled
-        bicubically | the refined output."""
+    def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, stage_imgs: list[Tensor],
+                  detected: list[Tensor] = ()) -> list[Tensor]:
+        """clean | degraded (evaluate) or input, then (artifact options) the detected mask over the input, then
+        each stage's x0; with ``upscale`` > 1: the input upscaled bicubically | the refined output."""
         if self.pipeline.upscale > 1:
             up = F.interpolate(to_tensor(src)[None], scale_factor=self.pipeline.upscale, mode="bicubic")
             return [up[0].clamp(-1, 1), to_tensor(out)]
-        return ([to_tensor(it.image), to_tensor(src)] if self.evaluate_mode else [to_tensor(src)]) + stage_imgs
+        return ([to_tensor(it.image), to_tensor(src)] if self.evaluate_mode else [to_tensor(src)]) + list(detected) + \
+            stage_imgs

@@ -2,6 +2,9 @@
 
 1. Per-image outputs are ``<input stem>.png`` and never take a reserved name (:data:`RESERVED_NAMES`): an
    input ``grid.jpg`` is written as ``grid-2.png``, so the run's reports can never overwrite a refined image.
+   With ``detect`` on, each output ``<name>.png`` gets its artifact mask ``<name>.mask.png`` beside it
+   (:func:`mask_path`); no output name ends in ``.mask.png`` (an input ``a.mask.png`` is written as
+   ``a.mask-2.png``), so masks and outputs never collide. Masks carry a record of kind ``mask``.
 2. Every file sample.py writes says so: a refined PNG carries a PNG text chunk ``refiner`` holding its
    record (input file sha256, noise seed, settings digest, sha256 of its pixels); grids carry a chunk of kind
    ``grid``; ``summary.json`` / ``metrics.json`` a top-level ``"written_by"``; ``config_resolved.yaml`` a
@@ -49,6 +52,8 @@ OUTPUT_FORMAT = "refiner-sample-output/1"
 WRITTEN_BY = "refiner sample.py"
 YAML_MARKER = f"# written by {WRITTEN_BY}"
 GRID_RECORD = {"format": OUTPUT_FORMAT, "kind": "grid"}
+MASK_RECORD = {"format": OUTPUT_FORMAT, "kind": "mask"}
+MASK_SUFFIX = ".mask.png"
 RESERVED_NAMES = ("grid.png", "comparison_grid.png", "summary.json", "metrics.json", "config_resolved.yaml", "grids")
 _MATCH_KEYS = ("format", "input_sha256", "settings", "noise_seed")
 _DIFFERENCE = {
@@ -174,7 +179,7 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
     for path in inputs:
         stem, n = path.stem, 1
         name = f"{stem}.png"
-        while name.casefold() in taken:
+        while name.casefold() in taken or name.casefold().endswith(MASK_SUFFIX):
             n += 1
             name = f"{stem}-{n}.png"
         taken.add(name.casefold())
@@ -185,6 +190,15 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
                               "choose an output_dir that is not the input folder")
         outputs.append(out)
     return outputs
+
+
+def mask_path(output: Path) -> Path:
+    """Where the artifact mask of ``output`` (``<name>.png``) goes: ``<name>.mask.png`` beside it."""
+    return output.with_name(output.stem + MASK_SUFFIX)
+
+
+def writes_masks(cfg: DictConfig) -> bool:
+    return cfg.get("detect", "none") not in (None, "none")
 
 
 def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], world_size: int = 1) -> list[Path]:
@@ -201,13 +215,18 @@ def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], wor
     paths = [output_dir / name for name in names]
     if cfg.grid in ("per_image", "both"):
         paths += [output_dir / "grids" / out.name for out in outputs]
+    if writes_masks(cfg):
+        paths += [mask_path(out) for out in outputs]
     return paths
 
 
-def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.Module | None) -> str:
+def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.Module | None,
+                    artifacts: Mapping | None = None) -> str:
     """16 hex chars that change with anything that changes a refined image: the stages' weights and placement,
     the first stages, the sampler settings, the tiling settings and ``upscale`` (noise seeds are recorded per
-    image). Device, batch size and the number of processes are left out (results agree across them up to float
+    image), and ``artifacts`` (the detect/correct/mask/t_start=auto settings and the masks' and calibration's
+    contents, :meth:`refiner.inference.artifact_options.ArtifactOptions.digest`; left out when empty, so runs
+    without them keep their digest). Device, batch size and the number of processes are left out (results agree across them up to float
     noise; with eta > 0 whole-image batches depend on batching)."""
     from refiner.inference.pipeline import Tiling
 
@@ -220,6 +239,8 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
                     "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
                     "scale_factor": s.weights.scale_factor} for s in chain.stages],
     }
+    if artifacts:
+        payload["artifacts"] = dict(artifacts)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -237,7 +258,8 @@ def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], out
         raise SampleError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
                           f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
                           "Pass overwrite=true to replace them, or choose another output_dir")
-    remove_stale_temps([outputs[i] for i in (range(len(outputs)) if indices is None else indices)])
+    mine = [outputs[i] for i in (range(len(outputs)) if indices is None else indices)]
+    remove_stale_temps(mine + ([mask_path(out) for out in mine] if writes_masks(cfg) else []))
     if existing.conflicts:
         log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
                     len(existing.conflicts), existing.conflicts[0])

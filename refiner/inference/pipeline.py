@@ -39,6 +39,7 @@ from refiner.data.images import crop_to, pad_to_multiple, to_tensor, to_uint8
 from refiner.errors import SettingError
 from refiner.inference.chain import Chain
 from refiner.inference.tiling import tiled_decode, tiled_encode
+from refiner.sampling import Callback
 from refiner.settings import require_choice, require_int
 
 PAD_MODES = ("reflect", "replicate", "constant")
@@ -204,8 +205,8 @@ class Pipeline:
     @torch.no_grad()
     def refine_images(self, images: Sequence[np.ndarray], t_start: int, steps: int, *, seed: int = 0,
                       indices: Sequence[int] | None = None, eta: float = 0.0, spacing: str = "uniform",
-                      allow_outside_window: bool = False, with_stages: bool = False, starts: Tensor | None = None
-                      ) -> tuple[list[np.ndarray], list[list[Tensor]]]:
+                      allow_outside_window: bool = False, with_stages: bool = False, starts: Tensor | None = None,
+                      callback: Callback | None = None) -> tuple[list[np.ndarray], list[list[Tensor]]]:
         """Refine same-size uint8 ``(H, W, 3)`` images. ``indices`` (default ``0..n-1``) are the images' positions
         in the caller's whole input list; image ``i``'s noise is seeded with ``seed + i``. Returns the refined
         uint8 images (``upscale`` times larger) and, per image, the decoded x0 prediction after each stage in run
@@ -214,18 +215,23 @@ class Pipeline:
 
         ``starts`` ((B, H, W) ints <= ``t_start``) gives every pixel its own start t (Differential Diffusion,
         :class:`~refiner.artifacts.correct.StrengthPinning`): a latent pixel takes the largest start of the pixels it
-        covers and stays pinned to the re-noised input until the grid reaches it. Not with tiles or ``upscale``."""
+        covers and stays pinned to the re-noised input until the grid reaches it. Not with tiles or ``upscale``.
+
+        ``callback`` is a sampler step callback (:data:`refiner.sampling.Callback`, e.g.
+        :class:`~refiner.artifacts.correct.TrajectoryCorrection`) on the padded, scaled latents of the whole batch;
+        it runs before the pinning of ``starts``. Not with tiles or ``upscale`` either."""
         indices = list(range(len(images))) if indices is None else [int(i) for i in indices]
         if len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(indices)} indices")
         h, w = images[0].shape[:2]
         x = self._pad(images, self.multiple)
         sampler = dict(t_start=t_start, steps=steps, eta=eta, spacing=spacing, allow_outside_window=allow_outside_window)
-        if starts is not None and (self.upscale > 1 or self.tiled(*x.shape[-2:])):
-            raise SettingError("per-pixel starts (strength maps, t_start=auto) need whole images: set upscale=1 and "
-                               "tiling.mode=never, or refine images below the tiling threshold")
+        if (starts is not None or callback is not None) and (self.upscale > 1 or self.tiled(*x.shape[-2:])):
+            raise SettingError("per-pixel starts and step callbacks (strength maps, t_start=auto, TTC) need whole "
+                               "images: set upscale=1 and tiling.mode=never, or refine images below the tiling "
+                               "threshold")
         if self.upscale == 1 and not self.tiled(*x.shape[-2:]):
-            parts = [self._refine_batch(x, indices, seed, sampler, with_stages, starts)]
+            parts = [self._refine_batch(x, indices, seed, sampler, with_stages, starts, callback)]
         else:  # one image at a time: memory is bounded by the tiles, and every draw comes from seed + i
             parts = [self._refine_one(x[j:j + 1], seed + i, sampler, with_stages) for j, i in enumerate(indices)]
         size = (h * self.upscale, w * self.upscale)
@@ -245,15 +251,17 @@ class Pipeline:
         return self.decode(latent / scale), [self.decode(x0 / scale) for x0 in stage_x0]
 
     def _refine_batch(self, x: Tensor, indices: list[int], seed: int, sampler: dict, with_stages: bool,
-                      starts: Tensor | None = None):
-        """Whole images, one batch: noise per image from ``seed + i``; ``starts`` pins pixels (see refine_images)."""
+                      starts: Tensor | None = None, callback: Callback | None = None):
+        """Whole images, one batch: noise per image from ``seed + i``; ``callback`` then the pinning of ``starts``
+        run after every step (see refine_images)."""
         z = self.f4.encode(x) * self.chain.scale_factor
         noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed + i))
                              for i in indices]).to(z)
         generator = torch.Generator(device=z.device).manual_seed(seed + indices[0])
-        callback = None
         if starts is not None:
-            callback = self._pinning(z, noise, starts, sampler)
+            from refiner.artifacts.dynamics import chain_callbacks
+
+            callback = chain_callbacks([callback, self._pinning(z, noise, starts, sampler)])
         result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
                                    callback=callback, **sampler)
         return self._finish(result.latent, result.stage_x0)
@@ -264,14 +272,19 @@ class Pipeline:
         starts = torch.as_tensor(starts)
         if starts.ndim != 3 or starts.shape[0] != z.shape[0]:
             raise ValueError(f"starts must be (B, H, W) with B={z.shape[0]}, got {tuple(starts.shape)}")
-        f = int(self.f4.factor)
-        padded = pad_to_multiple(starts[:, None].float(), self.multiple, mode="replicate")[0]
-        latent = torch.nn.functional.max_pool2d(padded, f, f)[:, 0].round().long()
+        latent = self.latent_map(starts).round().long()
         if latent.shape[-2:] != z.shape[-2:]:
             raise ValueError(f"starts of size {tuple(starts.shape[-2:])} do not fit the images")
         plan = self.chain.plan(sampler["t_start"], sampler["steps"], spacing=sampler["spacing"], eta=sampler["eta"],
                                allow_outside_window=sampler["allow_outside_window"])
         return StrengthPinning(z, noise, latent.to(z.device), plan.timesteps, self.chain.alphas_cumprod)
+
+    def latent_map(self, pixel_map: Tensor) -> Tensor:
+        """A per-pixel map (B, H, W) of the unpadded images -> (B, h, w) float on the padded latent grid: padded
+        like the images (replicating the edge) and max-pooled over each latent pixel's f4 block."""
+        f = int(self.f4.factor)
+        padded = pad_to_multiple(torch.as_tensor(pixel_map)[:, None].float(), self.multiple, mode="replicate")[0]
+        return torch.nn.functional.max_pool2d(padded, f, f)[:, 0]
 
     def _refine_one(self, x: Tensor, noise_seed: int, sampler: dict, with_stages: bool):
         """One image on tiles (above the threshold) or progressively upscaled; every draw from ``noise_seed``."""

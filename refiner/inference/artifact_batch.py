@@ -1,0 +1,157 @@
+"""The per-batch side of ``sample.py``'s artifact options (:mod:`refiner.inference.artifact_options`): probe,
+per-image starts, the TTC callback, the masks written beside the outputs and the grid's "detected" column.
+
+For one batch of same-size images, :meth:`ArtifactRun.prepare`:
+
+1. ``detect``: :func:`~refiner.artifacts.probe.probe_detect` from the batch's top start down to the lower edge of
+   the window containing it, with as many steps as the refinement grid has in that range (at least two), the
+   same noise (``seed + i``). The residual rule uses ``mad_scale`` 6 (tuned on the benchmark, README), the
+   public-code rule its own 3.
+2. Starts: each image's start ``s_i`` is ``t_start``, or with ``t_start=auto`` ``AutoStart(severity_i)``; the batch
+   runs from ``max(s_i)`` with ``steps`` scaled by ``(max(s_i) + 1) / (top + 1)`` (top: the calibration's highest
+   start, which ``steps`` is for), so every batch has about the same step density. Pixels are pinned
+   (:class:`~refiner.artifacts.correct.StrengthPinning`) to: ``correct=strength_map``, ``starts_from_strength(m,
+   min(strength.t_low, s_i), s_i)`` of the region ``m``; otherwise, with ``t_start=auto``, ``s_i`` everywhere.
+3. The region ``m`` (B, H, W) in [0, 1]: the user's mask / 255, else the detected mask grown by ``mask_dilate_px``.
+   ``correct=ttc`` blends :class:`~refiner.artifacts.correct.TrajectoryCorrection` in with ``m`` at the first grid
+   point at or below ``min(ttc.t_correct, start - 1)``, its fresh noise from ``seed + indices[0]`` (so, like
+   ``eta > 0``, TTC results depend on batching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
+from refiner.artifacts.detect import Detection, PixelChangeConfig, dilate
+from refiner.artifacts.probe import probe_detect, probe_t_end
+from refiner.data.images import save_png_atomic, to_tensor
+from refiner.inference.artifact_options import ArtifactOptions, steps_for_start
+from refiner.inference.outputs import MASK_RECORD, mask_path, png_text
+from refiner.inference.pipeline import Pipeline
+from refiner.sampling import timestep_grid
+
+MAD_SCALE = {"residual": 6.0, "asced_code": 3.0}  # residual: tuned on the benchmark (PixelChangeConfig(mad_scale=6))
+TINT = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # red, in [-1, 1]
+
+
+def grid_column(opts: ArtifactOptions) -> list[str]:
+    """The "detected" column's title, when the grid gets one."""
+    if not opts.active or (opts.detect == "none" and opts.mask is None):
+        return []
+    return [f"detected ({'mask ' + opts.mask if opts.mask is not None else opts.detect})"]
+
+
+@dataclass
+class BatchArtifacts:
+    """What :meth:`ArtifactRun.prepare` decided for one batch."""
+
+    t_start: int
+    steps: int
+    image_starts: list[int]
+    detection: Detection | None
+    shown: Tensor | None  # (B, H, W) in [0, 1]: the mask shown in the grid (the user's, else the detected one)
+    starts: Tensor | None = None
+    callback: object = None
+    auto: bool = False  # t_start=auto: each image's own start goes in its record
+
+    def refine_kwargs(self) -> dict:
+        return {"starts": self.starts, "callback": self.callback}
+
+    def save_mask(self, j: int, output: Path, protect: Sequence[str]) -> None:
+        if self.detection is not None:
+            pixels = self.detection.pixel[j].cpu().numpy().astype(np.uint8) * 255
+            save_png_atomic(mask_path(output), pixels, protect=protect, text=png_text(MASK_RECORD))
+
+    def record(self, j: int, output: Path) -> dict:
+        """The per-image summary fields: its start (t_start=auto), severity, mask file and flagged fraction."""
+        out: dict = {"t_start": self.image_starts[j]} if self.auto else {}
+        if self.detection is not None:
+            out.update(severity=float(self.detection.severity[j]), mask=str(mask_path(output)),
+                       flagged_fraction=float(self.detection.area[j]))
+        return out
+
+    def overlay(self, j: int, src: np.ndarray) -> list[Tensor]:
+        """The input with the shown mask tinted red (the grid's "detected" column), or nothing."""
+        if self.shown is None:
+            return []
+        m = 0.5 * self.shown[j].float()[None]
+        return [to_tensor(src) * (1 - m) + TINT * m]
+
+
+@dataclass
+class ArtifactRun:
+    """Per-batch artifact work for one ``sample.py`` run: ``t_start`` is the setting (an int, or ``"auto"``),
+    ``steps``, ``spacing`` and ``seed`` the sampler's."""
+
+    opts: ArtifactOptions
+    pipeline: Pipeline
+    t_start: int | str
+    steps: int
+    spacing: str
+    seed: int
+
+    def prepare(self, images: Sequence[np.ndarray], indices: Sequence[int]) -> BatchArtifacts:
+        top = self.opts.start_range(self.t_start)[1]
+        det = self._detect(images, indices, top) if self.opts.detect != "none" else None
+        image_starts = self.opts.auto(det.severity) if self.opts.auto is not None else [top] * len(images)
+        t_start = max(image_starts)
+        steps = self.steps if t_start == top else steps_for_start(self.steps, t_start, top)
+        region = self._region(det, indices)
+        shown = self._user_masks(indices) if self.opts.mask is not None else (
+            det.pixel.float() if det is not None else None)
+        batch = BatchArtifacts(t_start, steps, image_starts, det, shown, auto=self.opts.auto is not None)
+        batch.starts = self._starts(image_starts, region, images[0].shape[:2])
+        if self.opts.correct == "ttc":
+            batch.callback = self._ttc(region, t_start, steps, indices)
+        return batch
+
+    def _detect(self, images, indices, top: int) -> Detection:
+        chain = self.pipeline.chain
+        t_end = probe_t_end(chain, top)
+        grid = timestep_grid(top, self.steps, 0, self.spacing, chain.alphas_cumprod.shape[0])
+        steps = min(top - t_end + 1, max(2, sum(t >= t_end for t in grid)))
+        cfg = PixelChangeConfig(mad_scale=MAD_SCALE.get(self.opts.detect, 3.0))
+        return probe_detect(self.pipeline, images, self.opts.detect, top, steps, seed=self.seed, indices=indices,
+                            t_end=t_end, pixel_cfg=cfg)
+
+    def _user_masks(self, indices) -> Tensor:
+        return torch.stack([torch.from_numpy(self.opts.masks[i].astype(np.float32) / 255) for i in indices])
+
+    def _region(self, det: Detection | None, indices) -> Tensor | None:
+        if self.opts.mask is not None:
+            return self._user_masks(indices)
+        return dilate(det.pixel, self.opts.dilate_px).float() if det is not None else None
+
+    def _starts(self, image_starts: list[int], region: Tensor | None, size) -> Tensor | None:
+        if self.opts.correct == "strength_map":
+            return torch.stack([starts_from_strength(m, min(self.opts.t_low, s), s)
+                                for m, s in zip(region, image_starts)])
+        if self.opts.auto is not None:
+            return torch.tensor(image_starts)[:, None, None].expand(len(image_starts), *size).clone()
+        return None
+
+    def _ttc(self, region: Tensor, t_start: int, steps: int, indices) -> TrajectoryCorrection:
+        chain, device = self.pipeline.chain, self.pipeline.device
+        grid = timestep_grid(t_start, steps, 0, self.spacing, chain.alphas_cumprod.shape[0])
+        t_correct = min(self.opts.t_correct, t_start - 1)
+        fires_at = min((t for t in grid if t > t_correct), default=grid[0])
+        stage = next((s for s in chain.stages if s.weights.window.contains(fires_at)), chain.stages[0])
+        latent = self.pipeline.latent_map(region).to(device)
+        return TrajectoryCorrection(grid, chain.alphas_cumprod, lambda: latent, t_correct, gamma=self.opts.gamma,
+                                    correction_eta=self.opts.correction_eta,
+                                    parameterization=stage.weights.parameterization,
+                                    generator=torch.Generator(device=device).manual_seed(self.seed + indices[0]))
+
+
+def artifact_run(opts: ArtifactOptions, pipeline: Pipeline, cfg) -> ArtifactRun | None:
+    """The run's per-batch artifact work, or None when no artifact option is on."""
+    if not opts.active:
+        return None
+    return ArtifactRun(opts, pipeline, cfg.t_start, int(cfg.steps), cfg.spacing, int(cfg.seed))
