@@ -1,0 +1,260 @@
+"""sample.py's artifact options (issue #11 item 5): detect, correct, mask, t_start=auto, through the real entry point
+on the tiny checkpoints of test_sample.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from test_sample import _compose, _overrides, _rgb, _vq_checkpoint, _window_checkpoint, STEPS
+from refiner.apps.sample import run
+from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, starts_from_strength
+from refiner.artifacts.detect import PixelChangeConfig
+from refiner.artifacts.probe import probe_detect
+from refiner.cli import run_cli
+from refiner.data.images import load_image, to_tensor
+from refiner.errors import SampleError, SettingError
+from refiner.formats.compvis import build_first_stage
+from refiner.inference import batch_refine
+from refiner.inference.chain import Chain
+from refiner.inference.pipeline import Pipeline, Tiling
+from refiner.models.vq import tiny_ddconfig
+from refiner.sampling import timestep_grid
+
+SIDE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return dict(f4=_vq_checkpoint(d, 4, n_embed=512, embed_dim=3, name="vq_f4.ckpt"),
+                f8=_vq_checkpoint(d, 8, n_embed=256, embed_dim=4, name="vq_f8.ckpt"),
+                hi=_window_checkpoint(d, (250, 500), "hi.ckpt"), lo=_window_checkpoint(d, (0, 250), "lo.ckpt"))
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    """Flat grey with a white square (the residual detector flags it) and noise (higher severity), 32x32."""
+    d = tmp_path / "in"
+    d.mkdir()
+    flat = np.full((SIDE, SIDE, 3), 128, np.uint8)
+    flat[10:18, 10:18] = 255
+    Image.fromarray(flat).save(d / "a.png")
+    Image.fromarray(_rgb(SIDE, SIDE, 1)).save(d / "b.png")
+    return d
+
+
+def _pipeline(models) -> Pipeline:
+    f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
+    return Pipeline(f4, Chain.from_paths([str(models["hi"]), str(models["lo"])]), tiling=Tiling(mode="never"))
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_detect_writes_masks_severities_and_the_grid_column(models, inputs, tmp_path):
+    out = tmp_path / "out"
+    summary = run(_compose(models, inputs, out, "detect=residual"))
+    pipe = _pipeline(models)
+    images = [load_image(inputs / n) for n in ("a.png", "b.png")]
+    # by hand: a probe from 499 to the top window's edge 250 with the grid's 2 points there, mad_scale 6
+    det = probe_detect(pipe, images, "residual", 499, 2, seed=0, indices=[0, 1],
+                       pixel_cfg=PixelChangeConfig(mad_scale=6.0))
+    records = {Path(r["input"]).name: r for r in summary["processed"]}
+    for j, name in enumerate(("a.png", "b.png")):
+        mask = Image.open(out / name.replace(".png", ".mask.png"))
+        assert mask.mode == "L" and mask.size == (SIDE, SIDE)
+        pixels = np.asarray(mask)
+        assert set(np.unique(pixels)) <= {0, 255}
+        assert np.array_equal(pixels == 255, det.pixel[j].numpy())
+        assert records[name]["mask"] == str(out / name.replace(".png", ".mask.png"))
+        assert records[name]["severity"] == pytest.approx(float(det.severity[j]), rel=1e-5)
+    assert det.pixel.any(), "the test needs a non-empty mask to check the overlay"
+    assert summary["grid_columns"][1] == "detected (residual)" and summary["artifacts"]["detect"] == "residual"
+    grid = _png(out / "grid.png")
+    assert grid.shape == (2 * (SIDE + 4), 4 * (SIDE + 4), 3)  # input | detected | after stage 1 | after stage 2
+    j = 0 if det.pixel[0].any() else 1
+    cell = grid[j * (SIDE + 4) + 2:j * (SIDE + 4) + 2 + SIDE, SIDE + 6:2 * SIDE + 6]
+    src = images[j].astype(int)
+    m = det.pixel[j].numpy()
+    assert np.abs(cell[~m] - src[~m]).max() <= 1  # unflagged: the input
+    tinted = (to_tensor(images[j]) * 0.5 + torch.tensor([1.0, -1, -1])[:, None, None] * 0.5 + 1) * 127.5
+    assert np.abs(cell[m] - tinted.permute(1, 2, 0).round().numpy()[m]).max() <= 1  # flagged: tinted red
+    # a re-run resumes (the masks are ours); a mask file refiner did not write is never replaced
+    assert len(run(_compose(models, inputs, out, "detect=residual"))["skipped"]) == 2
+    (out / "a.mask.png").write_bytes(b"mine")
+    with pytest.raises(SampleError, match=r"a\.mask\.png \(not written by refiner\)"):
+        run(_compose(models, inputs, tmp_path / "out", "detect=residual", "steps=3"))
+
+
+def test_strength_map_with_a_user_mask_changes_only_the_masked_region(models, tmp_path):
+    side = 64
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(side, side, 4)).save(d / "a.png")
+    mask = np.zeros((side, side), np.uint8)
+    mask[:, 48:] = 255  # the right quarter flagged
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    Image.fromarray(np.zeros_like(mask), "L").save(tmp_path / "none.png")
+    out = tmp_path / "out"
+    summary = run(_compose(models, d, out, "correct=strength_map", f"mask={tmp_path / 'mask.png'}",
+                           "strength.t_low=0", "grid=combined"))
+    assert summary["grid_columns"][1] == f"detected (mask {tmp_path / 'mask.png'})"
+    # references: nothing flagged (every pixel pinned to the input, start 0) and the plain refinement from 499
+    run(_compose(models, d, tmp_path / "kept", "correct=strength_map", f"mask={tmp_path / 'none.png'}",
+                 "strength.t_low=0", "grid=none"))
+    run(_compose(models, d, tmp_path / "plain", "grid=none"))
+    got, kept, plain = (_png(p / "a.png") for p in (out, tmp_path / "kept", tmp_path / "plain"))
+    far, flagged = np.s_[:, :16], np.s_[:, 52:]
+    diff = lambda a, b, region: np.abs(a[region] - b[region]).mean()  # noqa: E731
+    # far from the flagged region the latents are the pinned input's exactly; the decoder's GroupNorm statistics
+    # are global, so the pixels only stay much closer to it than the plain run's (measured 19 vs 35 of 255)
+    assert diff(got, kept, far) < 0.6 * diff(plain, kept, far)
+    assert diff(got, kept, flagged) > 2 * diff(got, kept, far)  # the flagged region is refined (measured 48)
+    # by hand: the library's pinning with starts_from_strength(mask/255, 0, 499)
+    starts = starts_from_strength(torch.from_numpy(mask / 255.0).float(), 0, 499)[None]
+    refined, _ = _pipeline(models).refine_images([load_image(d / "a.png")], 499, STEPS, starts=starts)
+    assert np.abs(got - refined[0].astype(int)).max() <= 1
+
+
+def _calibration(path: Path, models, knots, stages=("hi", "lo")) -> Path:
+    AutoStart(knots, chain={"stages": [str(models[s]) for s in stages]}, source={"detector": "residual"}).save(path)
+    return path
+
+
+def test_t_start_auto_gives_each_image_its_own_start(models, inputs, tmp_path):
+    det = probe_detect(_pipeline(models), [load_image(inputs / n) for n in ("a.png", "b.png")], "residual", 399, 2,
+                       indices=[0, 1], pixel_cfg=PixelChangeConfig(mad_scale=6.0))
+    sev = sorted(float(s) for s in det.severity)
+    assert sev[0] < sev[1]
+    calib = _calibration(tmp_path / "auto.json", models, [(sev[0], 199.0), (sev[1], 399.0)])
+    out = tmp_path / "out"
+    summary = run(_compose(models, inputs, out, "detect=residual", "t_start=auto", f"auto_calibration={calib}",
+                           "batch_size=1", "grid=none"))
+    starts = {Path(r["input"]).name: r["t_start"] for r in summary["processed"]}
+    low = "a.png" if det.severity[0] < det.severity[1] else "b.png"
+    high = "b.png" if low == "a.png" else "a.png"
+    assert starts == {low: 199, high: 399}
+    # one image per batch: the same as plain runs from each start, the lower with proportionally fewer steps
+    for name, extra in ((low, ["t_start=199", "steps=2"]), (high, ["t_start=399", f"steps={STEPS}"])):
+        run(_compose(models, inputs, tmp_path / name, "grid=none", *extra))
+        assert np.abs(_png(out / name) - _png(tmp_path / name / name)).max() <= 1
+    # a calibration made for other stages is refused, unless allowed
+    other = _calibration(tmp_path / "other.json", models, [(sev[0], 199.0), (sev[1], 399.0)], stages=("hi",))
+    with pytest.raises(SampleError, match="calibrated for stages"):
+        run(_compose(models, inputs, tmp_path / "o1", "detect=residual", "t_start=auto", f"auto_calibration={other}"))
+    assert not summary["failed"] and run(_compose(
+        models, inputs, tmp_path / "o2", "detect=residual", "t_start=auto", f"auto_calibration={other}",
+        "allow_calibration_mismatch=true", "grid=none"))["processed"]
+
+
+def _bad_masks(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (mask=..., expected one-line error)."""
+    bad = tmp_path / "masks"
+    bad.mkdir()
+    Image.fromarray(np.zeros((SIDE, SIDE, 3), np.uint8)).save(bad / "rgb.png")
+    Image.fromarray(np.zeros((SIDE, 16), np.uint8), "L").save(bad / "small.png")
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.fromarray(np.zeros((SIDE, SIDE), np.uint8), "L").save(folder / "a.png")  # b.png is missing
+    return {
+        "missing": (str(tmp_path / "nope.png"), f"error: mask={tmp_path / 'nope.png'}: no such file or folder"),
+        "rgb": (str(bad / "rgb.png"), f"error: mask {bad / 'rgb.png'} is mode RGB; masks must be greyscale (mode L "
+                                      "or 1)"),
+        "size": (str(bad / "small.png"), f"error: mask {bad / 'small.png'} is 16x32 but input "),
+        "unreadable": (str(bad / "broken.png"), f"error: mask {bad / 'broken.png'} cannot be read: "),
+        "folder": (str(folder), f"error: mask={folder}: no mask b.png for input "),
+    }
+
+
+def test_each_bad_mask_is_one_error_line_before_any_compute(models, inputs, tmp_path, monkeypatch, capsys):
+    def no_compute(*a, **k):
+        raise AssertionError("an image was loaded before the masks were checked")
+
+    monkeypatch.setattr(batch_refine, "load_image", no_compute)
+    for name, (spec, message) in _bad_masks(tmp_path).items():
+        cfg = _compose(models, inputs, tmp_path / f"out_{name}", f"mask={spec}", "correct=strength_map")
+        assert run_cli(lambda: run(cfg)) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), (name, err)
+        assert not (tmp_path / f"out_{name}").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["correct=ttc"], "correct=ttc needs a mask source"),
+    (["t_start=auto"], "t_start=auto picks each image's start from its detected severity"),
+    (["detect=residual", "upscale=2"], "upscale=2 is not supported"),
+    (["detect=residual", "mode=evaluate"], "not supported with mode=evaluate"),
+    (["detect=asced", "tiling.mode=always"], "need whole images"),
+    (["detect=asced", "tiling.auto_above_pixels=100"], r"a\.png \(32x32\) would be refined on tiles"),
+    (["detect=bogus"], "detect must be one of"),
+    (["detect=residual", "correct=strength_map", "strength.t_low=600"], "must not exceed t_start=499"),
+    (["detect=residual", "t_start=auto", "auto_calibration=/nonexistent.json"], "auto_calibration: t_start=auto "
+                                                                                  "needs a calibration file"),
+])
+def test_impossible_combinations_fail_before_any_compute(models, inputs, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr(batch_refine, "load_image", lambda *a, **k: pytest.fail("an image was loaded"))
+    with pytest.raises(SettingError, match=message):
+        run(_compose(models, inputs, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ttc_with_a_user_mask_runs_through_the_cli_and_matches_the_library(models, inputs, tmp_path):
+    """correct=ttc with a user mask through the CLI: exit 0; outside the mask the result stays near the plain run,
+    inside it differs (TTC re-noised it at t_correct)."""
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[:, SIDE // 2:] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "sample.py", *_overrides(models, inputs, out, "correct=ttc", f"mask={tmp_path / 'mask.png'}",
+                                                    "ttc.t_correct=400", "grid=none"),
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run(_compose(models, inputs, tmp_path / "plain", "grid=none"))
+    got, plain = _png(out / "a.png"), _png(tmp_path / "plain" / "a.png")
+    left, right = np.s_[:, :SIDE // 2 - 4], np.s_[:, SIDE // 2 + 4:]
+    # the decoder's GroupNorm is global, so the left half moves a little too (measured 3.1 vs 1.6 of 255)
+    assert np.abs(got[right] - plain[right]).mean() > 1.5 * np.abs(got[left] - plain[left]).mean()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["artifacts"]["correct"] == "ttc" and not (out / "a.mask.png").exists()
+    # by hand: the library's TTC on the batch of both images, fired after the step at 499 (the grid's next point
+    # is 333 <= 400), its noise from seed 0 + index 0
+    pipe = _pipeline(models)
+    grid = timestep_grid(499, STEPS)
+    latent = pipe.latent_map(torch.from_numpy(np.stack([mask, mask]) / 255.0).float())
+    ttc = TrajectoryCorrection(grid, pipe.chain.alphas_cumprod, lambda: latent, 400,
+                               generator=torch.Generator().manual_seed(0))
+    refined, _ = pipe.refine_images([load_image(inputs / n) for n in ("a.png", "b.png")], 499, STEPS, callback=ttc)
+    assert ttc.corrected_at == 333 and np.abs(got - refined[0].astype(int)).max() <= 1
+
+
+def test_cli_correct_without_a_mask_source_exits_2(models, inputs, tmp_path):
+    cmd = [sys.executable, "sample.py", *_overrides(models, inputs, tmp_path / "out", "correct=strength_map"),
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: correct=strength_map needs a mask source: set detect=asced|asced_code|residual or "
+                      "mask=<png or folder>"] and "Traceback" not in proc.stderr
