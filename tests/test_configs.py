@@ -73,7 +73,7 @@ def test_sample_artifact_settings_compose_and_parse(tmp_path):
     defaults = compose_config("sample", [], tmp_path)
     opts = ArtifactOptions.from_settings(defaults)
     assert (defaults.detect, defaults.correct, defaults.mask) == ("none", "none", None) and not opts.active
-    assert defaults.auto_calibration.endswith("bench/t_start_auto.json") and not defaults.allow_calibration_mismatch
+    assert defaults.auto_calibration.endswith("bench_tune/t_start_auto.json") and not defaults.allow_calibration_mismatch
     calib = tmp_path / "auto.json"
     AutoStart([(0.1, 199.0), (0.3, 399.0)], chain={"stages": list(defaults.stages)}).save(calib)
     cfg = compose_config("sample", ["detect=residual", "correct=strength_map", f"mask={tmp_path}", "t_start=auto",

@@ -258,3 +258,23 @@ def test_cli_correct_without_a_mask_source_exits_2(models, inputs, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: correct=strength_map needs a mask source: set detect=asced|asced_code|residual or "
                       "mask=<png or folder>"] and "Traceback" not in proc.stderr
+
+
+def test_pipeline_callback_sees_the_padded_batch_and_runs_before_the_pinning(models):
+    """Pipeline.refine_images(callback=): called once per grid step on the padded, scaled latents of the whole
+    batch; the pinning of ``starts`` acts after it; refused with tiles."""
+    pipe = _pipeline(models)
+    images = [_rgb(20, 24, 7), _rgb(20, 24, 8)]  # padded to 32 x 32: latents 8 x 8
+    seen = []
+    pipe.refine_images(images, 499, STEPS, callback=lambda i, t, x, out, x0: seen.append((t, tuple(x.shape))))
+    assert seen == [(t, (2, 3, 8, 8)) for t in timestep_grid(499, STEPS)]
+    starts = torch.zeros(2, 20, 24, dtype=torch.long)  # every pixel pinned to the input: the callback is undone
+    kept, _ = pipe.refine_images(images, 499, STEPS, starts=starts)
+    shifted, _ = pipe.refine_images(images, 499, STEPS, starts=starts, callback=lambda i, t, x, out, x0: x + 5)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, shifted))
+    moved, _ = pipe.refine_images(images, 499, STEPS, callback=lambda i, t, x, out, x0: x + 5)
+    assert np.abs(moved[0].astype(int) - kept[0].astype(int)).mean() > 5
+    tiled = Pipeline(pipe.f4, pipe.chain, tiling=Tiling(mode="always", f4_tile=32, f4_overlap=16, latent_tile=8,
+                                                         latent_stride=4))
+    with pytest.raises(SettingError, match="need whole images"):
+        tiled.refine_images(images, 499, STEPS, callback=lambda *a: None)
