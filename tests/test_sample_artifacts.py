@@ -101,8 +101,8 @@ def test_detect_writes_masks_severities_and_the_grid_column(models, inputs, tmp_
     # a re-run resumes (the masks are ours); a mask file refiner did not write is never replaced
     assert len(run(_compose(models, inputs, out, "detect=residual"))["skipped"]) == 2
     (out / "a.mask.png").write_bytes(b"mine")
-    with pytest.raises(SampleError, match=r"a\.mask\.png \(not written by refiner\)"):
-        run(_compose(models, inputs, tmp_path / "out", "detect=residual", "steps=3"))
+    with pytest.raises(SampleError, match=r"1 file\(s\).*a\.mask\.png \(not written by refiner\)"):
+        run(_compose(models, inputs, out, "detect=residual"))
 
 
 def test_strength_map_with_a_user_mask_changes_only_the_masked_region(models, tmp_path):
@@ -278,3 +278,11 @@ def test_pipeline_callback_sees_the_padded_batch_and_runs_before_the_pinning(mod
                                                          latent_stride=4))
     with pytest.raises(SettingError, match="need whole images"):
         tiled.refine_images(images, 499, STEPS, callback=lambda *a: None)
+
+
+def test_outputs_never_take_a_mask_name(tmp_path):
+    from refiner.inference.outputs import mask_path, plan_outputs
+
+    outs = plan_outputs([tmp_path / "in" / "a.mask.png", tmp_path / "in" / "a.png"], tmp_path / "out")
+    assert [o.name for o in outs] == ["a.mask-2.png", "a.png"]
+    assert [mask_path(o).name for o in outs] == ["a.mask-2.mask.png", "a.mask.png"]
