@@ -62,26 +62,3 @@ def test_existing_output_needs_force(ckpt, tmp_path):
     assert load_window_weights(out).window.t_min == 250
     with pytest.raises(OutputPathError, match="is a folder"):
         export_safetensors(ckpt, tmp_path)
-
-
-def test_export_writes_a_model_card_beside_the_weights_and_never_replaces_a_foreign_one(ckpt, tmp_path):
-    from refiner.formats.window_files import model_card_path
-
-    out = tmp_path / "shape.safetensors"
-    card = model_card_path(out)
-    assert card == tmp_path / "shape.README.md"
-    card.write_text("someone's notes")
-    with pytest.raises(OutputPathError, match="model card .* already exists"):
-        export_safetensors(ckpt, out)
-    assert card.read_text() == "someone's notes" and not out.exists()  # refused before anything was written
-    card.unlink()
-    export_safetensors(ckpt, out)
-    weights = load_window_weights(out)
-    text = card.read_text()
-    for row in (f"| window | t in {weights.window} |", f"| parameterization | {weights.parameterization} |",
-                "| first-stage fingerprint |", "| training data |", "| validation |",
-                f"| steps | {'unknown' if weights.global_step is None else weights.global_step} |", "shape.safetensors"):
-        assert row in text, row
-    assert "schedule" in text and "linear" in text.split("| schedule |")[1].split("\n")[0]
-    export_safetensors(ckpt, out, force=True)  # its own earlier card is replaced under --force
-    assert card.read_text() == text

@@ -7,8 +7,8 @@ fingerprint, training data, steps and validation metrics. Values come from the c
 ``config_resolved.yaml`` next to the checkpoint. Anything not recorded is written as "unknown" /
 "not recorded" rather than guessed.
 
-Every exporter writes one through :func:`write_model_card`: the diffusers export (``README.md`` in its folder), the
-peft adapter export (likewise) and the ``.safetensors`` export (``<stem>.README.md`` beside the file).
+Any exporter can call :func:`write_model_card` (the diffusers export does; the ``.safetensors`` export
+in ``refiner.formats.window_files`` can pass the same entries).
 """
 
 from __future__ import annotations

@@ -132,20 +132,11 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
 
     Metadata (all strings): format, window, schedule, unet_params (JSON), parameterization,
     conditioning, scale_factor, global_step, ema, first_stage_fingerprint ("" when unknown).
-
-    A model card goes beside it, ``<stem>.README.md`` (:func:`model_card_path`;
-    :mod:`refiner.formats.model_card`: window, schedule, parameterization, first-stage fingerprint, training data,
-    steps, validation metrics), under the same rules as the weights (checked before reading, atomic, ``force``).
     """
     from safetensors.torch import save_file
 
-    from refiner.formats.model_card import card_entry, write_model_card
-
     out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
-    card_path = check_output_path(model_card_path(out_path), inputs=[ckpt_path], force=force,
-                                  what="export model card")
-    obj = safe_torch_load(ckpt_path, trust_checkpoint)
-    ww = window_from_checkpoint(obj, str(ckpt_path), use_ema, trust_checkpoint)
+    ww = load_window_checkpoint(ckpt_path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
     tensors = {k: v.detach().contiguous().clone() for k, v in ww.unet_state.items()}
     metadata = {
         "format": EXPORT_FORMAT,
@@ -161,20 +152,9 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
         FINGERPRINT_KEY: ww.first_stage_fingerprint or "",
     }
     atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    extra = {**dict(obj.get("hyper_parameters") or {}), "callbacks": obj.get("callbacks") or {}}
-    write_model_card(card_path, [card_entry(ckpt_path, ww, extra, name=out_path.name)],
-                     title=f"refiner window expert {ww.window}",
-                     usage=f"`python sample.py stages=[{out_path.name}]` (with the VQ-f4 of the fingerprint above), or "
-                           "`refiner.formats.window_files.load_window_weights(path)`.")
     log.info("exported %s (%s weights, window %s) to %s", ckpt_path, "EMA" if ww.has_ema else "raw", ww.window,
              out_path)
     return out_path
-
-
-def model_card_path(out_path: str | os.PathLike) -> Path:
-    """Where :func:`export_safetensors` writes the model card of ``out_path``: ``w.safetensors`` -> ``w.README.md``."""
-    out_path = Path(out_path)
-    return out_path.with_name(f"{out_path.stem}.README.md")
 
 
 def load_export(path: Path) -> WindowWeights:
