@@ -7,7 +7,12 @@ folder). See :mod:`refiner.formats.diffusers`. A LoRA window (adapters + base re
 
 ``python -m refiner.export peft LORA_CKPT OUT``: the adapters of a LoRA window as a peft adapter folder
 (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``); see :mod:`refiner.formats.lora`.
-The merged weights as our ``.safetensors``: ``refiner-checkpoint export LORA_CKPT OUT.safetensors``.
+
+``python -m refiner.export safetensors CKPT OUT.safetensors`` (the same as ``refiner-checkpoint export``): one window
+(a LoRA window merged) as our ``.safetensors``, with its model card beside it (``OUT.README.md``); see
+:func:`refiner.formats.window_files.export_safetensors`.
+
+Every export writes a model card (:mod:`refiner.formats.model_card`).
 
 Exit code 2 on a bad input, with a one-line message.
 """
@@ -38,6 +43,13 @@ def _load_params(path: str | None) -> dict | None:
     return data
 
 
+def _switches(p: argparse.ArgumentParser, raw: str, force: str) -> None:
+    """The switches every exporter takes: --raw, --force, --trust-checkpoint."""
+    p.add_argument("--raw", action="store_true", help=raw)
+    p.add_argument("--force", action="store_true", help=force)
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refiner.export", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="format", required=True)
@@ -45,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("paths", nargs="+", metavar="CHAIN... OUT", help="window checkpoints, then the output folder")
     d.add_argument("--first-stage", help="VQ-f4 checkpoint (default: first_stage.ckpt_path recorded in the windows)")
     d.add_argument("--first-stage-params", help="YAML/JSON with the VQ params (default: recorded in the windows)")
-    d.add_argument("--raw", action="store_true", help="export the raw (non-EMA) weights of .ckpt windows")
-    d.add_argument("--force", action="store_true", help="replace an existing output folder")
-    d.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    _switches(d, "export the raw (non-EMA) weights of .ckpt windows", "replace an existing output folder")
     p = sub.add_parser("peft", help="LoRA window checkpoint -> a peft adapter folder (adapters only, not merged)")
     p.add_argument("ckpt", help="a LoRA window .ckpt (trained with model.lora.rank > 0)")
     p.add_argument("out", help="the output folder")
-    p.add_argument("--raw", action="store_true", help="export the raw (non-EMA) adapters")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    _switches(p, "export the raw (non-EMA) adapters", "replace an existing output folder")
+    st = sub.add_parser("safetensors", help="window checkpoint -> our .safetensors plus a model card beside it")
+    st.add_argument("ckpt", help="a window .ckpt (a LoRA window is merged into its base)")
+    st.add_argument("out", help="the .safetensors file; the card goes to <name>.README.md beside it")
+    _switches(st, "export the raw (non-EMA) weights", "replace existing outputs (the file and its card; never the input)")
     args = parser.parse_args(argv)
     if args.format == "diffusers" and len(args.paths) < 2:
         parser.error("give at least one window checkpoint and the output folder")
@@ -61,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     from refiner.cli import run_cli
 
     def body() -> None:
+        if args.format == "safetensors":
+            from refiner.formats.window_files import export_safetensors
+
+            print(export_safetensors(args.ckpt, args.out, use_ema=not args.raw, trust_checkpoint=args.trust_checkpoint,
+                                     force=args.force))
+            return
         if args.format == "peft":
             from refiner.formats.lora import export_peft_adapter
 

@@ -39,3 +39,26 @@ class RecordRank(pl.Callback):
         out.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
                                    "indices": self.indices, "weights_sha256": digest.hexdigest(),
                                    "global_step": trainer.global_step}))
+
+
+class RecordChainAndChanges(pl.Callback):
+    """Writes, per rank, the validation samples whole-chain validation refined at the last validation, the
+    parameters training changed (compared with their values at the start of training) and a hash of them."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_end(self, trainer, pl_module):
+        from refiner.lit.chain_validation import ChainValidation
+
+        chain = next(c for c in trainer.callbacks if isinstance(c, ChainValidation))
+        after = pl_module.state_dict()
+        changed = sorted(k for k, v in after.items() if not torch.equal(v, self.before[k]))
+        digest = hashlib.sha256()
+        for name in changed:
+            digest.update(name.encode())
+            digest.update(after[name].detach().cpu().contiguous().numpy().tobytes())
+        out = Path(trainer.default_root_dir) / f"probe_chain_rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
+                                   "refined_indices": chain.refined_indices, "changed": changed,
+                                   "changed_sha256": digest.hexdigest()}))

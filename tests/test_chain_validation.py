@@ -85,3 +85,23 @@ def test_chain_validation_settings_are_checked_before_training(world, shape_wind
     overlapping = world.refiner_overrides("demo_refiner_500_750", f"val.chain=[{shape_window['last_ckpt']}]")
     with pytest.raises(ChainError, match="overlap"):
         run(compose_config("train", overlapping, tmp_path / "d"))
+
+
+def test_ranks_with_different_validation_lists_are_refused():
+    """Under DDP the ranks' checksums of the clean images they took must agree (see chain_validation's docstring);
+    a fake 2-rank strategy whose peer took other images."""
+    from types import SimpleNamespace
+
+    from refiner.lit.chain_validation import _gather
+
+    class PeerDiffers:
+        def all_gather(self, x):
+            return torch.stack([x, x + 1])
+
+        def broadcast(self, obj, src=0):
+            return obj
+
+    trainer = SimpleNamespace(world_size=2, global_rank=0, is_global_zero=True, strategy=PeerDiffers())
+    outputs = [(torch.tensor([0]), torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))]
+    with pytest.raises(SettingError, match="ranks validate on different lists"):
+        _gather(trainer, outputs, seen=2, checksum=12.5)

@@ -644,8 +644,9 @@ def read_source_metadata(path: Path, trust_checkpoint: bool = False) -> dict:
 
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return dict(f.metadata() or {})
-    obj = safe_torch_load(path, trust_checkpoint)
-    return {**dict(obj.get("hyper_parameters") or {}), "callbacks": obj.get("callbacks") or {}}
+    from refiner.formats.model_card import checkpoint_extra
+
+    return checkpoint_extra(safe_torch_load(path, trust_checkpoint))
 
 
 def _check_chain(experts: Sequence[Expert]) -> None:

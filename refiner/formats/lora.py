@@ -89,7 +89,7 @@ def export_peft_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike, us
     from safetensors.torch import save_file
 
     from refiner.formats.diffusers import _check_output, _fsync_tree, _replace_dir
-    from refiner.formats.model_card import card_entry, write_model_card
+    from refiner.formats.model_card import card_entry, checkpoint_extra, write_model_card
     from refiner.formats.safe_load import safe_torch_load
     from refiner.formats.window_files import WINDOW_UNET_PREFIX, window_from_checkpoint
     from refiner.models.lora import ADAPTER_NAME, adapter_state
@@ -111,7 +111,7 @@ def export_peft_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike, us
     try:
         settings.peft_config(base=hp[BASE_KEY]["path"]).save_pretrained(str(tmp))  # writes adapter_config.json
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        extra = {**dict(hp), "callbacks": obj.get("callbacks") or {}}
+        extra = checkpoint_extra(obj)
         base = hp[BASE_KEY]
         usage = "\n".join([
             "```python", "from peft import PeftModel", "from refiner.formats.init_from import load_init_weights",

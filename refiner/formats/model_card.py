@@ -7,8 +7,10 @@ fingerprint, training data, steps and validation metrics. Values come from the c
 ``config_resolved.yaml`` next to the checkpoint. Anything not recorded is written as "unknown" /
 "not recorded" rather than guessed.
 
-Any exporter can call :func:`write_model_card` (the diffusers export does; the ``.safetensors`` export
-in ``refiner.formats.window_files`` can pass the same entries).
+Every exporter writes one: the diffusers and peft exports a ``README.md`` in their folder, the ``.safetensors``
+export a card beside its file (:func:`export_card_path`: ``<name>.safetensors`` -> ``<name>.README.md``). The
+``.safetensors`` metadata also carries the card's validation metrics and training-data description
+(:func:`export_metadata`), so a card written later from the exported file (e.g. by the diffusers export) keeps them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ class CardEntry:
     ema: bool | None = None
     validation: dict[str, float] = field(default_factory=dict)
     lora: str | None = None  # "LoRA rank r (alpha a) on <base> (weights fingerprint f)" for an adapter window
+
+
+def checkpoint_extra(obj: Mapping[str, Any]) -> dict:
+    """What a card reads from a loaded window ``.ckpt``: its ``hyper_parameters`` plus the Lightning ``callbacks``
+    state (where ``ModelCheckpoint`` keeps ``best_model_score``)."""
+    return {**dict(obj.get("hyper_parameters") or {}), "callbacks": obj.get("callbacks") or {}}
+
+
+def export_card_path(out: str | os.PathLike) -> Path:
+    """The card beside a single-file export: ``w.safetensors`` -> ``w.README.md`` (``w`` -> ``w.README.md``)."""
+    out = Path(out)
+    return out.with_name((out.stem if out.suffix == ".safetensors" else out.name) + ".README.md")
+
+
+def export_metadata(entry: "CardEntry") -> dict[str, str]:
+    """Card fields a ``.safetensors`` export records as metadata strings (read back by :func:`validation_metrics`
+    and :func:`training_data`): ``validation_metrics`` (JSON) and ``data_description`` ("" when not recorded)."""
+    described = entry.training_data if entry.training_data != "not recorded" else ""
+    return {"validation_metrics": json.dumps(entry.validation, sort_keys=True), "data_description": described}
 
 
 def _describe_schedule(schedule) -> str:
@@ -119,8 +140,8 @@ def _lora_text(extra: Mapping[str, Any]) -> str | None:
 
 
 def render_model_card(entries: Sequence[CardEntry], title: str, usage: str = "",
-                      first_stage: str | None = None) -> str:
-    lines = ["---", "library_name: diffusers", "tags:", "- refiner", "- latent-diffusion", "- timestep-window-expert",
+                      first_stage: str | None = None, library_name: str = "diffusers") -> str:
+    lines = ["---", f"library_name: {library_name}", "tags:", "- refiner", "- latent-diffusion", "- timestep-window-expert",
              "---", "", f"# {title}", "",
              "Late-timestep window experts trained with refiner. Timesteps: t=0 is clean, t=T-1 is pure noise; "
              "a window [t_min, t_max) is half-open and the expert was trained only on those t.", ""]
@@ -149,8 +170,8 @@ def render_model_card(entries: Sequence[CardEntry], title: str, usage: str = "",
 
 
 def write_model_card(path: str | os.PathLike, entries: Sequence[CardEntry], title: str, usage: str = "",
-                     first_stage: str | None = None) -> Path:
-    """Render and write the card atomically; returns ``path``."""
+                     first_stage: str | None = None, library_name: str = "diffusers") -> Path:
+    """Render and write the card atomically (:func:`refiner.io.atomic_write_text`); returns ``path``."""
     path = Path(path)
-    atomic_write_text(path, render_model_card(entries, title, usage, first_stage))
+    atomic_write_text(path, render_model_card(entries, title, usage, first_stage, library_name))
     return path

@@ -125,18 +125,27 @@ def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
 
 def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, use_ema: bool = True,
                        trust_checkpoint: bool = False, force: bool = False) -> Path:
-    """Write a window expert's UNet weights (EMA by default) to one ``.safetensors`` file, atomically.
+    """Write a window expert's UNet weights (EMA by default) to one ``.safetensors`` file, atomically, and its
+    model card beside it (:func:`refiner.formats.model_card.export_card_path`: ``w.safetensors`` ->
+    ``w.README.md``; window, schedule, parameterization, first-stage fingerprint, training data, steps, validation).
 
-    ``out_path`` must not be ``ckpt_path`` (compared by inode: any spelling, symlink or hard link) and must
-    not exist unless ``force`` (:func:`refiner.io.check_output_path`); both are checked before reading.
+    Neither output may be ``ckpt_path`` (compared by inode: any spelling, symlink or hard link), and neither may
+    exist unless ``force`` (:func:`refiner.io.check_output_path`); all of this is checked before reading.
 
     Metadata (all strings): format, window, schedule, unet_params (JSON), parameterization,
-    conditioning, scale_factor, global_step, ema, first_stage_fingerprint ("" when unknown).
+    conditioning, scale_factor, global_step, ema, first_stage_fingerprint ("" when unknown), and the card's
+    validation_metrics (JSON) and data_description (:func:`refiner.formats.model_card.export_metadata`).
     """
     from safetensors.torch import save_file
 
+    from refiner.formats.model_card import (card_entry, checkpoint_extra, export_card_path, export_metadata,
+                                            write_model_card)
+
     out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
-    ww = load_window_checkpoint(ckpt_path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
+    card_path = check_output_path(export_card_path(out_path), inputs=[ckpt_path], force=force, what="model card")
+    obj = safe_torch_load(ckpt_path, trust_checkpoint)
+    ww = window_from_checkpoint(obj, str(ckpt_path), use_ema, trust_checkpoint)
+    entry = card_entry(ckpt_path, ww, checkpoint_extra(obj), name=out_path.name)
     tensors = {k: v.detach().contiguous().clone() for k, v in ww.unet_state.items()}
     metadata = {
         "format": EXPORT_FORMAT,
@@ -150,10 +159,16 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
         "global_step": "" if ww.global_step is None else str(ww.global_step),
         "ema": "true" if ww.has_ema else "false",
         FINGERPRINT_KEY: ww.first_stage_fingerprint or "",
+        **export_metadata(entry),
     }
     atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    log.info("exported %s (%s weights, window %s) to %s", ckpt_path, "EMA" if ww.has_ema else "raw", ww.window,
-             out_path)
+    usage = "\n".join(["```python", "from refiner.formats.window_files import load_window_weights", "",
+                       f"unet = load_window_weights({out_path.name!r}).build_unet()  # t in {ww.window}", "```", "",
+                       f"As a stage of a chain: `python sample.py stages=[...,{out_path.name}]`."])
+    write_model_card(card_path, [entry], title=f"refiner window expert {ww.window}", usage=usage,
+                     library_name="refiner")
+    log.info("exported %s (%s weights, window %s) to %s, model card %s", ckpt_path, "EMA" if ww.has_ema else "raw",
+             ww.window, out_path, card_path)
     return out_path
 
 

@@ -18,6 +18,17 @@ loggers (wandb, csv):
 
 and writes ``val_grids/chain_step_<step>.png`` (input | chain output | clean) beside the window's own grids.
 Noise is a pure function of (``val.seed``, batch index), so successive validations compare like for like.
+
+**Under DDP** every rank validates on the same list (the latent DataModule's contract, with
+``use_distributed_sampler: false`` as ``conf/trainer/ddp*.yaml`` set). Before, rank 0 refined all ``val.samples``
+while the other ranks waited; had Lightning split the list (its default sampler), rank 0 would have scored only
+its own share. Now the work is split and the score covers every rank: sample ``i`` (its position in the
+validation list, ``i < val.samples``) is refined by rank ``i % world_size`` with the noise row it gets in a single
+process (the batch's noise is drawn whole, then rows are taken), the outputs are gathered
+(``trainer.strategy.all_gather``, padded to equal length), and rank 0 scores all of them in list order: the same
+images, noise and metrics as one process (up to float rounding from other batch shapes). A checksum of the
+clean images gathered from every rank refuses validation lists that differ between ranks (a split list would
+make the score depend on the world size).
 """
 
 from __future__ import annotations
@@ -57,7 +68,9 @@ class ChainValidation(pl.Callback):
         self.trust_checkpoint, self.allow_mismatch = trust_checkpoint, allow_first_stage_mismatch
         self._earlier = None
         self._decoder = None
-        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (list indices, inputs, refined, clean)
+        self._seen, self._checksum = 0, 0.0  # samples of the validation list taken so far, and their checksum
+        self.refined_indices: list[int] = []  # list positions this rank refined at the last validation
 
     # -- building the chain once, before any compute ----------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -91,36 +104,45 @@ class ChainValidation(pl.Callback):
 
     # -- validation: refine the first samples, then score them -------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._outputs = []
+        self._outputs, self._seen, self._checksum = [], 0, 0.0
         for stage in self._earlier.stages:  # setup ran before Lightning moved the module to its device
             stage.unet.to(pl_module.device)
         self._decoder.to(pl_module.device)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        have = sum(len(o[0]) for o in self._outputs)
-        if trainer.sanity_checking or not trainer.is_global_zero or have >= self.samples:
+        if trainer.sanity_checking or self._seen >= self.samples:
             return
         if "clean" not in batch:
             raise SettingError("whole-chain validation needs the clean validation images (a 'clean' key in the "
                                "validation batches)")
-        n = min(self.samples - have, batch["clean"].shape[0])
+        first, n = self._seen, min(self.samples - self._seen, batch["clean"].shape[0])
+        self._seen += n
+        self._checksum += sum(float(batch["clean"][j].double().sum()) * (first + j + 1) for j in range(n))
+        mine = [j for j in range(n) if (first + j) % trainer.world_size == trainer.global_rank]
+        if not mine:
+            return
         chain = self._chain(pl_module)
         z = batch[f"z_{self.input}"][:n].float().to(chain.device) * chain.scale_factor
         from refiner.lit.window_module import step_seed
 
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(step_seed(self.seed, batch_idx)))
-        latent = chain.refine(z, self.t_start, self._steps(), noise=noise.to(z)).latent / chain.scale_factor
+        rows = torch.tensor(mine)
+        latent = chain.refine(z[rows], self.t_start, self._steps(), noise=noise[rows].to(z)).latent
         device = next(self._decoder.parameters()).device
         with torch.no_grad():
-            images = self._decoder.decode(latent.to(device)).clamp(-1, 1).float().cpu()
-        self._outputs.append((batch[self.input][:n].float().cpu(), images, batch["clean"][:n].float().cpu()))
+            images = self._decoder.decode((latent / chain.scale_factor).to(device)).clamp(-1, 1).float().cpu()
+        self._outputs.append((rows + first, batch[self.input][rows].float().cpu(), images,
+                              batch["clean"][rows].float().cpu()))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         outputs, self._outputs = self._outputs, []
-        if not outputs or trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or not self._seen:
             return
-        inputs, refined, clean = (torch.cat(parts) for parts in zip(*outputs))
+        indices, inputs, refined, clean = _gather(trainer, outputs, self._seen, self._checksum)
+        self.refined_indices = [int(i) for i in torch.cat([o[0] for o in outputs])] if outputs else []
+        if not trainer.is_global_zero:
+            return
         metrics = chain_metrics(refined, clean, self.checker)
         metrics.update({f"input_{k}": v for k, v in chain_metrics(inputs, clean, self.checker).items()})
         for name, value in metrics.items():
@@ -131,6 +153,30 @@ class ChainValidation(pl.Callback):
             k = self.grid_samples
             log_grid(pl_module, [inputs[:k], refined[:k], clean[:k]], name="val/chain_grid", stem="chain_step",
                      captions=[self.input, f"chain from t={self.t_start}, {self._steps()} steps", "clean"])
+
+
+def _gather(trainer: pl.Trainer, outputs: list, seen: int, checksum: float) -> tuple[Tensor, ...]:
+    """Every rank's ``(indices, inputs, refined, clean)``, concatenated in validation-list order (see the module
+    docstring). All ranks must call it; under one process it only concatenates."""
+    parts = [torch.cat(p) for p in zip(*outputs)]
+    if trainer.world_size == 1:
+        return tuple(parts)
+    per_rank = -(-seen // trainer.world_size)  # rank r holds len(range(r, seen, W)) <= ceil(seen / W) samples
+    checks = trainer.strategy.all_gather(torch.tensor([checksum], dtype=torch.float64)).reshape(-1)
+    if not torch.all(checks == checks[0]):
+        raise SettingError(f"val.chain under DDP: the ranks validate on different lists (checksums {checks.tolist()});"
+                           " every rank must see the same validation list (trainer.use_distributed_sampler=false, "
+                           "as conf/trainer/ddp*.yaml set)")
+    # rank 0 always holds sample 0; a rank that refined nothing (fewer samples than ranks) pads from its shape
+    shape = trainer.strategy.broadcast(tuple(parts[2].shape[1:]) if trainer.is_global_zero else None, src=0)
+    if not parts:
+        parts = [torch.zeros(0, dtype=torch.long), *(torch.zeros(0, *shape) for _ in range(3))]
+    padded = [torch.cat([x, x.new_full((per_rank - len(x), *x.shape[1:]), -1)]) for x in parts]
+    gathered = [trainer.strategy.all_gather(x).reshape(-1, *x.shape[1:]) for x in padded]
+    order = gathered[0]
+    keep = torch.nonzero(order >= 0).reshape(-1)
+    keep = keep[torch.argsort(order[keep])]
+    return tuple(g[keep] for g in gathered)
 
 
 def chain_metrics(images: Tensor, clean: Tensor, checker: bool) -> dict[str, float]:
