@@ -191,10 +191,16 @@ def pixel_change_mask(frames: Sequence[Tensor], *, factor: int, cfg: PixelChange
     return detection(pixel=torch.from_numpy(np.stack(masks)), factor=factor, method=method, severity=change / 2)
 
 
+# The threshold's k in median + k * 1.4826 * MAD: the public code's 3, and for the residual 6, chosen on the
+# benchmark's split=tune (the README's artifact section). sample.py and the benchmark both read it from here.
+MAD_SCALE = {"asced_code": 3.0, "residual": 6.0}
+
+
 def residual_mask(inputs: Tensor, x0_pixels: Tensor, *, factor: int, cfg: PixelChangeConfig | None = None
                   ) -> Detection:
     """Where the denoiser's clean guess disagrees with the input: :func:`pixel_change_mask` on the two frames
-    ``[inputs, x0_pixels]`` (both (B, 3, H, W) in [-1, 1])."""
+    ``[inputs, x0_pixels]`` (both (B, 3, H, W) in [-1, 1]); by default with ``mad_scale = MAD_SCALE["residual"]``."""
+    cfg = cfg or PixelChangeConfig(mad_scale=MAD_SCALE["residual"])
     return pixel_change_mask([inputs, x0_pixels], factor=factor, cfg=cfg, method="residual")
 
 

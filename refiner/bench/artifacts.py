@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
-from refiner.artifacts.detect import (Detection, PixelChangeConfig, asced_paper_mask, dilate, mask_scores,
+from refiner.artifacts.detect import (Detection, asced_paper_mask, dilate, mask_scores,
                                       pixel_change_mask, pixel_from_latent)
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
 from refiner.artifacts.probe import probe_detect
@@ -63,16 +63,10 @@ def _batches(n: int, size: int):
 
 
 def _detect_all(pipe, images, method: str, t_start: int, steps: int, cfg) -> Detection:
-    parts = [probe_detect(pipe, [images[i] for i in idx], method, t_start, steps, seed=cfg.seed, indices=idx,
-                          pixel_cfg=_pixel_cfg(method, cfg))
+    parts = [probe_detect(pipe, [images[i] for i in idx], method, t_start, steps, seed=cfg.seed, indices=idx)
              for idx in _batches(len(images), cfg.batch_size)]
     return Detection(torch.cat([p.latent for p in parts]), torch.cat([p.pixel for p in parts]),
                      torch.cat([p.severity for p in parts]), method)
-
-
-def _pixel_cfg(method: str, cfg) -> PixelChangeConfig:
-    scale = cfg.artifacts.residual_mad_scale if method == "residual" else 3.0
-    return PixelChangeConfig(mad_scale=float(scale))
 
 
 # ------------------------------------------------------------------------------------------- 1. detection

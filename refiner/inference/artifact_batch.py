@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
-from refiner.artifacts.detect import Detection, PixelChangeConfig, dilate
+from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, dilate
 from refiner.artifacts.probe import probe_detect, probe_t_end
 from refiner.data.images import save_png_atomic, to_tensor
 from refiner.inference.artifact_options import ArtifactOptions, steps_for_start
@@ -37,7 +37,6 @@ from refiner.inference.outputs import MASK_RECORD, mask_path, png_text
 from refiner.inference.pipeline import Pipeline
 from refiner.sampling import timestep_grid
 
-MAD_SCALE = {"residual": 6.0, "asced_code": 3.0}  # residual: tuned on the benchmark (PixelChangeConfig(mad_scale=6))
 TINT = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # red, in [-1, 1]
 
 
@@ -117,7 +116,7 @@ class ArtifactRun:
         t_end = probe_t_end(chain, top)
         grid = timestep_grid(top, self.steps, 0, self.spacing, chain.alphas_cumprod.shape[0])
         steps = min(top - t_end + 1, max(2, sum(t >= t_end for t in grid)))
-        cfg = PixelChangeConfig(mad_scale=MAD_SCALE.get(self.opts.detect, 3.0))
+        cfg = PixelChangeConfig(mad_scale=MAD_SCALE.get(self.opts.detect, 3.0))  # detect.MAD_SCALE
         return probe_detect(self.pipeline, images, self.opts.detect, top, steps, seed=self.seed, indices=indices,
                             t_end=t_end, pixel_cfg=cfg)
 
