@@ -33,6 +33,19 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path):
         return compose(config_name, overrides=[f"paths.output_dir={output_dir}", *overrides])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP's second thread
+    made every op ~100x slower (spin-waiting). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; the thread count is restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose_train(tmp_path):
     def _compose(*overrides: str, output_dir: Path | None = None):

@@ -20,12 +20,7 @@ SCHEDULE = ScheduleConfig("linear", 1000, 0.0015, 0.0195)
 AB = SCHEDULE.alphas_cumprod()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MustNotRun(torch.nn.Module):

@@ -31,14 +31,7 @@ from refiner.sampling import Stage, refine
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP's second thread
-    made every op ~100x slower (spin-waiting). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vq_checkpoint(d: Path, factor: int, n_embed: int, embed_dim: int, name: str) -> Path:

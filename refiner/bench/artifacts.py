@@ -34,28 +34,14 @@ from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
 from refiner.artifacts.probe import probe_detect
 from refiner.bench.checker import check_batch
 from refiner.bench.methods import BenchError, Method, score, steps_for
-from refiner.bench.run import Models, _check_settings, build_sources
+from refiner.bench.run import Models, _check_settings, build_sources, check_output_dir, refine_all
 from refiner.bench.sources import clean_heads
-from refiner.data.images import to_uint8
 from refiner.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 WRITTEN_BY = "refiner bench.artifacts"
 OUTPUT_FILES = ("artifacts.json", "artifacts.md", "artifacts_tradeoff.png", "t_start_auto.json")
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    existing = [out / n for n in OUTPUT_FILES if (out / n).exists()]
-    if not existing or overwrite:
-        return
-    try:
-        ours = json.loads((out / "artifacts.json").read_text()).get("written_by") == WRITTEN_BY
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise BenchError(f"output_dir {out} holds {', '.join(p.name for p in existing)} that this command did not "
-                         "write; choose another output_dir or set overwrite=true")
 
 
 def _batches(n: int, size: int):
@@ -94,61 +80,43 @@ def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------------------------------- 2. generation + TTC
 @torch.no_grad()
-def generate_with_ttc(models: Models, cfg, method: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The generator source again, same noise (seed + i), with ``method`` watching and TTC correcting."""
-    from refiner.sampling import sample_ddim, timestep_grid
-
+def generate_with_ttc(models: Models, cfg, seeds, method: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The generator source again (:func:`refiner.bench.run.build_sources`: same noise, seed + i), with ``method``
+    watching each batch and TTC correcting; returns the images and each image's latent mask."""
     chain, f4 = models.pipelines[models.generator_stages].chain, models.f4
-    stage = chain.stages[0]
-    model, param = stage.stage(None).model, stage.weights.parameterization
-    T, a = chain.alphas_cumprod.shape[0], cfg.artifacts.ttc
-    grid = timestep_grid(T - 1, cfg.generator.steps, 0, "uniform", T)
+    param, a = chain.stages[0].weights.parameterization, cfg.artifacts.ttc
     side = cfg.size // f4.factor
-    decode = lambda z: f4.decode(z / chain.scale_factor).clamp(-1, 1)  # noqa: E731
-    images, masks = [], []
-    for idx in _batches(cfg.n, cfg.batch_size):
-        seeds = cfg_seeds(cfg)["generator"]
-        x = torch.stack([torch.randn((f4.embed_dim, side, side), generator=torch.Generator().manual_seed(seeds + i))
-                         for i in idx])
+    corrections: list[tuple[int, TrajectoryCorrection]] = []
+
+    def callback_for(idx: list[int], grid: list[int]):
         rec = StepRecorder(chain.alphas_cumprod, param, t_low=a.t_correct, t_high=a.t_detect,
                            keep_scores=method == "asced", keep_x0=method != "asced")
 
-        def mask_fn(rec=rec):
+        def mask_fn():
             if method == "asced":
                 return asced_paper_mask(rec.timesteps, rec.scores, t_correct=a.t_correct, t_detect=a.t_detect,
                                         factor=f4.factor).latent
-            return pixel_change_mask([decode(z) for z in rec.x0], factor=f4.factor).latent
+            decoded = [f4.decode(z / chain.scale_factor).clamp(-1, 1) for z in rec.x0]
+            return pixel_change_mask(decoded, factor=f4.factor).latent
 
         ttc = TrajectoryCorrection(grid, chain.alphas_cumprod, mask_fn, a.t_correct, gamma=float(a.gamma),
                                    correction_eta=float(a.correction_eta), parameterization=param,
-                                   generator=torch.Generator().manual_seed(seeds + idx[0] + 7))
-        z = sample_ddim(model, x, grid, chain.alphas_cumprod, parameterization=param,
-                        callback=chain_callbacks([rec, ttc]))
-        images += [to_uint8(img) for img in decode(z)]
-        masks += (list(ttc.mask[:, 0].bool().cpu().numpy()) if ttc.mask is not None
-                  else [np.zeros((side, side), dtype=bool)] * len(idx))
+                                   generator=torch.Generator().manual_seed(seeds["generator"] + idx[0] + 7))
+        corrections.append((len(idx), ttc))
+        return chain_callbacks([rec, ttc])
+
+    images = build_sources(cfg, seeds, ["generator"], models, generator_callback_for=callback_for)["generator"].inputs
+    masks = [m for count, ttc in corrections
+             for m in (list(ttc.mask[:, 0].bool().cpu().numpy()) if ttc.mask is not None
+                       else [np.zeros((side, side), dtype=bool)] * count)]
     return images, masks
 
 
-def cfg_seeds(cfg) -> dict:
-    return dict(cfg.seeds[cfg.split])
-
-
 # ------------------------------------------------------------------------------------------- 3. adaptive strength
-def _refine(pipe, images, t_start: int, cfg, starts: torch.Tensor | None = None) -> list[np.ndarray]:
-    out = []
-    for idx in _batches(len(images), cfg.batch_size):
-        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps_for(t_start, cfg.t_per_step),
-                                        seed=cfg.seed, indices=idx,
-                                        starts=None if starts is None else starts[idx])
-        out += refined
-    return out
-
-
 def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
     """Per image, the smallest swept t_start whose refinement passes the checker (the largest when none does); also
     the fixed-t outputs, reused as the sweep's points."""
-    outputs = {t: _refine(pipe, images, t, cfg) for t in t_starts}
+    outputs = {t: refine_all(pipe, images, t, cfg) for t in t_starts}
     passed = {t: [r.passed for r in check_batch(outs)] for t, outs in outputs.items()}
     needed = [next((t for t in sorted(t_starts) if passed[t][i]), max(t_starts)) for i in range(len(images))]
     return np.asarray(needed, dtype=float), outputs
@@ -173,7 +141,7 @@ def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int
         else:
             starts_i = auto(severity)
             starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
-            outs = _refine(pipe, art.inputs, max(starts_i), cfg, starts)
+            outs = refine_all(pipe, art.inputs, max(starts_i), cfg, starts=starts)
             rows.append({"point": "t_start=auto (residual severity)", "mean_t_start": float(np.mean(starts_i)),
                          "unet_evals": probe_steps + steps_for(max(starts_i), cfg.t_per_step),
                          **score(outs, art.inputs, references, art.clean)})
@@ -181,7 +149,7 @@ def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int
         flagged = dilate(det.pixel, int(a.strength_dilate_px)).float()
         for t_low in a.strength_t_low:
             starts = starts_from_strength(flagged, int(t_low), top)
-            outs = _refine(pipe, art.inputs, top, cfg, starts)
+            outs = refine_all(pipe, art.inputs, top, cfg, starts=starts)
             rows.append({"point": f"strength map (residual; rest from {t_low})", "unet_evals":
                          probe_steps + steps_for(top, cfg.t_per_step),
                          **score(outs, art.inputs, references, art.clean)})
@@ -194,7 +162,7 @@ def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int
         need = np.concatenate([n for _, n in calibration.values()])
         auto = fit_auto_start(sev.tolist(), need.tolist(), min(t_starts), max(t_starts),
                               chain={"stages": [str(s) for s in cfg.methods.chain.stages]},
-                              source={"split": cfg.split, "seeds": cfg_seeds(cfg), "n": cfg.n,
+                              source={"split": cfg.split, "seeds": dict(cfg.seeds[cfg.split]), "n": cfg.n,
                                       "sources": list(a.sources), "detector": "residual"})
         auto.save(out_dir / "t_start_auto.json")
     return points, {"knots": auto.knots}
@@ -255,7 +223,7 @@ def tradeoff_png(res: dict) -> bytes:
 def run(cfg: DictConfig) -> dict:
     seeds, _ = _check_settings(cfg)
     out_dir = Path(cfg.output_dir)
-    _check_output_dir(out_dir, bool(cfg.overwrite))
+    check_output_dir(out_dir, bool(cfg.overwrite), OUTPUT_FILES, OUTPUT_FILES[0], WRITTEN_BY, "this command")
     a = cfg.artifacts
     if cfg.split != "tune" and not Path(a.calibration).is_file():
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
@@ -276,7 +244,7 @@ def run(cfg: DictConfig) -> dict:
     plain_rate = np.mean([not r.passed for r in check_batch(plain)])
     for method in a.ttc.detectors:
         t0 = time.perf_counter()
-        images, masks = generate_with_ttc(models, cfg, method)
+        images, masks = generate_with_ttc(models, cfg, seeds, method)
         outside = ~pixel_from_latent(torch.from_numpy(np.stack(masks)).bool(), int(models.f4.factor))
         diff = torch.from_numpy(np.stack(images).astype(np.float32) - np.stack(plain).astype(np.float32)) / 255
         generation[method] = {"plain_artifact_rate": float(plain_rate),

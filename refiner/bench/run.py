@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,19 +33,22 @@ WRITTEN_BY = "refiner bench"
 OUTPUT_FILES = ("results.json", "results.md", "comparison_grid.png", "tradeoff.png", "efficiency.png")
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """The benchmark replaces only its own earlier outputs (``results.json`` names it as the writer)."""
+def check_output_dir(out: Path, overwrite: bool, files: Sequence[str] = OUTPUT_FILES, record: str = "results.json",
+                     written_by: str = WRITTEN_BY, writer: str = "the benchmark") -> None:
+    """A benchmark command replaces only its own earlier outputs: ``files`` in ``out`` may be replaced when their
+    ``record`` (a JSON file among them) names ``written_by`` as the writer, or with ``overwrite``. The benchmark and
+    its side commands (:mod:`refiner.bench.artifacts`, :mod:`refiner.bench.upscale`) each pass their own."""
     if out.exists() and not out.is_dir():
         raise BenchError(f"output_dir {out} exists and is not a folder")
-    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
+    existing = [out / name for name in files if (out / name).exists()]
     if not existing or overwrite:
         return
     try:
-        ours = json.loads((out / "results.json").read_text()).get("written_by") == WRITTEN_BY
+        ours = json.loads((out / record).read_text()).get("written_by") == written_by
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise BenchError(f"output_dir {out} holds {', '.join(p.name for p in existing)} that the benchmark did not "
+        raise BenchError(f"output_dir {out} holds {', '.join(p.name for p in existing)} that {writer} did not "
                          f"write; choose another output_dir or set overwrite=true")
 
 
@@ -118,7 +121,10 @@ class Models:
                 raise BenchError(f"generator.steps must be in [1, {T}], got {cfg.generator.steps}")
 
 
-def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: Models) -> dict[str, ArtifactSet]:
+def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: Models,
+                  generator_callback_for=None) -> dict[str, ArtifactSet]:
+    """The artifact sets of ``sources`` from the split's ``seeds``; ``generator_callback_for`` is passed to
+    :func:`~refiner.bench.sources.generator_samples` (``callback_for``)."""
     n, size = cfg.n, cfg.size
     built: dict[str, ArtifactSet] = {}
     for name in sources:
@@ -135,24 +141,32 @@ def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: M
             latent = (f4.embed_dim, size // f4.factor, size // f4.factor)
             built[name] = generator_samples(
                 model, chain.alphas_cumprod, lambda z: f4.decode(z / chain.scale_factor).clamp(-1, 1), latent, n,
-                seeds["generator"], cfg.generator.steps, chain.stages[0].weights.parameterization, cfg.batch_size)
+                seeds["generator"], cfg.generator.steps, chain.stages[0].weights.parameterization, cfg.batch_size,
+                callback_for=generator_callback_for)
         log.info("source %s: %d images in %.1f s", name, n, time.perf_counter() - t0)
     return built
+
+
+def refine_all(pipe, images: list[np.ndarray], t_start: int, cfg: DictConfig, *, starts=None,
+               allow_outside_window: bool = False) -> list[np.ndarray]:
+    """``pipe.refine_images`` over ``images`` in batches of ``cfg.batch_size`` at ``steps_for(t_start)``; image ``i``
+    keeps its index (noise ``cfg.seed + i``) and, with ``starts`` ((N, H, W)), its own per-pixel starts."""
+    out: list[np.ndarray] = []
+    for k in range(0, len(images), cfg.batch_size):
+        idx = list(range(k, min(len(images), k + cfg.batch_size)))
+        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps_for(t_start, cfg.t_per_step),
+                                        seed=cfg.seed, indices=idx, allow_outside_window=allow_outside_window,
+                                        starts=None if starts is None else starts[idx])
+        out += refined
+    return out
 
 
 def apply_method(method: Method, setting: int, images: list[np.ndarray], cfg: DictConfig, models: Models
                  ) -> list[np.ndarray]:
     if method.kind == "unsharp":
         return unsharp(images, setting, method.radius)
-    pipe = models.pipelines[method.stages]
-    out: list[np.ndarray] = []
-    for k in range(0, len(images), cfg.batch_size):
-        batch = images[k:k + cfg.batch_size]
-        refined, _ = pipe.refine_images(batch, setting, steps_for(setting, cfg.t_per_step), seed=cfg.seed,
-                                        indices=list(range(k, k + len(batch))),
-                                        allow_outside_window=method.allow_outside_window)
-        out += refined
-    return out
+    return refine_all(models.pipelines[method.stages], images, setting, cfg,
+                      allow_outside_window=method.allow_outside_window)
 
 
 def grid_setting(method: Method, recommended_t_start: int) -> int:

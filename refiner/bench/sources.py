@@ -68,10 +68,12 @@ def f8_degraded(n: int, seed: int, degrade: Callable[[Sequence[np.ndarray]], lis
 @torch.no_grad()
 def generator_samples(model: Callable, alphas_cumprod: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor],
                       latent_shape: tuple[int, int, int], n: int, seed: int, steps: int,
-                      parameterization: str = "eps", batch_size: int = 64) -> ArtifactSet:
+                      parameterization: str = "eps", batch_size: int = 64,
+                      callback_for: Callable[[list[int], list[int]], Callable | None] | None = None) -> ArtifactSet:
     """``n`` samples of a full-range model: DDIM (eta 0) over ``timestep_grid(T-1, steps)`` from pure
     noise; noise of image ``i`` from ``torch.Generator().manual_seed(seed + i)``. ``decode`` maps scaled
-    latents (B, C, h, w) to images in [-1, 1]."""
+    latents (B, C, h, w) to images in [-1, 1]. ``callback_for(indices, grid)``, if given, makes each batch's
+    sampler step callback (e.g. an artifact detector with TTC, :mod:`refiner.bench.artifacts`)."""
     from refiner.sampling import sample_ddim, timestep_grid
 
     T = alphas_cumprod.shape[0]
@@ -80,6 +82,7 @@ def generator_samples(model: Callable, alphas_cumprod: torch.Tensor, decode: Cal
     for k in range(0, n, batch_size):
         idx = range(k, min(n, k + batch_size))
         x = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
-        z = sample_ddim(model, x, grid, alphas_cumprod, parameterization=parameterization)
+        callback = callback_for(list(idx), grid) if callback_for is not None else None
+        z = sample_ddim(model, x, grid, alphas_cumprod, parameterization=parameterization, callback=callback)
         images += [to_uint8(img) for img in decode(z)]
     return ArtifactSet("generator", images, None, None, [f"{steps} DDIM steps"] * n)

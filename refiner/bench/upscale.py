@@ -28,25 +28,16 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from refiner.bench.methods import BenchError, Method, score, steps_for
-from refiner.bench.run import Models, _check_settings
+from refiner.bench.run import Models, _check_settings, check_output_dir, refine_all
 from refiner.bench.sources import clean_heads, injected_defects
 from refiner.io import atomic_write_text
 
 WRITTEN_BY = "refiner bench.upscale"
+OUTPUT_FILES = ("upscale.json", "upscale.md")
 
 
 def _resize(images, size: int, resample) -> list[np.ndarray]:
     return [np.asarray(Image.fromarray(img).resize((size, size), resample)) for img in images]
-
-
-def _refine(pipe, images, t: int, cfg) -> list[np.ndarray]:
-    out = []
-    for k in range(0, len(images), cfg.batch_size):
-        batch = images[k:k + cfg.batch_size]
-        refined, _ = pipe.refine_images(batch, t, steps_for(t, cfg.t_per_step), seed=cfg.seed,
-                                        indices=list(range(k, k + len(batch))))
-        out += refined
-    return out
 
 
 def markdown(res: dict) -> str:
@@ -68,15 +59,7 @@ def run(cfg: DictConfig) -> dict:
 
     seeds, _ = _check_settings(cfg)
     out_dir = Path(cfg.output_dir)
-    mine = out_dir / "upscale.json"
-    if (mine.exists() or (out_dir / "upscale.md").exists()) and not cfg.overwrite:
-        try:
-            ours = json.loads(mine.read_text()).get("written_by") == WRITTEN_BY
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise BenchError(f"output_dir {out_dir} holds upscale.json/md that this command did not write; choose "
-                             "another output_dir or set overwrite=true")
+    check_output_dir(out_dir, bool(cfg.overwrite), OUTPUT_FILES, OUTPUT_FILES[0], WRITTEN_BY, "this command")
     if cfg.size % 16:
         raise BenchError(f"upscaling from size/2 needs size to be a multiple of 16, got {cfg.size}")
     t_starts = [int(t) for t in cfg.upscale.t_starts]
@@ -97,8 +80,8 @@ def run(cfg: DictConfig) -> dict:
                  **score(bicubic, bicubic, references, truth)}]
         for t in t_starts:
             steps = steps_for(t, cfg.t_per_step)
-            for label, fn, evals in (("bicubic + chain", lambda: _refine(direct, bicubic, t, cfg), steps),
-                                     ("progressive + chain", lambda: _refine(progressive, small, t, cfg), 2 * steps)):
+            for label, fn, evals in (("bicubic + chain", lambda: refine_all(direct, bicubic, t, cfg), steps),
+                                     ("progressive + chain", lambda: refine_all(progressive, small, t, cfg), 2 * steps)):
                 t0 = time.perf_counter()
                 outs = fn()
                 rows.append({"method": f"{label}, t_start {t}", "unet_evals": evals,
@@ -109,7 +92,7 @@ def run(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     from refiner.bench.report import _json_ready
 
-    atomic_write_text(mine, json.dumps(_json_ready(res), indent=2) + "\n")
+    atomic_write_text(out_dir / OUTPUT_FILES[0], json.dumps(_json_ready(res), indent=2) + "\n")
     atomic_write_text(out_dir / "upscale.md", markdown(res))
     return res
 
