@@ -25,7 +25,7 @@ import torch
 
 from refiner.artifacts.detect import Detection, PixelChangeConfig, asced_paper_mask, pixel_change_mask, residual_mask
 from refiner.artifacts.dynamics import StepRecorder
-from refiner.inference.pipeline import Pipeline, padded_batch
+from refiner.inference.pipeline import Pipeline, image_noise, padded_batch
 
 DETECTORS = ("asced", "asced_code", "residual")
 
@@ -57,8 +57,7 @@ def probe_detect(pipeline: Pipeline, images: Sequence[np.ndarray], method: str, 
     size, factor = images[0].shape[:2], int(f4.factor)
     x = padded_batch(images, pipeline.multiple, pipeline.pad_mode, pipeline.device)
     z = f4.encode(x) * chain.scale_factor
-    noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed + i))
-                         for i in indices]).to(z)
+    noise = image_noise(z.shape[1:], [seed + i for i in indices]).to(z)
     if method == "asced" and len(parameterizations) != 1:
         raise ValueError("detect=asced needs every stage of the chain to share one parameterization")
     recorder = StepRecorder(chain.alphas_cumprod, next(iter(parameterizations)), keep_scores=method == "asced",

@@ -31,7 +31,7 @@ from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_
 from refiner.artifacts.detect import (Detection, asced_paper_mask, dilate, mask_scores,
                                       pixel_change_mask, pixel_from_latent)
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
-from refiner.artifacts.probe import probe_detect
+from refiner.artifacts.probe import probe_detect, probe_t_end
 from refiner.bench.checker import check_batch
 from refiner.bench.methods import BenchError, Method, score, steps_for
 from refiner.bench.run import Models, _check_settings, build_sources, check_output_dir, refine_all
@@ -235,8 +235,7 @@ def run(cfg: DictConfig) -> dict:
     references = clean_heads(cfg.n, seeds["references"], cfg.size)
     sets = build_sources(cfg, seeds, sources, models)
     top = int(a.probe_t_start)
-    window = next(s.weights.window for s in pipe.chain.stages if s.weights.window.contains(top))
-    probe_steps = steps_for(top - window.t_min, cfg.t_per_step)
+    probe_steps = steps_for(top - probe_t_end(pipe.chain, top), cfg.t_per_step)
 
     detection, severities = detection_quality(pipe, sets, cfg, probe_steps)
     generation = {}

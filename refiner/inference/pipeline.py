@@ -127,6 +127,13 @@ class Tiling:
         return asdict(self)
 
 
+def image_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
+    """The ``q_sample`` noise of a batch: one ``randn(shape)`` per image from ``torch.Generator().manual_seed(s)``,
+    ``s`` its seed (``seed + i`` for image ``i``), stacked on CPU. Shared by refinement and the artifact probe, so a
+    probe sees exactly the noise the refinement of the same image starts from."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 def padded_batch(images: Sequence[np.ndarray], multiple: int, pad_mode: str = "reflect",
                  device: str | torch.device = "cpu") -> Tensor:
     """Same-size uint8 images -> one (B, 3, H', W') batch in [-1, 1], padded bottom/right to ``multiple``."""
@@ -255,8 +262,7 @@ class Pipeline:
         """Whole images, one batch: noise per image from ``seed + i``; ``callback`` then the pinning of ``starts``
         run after every step (see refine_images)."""
         z = self.f4.encode(x) * self.chain.scale_factor
-        noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed + i))
-                             for i in indices]).to(z)
+        noise = image_noise(z.shape[1:], [seed + i for i in indices]).to(z)
         generator = torch.Generator(device=z.device).manual_seed(seed + indices[0])
         if starts is not None:
             from refiner.artifacts.dynamics import chain_callbacks
@@ -298,7 +304,7 @@ class Pipeline:
             latent = self.chain.refine_progressive(z, upscale=self.upscale, generator=generator,
                                                    **{**sampler, **tiles})
             return self._finish(latent, [])
-        noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(noise_seed))[None].to(z)
+        noise = image_noise(z.shape[1:], [noise_seed]).to(z)
         tiles = self.tiling.latent_tiles(noise_seed) if self.tiled(*x.shape[-2:]) else None
         result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
                                    tiles=tiles, **sampler)
