@@ -21,7 +21,9 @@ from refiner.apps.sample import run
 from refiner.errors import SettingError
 from refiner.inference.distributed import Ranks, merge_summaries
 from refiner.inference.outputs import pixels_match_record, read_png_record, remove_stale_temps
-from test_sample import _overrides, _rgb, models, one_thread  # noqa: F401  (module fixtures)
+from test_sample import _overrides, _rgb, models  # noqa: F401  (module fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(tmp_path: Path, n: int) -> Path:
