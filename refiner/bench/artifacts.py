@@ -57,7 +57,7 @@ def _detect_all(pipe, images, method: str, t_start: int, steps: int, cfg) -> Det
 
 # ------------------------------------------------------------------------------------------- 1. detection
 def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
-    out, severities = {}, {}
+    out, detections = {}, {}
     for name, art in sets.items():
         if name == "defects":
             truth = torch.from_numpy(np.stack(art.masks)).bool()
@@ -73,9 +73,9 @@ def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
                 clean = _detect_all(pipe, art.clean, method, cfg.artifacts.probe_t_start, probe_steps, cfg)
                 out[name][method]["clean_images_flagged"] = float(clean.pixel.flatten(1).any(1).float().mean())
                 out[name][method]["clean_flagged_fraction"] = float(clean.area.mean())
-            severities[(name, method)] = det.severity
+            detections[(name, method)] = det
             log.info("detect %s / %s: pixel IoU %.3f (%.1f s)", name, method, out[name][method]["pixel_iou"], seconds)
-    return out, severities
+    return out, detections
 
 
 # ------------------------------------------------------------------------------------------- 2. generation + TTC
@@ -122,7 +122,8 @@ def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
     return np.asarray(needed, dtype=float), outputs
 
 
-def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int, references) -> tuple[dict, dict]:
+def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int, references) -> tuple[dict, dict]:
+    """Section 3; ``detections[(source, "residual")]`` (from :func:`detection_quality`) gives the severities and masks."""
     a, points, calibration = cfg.artifacts, {}, {}
     t_starts, top = list(a.t_starts), int(a.probe_t_start)
     auto = None
@@ -135,7 +136,8 @@ def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int
         for t in t_starts:
             rows.append({"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
                          **score(fixed[t], art.inputs, references, art.clean)})
-        severity = severities[(name, "residual")].numpy()
+        det = detections[(name, "residual")]
+        severity = det.severity.numpy()
         if cfg.split == "tune":
             calibration[name] = (severity, needed)
         else:
@@ -145,7 +147,6 @@ def adaptive_points(pipe, sets, severities, cfg, out_dir: Path, probe_steps: int
             rows.append({"point": "t_start=auto (residual severity)", "mean_t_start": float(np.mean(starts_i)),
                          "unet_evals": probe_steps + steps_for(max(starts_i), cfg.t_per_step),
                          **score(outs, art.inputs, references, art.clean)})
-        det = _detect_all(pipe, art.inputs, "residual", top, probe_steps, cfg)
         flagged = dilate(det.pixel, int(a.strength_dilate_px)).float()
         for t_low in a.strength_t_low:
             starts = starts_from_strength(flagged, int(t_low), top)
@@ -237,7 +238,7 @@ def run(cfg: DictConfig) -> dict:
     top = int(a.probe_t_start)
     probe_steps = steps_for(top - probe_t_end(pipe.chain, top), cfg.t_per_step)
 
-    detection, severities = detection_quality(pipe, sets, cfg, probe_steps)
+    detection, detections = detection_quality(pipe, sets, cfg, probe_steps)
     generation = {}
     plain = sets["generator"].inputs
     plain_rate = np.mean([not r.passed for r in check_batch(plain)])
@@ -253,7 +254,7 @@ def run(cfg: DictConfig) -> dict:
                               "ttc_artifact_rate": float(np.mean([not r.passed for r in check_batch(images)])),
                               "changed": int(sum(not np.array_equal(p, q) for p, q in zip(plain, images))),
                               "seconds": round(time.perf_counter() - t0, 2)}
-    adaptive, calibration = adaptive_points(pipe, sets, severities, cfg, out_dir, probe_steps, references)
+    adaptive, calibration = adaptive_points(pipe, sets, detections, cfg, out_dir, probe_steps, references)
     res = {"written_by": WRITTEN_BY, "split": cfg.split, "seeds": dict(seeds), "n": cfg.n, "size": cfg.size,
            "probe_t_start": top, "probe_steps": probe_steps, "settings": OmegaConf.to_container(a, resolve=True),
            "detection": detection, "generation": generation, "adaptive": adaptive, "calibration": calibration}
