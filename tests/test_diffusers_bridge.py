@@ -25,7 +25,7 @@ from refiner.diffusion import ScheduleConfig, Window  # noqa: E402
 from refiner.formats.diffusers import (  # noqa: E402
     DiffusersFormatError, WindowChainPipeline, export_diffusers, load_diffusers_unet, load_diffusers_vq,
     unet2d_config, unet_from_diffusers, unet_params_from_unet2d_config, unet_to_diffusers, vq_config,
-    vq_to_diffusers,
+    vq_params_from_config, vq_to_diffusers,
 )
 from refiner.models.unet import UNetModel, tiny_unet_params  # noqa: E402
 from refiner.models.vq import VQModel, tiny_ddconfig  # noqa: E402
@@ -86,14 +86,19 @@ def test_attention_split_order_matters():
         assert (ours(x, t) - theirs(x, t).sample).abs().max() > 10 * TOL
 
 
-def test_vq_matches_exported_vqmodel():
-    vq = VQModel(**VQ_PARAMS)
+@pytest.mark.parametrize("norm_groups", [None, 8])
+def test_vq_matches_exported_vqmodel(norm_groups):
+    params = VQ_PARAMS if norm_groups is None else {**VQ_PARAMS, "ddconfig": {**VQ_PARAMS["ddconfig"],
+                                                                             "norm_groups": norm_groups}}
+    vq = VQModel(**params)
     state = randomized(vq, 1, std=0.1)
     vq.load_state_dict(state)
     vq.eval()
-    cfg = vq_config(VQ_PARAMS, scaling_factor=0.7)
+    cfg = vq_config(params, scaling_factor=0.7)
+    assert cfg["norm_num_groups"] == (norm_groups or 32)
+    assert vq_params_from_config(cfg) == params  # and back: the groups survive the round trip
     theirs = diffusers.VQModel(**{k: v for k, v in cfg.items() if not k.startswith("_")})
-    theirs.load_state_dict(vq_to_diffusers(state, VQ_PARAMS), strict=True)
+    theirs.load_state_dict(vq_to_diffusers(state, params), strict=True)
     theirs.eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -145,3 +145,46 @@ def test_cosine_schedule_reaches_zero_and_restarts_stop(tmp_path, monkeypatch):
     assert restarts == [0, 1, 2]
     with pytest.raises(ValueError, match="lr_schedule"):
         FirstStageModule(tiny_ddconfig(4, resolution=32), n_embed=32, embed_dim=3, lr_schedule="linear")
+
+
+def test_norm_groups_sets_every_groupnorm_and_keeps_the_state_dict():
+    """``norm_groups`` regroups every GroupNorm of encoder and decoder (4 channels per group for ch 32 with 8,
+    CompVis's f4 ratio), leaves the state dict as it is, and changes the function."""
+    torch.manual_seed(0)
+    plain_vq = VQModel(tiny_ddconfig(4, resolution=32), n_embed=16, embed_dim=3).eval()
+    grouped = VQModel({**tiny_ddconfig(4, resolution=32), "norm_groups": 8}, n_embed=16, embed_dim=3).eval()
+    norms = [m for m in grouped.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 8 for m in norms)
+    assert all(m.num_groups == 32 for m in plain_vq.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert plain_vq.state_dict().keys() == grouped.state_dict().keys()
+    grouped.load_state_dict(plain_vq.state_dict())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert (plain_vq.encode(x) - grouped.encode(x)).abs().max() > 1e-3
+    # one GroupNorm by hand: 8 groups of 4 channels, statistics over (channels of the group, H, W), eps 1e-6
+    norm, h = norms[0], torch.randn(2, norms[0].num_channels, 5, 5)
+    g = h.reshape(2, 8, -1)
+    ref = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()).reshape(h.shape)
+    ref = ref * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
+    torch.testing.assert_close(norm(h), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="norm_groups=5 does not divide"):
+        VQModel({**tiny_ddconfig(4, resolution=32), "norm_groups": 5}, 16, 3)
+
+
+def test_a_first_stage_config_that_describes_another_network_is_refused(tmp_path):
+    """Our first-stage checkpoints record their params; the norm groups do not show in the state dict, so a config
+    with other groups would load strictly and decode garbage: it is refused, naming both values."""
+    from refiner.formats.compvis import build_first_stage
+    from refiner.formats.safe_load import CheckpointError
+
+    dd = {**tiny_ddconfig(4, resolution=32), "norm_groups": 8}
+    module = FirstStageModule(dd, n_embed=16, embed_dim=3, restart_every=0)
+    trainer = _fit(module, 1, tmp_path)
+    path = tmp_path / "vq.ckpt"
+    trainer.save_checkpoint(path)
+    vq = build_first_stage(path, dict(ddconfig=dd, n_embed=16, embed_dim=3))
+    assert all(m.num_groups == 8 for m in vq.modules() if isinstance(m, torch.nn.GroupNorm))
+    with pytest.raises(CheckpointError, match=r"ddconfig.norm_groups: 8 vs 32"):
+        build_first_stage(path, dict(ddconfig=tiny_ddconfig(4, resolution=32), n_embed=16, embed_dim=3))
+    with pytest.raises(CheckpointError, match=r"n_embed: 16 vs 32"):
+        build_first_stage(path, dict(ddconfig=dd, n_embed=32, embed_dim=3))

@@ -219,11 +219,17 @@ def load_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool = Fals
     dict), or the ``first_stage_model.*`` part of an LDM checkpoint. Training-only ``loss.*`` keys
     (discriminator, LPIPS, logvar) are dropped and reported through ``logging``. A folder is read as a
     diffusers ``VQModel`` (e.g. ``<pipeline>/vqvae``) and returned in our layout."""
+    return _read_first_stage(ckpt_path, trust_checkpoint)[0]
+
+
+def _read_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool) -> tuple[dict[str, Tensor], dict | None]:
+    """(weights as :func:`load_first_stage` returns them, the VQ params a first-stage training run of ours saved in
+    ``hyper_parameters``, or None for any other checkpoint)."""
     source = str(ckpt_path)
     if Path(ckpt_path).is_dir():
         from refiner.formats.diffusers import load_diffusers_vq
 
-        return load_diffusers_vq(ckpt_path).state_dict()
+        return load_diffusers_vq(ckpt_path).state_dict(), None
     obj = safe_torch_load(ckpt_path, trust_checkpoint)
     kind = describe_checkpoint(obj)
     sd = state_dict_of(obj)
@@ -236,7 +242,10 @@ def load_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool = Fals
     dropped = [k for k in sd if k.startswith("loss.")]
     if dropped:
         log.info("%s: dropped %d training-only keys: %s", source, len(dropped), prefix_summary(dropped))
-    return {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+    saved = ({k: hp[k] for k in ("ddconfig", "n_embed", "embed_dim")}
+             if isinstance(hp, Mapping) and all(k in hp for k in ("ddconfig", "n_embed", "embed_dim")) else None)
+    return {k: v for k, v in sd.items() if not k.startswith("loss.")}, saved
 
 
 def first_stage_file_fingerprint(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False) -> str:
@@ -251,9 +260,11 @@ def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mappin
 
     ``config`` is a CompVis ``first_stage_config.params`` (ddconfig, n_embed, embed_dim; training-only
     entries such as ``lossconfig`` are ignored) or a ``{target, params}`` block around it. A folder
-    ``ckpt_path`` is read as a diffusers ``VQModel`` (its config.json decides the architecture).
+    ``ckpt_path`` is read as a diffusers ``VQModel`` (its config.json decides the architecture). A checkpoint of
+    our own first-stage training records its params, and a config that describes another network is refused
+    (:func:`refiner.models.vq.architecture_differences`).
     """
-    from refiner.models.vq import VQModel
+    from refiner.models.vq import VQModel, architecture_differences
 
     if config is None:
         raise CheckpointError("build_first_stage needs config (ddconfig, n_embed, embed_dim)")
@@ -264,9 +275,15 @@ def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mappin
         from refiner.formats.diffusers import load_diffusers_vq
 
         return load_diffusers_vq(ckpt_path, expected_params=config)
-    model = VQModel(**_vq_params(config, f"first-stage config for {ckpt_path}"))
+    params = _vq_params(config, f"first-stage config for {ckpt_path}")
+    model = VQModel(**params)
     if ckpt_path is not None:
-        load_strict(model, load_first_stage(ckpt_path, trust_checkpoint), source=str(ckpt_path))
+        state, saved = _read_first_stage(ckpt_path, trust_checkpoint)
+        diffs = architecture_differences(saved, params) if saved is not None else []
+        if diffs:  # e.g. norm_groups: the weights load strictly either way, and the wrong network decodes garbage
+            raise CheckpointError(f"{ckpt_path} was trained as a different first stage than the config describes "
+                                  f"(checkpoint vs config: {'; '.join(diffs)}); make first_stage.*.params match it")
+        load_strict(model, state, source=str(ckpt_path))
     return model
 
 

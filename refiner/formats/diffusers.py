@@ -424,7 +424,7 @@ def vq_config(vq_params: Mapping, scaling_factor: float) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * len(mult), "up_block_types": ["UpDecoderBlock2D"] * len(mult),
         "block_out_channels": [ch * m for m in mult], "layers_per_block": int(dd["num_res_blocks"]),
         "act_fn": "silu", "latent_channels": int(dd["z_channels"]), "sample_size": int(dd["resolution"]),
-        "num_vq_embeddings": int(vq_params["n_embed"]), "norm_num_groups": GROUPS,
+        "num_vq_embeddings": int(vq_params["n_embed"]), "norm_num_groups": int(dd.get("norm_groups", GROUPS)),
         "vq_embed_dim": int(vq_params["embed_dim"]), "scaling_factor": float(scaling_factor), "norm_type": "group",
         "mid_block_add_attention": True, "lookup_from_codebook": False, "force_upcast": False,
     }
@@ -440,7 +440,7 @@ def vq_params_from_config(config: Mapping, source: str = "VQModel config") -> di
     """Our ``VQModel`` params (ddconfig, n_embed, embed_dim) for a diffusers ``VQModel`` config."""
     c = {**VQ_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     boc = [int(x) for x in c["block_out_channels"]]
-    expected = dict(act_fn="silu", norm_num_groups=GROUPS, norm_type="group", mid_block_add_attention=True,
+    expected = dict(act_fn="silu", norm_type="group", mid_block_add_attention=True,
                     down_block_types=["DownEncoderBlock2D"] * len(boc), up_block_types=["UpDecoderBlock2D"] * len(boc))
     problems = [f"{k}={c[k]!r} (need {v!r})" for k, v in expected.items() if _plain(c[k]) != v]
     if any(b % boc[0] for b in boc):
@@ -451,6 +451,8 @@ def vq_params_from_config(config: Mapping, source: str = "VQModel config") -> di
                     in_channels=int(c["in_channels"]), out_ch=int(c["out_channels"]), ch=boc[0],
                     ch_mult=[b // boc[0] for b in boc], num_res_blocks=int(c["layers_per_block"]),
                     attn_resolutions=[], dropout=0.0)
+    if int(c["norm_num_groups"]) != GROUPS:  # taming's Normalize has 32; ours takes the extra key (refiner.models.vq)
+        ddconfig["norm_groups"] = int(c["norm_num_groups"])
     embed_dim = c["vq_embed_dim"] if c["vq_embed_dim"] is not None else c["latent_channels"]
     return dict(ddconfig=ddconfig, n_embed=int(c["num_vq_embeddings"]), embed_dim=int(embed_dim))
 
@@ -593,7 +595,7 @@ def load_diffusers_vq(path: str | os.PathLike, expected_params: Mapping | None =
     ``first_stage.*.params``) disagree, a warning names the differences.
     """
     from refiner.formats.kinds import load_strict
-    from refiner.models.vq import VQModel
+    from refiner.models.vq import VQModel, architecture_differences
 
     folder = Path(path)
     if (folder / "vqvae" / "config.json").is_file() and not (folder / "config.json").is_file():
@@ -603,24 +605,13 @@ def load_diffusers_vq(path: str | os.PathLike, expected_params: Mapping | None =
         raise DiffusersFormatError(f"{folder / 'config.json'}: _class_name={config.get('_class_name')!r}, expected VQModel")
     state, params = vq_from_diffusers(_read_weights(folder), config, str(folder))
     if expected_params:
-        diffs = _param_differences(expected_params, params)
+        diffs = architecture_differences(expected_params, params)
         if diffs:
             log.warning("%s: its config.json differs from the configured first-stage params (%s); using the "
                         "folder's", folder, "; ".join(diffs))
     model = VQModel(**params)
     load_strict(model, state, str(folder))
     return model
-
-
-def _param_differences(expected: Mapping, actual: Mapping) -> list[str]:
-    expected = {k: expected[k] for k in ("n_embed", "embed_dim", "ddconfig") if k in expected}
-    out = [f"{k}: {expected[k]} vs {actual[k]}" for k in ("n_embed", "embed_dim") if k in expected
-           and expected[k] != actual[k]]
-    for k, v in (expected.get("ddconfig") or {}).items():
-        if k in ("ch", "ch_mult", "num_res_blocks", "z_channels", "in_channels", "out_ch") and \
-                _plain(v) != actual["ddconfig"].get(k):
-            out.append(f"ddconfig.{k}: {v} vs {actual['ddconfig'].get(k)}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------ export

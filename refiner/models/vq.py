@@ -8,6 +8,8 @@ thin wrapper lives here). ``encode`` returns the *pre-quantization* latent like 
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from einops import rearrange
 from taming.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
@@ -44,6 +46,16 @@ def use_sdpa_attention(module: nn.Module) -> nn.Module:
     return module
 
 
+def set_norm_groups(module: nn.Module, groups: int) -> nn.Module:
+    """Give every ``GroupNorm`` inside ``module`` ``groups`` groups (same parameters and state dict)."""
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            if groups < 1 or m.num_channels % groups:
+                raise ValueError(f"norm_groups={groups} does not divide a GroupNorm of {m.num_channels} channels")
+            m.num_groups = groups
+    return module
+
+
 class VQModel(nn.Module):
     """VQGAN autoencoder.
 
@@ -51,7 +63,12 @@ class VQModel(nn.Module):
         ddconfig: the ``ddconfig`` block of a CompVis/taming first-stage config (``ch``, ``ch_mult``,
             ``num_res_blocks``, ``attn_resolutions``, ``z_channels``, ``resolution``, ``in_channels``,
             ``out_ch``, ``dropout``, ``double_z=False``). ``attn_type`` other than ``vanilla`` is refused
-            because taming cannot build it (vq-f4-noattn).
+            because taming cannot build it (vq-f4-noattn). An extra key ``norm_groups`` (ours, default 32 =
+            taming's hard-coded ``Normalize``) sets the GroupNorm group count of encoder and decoder; it does
+            not change the state dict. CompVis's f4 (ch 128) has 4 channels per group at its first level; a tiny
+            ch 32 model with 32 groups has 1, i.e. instance norm, which erases each channel's mean over the
+            image, and (as in StyleGAN2's "droplet" analysis, Karras et al. 2020, sec. 2) the decoder answers
+            with local blobs that carry the colour. ``norm_groups: 8`` restores 4 channels per group.
         n_embed: codebook size (vq-f4: 8192, vq-f8: 16384).
         embed_dim: codebook vector size = latent channels (vq-f4: 3, vq-f8: 4).
         beta: commitment weight of the codebook loss.
@@ -79,6 +96,7 @@ class VQModel(nn.Module):
                 f"ddconfig.attn_type={attn_type!r} is not supported: taming-transformers only builds "
                 "'vanilla' attention (CompVis vq-f4-noattn cannot be loaded)"
             )
+        norm_groups = int(ddconfig.pop("norm_groups", 32))
         if ddconfig.get("double_z", False):
             raise ValueError("ddconfig.double_z must be False for a VQ first stage (it is the KL-VAE setting)")
         self.ddconfig = ddconfig
@@ -86,6 +104,10 @@ class VQModel(nn.Module):
         self.embed_dim = embed_dim
         self.encoder = use_sdpa_attention(Encoder(**ddconfig))
         self.decoder = use_sdpa_attention(Decoder(**ddconfig))
+        if norm_groups != 32:
+            set_norm_groups(self.encoder, norm_groups)
+            set_norm_groups(self.decoder, norm_groups)
+            self.ddconfig["norm_groups"] = norm_groups
         self.quantize = VectorQuantizer2(n_embed, embed_dim, beta=beta, remap=remap, sane_index_shape=sane_index_shape,
                                          legacy=legacy)
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
@@ -123,6 +145,24 @@ class VQModel(nn.Module):
         """Training path: (reconstruction, codebook loss)."""
         quant, emb_loss = self.quantize_latent(self.encode(x))
         return self.decoder(self.post_quant_conv(quant)), emb_loss
+
+
+def architecture_differences(saved: Mapping, configured: Mapping) -> list[str]:
+    """How two VQ params (ddconfig, n_embed, embed_dim) describe different networks, as ``key: a vs b`` lines.
+
+    Every ddconfig entry counts but ``resolution`` (taming uses it only to place attention, which
+    ``attn_resolutions`` then shows) and ``dropout`` (training only); an absent ``norm_groups`` is taming's 32.
+    Some of these (``norm_groups``) leave the state dict unchanged, so strict loading alone cannot catch them."""
+    def arch(p: Mapping) -> dict:
+        dd = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(p.get("ddconfig") or {}).items()}
+        dd.setdefault("norm_groups", 32)
+        dd.setdefault("attn_resolutions", [])
+        dd.pop("resolution", None)
+        dd.pop("dropout", None)
+        return {**{f"ddconfig.{k}": v for k, v in dd.items()}, "n_embed": p.get("n_embed"), "embed_dim": p.get("embed_dim")}
+
+    a, b = arch(saved), arch(configured)
+    return [f"{k}: {a.get(k, 'unset')} vs {b.get(k, 'unset')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def tiny_ddconfig(factor: int = 4, ch: int = 32, resolution: int = 64, attn: bool = False) -> dict:
