@@ -9,11 +9,17 @@ the pipeline's measured ``AUTO_ABOVE_PIXELS``) the first stage runs on overlappi
 (``--latent-tile``/``--latent-stride``, ``--view-batch``). Weights are random: they do not change the cost.
 Sizes: 256, 512, 1024, 2048 px (``--sizes`` adds 4096); tiled sizes up to ``--whole-up-to`` are also
 timed with ``mode=never``. Encode and decode times are the summed time inside the VQ's ``encode`` /
-``decode`` calls (tile blending is counted as refine). ``--crossover`` (10c) times ``mode=never`` and
+``decode`` calls (tile blending and the uint8 conversions are counted as refine). Every time is measured twice:
+wall clock and the process's CPU time (``time.process_time``). With ``--threads 1`` the CPU time is the work done,
+and on a shared machine it is far steadier than the wall clock, which also counts the time the process waited for
+a core. ``overlap`` is the tiles' processed pixels over the image's pixels (VQ tiles at image resolution,
+MultiDiffusion tiles at latent resolution): the extra work that overlapping tiles cost by arithmetic. ``--crossover`` (10c) times ``mode=never`` and
 ``mode=always`` at 256, 384, 512, 640, 768 px: where tiling starts to pay, the source of ``AUTO_ABOVE_PIXELS``.
 ``--quick``: 128 and 256 px with the small seam tiles and 2 steps, a smoke run of every path. Each
-size runs in a fresh subprocess after a warm-up on a 64 px image; peak memory is ``ru_maxrss`` at the
-end minus the resident size after building the models (torch allocations are invisible to tracemalloc).
+size runs in a fresh subprocess after a warm-up on a 64 px image; peak memory is the peak resident size
+during the timed call (``VmHWM`` after resetting it through ``/proc/self/clear_refs`` right before the call)
+minus the resident size then, which already holds the models and the uint8 input image (torch allocations are
+invisible to tracemalloc). ``--result-name`` names the JSON file (default ``bench_large_images``).
 
 Seams, at sizes that fit whole (256 and 512 px; ``--quick``: 256): the same pipeline, same noise, once
 whole, once with MultiDiffusion alone (latent 32 / stride 24, VQ whole) and once with both tiled (VQ
@@ -29,8 +35,9 @@ instead (loaded by ``refiner.formats.compvis.build_first_stage``, e.g. the demo'
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -62,18 +69,34 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--crossover", action="store_true",
                    help="only time mode=never vs mode=always at 256..768 px (where tiling starts to pay)")
     p.add_argument("--seams-only", action="store_true", help="only the seam table (10b), e.g. with --vq-ckpt")
+    p.add_argument("--skip-seams", action="store_true", help="only the timing table (10a), e.g. for 4096 px")
     p.add_argument("--whole-up-to", type=int, default=1024,
                    help="also time the untiled pipeline at sizes above the tiles up to this side (the crossover)")
     p.add_argument("--vq-ckpt", default="", help="trained demo-shaped f4 for the seam measurement")
+    p.add_argument("--result-name", default="bench_large_images",
+                   help="benchmarks/results/<name>.json of the timing run (e.g. bench_large_images_4096)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last :func:`reset_peak`), MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak() -> None:
+    """Reset ``VmHWM`` to the current resident size (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def overlap(size: int, tile: int, stride: int) -> float:
+    """Processed pixels of square tiles over the pixels of a ``size x size`` image (1 if one tile covers it)."""
+    from refiner.inference.tiling import tile_starts
+
+    return (len(tile_starts(size, tile, stride)) * min(tile, size) / size) ** 2
 
 
 def build_models(vq_ckpt: str = ""):
@@ -131,17 +154,18 @@ def whole_tiles(size: int, factor: int = 4) -> dict:
 
 
 class _Timed:
-    """Wraps a bound method and sums the seconds spent in it."""
+    """Wraps a bound method and sums the wall-clock and CPU seconds spent in it."""
 
     def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
+        self.fn, self.seconds, self.cpu_seconds = fn, 0.0, 0.0
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
 
 
 def pipeline_for(vq, chain, tiles: dict, mode: str, auto_above: int):
@@ -161,17 +185,26 @@ def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "a
     image = to_uint8_image(smooth_photo(size))
     pipe.refine_images([to_uint8_image(smooth_photo(64))], 499, 2)  # warm-up
     vq.encode, vq.decode = _Timed(vq.encode), _Timed(vq.decode)
+    gc.collect()
     base = rss_mb()
-    t0 = time.perf_counter()
+    reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
     pipe.refine_images([image], 499, steps, seed=0)
-    total = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = rss_mb("VmHWM")
     tiled = pipe.tiled(size, size)
+    vq_tiled, latent_tiled = tiled and size > tiles["vq_tile"], tiled and size // vq.factor > tiles["latent_tile"]
     return {"size": size, "pixels": size * size, "steps": steps, "mode": mode,
-            "auto_above_pixels": pipe.tiling.auto_above_pixels, "vq_tiled": tiled and size > tiles["vq_tile"],
-            "latent_tiled": tiled and size // vq.factor > tiles["latent_tile"], "encode_s": vq.encode.seconds,
-            "decode_s": vq.decode.seconds, "refine_s": total - vq.encode.seconds - vq.decode.seconds,
-            "total_s": total, "base_rss_mb": base, "peak_rss_mb": peak, "peak_minus_base_mb": peak - base}
+            "auto_above_pixels": pipe.tiling.auto_above_pixels, "vq_tiled": vq_tiled, "latent_tiled": latent_tiled,
+            "vq_overlap": overlap(size, tiles["vq_tile"], tiles["vq_tile"] - tiles["vq_overlap"]) if vq_tiled else 1.0,
+            "latent_overlap": overlap(size // vq.factor, tiles["latent_tile"], tiles["latent_stride"])
+            if latent_tiled else 1.0,
+            "encode_s": vq.encode.seconds, "decode_s": vq.decode.seconds,
+            "refine_s": total - vq.encode.seconds - vq.decode.seconds, "total_s": total,
+            "encode_cpu_s": vq.encode.cpu_seconds, "decode_cpu_s": vq.decode.cpu_seconds,
+            "refine_cpu_s": cpu - vq.encode.cpu_seconds - vq.decode.cpu_seconds, "total_cpu_s": cpu,
+            "base_rss_mb": base, "peak_rss_mb": peak, "peak_minus_base_mb": peak - base,
+            "loadavg_1": os.getloadavg()[0]}
 
 
 def to_uint8_image(x):
@@ -226,14 +259,23 @@ def run_sub(args: argparse.Namespace, job: dict) -> dict:
 
 
 def timing_row(label: str, r: dict, ref: dict) -> list:
-    per_px = (r["total_s"] / r["pixels"]) / (ref["total_s"] / ref["pixels"])
-    return [label, "yes" if r["vq_tiled"] else "no", "yes" if r["latent_tiled"] else "no", C.fmt(r["encode_s"]),
-            C.fmt(r["refine_s"]), C.fmt(r["decode_s"]), C.fmt(r["total_s"]), C.fmt(r["total_s"] / ref["total_s"], 1),
-            C.fmt(per_px, 2), f"{r['peak_minus_base_mb']:.0f}"]
+    def per_px(key: str) -> str:
+        return C.fmt((r[key] / r["pixels"]) / (ref[key] / ref["pixels"]), 2) if key in r and key in ref else "-"
+
+    def cpu(key: str) -> str:
+        return C.fmt(r[key]) if key in r else "-"
+
+    return [label, C.fmt(r.get("vq_overlap", 1.0)) if r["vq_tiled"] else "no",
+            C.fmt(r.get("latent_overlap", 1.0)) if r["latent_tiled"] else "no",
+            f"{C.fmt(r['encode_s'])} / {cpu('encode_cpu_s')}", f"{C.fmt(r['refine_s'])} / {cpu('refine_cpu_s')}",
+            f"{C.fmt(r['decode_s'])} / {cpu('decode_cpu_s')}", f"{C.fmt(r['total_s'])} / {cpu('total_cpu_s')}",
+            f"{per_px('total_s')} / {per_px('total_cpu_s')}", f"{r['peak_minus_base_mb']:.0f}",
+            C.fmt(r["loadavg_1"], 1) if "loadavg_1" in r else "-"]
 
 
-TIMING_HEADER = ["image", "VQ tiled", "latent tiled", "encode s", "refine s", "decode s", "total s", "x first size",
-                 "time/pixel (rel.)", "peak RSS - base, MB"]
+TIMING_HEADER = ["image", "VQ tiled (overlap)", "latent tiled (overlap)", "encode s, wall / CPU", "refine s",
+                 "decode s", "total s", "time/pixel rel. to first size, wall / CPU", "peak RSS - base, MB",
+                 "load avg (1 min)"]
 
 
 def crossover(args: argparse.Namespace, tiles: dict, steps: int) -> dict:
@@ -288,10 +330,10 @@ def main() -> dict:
         timing_row(f"{r['size']} px, untiled", r, ref) for r in untiled]
     C.print_table(f"10a. Large images: Pipeline.refine_images, tiling auto (above {timing[0]['auto_above_pixels']} "
                   f"px), two-stage refine ({steps} steps), batch 1", TIMING_HEADER, rows)
-    payload = {"command": C.command("bench_large_images", args.quick), "tiles": tiles, "steps": steps,
-               "auto_above_pixels": timing[0]["auto_above_pixels"], "timing": timing, "untiled": untiled,
-               **seam_table(args, steps)}
-    C.write_result("bench_large_images", payload)
+    payload = {"command": " ".join(["python benchmarks/bench_large_images.py", *sys.argv[1:]]), "tiles": tiles,
+               "steps": steps, "auto_above_pixels": timing[0]["auto_above_pixels"], "timing": timing,
+               "untiled": untiled, **({} if args.skip_seams else seam_table(args, steps))}
+    C.write_result(args.result_name, payload)
     return payload
 
 

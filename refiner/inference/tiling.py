@@ -18,7 +18,11 @@ Both halves share one rule for placing tiles and one blending rule.
 
 **Tiled VQ** (:func:`tiled_encode`, :func:`tiled_decode`): works for any first stage with
 ``.factor`` (f4, f8), ``.encode`` and ``.decode``. Sizes are in image pixels. Memory is bounded by one
-tile's activations; only the output canvas and one weight channel grow with the image. The
+tile's activations. Tiles run one row at a time, and the blend holds only a band of about one tile's height
+(:func:`_tiled_rows`): :func:`tiled_decode_rows` hands each finished band to the caller, which
+:func:`refiner.inference.pipeline.decode_to_uint8` stores as uint8 at once, and :func:`tiled_encode` reads its
+tiles from a :class:`~refiner.data.images.PaddedImages` (uint8, converted tile by tile), so neither needs an
+image-sized float buffer (:func:`tiled_decode` still returns the whole float image). The
 encoder/decoder are not local operators: 3x3 convolutions give a receptive field of dozens of
 pixels, and GroupNorm statistics and the mid-block self-attention span the whole input, so a tile
 sees different statistics than the whole image. Hence a tiled result differs from the whole one even
@@ -49,7 +53,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,40 +183,111 @@ def _check_vq_tiles(factor: int, tile: int, overlap: int, what: str) -> None:
         raise ValueError(f"{what}: overlap={overlap} px must be smaller than the tile ({tile} px)")
 
 
-def _tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int, ramp: int, num: int, den: int,
-               weighting: Weighting) -> Tensor:
-    """Blend ``fn`` over overlapping tiles of ``x``; ``fn`` maps an ``h x w`` tile to ``h*num/den x w*num/den``.
-    ``tile``/``stride`` are in input pixels, ``ramp`` in output pixels."""
-    height, width = x.shape[-2:]
+@torch.no_grad()
+def _tiled_rows(fn: Callable[[Tensor], Tensor], read: Callable[[View], Tensor], batch: int, height: int, width: int,
+                tile: int, stride: int, ramp: int, num: int, den: int, weighting: Weighting
+                ) -> Iterator[tuple[int, Tensor]]:
+    """Blend ``fn`` over overlapping tiles of an ``height x width`` input (``read(view)`` gives a tile), one row of
+    tiles at a time. ``fn`` maps an ``h x w`` tile to ``h*num/den x w*num/den``; ``tile``/``stride`` are in input
+    pixels, ``ramp`` in output pixels.
+
+    Yields ``(top, rows)``: output rows ``[top, top + rows.shape[-2])`` (B, C, r, W_out), top to bottom, as soon as
+    no later tile touches them, so only a band of about one tile's height is ever held (the blending's memory does
+    not grow with the image's height). Each output pixel accumulates its tiles in the same (row-major) order and is
+    divided by the same summed weight as with one image-sized canvas, so the rows are bit-identical to it."""
     out_h, out_w = height * num // den, width * num // den
-    canvas = _Canvas(x.shape[0], out_h, out_w, x.dtype, x.device)
-    for view in grid_views(height, width, tile, stride):
-        out_view = view.scaled(num, den)
-        out = fn(x[..., view.rows, view.cols])
-        if out.shape[-2:] != (out_view.height, out_view.width):
-            raise ValueError(f"tile {tuple(x.shape[-2:])} -> {tuple(out.shape[-2:])}: expected the output to be "
-                             f"{num}/{den} of the input size")
-        weight = view_weight(out_view, out_h, out_w, ramp, weighting)
-        canvas.add(out_view, out, weight)
-        canvas.add_weight(out_view, weight)
-    return canvas.result()
+    tops, lefts = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
+    th, tw = min(tile, height), min(tile, width)
+    band_top, value, weight = 0, None, None  # value/weight hold output rows [band_top, band_top + value rows)
+    for r, top in enumerate(tops):
+        bottom = (top + th) * num // den
+        for left in lefts:
+            view = View(top, left, th, tw)
+            out_view = view.scaled(num, den)
+            out = fn(read(view))
+            if out.shape[-2:] != (out_view.height, out_view.width):
+                raise ValueError(f"tile {(view.height, view.width)} -> {tuple(out.shape[-2:])}: expected the output "
+                                 f"to be {num}/{den} of the input size")
+            if value is None:
+                value = out.new_zeros(batch, out.shape[-3], bottom - band_top, out_w)
+                weight = torch.zeros(bottom - band_top, out_w, dtype=out.dtype, device=out.device)
+            elif value.shape[-2] < bottom - band_top:  # the band grows to this row's bottom
+                grow = bottom - band_top - value.shape[-2]
+                value = torch.cat([value, value.new_zeros(*value.shape[:-2], grow, out_w)], dim=-2)
+                weight = torch.cat([weight, weight.new_zeros(grow, out_w)])
+            w = view_weight(out_view, out_h, out_w, ramp, weighting)
+            rows = slice(out_view.top - band_top, out_view.top - band_top + out_view.height)
+            value[..., rows, out_view.cols] += out * w.to(out)
+            weight[rows, out_view.cols] += w.to(weight)
+        done = (tops[r + 1] * num // den if r + 1 < len(tops) else out_h) - band_top  # rows no later tile touches
+        if not bool((weight[:done] > 0).all()):
+            raise AssertionError("tiles left pixels uncovered")  # internal invariant of the placement
+        yield band_top, value[..., :done, :].div_(weight[:done])
+        band_top, value, weight = band_top + done, value[..., done:, :], weight[done:]
+
+
+def _tile_reader(x) -> Callable[[View], Tensor]:
+    if isinstance(x, Tensor):
+        return lambda view: x[..., view.rows, view.cols]
+    return lambda view: x.crop(view.rows, view.cols)  # e.g. refiner.data.images.PaddedImages
+
+
+def _collect(rows: Iterator[tuple[int, Tensor]], height: int) -> Tensor:
+    """The ``height`` output rows of :func:`_tiled_rows` as one tensor (one tile: that tile's output itself)."""
+    out = None
+    for top, block in rows:
+        if top == 0 and block.shape[-2] == height:
+            return block
+        if out is None:
+            out = block.new_empty(*block.shape[:-2], height, block.shape[-1])
+        out[..., top:top + block.shape[-2], :] = block
+    return out
+
+
+def _check_images(vq, x, what: str) -> None:
+    if len(x.shape) != 4 or x.shape[-1] % vq.factor or x.shape[-2] % vq.factor:
+        raise ValueError(f"{what}: expected images (B, C, H, W) with H, W multiples of the first-stage factor "
+                         f"{vq.factor}, got shape {tuple(x.shape)}; pad first (refiner.data.images.pad_to_multiple)")
 
 
 @torch.no_grad()
-def tiled_encode(vq, x: Tensor, tile: int = 256, overlap: int = 64, weighting: Weighting = "cosine") -> Tensor:
+def tiled_encode(vq, x, tile: int = 256, overlap: int = 64, weighting: Weighting = "cosine") -> Tensor:
     """``vq.encode`` over overlapping ``tile x tile`` pixel tiles of ``x`` (B, 3, H, W), blended in latent space.
 
     Returns the pre-quantization latent (B, C, H/f, W/f) like ``vq.encode``. Tiles step by
     ``tile - overlap`` pixels and are feathered over ``overlap / f`` latent pixels. An image that
     fits one tile is encoded whole (bit-identical to ``vq.encode``). ``H`` and ``W`` must be
-    multiples of ``f``; ``tile`` and ``overlap`` too, with ``0 <= overlap < tile``.
+    multiples of ``f``; ``tile`` and ``overlap`` too, with ``0 <= overlap < tile``. ``x`` is a tensor
+    or a :class:`~refiner.data.images.PaddedImages` (uint8 pixels converted tile by tile: the same
+    latent without an image-sized float batch).
     """
     f = vq.factor
     _check_vq_tiles(f, tile, overlap, "tiled_encode")
-    if x.ndim != 4 or x.shape[-1] % f or x.shape[-2] % f:
-        raise ValueError(f"tiled_encode: expected images (B, C, H, W) with H, W multiples of the first-stage factor "
-                         f"{f}, got shape {tuple(x.shape)}; pad first (refiner.data.images.pad_to_multiple)")
-    return _tiled_map(vq.encode, x, tile, tile - overlap, overlap // f, 1, f, weighting)
+    _check_images(vq, x, "tiled_encode")
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:  # one tile: encode whole, without the blending's division by one
+        return vq.encode(_tile_reader(x)(View(0, 0, height, width)))
+    return _collect(_tiled_rows(vq.encode, _tile_reader(x), x.shape[0], height, width, tile, tile - overlap,
+                                overlap // f, 1, f, weighting), height // f)
+
+
+def tiled_decode_rows(vq, z: Tensor, tile: int = 256, overlap: int = 64, weighting: Weighting = "cosine"
+                      ) -> Iterator[tuple[int, Tensor]]:
+    """:func:`tiled_decode` streamed: yields ``(top, rows)``, the decoded image rows ``[top, top + r)``
+    (B, 3, r, W), top to bottom, as soon as no later tile touches them. The rows are bit-identical to the
+    corresponding rows of :func:`tiled_decode`; only about one tile's height of float rows is held at a time,
+    so a caller that stores each block as uint8 (:meth:`refiner.inference.pipeline.Pipeline.decode_images`)
+    never holds the image-sized float canvas."""
+    f = vq.factor
+    _check_vq_tiles(f, tile, overlap, "tiled_decode")
+    if z.ndim != 4:
+        raise ValueError(f"tiled_decode: expected latents (B, C, h, w), got shape {tuple(z.shape)}")
+    height, width = z.shape[-2:]
+    if height * f <= tile and width * f <= tile:
+        with torch.no_grad():
+            return iter([(0, vq.decode(z))])
+    return _tiled_rows(vq.decode, _tile_reader(z), z.shape[0], height, width, tile // f, (tile - overlap) // f,
+                       overlap, f, 1, weighting)
 
 
 @torch.no_grad()
@@ -223,13 +298,9 @@ def tiled_decode(vq, z: Tensor, tile: int = 256, overlap: int = 64, weighting: W
     wide and step by ``(tile - overlap) / f``; pixel tiles are feathered over ``overlap`` pixels.
     Quantization is per latent vector, so quantizing tile by tile equals quantizing the whole latent,
     without the (pixels x codebook) distance matrix of a large image. A latent that fits one tile is
-    decoded whole (bit-identical to ``vq.decode``).
+    decoded whole (bit-identical to ``vq.decode``). :func:`tiled_decode_rows` streams the same rows.
     """
-    f = vq.factor
-    _check_vq_tiles(f, tile, overlap, "tiled_decode")
-    if z.ndim != 4:
-        raise ValueError(f"tiled_decode: expected latents (B, C, h, w), got shape {tuple(z.shape)}")
-    return _tiled_map(vq.decode, z, tile // f, (tile - overlap) // f, overlap, f, 1, weighting)
+    return _collect(tiled_decode_rows(vq, z, tile, overlap, weighting), z.shape[-2] * vq.factor)
 
 
 # ------------------------------------------------------------------------------ MultiDiffusion
