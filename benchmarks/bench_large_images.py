@@ -20,6 +20,8 @@ size runs in a fresh subprocess after a warm-up on a 64 px image; peak memory is
 during the timed call (``VmHWM`` after resetting it through ``/proc/self/clear_refs`` right before the call)
 minus the resident size then, which already holds the models and the uint8 input image (torch allocations are
 invisible to tracemalloc). ``--result-name`` names the JSON file (default ``bench_large_images``).
+``--baseline-root DIR`` also times another checkout's refiner (its ``Pipeline.refine_images`` with this script's
+models and measurement) right before ours at every size: before/after ratios from one run.
 
 Seams, at sizes that fit whole (256 and 512 px; ``--quick``: 256): the same pipeline, same noise, once
 whole, once with MultiDiffusion alone (latent 32 / stride 24, VQ whole) and once with both tiled (VQ
@@ -70,6 +72,9 @@ def parse_args() -> argparse.Namespace:
                    help="only time mode=never vs mode=always at 256..768 px (where tiling starts to pay)")
     p.add_argument("--seams-only", action="store_true", help="only the seam table (10b), e.g. with --vq-ckpt")
     p.add_argument("--skip-seams", action="store_true", help="only the timing table (10a), e.g. for 4096 px")
+    p.add_argument("--baseline-root", default="",
+                   help="another checkout (e.g. `git worktree add /tmp/base <commit>`): time its pipeline too, "
+                        "right before ours at each size, in the same run (rows 'baseline')")
     p.add_argument("--whole-up-to", type=int, default=1024,
                    help="also time the untiled pipeline at sizes above the tiles up to this side (the crossover)")
     p.add_argument("--vq-ckpt", default="", help="trained demo-shaped f4 for the seam measurement")
@@ -204,7 +209,7 @@ def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "a
             "encode_cpu_s": vq.encode.cpu_seconds, "decode_cpu_s": vq.decode.cpu_seconds,
             "refine_cpu_s": cpu - vq.encode.cpu_seconds - vq.decode.cpu_seconds, "total_cpu_s": cpu,
             "base_rss_mb": base, "peak_rss_mb": peak, "peak_minus_base_mb": peak - base,
-            "loadavg_1": os.getloadavg()[0]}
+            "loadavg_1": os.getloadavg()[0], "refiner": str(Path(sys.modules["refiner"].__file__).parents[1])}
 
 
 def to_uint8_image(x):
@@ -301,6 +306,10 @@ def main() -> dict:
     args = parse_args()
     if args.worker:
         job = json.loads(args.worker)
+        if job.get("root"):  # time another checkout's refiner (--baseline-root): import it instead of ours
+            sys.path.insert(0, job["root"])
+            for name in [m for m in sys.modules if m == "refiner" or m.startswith("refiner.")]:
+                del sys.modules[name]  # common.py imported ours already
         if job["kind"] == "time":
             result = worker_time(job["size"], job["steps"], job["tiles"], args.threads, job.get("mode", "auto"),
                                  job.get("auto_above", 0))
@@ -319,20 +328,24 @@ def main() -> dict:
         return seam_table(args, steps)
     sizes = [int(s) for s in args.sizes.split(",") if s] or list(QUICK_SIZES if args.quick else SIZES)
     auto_above = args.auto_above or (128 * 128 if args.quick else 0)
-    timing, untiled = [], []
+    timing, untiled, baseline = [], [], []
     for s in sizes:  # the whole variant right after the tiled one, so both see the same machine load
-        timing.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": "auto",
-                                     "auto_above": auto_above}))
+        job = {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": "auto", "auto_above": auto_above}
+        if args.baseline_root:  # the other checkout just before ours, same load
+            baseline.append(run_sub(args, {**job, "root": str(Path(args.baseline_root).resolve())}))
+        timing.append(run_sub(args, job))
         if (timing[-1]["vq_tiled"] or timing[-1]["latent_tiled"]) and s <= args.whole_up_to:
             untiled.append(run_sub(args, {"kind": "time", "size": s, "steps": steps, "tiles": tiles, "mode": "never"}))
     ref = timing[0]
     rows = [timing_row(f"{r['size']} px", r, ref) for r in timing] + [
-        timing_row(f"{r['size']} px, untiled", r, ref) for r in untiled]
+        timing_row(f"{r['size']} px, untiled", r, ref) for r in untiled] + [
+        timing_row(f"{r['size']} px, baseline", r, ref) for r in baseline]
     C.print_table(f"10a. Large images: Pipeline.refine_images, tiling auto (above {timing[0]['auto_above_pixels']} "
                   f"px), two-stage refine ({steps} steps), batch 1", TIMING_HEADER, rows)
     payload = {"command": " ".join(["python benchmarks/bench_large_images.py", *sys.argv[1:]]), "tiles": tiles,
                "steps": steps, "auto_above_pixels": timing[0]["auto_above_pixels"], "timing": timing,
-               "untiled": untiled, **({} if args.skip_seams else seam_table(args, steps))}
+               "untiled": untiled, "baseline_root": args.baseline_root, "baseline": baseline,
+               **({} if args.skip_seams else seam_table(args, steps))}
     C.write_result(args.result_name, payload)
     return payload
 
