@@ -21,12 +21,14 @@ phases of x2: bicubic upsampling and re-noising ``zhat_t = q_sample(up(z), t, n)
 the first phase's latent mean and std (equations and defaults in :mod:`refiner.inference.progressive`). The
 result is ``upscale`` times larger.
 
-Noise: image ``i`` (its index in the caller's input list, ``indices``) gets its ``q_sample`` noise from
-``seed + i``, so with ``eta=0`` its result does not depend on how images were batched. With ``eta > 0`` the
-per-step noise of a whole-image batch comes from one generator per batch, seeded with ``seed + indices[0]``.
-Tiled and progressive images are refined one at a time (their tiles are batched instead, ``view_batch_size``),
-with every random draw (noise, jitter offsets, eta noise, DemoFusion's phase noise) from ``seed + i``: their
-results never depend on batching.
+Noise: image ``i`` (its index in the caller's input list, ``indices``) has its own generator seeded with ``seed + i``
+(:func:`image_generators`). Its first draw is the image's ``q_sample`` noise (:func:`image_noise`), and with
+``eta > 0`` the same generator then draws the image's noise for every DDIM step (the sampler takes one generator per
+batch row, :func:`refiner.sampling.randn_like`). So for any eta an image's result does not depend on how images
+were batched: a batch equals refining its images one at a time (tested; equal up to the UNet's float arithmetic
+for another batch size, which is bit-identical on this CPU). Tiled and progressive images are refined one at a
+time (their tiles are batched instead, ``view_batch_size``), with every random draw (noise, jitter offsets, eta
+noise, DemoFusion's phase noise) from ``seed + i`` as well.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from refiner.data.images import PaddedImages, crop_to, pad_to_multiple, to_uint8
 from refiner.errors import SettingError
 from refiner.inference.chain import Chain
 from refiner.inference.tiling import tiled_decode, tiled_decode_rows, tiled_encode
-from refiner.sampling import Callback
+from refiner.sampling import Callback, randn_like
 from refiner.settings import require_choice, require_int
 
 PAD_MODES = ("reflect", "replicate", "constant")
@@ -130,11 +132,20 @@ class Tiling:
         return asdict(self)
 
 
-def image_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
-    """The ``q_sample`` noise of a batch: one ``randn(shape)`` per image from ``torch.Generator().manual_seed(s)``,
-    ``s`` its seed (``seed + i`` for image ``i``), stacked on CPU. Shared by refinement and the artifact probe, so a
-    probe sees exactly the noise the refinement of the same image starts from."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per image, seeded with its seed (``seed + i`` for image ``i``): every random draw
+    of a whole-image refinement, in the sampler's order (q_sample noise, then one draw per DDIM step if eta > 0)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def image_noise(shape: Sequence[int], seeds: Sequence[int], generators: Sequence[torch.Generator] | None = None
+                ) -> Tensor:
+    """The ``q_sample`` noise of a batch: the first ``randn(shape)`` of each image's generator
+    (:func:`image_generators`), stacked on CPU. Shared by refinement and the artifact probe, so a probe sees exactly
+    the noise the refinement of the same image starts from. Pass ``generators`` (made from ``seeds``) to draw from
+    them, so that their next draws continue the images' streams."""
+    generators = image_generators(seeds) if generators is None else generators
+    return randn_like(torch.empty(len(generators), *shape), generators)
 
 
 def padded_batch(images: Sequence[np.ndarray], multiple: int, pad_mode: str = "reflect",
@@ -287,11 +298,13 @@ class Pipeline:
 
     def _refine_batch(self, x: Tensor, indices: list[int], seed: int, sampler: dict, with_stages: bool,
                       size: tuple[int, int], starts: Tensor | None = None, callback: Callback | None = None):
-        """Whole images, one batch: noise per image from ``seed + i``; ``callback`` then the pinning of ``starts``
-        run after every step (see refine_images)."""
+        """Whole images, one batch: every draw of image ``i`` from its generator ``seed + i`` (q_sample noise, then
+        the eta > 0 step noise); ``callback`` then the pinning of ``starts`` run after every step (see
+        refine_images)."""
         z = self.f4.encode(x) * self.chain.scale_factor
-        noise = image_noise(z.shape[1:], [seed + i for i in indices]).to(z)
-        generator = torch.Generator(device=z.device).manual_seed(seed + indices[0])
+        seeds = [seed + i for i in indices]
+        generator = image_generators(seeds)
+        noise = image_noise(z.shape[1:], seeds, generator).to(z)
         if starts is not None:
             from refiner.artifacts.dynamics import chain_callbacks
 
@@ -323,8 +336,8 @@ class Pipeline:
     def _refine_one(self, x: PaddedImages, noise_seed: int, sampler: dict, with_stages: bool, size: tuple[int, int]):
         """One image on tiles (above the threshold) or progressively upscaled; every draw from ``noise_seed``."""
         z = self.encode(x) * self.chain.scale_factor
-        generator = torch.Generator(device=z.device).manual_seed(noise_seed)
         if self.upscale > 1:
+            generator = torch.Generator(device=z.device).manual_seed(noise_seed)
             tiles = self.tiling.latent_tiles(noise_seed)
             if not self.tiling.applies(x.shape[-2] * x.shape[-1] * self.upscale**2):
                 side = max(z.shape[-2:]) * self.upscale  # one tile covering the largest phase: not tiled
@@ -332,7 +345,8 @@ class Pipeline:
             latent = self.chain.refine_progressive(z, upscale=self.upscale, generator=generator,
                                                    **{**sampler, **tiles})
             return self._finish(latent, [], size)
-        noise = image_noise(z.shape[1:], [noise_seed]).to(z)
+        generator = image_generators([noise_seed])  # as in _refine_batch: q_sample noise, then the step noise
+        noise = image_noise(z.shape[1:], [noise_seed], generator).to(z)
         tiles = self.tiling.latent_tiles(noise_seed) if self.tiled(*x.shape[-2:]) else None
         result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
                                    tiles=tiles, **sampler)
