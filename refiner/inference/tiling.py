@@ -27,14 +27,19 @@ encoder/decoder are not local operators: 3x3 convolutions give a receptive field
 pixels, and GroupNorm statistics and the mid-block self-attention span the whole input, so a tile
 sees different statistics than the whole image. Hence a tiled result differs from the whole one even
 away from the seams; the feathered overlap hides the seams themselves (``seam_ratio`` about 1).
-Measured with the demo-shaped f4 (conf/first_stage/demo.yaml) and *random* weights, which makes it
-pessimistic, 512 px photo, 128 px tiles overlapping by 32: the encode differs by 0.33 of the mean
-|latent|; with the GroupNorm statistics of a whole-image pass frozen into the tiles this falls to
-0.08, so GroupNorm dominates the encoder's error (a "GroupNorm sync" across tiles, as in the Tiled
-VAE of multidiffusion-upscaler, is the known remedy and is not implemented here: estimating the
-statistics from a 2x downsampled pass only reached 0.17). The random decoder is far more sensitive
-(round trip 0.98 of mean |image|). ``benchmarks/bench_large_images.py`` measures the seams, with
-``--vq-ckpt`` for a trained f4; the tests bound them.
+What that costs a user, measured against the clean image (``scripts/f4_round_trip.py CKPT --mosaic 512 1024``:
+the trained demo f4, mosaics of 64 px procedural heads of seeds 7 and 9, sample.py's 256 px tiles overlapping by
+32): tiled and whole round trips have the same PSNR to the clean mosaic within 0.05 dB (21.9-22.3 dB) and the
+composition checker passes as many cells (tiled 92.2 / 96.9 / 96.1 / 95.3% against whole 92.2 / 95.3 / 95.3 /
+95.3%); the two differ from each other at 32-36 dB PSNR. Normalising the tiles with the whole image's GroupNorm
+statistics, the upper bound of a GroupNorm sync across tiles (the Tiled VAE of
+pkuliyi2015/multidiffusion-upscaler-for-automatic1111 pools them over all tiles, which needs every tile's
+activations at once or a second pass), brings tiled to 42-48 dB of whole (its pass counts become exactly
+whole's), but it moves the PSNR to clean by at most 0.1 dB and passes no more cells than plain tiles: there is
+nothing for a sync to recover on this f4's domain, so none is implemented. Both lose more to the mosaic itself
+than to tiling: each head round-tripped alone reaches 22.4-22.7 dB and 98.4%. With *random* weights, or on
+photos this f4 cannot represent (a bicubic photo: 11 dB whole), the tiled-vs-whole difference is far larger
+(``benchmarks/bench_large_images.py`` row 10b, with ``--vq-ckpt`` for a trained f4); the tests bound it.
 
 **MultiDiffusion** (:class:`MultiDiffusion`; Bar-Tal et al. 2023, "MultiDiffusion: Fusing Diffusion
 Paths", arXiv 2302.08113, sec. 3): each step, the per-pixel least-squares fusion of the tiles'
