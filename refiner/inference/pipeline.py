@@ -25,10 +25,10 @@ Noise: image ``i`` (its index in the caller's input list, ``indices``) has its o
 (:func:`image_generators`). Its first draw is the image's ``q_sample`` noise (:func:`image_noise`), and with
 ``eta > 0`` the same generator then draws the image's noise for every DDIM step (the sampler takes one generator per
 batch row, :func:`refiner.sampling.randn_like`). So for any eta an image's result does not depend on how images
-were batched: a batch equals refining its images one at a time (tested; equal up to the UNet's float arithmetic
-for another batch size, which is bit-identical on this CPU). Tiled and progressive images are refined one at a
-time (their tiles are batched instead, ``view_batch_size``), with every random draw (noise, jitter offsets, eta
-noise, DemoFusion's phase noise) from ``seed + i`` as well.
+were batched: a batch equals refining its images one at a time, up to the batched convolutions' float rounding
+(tested: decoded x0 within 1e-4, measured 5e-6, and outputs within one uint8 level). Tiled and progressive images
+are refined one at a time (their tiles are batched instead, ``view_batch_size``), with every random draw (noise,
+jitter offsets, eta noise, DemoFusion's phase noise) from ``seed + i`` as well.
 """
 
 from __future__ import annotations
