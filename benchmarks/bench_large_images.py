@@ -20,6 +20,7 @@ size runs in a fresh subprocess after a warm-up on a 64 px image; peak memory is
 during the timed call (``VmHWM`` after resetting it through ``/proc/self/clear_refs`` right before the call)
 minus the resident size then, which already holds the models and the uint8 input image (torch allocations are
 invisible to tracemalloc). ``--result-name`` names the JSON file (default ``bench_large_images``).
+``--profile SIZE`` runs one timed call at SIZE px under cProfile and prints the top functions by own time.
 ``--baseline-root DIR`` also times another checkout's refiner (its ``Pipeline.refine_images`` with this script's
 models and measurement) right before ours at every size: before/after ratios from one run. ``--repeat N`` times
 every size N times, interleaved with the baseline, and keeps the run with the least CPU time (all runs are in
@@ -77,6 +78,8 @@ def parse_args() -> argparse.Namespace:
                    help="only time mode=never vs mode=always at 256..768 px (where tiling starts to pay)")
     p.add_argument("--seams-only", action="store_true", help="only the seam table (10b), e.g. with --vq-ckpt")
     p.add_argument("--skip-seams", action="store_true", help="only the timing table (10a), e.g. for 4096 px")
+    p.add_argument("--profile", type=int, default=0, metavar="SIZE",
+                   help="only profile one timed run at SIZE px (cProfile, in this process): the top functions by own time")
     p.add_argument("--repeat", type=int, default=1,
                    help="time every size this many times (interleaved with the baseline); the table shows the run "
                         "with the least CPU time and the largest peak memory")
@@ -190,8 +193,10 @@ def pipeline_for(vq, chain, tiles: dict, mode: str, auto_above: int):
     return Pipeline(vq, chain, tiling=tiling)
 
 
-def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "auto", auto_above: int = 0) -> dict:
-    """sample.py's path (Pipeline.refine_images) on one ``size`` x ``size`` photo, tiling ``mode``."""
+def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "auto", auto_above: int = 0,
+                profiler=None) -> dict:
+    """sample.py's path (Pipeline.refine_images) on one ``size`` x ``size`` photo, tiling ``mode``; ``profiler``
+    (a ``cProfile.Profile``) watches the timed call only."""
     C.set_threads(threads)
     vq, chain = build_models()
     pipe = pipeline_for(vq, chain, tiles, mode, auto_above)
@@ -202,7 +207,11 @@ def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "a
     base = rss_mb()
     reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
+    if profiler is not None:
+        profiler.enable()
     pipe.refine_images([image], 499, steps, seed=0)
+    if profiler is not None:
+        profiler.disable()
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = rss_mb("VmHWM")
     tiled = pipe.tiled(size, size)
@@ -324,6 +333,21 @@ def crossover(args: argparse.Namespace, tiles: dict, steps: int) -> dict:
     return payload
 
 
+def profile(args: argparse.Namespace, tiles: dict, steps: int) -> dict:
+    """Where the time goes: the timed call of one :func:`worker_time` run at ``--profile`` px under cProfile."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = worker_time(args.profile, steps, tiles, args.threads, "auto", args.auto_above, profiler)
+    stats = pstats.Stats(profiler)
+    total = sum(v[2] for v in stats.stats.values())  # own time of every function
+    print(f"{args.profile} px, {steps} steps: {result['total_s']:.1f} s wall, {result['total_cpu_s']:.1f} s CPU")
+    for (file, line, name), v in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]:
+        print(f"{v[2]:9.2f} s {100 * v[2] / total:5.1f}%  {v[1]:7d} calls  {Path(file).name}:{line}({name})")
+    return result
+
+
 def main() -> dict:
     args = parse_args()
     if args.worker:
@@ -344,6 +368,8 @@ def main() -> dict:
              "latent_stride": args.latent_stride, "view_batch": args.view_batch}
     if args.quick:
         tiles.update(SEAM_TILES)
+    if args.profile:
+        return profile(args, tiles, steps)
     if args.crossover:
         return crossover(args, tiles, steps)
     if args.seams_only:
@@ -395,8 +421,9 @@ def seam_table(args: argparse.Namespace, steps: int) -> dict:
                    "MultiDiffusion image rel. diff", "both tiled, image rel. diff", "seam ratio, VQ borders",
                    "seam ratio, MultiDiffusion borders", "whole image at VQ borders",
                    "VQ round trip PSNR to the photo, whole / tiled, dB"], srows)
-    if args.seams_only:
-        C.write_result("bench_large_images_seams", {"command": C.command("bench_large_images", args.quick)
+    if args.seams_only:  # its own file unless --result-name names one
+        name = "bench_large_images_seams" if args.result_name == "bench_large_images" else args.result_name
+        C.write_result(name, {"command": C.command("bench_large_images", args.quick)
                                                     + " --seams-only" + (" --vq-ckpt ..." if args.vq_ckpt else ""),
                                                     "steps": steps, "seams": seams})
     return {"seams": seams}
