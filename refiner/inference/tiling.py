@@ -148,10 +148,11 @@ def view_weight(view: View, height: int, width: int, ramp: int, weighting: Weigh
 
 
 class _Canvas:
-    """Accumulates weighted tile outputs and their weights; :meth:`result` divides per pixel.
+    """Accumulates weighted tile outputs and their weights; :meth:`result` divides per pixel. MultiDiffusion's
+    latent-sized canvas (the tiled VQ blends in row bands instead, :func:`_tiled_rows`).
 
     The weight canvas is one channel in ``dtype`` (the input's), so beside the output itself the
-    blending costs one image-sized plane."""
+    blending costs one latent-sized plane."""
 
     def __init__(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device):
         self.shape = (batch, height, width)
