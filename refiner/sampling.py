@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ from refiner.diffusion import PARAMETERIZATIONS, Parameterization, Window, q_sam
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor, Tensor], "Tensor | None"]
+# None (torch's global RNG), one generator for the whole batch, or one per batch row (see randn_like)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 Spacing = Literal["uniform", "trailing"]
 SPACINGS = ("uniform", "trailing")
 
@@ -112,8 +114,24 @@ def _alpha_bar(alphas_cumprod: Tensor, t: int) -> float:
     return float(alphas_cumprod[max(t, 0)])
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def randn_like(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise of ``x``'s shape, device and dtype: every random draw of the samplers.
+
+    ``generator`` is None (torch's global RNG), one ``torch.Generator`` (one draw of the whole batch on ``x``'s
+    device, CompVis's and diffusers' convention: row ``i`` then depends on the rows before it, i.e. on batching),
+    or one generator per batch row: row ``i`` is ``randn(x.shape[1:], generator=generator[i])``, drawn on that
+    generator's device and moved to ``x``'s. Then row ``i``'s noise depends only on its own generator and on how
+    many draws were made from it, never on the other rows; a batch of one row with ``[g]`` draws exactly what ``g``
+    alone draws on the same device.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    generators = list(generator)
+    if len(generators) != x.shape[0] or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"generator: expected one torch.Generator per batch row ({x.shape[0]}), got "
+                         f"{len(generators)} item(s) of types {sorted({type(g).__name__ for g in generators})}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                        for g in generators]).to(x.device)
 
 
 def _t_batch(t: int, x: Tensor) -> Tensor:
@@ -258,21 +276,21 @@ def sample_ddim(
     alphas_cumprod: Tensor,
     parameterization: Parameterization = "eps",
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DDIM from ``x`` (at the noise level of ``timesteps[0]``) down to the level of ``ab[0]``.
 
     ``timesteps`` is a strictly descending grid (see :func:`timestep_grid`). With ``eta > 0`` one noise
-    tensor per step is drawn with ``generator`` on ``x``'s device and dtype. See the module docstring
-    for the callback protocol.
+    tensor per step is drawn with ``generator`` (:func:`randn_like`: one generator, or one per batch row so
+    that each row's result does not depend on the others). See the module docstring for the callback protocol.
     """
     timesteps = _check_grid(timesteps, alphas_cumprod)
     check_eta(eta, timesteps, alphas_cumprod)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         out = model(x, _t_batch(t, x))
-        noise = _randn_like(x, generator) if eta > 0 else None
+        noise = randn_like(x, generator) if eta > 0 else None
         x, x0 = ddim_step(x, t, t_prev, out, alphas_cumprod, parameterization, eta, noise)
         x = _run_callback(callback, i, t, x, out, x0)
     return x
@@ -285,7 +303,7 @@ def sample_ddpm(
     timesteps: Sequence[int],
     alphas_cumprod: Tensor,
     parameterization: Parameterization = "eps",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """Ancestral DDPM sampling over ``timesteps`` with :func:`ddpm_posterior_step` (also adds noise at
@@ -295,7 +313,7 @@ def sample_ddpm(
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         out = model(x, _t_batch(t, x))
-        noise = _randn_like(x, generator)
+        noise = randn_like(x, generator)
         x, x0 = ddpm_posterior_step(x, t, t_prev, out, alphas_cumprod, parameterization, noise)
         x = _run_callback(callback, i, t, x, out, x0)
     return x
@@ -450,7 +468,7 @@ def refine(
     steps: int,
     alphas_cumprod: Tensor,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     spacing: Spacing = "uniform",
     callback: Callback | None = None,
     allow_outside_window: bool = False,
@@ -470,7 +488,10 @@ def refine(
        >= 0, and above 1 only where every step allows it (:func:`check_eta`), checked before any compute.
 
     Noise draws from ``generator`` happen in this order: the q_sample noise (if ``noise`` is None),
-    then one tensor per step when ``eta > 0``. Returns the final latent, or a :class:`RefineResult`
+    then one tensor per step when ``eta > 0``. ``generator`` may be one generator per row of ``z``
+    (:func:`randn_like`): then every draw of row ``i`` comes from ``generator[i]`` in that order, so with any eta
+    a row's result is the same whether it is refined alone or in a batch (up to the model's own batch
+    arithmetic). Returns the final latent, or a :class:`RefineResult`
     when ``return_stage_outputs``. See the module docstring for ``callback``.
     """
     step_plan = plan(stages, t_start, steps, alphas_cumprod, t_end=t_end, spacing=spacing, eta=eta,
@@ -486,7 +507,7 @@ def refine_with_plan(
     step_plan: StepPlan,
     alphas_cumprod: Tensor,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
     return_stage_outputs: bool = False,
     noise: Tensor | None = None,
@@ -497,7 +518,7 @@ def refine_with_plan(
     grid, stage_of_step = step_plan.timesteps, step_plan.stage_of_step
     t_start = grid[0]
     if noise is None:
-        noise = _randn_like(z, generator)
+        noise = randn_like(z, generator)
     elif noise.shape != z.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but z has shape {tuple(z.shape)}")
 
@@ -508,7 +529,7 @@ def refine_with_plan(
         stage = stages[stage_of_step[i]]
         t_prev = grid[i + 1] if i + 1 < len(grid) else -1
         out = stage.model(x, _t_batch(t, x))
-        step_noise = _randn_like(x, generator) if eta > 0 else None
+        step_noise = randn_like(x, generator) if eta > 0 else None
         x, x0 = ddim_step(x, t, t_prev, out, alphas_cumprod, stage.parameterization, eta, step_noise)
         x = _run_callback(callback, i, t, x, out, x0)
         if return_stage_outputs and (i + 1 == len(grid) or stage_of_step[i + 1] != stage_of_step[i]):

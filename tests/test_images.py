@@ -5,6 +5,7 @@ from PIL import Image
 
 from refiner.data.images import (
     ImageError,
+    PaddedImages,
     crop_to,
     list_images,
     load_image,
@@ -145,6 +146,35 @@ def test_pad_crop_round_trip():
     assert same.shape == (3, 8, 16) and s2 == (8, 16)
     with pytest.raises(ValueError):
         crop_to(torch.zeros(3, 4, 4), (5, 4))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "constant"])
+def test_padded_images_crops_equal_the_padded_float_batch(mode):
+    """PaddedImages keeps uint8 and converts per crop; every crop, inside the image or reaching into the padding,
+    equals the same crop of pad_to_multiple(stack(to_tensor)) bit for bit. Hand value: constant padding is 0.0
+    in [-1, 1] (no uint8 value), and an image already on the multiple is not copied."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (13, 10, 3), dtype=np.uint8) for _ in range(2)]
+    reference = pad_to_multiple(torch.stack([to_tensor(img) for img in images]), 8, mode=mode)[0]
+    padded = PaddedImages(images, 8, mode)
+    assert padded.shape == reference.shape == (2, 3, 16, 16) and padded.size == (13, 10)
+    assert padded.pixels.dtype == torch.uint8
+    assert torch.equal(padded.full(), reference)
+    for rows, cols in ((slice(0, 8), slice(0, 8)), (slice(5, 16), slice(3, 11)), (slice(12, 16), slice(9, 16)),
+                       (slice(14, 16), slice(12, 16))):
+        crop = padded.crop(rows, cols)
+        assert crop.is_contiguous() and torch.equal(crop, reference[..., rows, cols]), (rows, cols)
+    if mode == "constant":
+        assert (padded.full()[..., 13:, :] == 0).all() and (padded.full()[..., 10:] == 0).all()
+    one = np.ascontiguousarray(images[0][:8, :8])
+    assert PaddedImages([one], 8, mode).pixels.data_ptr() == torch.from_numpy(one).data_ptr()  # a view, no copy
+    read_only = images[0].copy()
+    read_only.flags.writeable = False
+    assert torch.equal(PaddedImages([read_only], 8, mode).full(), reference[:1])
+    with pytest.raises(ValueError, match="share one size"):
+        PaddedImages([images[0], images[0][:12]], 8)
+    with pytest.raises(ValueError, match="uint8"):
+        PaddedImages([images[0].astype(np.float32)], 8)
 
 
 def test_save_png_atomic_protects_inputs(tmp_path):

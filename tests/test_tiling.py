@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,11 @@ from refiner.inference.progressive import (
     DilatedSampling, blur_factor, cosine_factor, gaussian_blur, global_weight, latent_stats, phase_scales,
     progressive_refine, skip_weight,
 )
+from refiner.data.images import PaddedImages, crop_to, to_uint8
+from refiner.inference.pipeline import decode_to_uint8
 from refiner.inference.tiling import (
     MultiDiffusion, grid_views, ramp_weights, seam_ratio, tile_borders, tile_stages, tile_starts, tiled_decode,
-    tiled_encode,
+    tiled_decode_rows, tiled_encode, view_weight,
 )
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
@@ -165,6 +168,59 @@ def test_tiled_decode_has_no_gradient_spike_on_tile_borders():
     assert seam_ratio(seamed, borders, vq.factor) > 1.5
     with pytest.raises(ValueError, match="must lie in"):
         seam_ratio(tiled, [2, 64], vq.factor)
+
+
+def full_canvas_blend(fn, x, tile, stride, ramp, num, den, weighting):
+    """The blend written out with one image-sized canvas: sum_i w_i fn(tile_i) / sum_i w_i, tiles in row-major
+    order (the reference for the streamed rows)."""
+    height, width = x.shape[-2:]
+    out_h, out_w = height * num // den, width * num // den
+    value = weight = None
+    for view in grid_views(height, width, tile, stride):
+        out_view = view.scaled(num, den)
+        out = fn(x[..., view.rows, view.cols])
+        w = view_weight(out_view, out_h, out_w, ramp, weighting)
+        if value is None:
+            value = out.new_zeros(x.shape[0], out.shape[1], out_h, out_w)
+            weight = torch.zeros(out_h, out_w, dtype=out.dtype)
+        value[..., out_view.rows, out_view.cols] += out * w.to(out)
+        weight[out_view.rows, out_view.cols] += w.to(weight)
+    return value / weight
+
+
+def test_tiled_decode_streams_rows_that_equal_the_full_canvas_blend():
+    """tiled_decode_rows yields each band of rows as soon as its row of tiles is done (before any tile of the next
+    row is decoded), the bands tile the image top to bottom, and they are bit-identical to a blend on one
+    image-sized canvas; tiled_decode, tiled_encode (also from uint8 PaddedImages) and decode_to_uint8 agree."""
+    vq = tiny_vq(4)
+    tile, overlap = 48, 16  # latent tiles of 12 stepping by 8 over a 26 x 22 latent: rows at 0, 8, 14; 3 columns
+    with torch.no_grad():
+        z = vq.encode(smooth_image(104, 88))
+        decoded_tops = []
+        plain_decode = vq.decode
+        vq.decode = lambda t: (decoded_tops.append(None), plain_decode(t))[1]
+        seen = []
+        for top, rows in tiled_decode_rows(vq, z, tile, overlap):
+            seen.append((top, rows.clone(), len(decoded_tops)))
+        vq.decode = plain_decode
+        reference = full_canvas_blend(vq.decode, z, tile // 4, (tile - overlap) // 4, overlap, 4, 1, "cosine")
+        assert tile_starts(26, 12, 8) == [0, 8, 14] and len(tile_starts(22, 12, 8)) == 3
+        assert [calls for _, _, calls in seen] == [3, 6, 9]  # each band right after its row of 3 tiles
+        assert [top for top, _, _ in seen] == [0, 32, 56]  # a band ends where the next row of tiles starts
+        assert all(r.shape[-2] <= tile for _, r, _ in seen)
+        assert torch.equal(torch.cat([r for _, r, _ in seen], dim=-2), reference)
+        assert torch.equal(tiled_decode(vq, z, tile, overlap), reference)
+        x = (torch.rand(2, 3, 104, 88, generator=torch.Generator().manual_seed(3)) * 255).round().to(torch.uint8)
+        images = [img.permute(1, 2, 0).numpy() for img in x]
+        padded = PaddedImages(images, 8)
+        enc_reference = full_canvas_blend(vq.encode, padded.full(), tile, tile - overlap, overlap // 4, 1, 4, "cosine")
+        assert torch.equal(tiled_encode(vq, padded, tile, overlap), enc_reference)
+        assert torch.equal(tiled_encode(vq, padded.full(), tile, overlap), enc_reference)
+        z2 = vq.encode(padded.full())
+        streamed = decode_to_uint8(vq, z2, (101, 83), (tile, overlap))
+        whole_canvas = tiled_decode(vq, z2, tile, overlap)
+        for b in range(2):
+            assert np.array_equal(streamed[b], to_uint8(crop_to(whole_canvas[b], (101, 83))))
 
 
 def test_tiled_vq_rejects_bad_tiles():

@@ -173,14 +173,20 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` in [-1, 1] (x / 127.5 - 1)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {img.shape} {img.dtype}")
-    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return unit_from_uint8(torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1))
+
+
+def unit_from_uint8(t: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[0, 255]`` (any shape) -> float32 ``[-1, 1]``, ``x / 127.5 - 1``, with one float buffer (no temporaries)."""
+    return t.float().div_(127.5).sub_(1.0)
 
 
 def to_uint8(t: torch.Tensor) -> np.ndarray:
     """``(3, H, W)`` float in [-1, 1] -> ``(H, W, 3) uint8`` (clamped, rounded): inverse of ``to_tensor``."""
     if t.ndim != 3 or t.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(t.shape)}")
-    x = ((t.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    # clamp makes the one float copy; the rest runs in place on it (same values as out-of-place, less memory)
+    x = t.detach().float().cpu().clamp(-1, 1).add_(1.0).mul_(127.5).round_().to(torch.uint8)
     return x.permute(1, 2, 0).contiguous().numpy()
 
 
@@ -217,6 +223,55 @@ def crop_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if h > x.shape[-2] or w > x.shape[-1]:
         raise ValueError(f"cannot crop {tuple(x.shape[-2:])} to the larger size {(h, w)}")
     return x[..., :h, :w]
+
+
+class PaddedImages:
+    """Same-size ``(H, W, 3)`` uint8 images seen as the batch ``pad_to_multiple(stack([to_tensor(img)]), multiple,
+    mode)``, (B, 3, H', W') in [-1, 1] padded at the bottom/right, but held as uint8 (3 bytes a pixel instead of 12)
+    and converted to float one crop at a time (:meth:`crop`), so a tiled encoder never needs the image-sized float
+    batch.
+
+    The padding is :func:`pad_to_multiple` itself, applied to the uint8 pixels. Reflect and replicate padding copy
+    pixel values, so padding before or after the conversion gives the same floats. ``"constant"`` pads zeros in
+    [-1, 1], which no uint8 value maps to (127.5), so :meth:`crop` writes those zeros after the conversion.
+    ``size`` is the unpadded ``(H, W)``.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], multiple: int, mode: str = "reflect",
+                 device: str | torch.device = "cpu"):
+        if not len(images):
+            raise ValueError("no images given")
+        for img in images:
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise ValueError(f"expected (H, W, 3) uint8 arrays, got {img.shape} {img.dtype}")
+        if any(img.shape != images[0].shape for img in images):
+            raise ValueError(f"images of one batch must share one size, got {sorted({img.shape for img in images})}")
+        # a view of one image (no copy; read only); a batch is stacked. A read-only or strided array is copied
+        # first, since torch refuses to wrap read-only memory
+        views = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img))
+                 .permute(2, 0, 1) for img in images]
+        u8 = (views[0][None] if len(views) == 1 else torch.stack(views)).to(device)
+        self.pixels, self.size = pad_to_multiple(u8, multiple, mode=mode)
+        self.constant = mode == "constant"
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(B, 3, H', W')`` of the padded batch."""
+        return self.pixels.shape
+
+    def crop(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """The padded float batch's ``[..., rows, cols]`` (float32, contiguous NCHW), converted from uint8 now."""
+        x = unit_from_uint8(self.pixels[..., rows, cols].contiguous())
+        if self.constant:
+            (h, w), (full_h, full_w) = self.size, self.shape[-2:]
+            top, left = rows.indices(full_h)[0], cols.indices(full_w)[0]
+            x[..., max(h - top, 0):, :] = 0.0
+            x[..., max(w - left, 0):] = 0.0
+        return x
+
+    def full(self) -> torch.Tensor:
+        """The whole padded float batch."""
+        return self.crop()
 
 
 # ---------------------------------------------------------------------------------------------- saving

@@ -14,8 +14,8 @@ For one batch of same-size images, :meth:`ArtifactRun.prepare`:
    min(strength.t_low, s_i), s_i)`` of the region ``m``; otherwise, with ``t_start=auto``, ``s_i`` everywhere.
 3. The region ``m`` (B, H, W) in [0, 1]: the user's mask / 255, else the detected mask grown by ``mask_dilate_px``.
    ``correct=ttc`` blends :class:`~refiner.artifacts.correct.TrajectoryCorrection` in with ``m`` at the first grid
-   point at or below ``min(ttc.t_correct, start - 1)``, its fresh noise from ``seed + indices[0]`` (so, like
-   ``eta > 0``, TTC results depend on batching).
+   point at or below ``min(ttc.t_correct, start - 1)``, its fresh noise from one generator per batch seeded with
+   ``seed + indices[0]`` (so TTC results depend on batching, unlike the refinement's own noise).
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ from refiner.diffusion import ScheduleConfig, Window
 from refiner.errors import SampleError
 from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint
 from refiner.formats.window_files import WindowWeights, load_window_weights
-from refiner.sampling import Callback, RefineResult, Stage, StepPlan, check_stages, plan, refine_with_plan
+from refiner.sampling import (
+    Callback, Generators, RefineResult, Stage, StepPlan, check_stages, plan, refine_with_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,12 +231,12 @@ class Chain:
     @torch.no_grad()
     def refine(self, z: Tensor, t_start: int, steps: int, *, eta: float = 0.0, spacing: str = "uniform",
                allow_outside_window: bool = False, noise: Tensor | None = None,
-               generator: torch.Generator | None = None, z_cond: Tensor | None = None,
+               generator: Generators = None, z_cond: Tensor | None = None,
                return_stage_outputs: bool = False, callback: Callback | None = None, t_end: int = 0,
                tiles: dict | None = None) -> RefineResult:
         """Img2img-refine the *scaled* latents ``z`` (``f4.encode(x) * scale_factor``) with the chain:
         :func:`refiner.sampling.refine` (q_sample to ``t_start`` with ``noise`` or ``generator``, DDIM(eta) over one
-        grid, experts switched by t). Concat stages see ``z_cond`` (default ``z``). ``tiles`` (keyword arguments
+        grid, experts switched by t; ``generator`` may be one generator per row, :func:`refiner.sampling.randn_like`). Concat stages see ``z_cond`` (default ``z``). ``tiles`` (keyword arguments
         of :func:`refiner.inference.tiling.tile_stages`, e.g. ``{"tile": 64, "stride": 48}``) denoises in
         MultiDiffusion tiles. The result carries the grid and stage assignment; its ``stage_latents`` and
         ``stage_x0`` are filled when ``return_stage_outputs``. Invalid settings raise :class:`ChainError` before

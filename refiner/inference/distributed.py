@@ -11,7 +11,7 @@ does not fit a ``predict_step``.
 
 * **Sharding** (:meth:`Ranks.shard`): image ``i`` of the sorted input list goes to rank ``i % world_size``, so
   every image is refined exactly once and keeps its noise seed ``seed + i``: results equal a one-process run's
-  (with ``eta = 0`` or ``batch_size = 1``; with ``eta > 0`` whole-image batches share step noise).
+  for any eta and batch size (every draw of image ``i``, eta > 0 step noise included, comes from its own generator).
 * **Resume** works per rank: each rank checks and skips its own finished outputs (:mod:`refiner.inference.outputs`);
   a conflict found by any rank stops every rank before any compute (:meth:`Ranks.agree`).
 * **Summary**: each rank writes ``summary.rank-<r>-of-<n>.json`` atomically; after a barrier rank 0 merges them

@@ -226,8 +226,10 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
     the first stages, the sampler settings, the tiling settings and ``upscale`` (noise seeds are recorded per
     image), and ``artifacts`` (the detect/correct/mask/t_start=auto settings and the masks' and calibration's
     contents, :meth:`refiner.inference.artifact_options.ArtifactOptions.digest`; left out when empty, so runs
-    without them keep their digest). Device, batch size and the number of processes are left out (results agree across them up to float
-    noise; with eta > 0 whole-image batches depend on batching)."""
+    without them keep their digest). Device, batch size and the number of processes are left out (results agree across
+    them up to float noise, for any eta: every image draws its noise from its own generator). With eta > 0 the
+    digest also names that step-noise rule (``"step_noise": "per_image"``): outputs of versions that drew one step
+    noise per batch are not taken for finished ones; eta = 0 digests are unchanged."""
     from refiner.inference.pipeline import Tiling
 
     payload = {
@@ -239,6 +241,8 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
                     "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
                     "scale_factor": s.weights.scale_factor} for s in chain.stages],
     }
+    if float(cfg.eta) > 0:
+        payload["step_noise"] = "per_image"
     if artifacts:
         payload["artifacts"] = dict(artifacts)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -9,7 +9,10 @@ it) the first stages run on overlapping, feathered pixel tiles (:func:`~refiner.
 :func:`~refiner.inference.tiling.tiled_decode`) and every window expert on MultiDiffusion latent tiles
 (:class:`~refiner.inference.tiling.MultiDiffusion`: Bar-Tal et al. 2023, eq. 5, the per-pixel average of the
 overlapping tiles' outputs, with DemoFusion's per-step random jitter of the tile offsets). Each decision is taken
-on the pixels the stage sees: encode and refine on the padded input, decode on the padded output.
+on the pixels the stage sees: encode and refine on the padded input, decode on the padded output. Tiled images
+never exist as image-sized float buffers: the input stays uint8 (:class:`~refiner.data.images.PaddedImages`,
+converted tile by tile) and the decode streams bands of rows into the uint8 output (:func:`decode_to_uint8`), with
+pixels identical to converting whole buffers.
 
 **Progressive upscaling** (``upscale`` 2 or 4): :meth:`Chain.refine_progressive`, DemoFusion (Du et al. 2024)
 phases of x2: bicubic upsampling and re-noising ``zhat_t = q_sample(up(z), t, n)``, skip residual
@@ -18,12 +21,14 @@ phases of x2: bicubic upsampling and re-noising ``zhat_t = q_sample(up(z), t, n)
 the first phase's latent mean and std (equations and defaults in :mod:`refiner.inference.progressive`). The
 result is ``upscale`` times larger.
 
-Noise: image ``i`` (its index in the caller's input list, ``indices``) gets its ``q_sample`` noise from
-``seed + i``, so with ``eta=0`` its result does not depend on how images were batched. With ``eta > 0`` the
-per-step noise of a whole-image batch comes from one generator per batch, seeded with ``seed + indices[0]``.
-Tiled and progressive images are refined one at a time (their tiles are batched instead, ``view_batch_size``),
-with every random draw (noise, jitter offsets, eta noise, DemoFusion's phase noise) from ``seed + i``: their
-results never depend on batching.
+Noise: image ``i`` (its index in the caller's input list, ``indices``) has its own generator seeded with ``seed + i``
+(:func:`image_generators`). Its first draw is the image's ``q_sample`` noise (:func:`image_noise`), and with
+``eta > 0`` the same generator then draws the image's noise for every DDIM step (the sampler takes one generator per
+batch row, :func:`refiner.sampling.randn_like`). So for any eta an image's result does not depend on how images
+were batched: a batch equals refining its images one at a time, up to the batched convolutions' float rounding
+(tested: decoded x0 within 1e-4, measured 5e-6, and outputs within one uint8 level). Tiled and progressive images
+are refined one at a time (their tiles are batched instead, ``view_batch_size``), with every random draw (noise,
+jitter offsets, eta noise, DemoFusion's phase noise) from ``seed + i`` as well.
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from refiner.data.images import crop_to, pad_to_multiple, to_tensor, to_uint8
+from refiner.data.images import PaddedImages, crop_to, pad_to_multiple, to_uint8
 from refiner.errors import SettingError
 from refiner.inference.chain import Chain
-from refiner.inference.tiling import tiled_decode, tiled_encode
-from refiner.sampling import Callback
+from refiner.inference.tiling import tiled_decode, tiled_decode_rows, tiled_encode
+from refiner.sampling import Callback, randn_like
 from refiner.settings import require_choice, require_int
 
 PAD_MODES = ("reflect", "replicate", "constant")
@@ -127,22 +132,47 @@ class Tiling:
         return asdict(self)
 
 
-def image_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
-    """The ``q_sample`` noise of a batch: one ``randn(shape)`` per image from ``torch.Generator().manual_seed(s)``,
-    ``s`` its seed (``seed + i`` for image ``i``), stacked on CPU. Shared by refinement and the artifact probe, so a
-    probe sees exactly the noise the refinement of the same image starts from."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per image, seeded with its seed (``seed + i`` for image ``i``): every random draw
+    of a whole-image refinement, in the sampler's order (q_sample noise, then one draw per DDIM step if eta > 0)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def image_noise(shape: Sequence[int], seeds: Sequence[int], generators: Sequence[torch.Generator] | None = None
+                ) -> Tensor:
+    """The ``q_sample`` noise of a batch: the first ``randn(shape)`` of each image's generator
+    (:func:`image_generators`), stacked on CPU. Shared by refinement and the artifact probe, so a probe sees exactly
+    the noise the refinement of the same image starts from. Pass ``generators`` (made from ``seeds``) to draw from
+    them, so that their next draws continue the images' streams."""
+    generators = image_generators(seeds) if generators is None else generators
+    return randn_like(torch.empty(len(generators), *shape), generators)
 
 
 def padded_batch(images: Sequence[np.ndarray], multiple: int, pad_mode: str = "reflect",
                  device: str | torch.device = "cpu") -> Tensor:
-    """Same-size uint8 images -> one (B, 3, H', W') batch in [-1, 1], padded bottom/right to ``multiple``."""
-    if not images:
-        raise ValueError("no images given")
-    if any(img.shape != images[0].shape for img in images):
-        raise ValueError(f"images of one batch must share one size, got {sorted({img.shape for img in images})}")
-    x = torch.stack([to_tensor(img) for img in images]).to(device)
-    return pad_to_multiple(x, multiple, mode=pad_mode)[0]
+    """Same-size uint8 images -> one (B, 3, H', W') batch in [-1, 1], padded bottom/right to ``multiple``
+    (:class:`~refiner.data.images.PaddedImages`, whole)."""
+    return PaddedImages(images, multiple, pad_mode, device).full()
+
+
+@torch.no_grad()
+def decode_to_uint8(vq: nn.Module, z: Tensor, size: tuple[int, int],
+                    tiles: tuple[int, int] | None = None) -> list[np.ndarray]:
+    """``vq.decode(z)`` cropped to ``size = (H, W)`` as uint8 ``(H, W, 3)`` images (:func:`to_uint8`). With
+    ``tiles = (tile, overlap)`` the decode runs on overlapping tiles
+    (:func:`~refiner.inference.tiling.tiled_decode_rows`) and each finished band of rows goes into the uint8 output
+    at once, so no image-sized float canvas is ever held; the pixels equal ``to_uint8`` of
+    :func:`~refiner.inference.tiling.tiled_decode` exactly."""
+    h, w = size
+    if tiles is None:
+        return [to_uint8(crop_to(img, size)) for img in vq.decode(z)]
+    out = np.empty((z.shape[0], h, w, 3), dtype=np.uint8)
+    for top, rows in tiled_decode_rows(vq, z, *tiles):
+        keep = min(rows.shape[-2], h - top)  # rows below h are padding
+        for b in range(out.shape[0]):
+            if keep > 0:
+                out[b, top:top + keep] = to_uint8(rows[b, :, :keep, :w])
+    return list(out)
 
 
 @torch.no_grad()
@@ -150,11 +180,11 @@ def vq_round_trip(vq: nn.Module, images: Sequence[np.ndarray], pad_mode: str = "
                   device: str | torch.device = "cpu", tiles: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Same-size uint8 images through ``vq`` (pad to its factor, encode, quantize, decode, crop back), as uint8:
     the VQ-f8 degradation. ``tiles = (tile, overlap)`` runs it on overlapping pixel tiles
-    (:func:`~refiner.inference.tiling.tiled_encode` / :func:`~refiner.inference.tiling.tiled_decode`)."""
-    h, w = images[0].shape[:2]
-    x = padded_batch(images, vq.factor, pad_mode, device)
-    y = vq.round_trip(x) if tiles is None else tiled_decode(vq, tiled_encode(vq, x, *tiles), *tiles)
-    return [to_uint8(crop_to(img, (h, w))) for img in y]
+    (:func:`~refiner.inference.tiling.tiled_encode`, :func:`decode_to_uint8`), converting the input and the output
+    tile by tile."""
+    x = PaddedImages(images, vq.factor, pad_mode, device)
+    z = vq.encode(x.full()) if tiles is None else tiled_encode(vq, x, *tiles)
+    return decode_to_uint8(vq, z, x.size, tiles)
 
 
 class Pipeline:
@@ -180,8 +210,8 @@ class Pipeline:
         """Image sides are padded to this: the f4 factor times the chain's UNet downsampling."""
         return int(self.f4.factor) * self.chain.multiple
 
-    def _pad(self, images: Sequence[np.ndarray], multiple: int) -> Tensor:
-        return padded_batch(images, multiple, self.pad_mode, self.device)
+    def _pad(self, images: Sequence[np.ndarray]) -> PaddedImages:
+        return PaddedImages(images, self.multiple, self.pad_mode, self.device)
 
     def tiled(self, height: int, width: int) -> bool:
         """Whether an image of this (padded) size is encoded and refined on tiles."""
@@ -196,18 +226,27 @@ class Pipeline:
         tiles = (self.tiling.f8_tile, self.tiling.f8_overlap) if self.tiled(-(-h // f) * f, -(-w // f) * f) else None
         return vq_round_trip(self.f8, images, self.pad_mode, self.device, tiles)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """``f4.encode`` of padded images, on tiles above the threshold."""
+    def encode(self, x: Tensor | PaddedImages) -> Tensor:
+        """``f4.encode`` of padded images (a float batch or :class:`~refiner.data.images.PaddedImages`, which tiles
+        convert one at a time), on tiles above the threshold."""
         if self.tiled(*x.shape[-2:]):
             return tiled_encode(self.f4, x, self.tiling.f4_tile, self.tiling.f4_overlap)
-        return self.f4.encode(x)
+        return self.f4.encode(x if isinstance(x, Tensor) else x.full())
+
+    def _f4_tiles(self, z: Tensor) -> tuple[int, int] | None:
+        """The f4 decode's ``(tile, overlap)`` for latents ``z``, None when the decoded image is not tiled."""
+        f = int(self.f4.factor)
+        return (self.tiling.f4_tile, self.tiling.f4_overlap) if self.tiled(z.shape[-2] * f, z.shape[-1] * f) else None
 
     def decode(self, z: Tensor) -> Tensor:
         """``f4.decode`` of latents (quantized first), on tiles when the decoded image is above the threshold."""
-        f = int(self.f4.factor)
-        if self.tiled(z.shape[-2] * f, z.shape[-1] * f):
-            return tiled_decode(self.f4, z, self.tiling.f4_tile, self.tiling.f4_overlap)
-        return self.f4.decode(z)
+        tiles = self._f4_tiles(z)
+        return self.f4.decode(z) if tiles is None else tiled_decode(self.f4, z, *tiles)
+
+    def decode_images(self, z: Tensor, size: tuple[int, int]) -> list[np.ndarray]:
+        """:meth:`decode` cropped to ``size`` as uint8 images; on tiles, streamed band by band into the uint8
+        output (:func:`decode_to_uint8`: the same pixels without an image-sized float canvas)."""
+        return decode_to_uint8(self.f4, z, size, self._f4_tiles(z))
 
     @torch.no_grad()
     def refine_images(self, images: Sequence[np.ndarray], t_start: int, steps: int, *, seed: int = 0,
@@ -231,46 +270,48 @@ class Pipeline:
         if len(indices) != len(images):
             raise ValueError(f"{len(images)} images but {len(indices)} indices")
         h, w = images[0].shape[:2]
-        x = self._pad(images, self.multiple)
+        size = (h * self.upscale, w * self.upscale)
+        shape = (-(-h // self.multiple) * self.multiple, -(-w // self.multiple) * self.multiple)  # padded
         sampler = dict(t_start=t_start, steps=steps, eta=eta, spacing=spacing, allow_outside_window=allow_outside_window)
-        if (starts is not None or callback is not None) and (self.upscale > 1 or self.tiled(*x.shape[-2:])):
+        if (starts is not None or callback is not None) and (self.upscale > 1 or self.tiled(*shape)):
             raise SettingError("per-pixel starts and step callbacks (strength maps, t_start=auto, TTC) need whole "
                                "images: set upscale=1 and tiling.mode=never, or refine images below the tiling "
                                "threshold")
-        if self.upscale == 1 and not self.tiled(*x.shape[-2:]):
-            parts = [self._refine_batch(x, indices, seed, sampler, with_stages, starts, callback)]
+        if self.upscale == 1 and not self.tiled(*shape):
+            parts = [self._refine_batch(self._pad(images).full(), indices, seed, sampler, with_stages, size, starts,
+                                        callback)]
         else:  # one image at a time: memory is bounded by the tiles, and every draw comes from seed + i
-            parts = [self._refine_one(x[j:j + 1], seed + i, sampler, with_stages) for j, i in enumerate(indices)]
-        size = (h * self.upscale, w * self.upscale)
-        refined = [to_uint8(img) for out, _ in parts for img in crop_to(out, size)]
-        stage_images: list[list[Tensor]] = [[] for _ in images]
-        j = 0
-        for out, stage_x0 in parts:
-            for b in range(out.shape[0]):
-                stage_images[j] = [crop_to(x0[b], size).clamp(-1, 1).cpu() for x0 in stage_x0]
-                j += 1
+            parts = [self._refine_one(self._pad([img]), seed + i, sampler, with_stages, size)
+                     for img, i in zip(images, indices)]
+        refined = [img for out, _ in parts for img in out]
+        stage_images = [[crop_to(x0[b], size).clamp(-1, 1).cpu() for x0 in stage_x0]
+                        for out, stage_x0 in parts for b in range(len(out))]
         return refined, stage_images
 
-    def _finish(self, latent: Tensor, stage_x0: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _finish(self, latent: Tensor, stage_x0: Sequence[Tensor],
+                size: tuple[int, int]) -> tuple[list[np.ndarray], list[Tensor]]:
+        """The refined uint8 images (cropped to ``size``) and the decoded stage x0s (padded, float)."""
         if not torch.isfinite(latent).all():
             raise FloatingPointError("the refined latent has NaN/inf values (the denoiser diverged)")
         scale = self.chain.scale_factor
-        return self.decode(latent / scale), [self.decode(x0 / scale) for x0 in stage_x0]
+        return self.decode_images(latent / scale, size), [self.decode(x0 / scale) for x0 in stage_x0]
 
     def _refine_batch(self, x: Tensor, indices: list[int], seed: int, sampler: dict, with_stages: bool,
-                      starts: Tensor | None = None, callback: Callback | None = None):
-        """Whole images, one batch: noise per image from ``seed + i``; ``callback`` then the pinning of ``starts``
-        run after every step (see refine_images)."""
+                      size: tuple[int, int], starts: Tensor | None = None, callback: Callback | None = None):
+        """Whole images, one batch: every draw of image ``i`` from its generator ``seed + i`` (q_sample noise, then
+        the eta > 0 step noise); ``callback`` then the pinning of ``starts`` run after every step (see
+        refine_images)."""
         z = self.f4.encode(x) * self.chain.scale_factor
-        noise = image_noise(z.shape[1:], [seed + i for i in indices]).to(z)
-        generator = torch.Generator(device=z.device).manual_seed(seed + indices[0])
+        seeds = [seed + i for i in indices]
+        generator = image_generators(seeds)
+        noise = image_noise(z.shape[1:], seeds, generator).to(z)
         if starts is not None:
             from refiner.artifacts.dynamics import chain_callbacks
 
             callback = chain_callbacks([callback, self._pinning(z, noise, starts, sampler)])
         result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
                                    callback=callback, **sampler)
-        return self._finish(result.latent, result.stage_x0)
+        return self._finish(result.latent, result.stage_x0, size)
 
     def _pinning(self, z: Tensor, noise: Tensor, starts: Tensor, sampler: dict):
         from refiner.artifacts.correct import StrengthPinning
@@ -292,20 +333,21 @@ class Pipeline:
         padded = pad_to_multiple(torch.as_tensor(pixel_map)[:, None].float(), self.multiple, mode="replicate")[0]
         return torch.nn.functional.max_pool2d(padded, f, f)[:, 0]
 
-    def _refine_one(self, x: Tensor, noise_seed: int, sampler: dict, with_stages: bool):
+    def _refine_one(self, x: PaddedImages, noise_seed: int, sampler: dict, with_stages: bool, size: tuple[int, int]):
         """One image on tiles (above the threshold) or progressively upscaled; every draw from ``noise_seed``."""
         z = self.encode(x) * self.chain.scale_factor
-        generator = torch.Generator(device=z.device).manual_seed(noise_seed)
         if self.upscale > 1:
+            generator = torch.Generator(device=z.device).manual_seed(noise_seed)
             tiles = self.tiling.latent_tiles(noise_seed)
             if not self.tiling.applies(x.shape[-2] * x.shape[-1] * self.upscale**2):
                 side = max(z.shape[-2:]) * self.upscale  # one tile covering the largest phase: not tiled
                 tiles.update(tile=side, stride=side, jitter=False)
             latent = self.chain.refine_progressive(z, upscale=self.upscale, generator=generator,
                                                    **{**sampler, **tiles})
-            return self._finish(latent, [])
-        noise = image_noise(z.shape[1:], [noise_seed]).to(z)
+            return self._finish(latent, [], size)
+        generator = image_generators([noise_seed])  # as in _refine_batch: q_sample noise, then the step noise
+        noise = image_noise(z.shape[1:], [noise_seed], generator).to(z)
         tiles = self.tiling.latent_tiles(noise_seed) if self.tiled(*x.shape[-2:]) else None
         result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
                                    tiles=tiles, **sampler)
-        return self._finish(result.latent, result.stage_x0)
+        return self._finish(result.latent, result.stage_x0, size)

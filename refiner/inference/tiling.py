@@ -18,19 +18,28 @@ Both halves share one rule for placing tiles and one blending rule.
 
 **Tiled VQ** (:func:`tiled_encode`, :func:`tiled_decode`): works for any first stage with
 ``.factor`` (f4, f8), ``.encode`` and ``.decode``. Sizes are in image pixels. Memory is bounded by one
-tile's activations; only the output canvas and one weight channel grow with the image. The
+tile's activations. Tiles run one row at a time, and the blend holds only a band of about one tile's height
+(:func:`_tiled_rows`): :func:`tiled_decode_rows` hands each finished band to the caller, which
+:func:`refiner.inference.pipeline.decode_to_uint8` stores as uint8 at once, and :func:`tiled_encode` reads its
+tiles from a :class:`~refiner.data.images.PaddedImages` (uint8, converted tile by tile), so neither needs an
+image-sized float buffer (:func:`tiled_decode` still returns the whole float image). The
 encoder/decoder are not local operators: 3x3 convolutions give a receptive field of dozens of
 pixels, and GroupNorm statistics and the mid-block self-attention span the whole input, so a tile
 sees different statistics than the whole image. Hence a tiled result differs from the whole one even
 away from the seams; the feathered overlap hides the seams themselves (``seam_ratio`` about 1).
-Measured with the demo-shaped f4 (conf/first_stage/demo.yaml) and *random* weights, which makes it
-pessimistic, 512 px photo, 128 px tiles overlapping by 32: the encode differs by 0.33 of the mean
-|latent|; with the GroupNorm statistics of a whole-image pass frozen into the tiles this falls to
-0.08, so GroupNorm dominates the encoder's error (a "GroupNorm sync" across tiles, as in the Tiled
-VAE of multidiffusion-upscaler, is the known remedy and is not implemented here: estimating the
-statistics from a 2x downsampled pass only reached 0.17). The random decoder is far more sensitive
-(round trip 0.98 of mean |image|). ``benchmarks/bench_large_images.py`` measures the seams, with
-``--vq-ckpt`` for a trained f4; the tests bound them.
+What that costs a user, measured against the clean image (``scripts/f4_round_trip.py CKPT --mosaic 512 1024``:
+the trained demo f4, mosaics of 64 px procedural heads of seeds 7 and 9, sample.py's 256 px tiles overlapping by
+32): tiled and whole round trips have the same PSNR to the clean mosaic within 0.05 dB (21.9-22.3 dB) and the
+composition checker passes as many cells (tiled 92.2 / 96.9 / 96.1 / 95.3% against whole 92.2 / 95.3 / 95.3 /
+95.3%); the two differ from each other at 32-36 dB PSNR. Normalising the tiles with the whole image's GroupNorm
+statistics, the upper bound of a GroupNorm sync across tiles (the Tiled VAE of
+pkuliyi2015/multidiffusion-upscaler-for-automatic1111 pools them over all tiles, which needs every tile's
+activations at once or a second pass), brings tiled to 42-48 dB of whole (its pass counts become exactly
+whole's), but it moves the PSNR to clean by at most 0.1 dB and passes no more cells than plain tiles: there is
+nothing for a sync to recover on this f4's domain, so none is implemented. Both lose more to the mosaic itself
+than to tiling: each head round-tripped alone reaches 22.4-22.7 dB and 98.4%. With *random* weights, or on
+photos this f4 cannot represent (a bicubic photo: 11 dB whole), the tiled-vs-whole difference is far larger
+(``benchmarks/bench_large_images.py`` row 10b, with ``--vq-ckpt`` for a trained f4); the tests bound it.
 
 **MultiDiffusion** (:class:`MultiDiffusion`; Bar-Tal et al. 2023, "MultiDiffusion: Fusing Diffusion
 Paths", arXiv 2302.08113, sec. 3): each step, the per-pixel least-squares fusion of the tiles'
@@ -49,7 +58,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,10 +148,11 @@ def view_weight(view: View, height: int, width: int, ramp: int, weighting: Weigh
 
 
 class _Canvas:
-    """Accumulates weighted tile outputs and their weights; :meth:`result` divides per pixel.
+    """Accumulates weighted tile outputs and their weights; :meth:`result` divides per pixel. MultiDiffusion's
+    latent-sized canvas (the tiled VQ blends in row bands instead, :func:`_tiled_rows`).
 
     The weight canvas is one channel in ``dtype`` (the input's), so beside the output itself the
-    blending costs one image-sized plane."""
+    blending costs one latent-sized plane."""
 
     def __init__(self, batch: int, height: int, width: int, dtype: torch.dtype, device: torch.device):
         self.shape = (batch, height, width)
@@ -179,40 +189,111 @@ def _check_vq_tiles(factor: int, tile: int, overlap: int, what: str) -> None:
         raise ValueError(f"{what}: overlap={overlap} px must be smaller than the tile ({tile} px)")
 
 
-def _tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, stride: int, ramp: int, num: int, den: int,
-               weighting: Weighting) -> Tensor:
-    """Blend ``fn`` over overlapping tiles of ``x``; ``fn`` maps an ``h x w`` tile to ``h*num/den x w*num/den``.
-    ``tile``/``stride`` are in input pixels, ``ramp`` in output pixels."""
-    height, width = x.shape[-2:]
+@torch.no_grad()
+def _tiled_rows(fn: Callable[[Tensor], Tensor], read: Callable[[View], Tensor], batch: int, height: int, width: int,
+                tile: int, stride: int, ramp: int, num: int, den: int, weighting: Weighting
+                ) -> Iterator[tuple[int, Tensor]]:
+    """Blend ``fn`` over overlapping tiles of an ``height x width`` input (``read(view)`` gives a tile), one row of
+    tiles at a time. ``fn`` maps an ``h x w`` tile to ``h*num/den x w*num/den``; ``tile``/``stride`` are in input
+    pixels, ``ramp`` in output pixels.
+
+    Yields ``(top, rows)``: output rows ``[top, top + rows.shape[-2])`` (B, C, r, W_out), top to bottom, as soon as
+    no later tile touches them, so only a band of about one tile's height is ever held (the blending's memory does
+    not grow with the image's height). Each output pixel accumulates its tiles in the same (row-major) order and is
+    divided by the same summed weight as with one image-sized canvas, so the rows are bit-identical to it."""
     out_h, out_w = height * num // den, width * num // den
-    canvas = _Canvas(x.shape[0], out_h, out_w, x.dtype, x.device)
-    for view in grid_views(height, width, tile, stride):
-        out_view = view.scaled(num, den)
-        out = fn(x[..., view.rows, view.cols])
-        if out.shape[-2:] != (out_view.height, out_view.width):
-            raise ValueError(f"tile {tuple(x.shape[-2:])} -> {tuple(out.shape[-2:])}: expected the output to be "
-                             f"{num}/{den} of the input size")
-        weight = view_weight(out_view, out_h, out_w, ramp, weighting)
-        canvas.add(out_view, out, weight)
-        canvas.add_weight(out_view, weight)
-    return canvas.result()
+    tops, lefts = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
+    th, tw = min(tile, height), min(tile, width)
+    band_top, value, weight = 0, None, None  # value/weight hold output rows [band_top, band_top + value rows)
+    for r, top in enumerate(tops):
+        bottom = (top + th) * num // den
+        for left in lefts:
+            view = View(top, left, th, tw)
+            out_view = view.scaled(num, den)
+            out = fn(read(view))
+            if out.shape[-2:] != (out_view.height, out_view.width):
+                raise ValueError(f"tile {(view.height, view.width)} -> {tuple(out.shape[-2:])}: expected the output "
+                                 f"to be {num}/{den} of the input size")
+            if value is None:
+                value = out.new_zeros(batch, out.shape[-3], bottom - band_top, out_w)
+                weight = torch.zeros(bottom - band_top, out_w, dtype=out.dtype, device=out.device)
+            elif value.shape[-2] < bottom - band_top:  # the band grows to this row's bottom
+                grow = bottom - band_top - value.shape[-2]
+                value = torch.cat([value, value.new_zeros(*value.shape[:-2], grow, out_w)], dim=-2)
+                weight = torch.cat([weight, weight.new_zeros(grow, out_w)])
+            w = view_weight(out_view, out_h, out_w, ramp, weighting)
+            rows = slice(out_view.top - band_top, out_view.top - band_top + out_view.height)
+            value[..., rows, out_view.cols] += out * w.to(out)
+            weight[rows, out_view.cols] += w.to(weight)
+        done = (tops[r + 1] * num // den if r + 1 < len(tops) else out_h) - band_top  # rows no later tile touches
+        if not bool((weight[:done] > 0).all()):
+            raise AssertionError("tiles left pixels uncovered")  # internal invariant of the placement
+        yield band_top, value[..., :done, :].div_(weight[:done])
+        band_top, value, weight = band_top + done, value[..., done:, :], weight[done:]
+
+
+def _tile_reader(x) -> Callable[[View], Tensor]:
+    if isinstance(x, Tensor):
+        return lambda view: x[..., view.rows, view.cols]
+    return lambda view: x.crop(view.rows, view.cols)  # e.g. refiner.data.images.PaddedImages
+
+
+def _collect(rows: Iterator[tuple[int, Tensor]], height: int) -> Tensor:
+    """The ``height`` output rows of :func:`_tiled_rows` as one tensor (one tile: that tile's output itself)."""
+    out = None
+    for top, block in rows:
+        if top == 0 and block.shape[-2] == height:
+            return block
+        if out is None:
+            out = block.new_empty(*block.shape[:-2], height, block.shape[-1])
+        out[..., top:top + block.shape[-2], :] = block
+    return out
+
+
+def _check_images(vq, x, what: str) -> None:
+    if len(x.shape) != 4 or x.shape[-1] % vq.factor or x.shape[-2] % vq.factor:
+        raise ValueError(f"{what}: expected images (B, C, H, W) with H, W multiples of the first-stage factor "
+                         f"{vq.factor}, got shape {tuple(x.shape)}; pad first (refiner.data.images.pad_to_multiple)")
 
 
 @torch.no_grad()
-def tiled_encode(vq, x: Tensor, tile: int = 256, overlap: int = 64, weighting: Weighting = "cosine") -> Tensor:
+def tiled_encode(vq, x, tile: int = 256, overlap: int = 64, weighting: Weighting = "cosine") -> Tensor:
     """``vq.encode`` over overlapping ``tile x tile`` pixel tiles of ``x`` (B, 3, H, W), blended in latent space.
 
     Returns the pre-quantization latent (B, C, H/f, W/f) like ``vq.encode``. Tiles step by
     ``tile - overlap`` pixels and are feathered over ``overlap / f`` latent pixels. An image that
     fits one tile is encoded whole (bit-identical to ``vq.encode``). ``H`` and ``W`` must be
-    multiples of ``f``; ``tile`` and ``overlap`` too, with ``0 <= overlap < tile``.
+    multiples of ``f``; ``tile`` and ``overlap`` too, with ``0 <= overlap < tile``. ``x`` is a tensor
+    or a :class:`~refiner.data.images.PaddedImages` (uint8 pixels converted tile by tile: the same
+    latent without an image-sized float batch).
     """
     f = vq.factor
     _check_vq_tiles(f, tile, overlap, "tiled_encode")
-    if x.ndim != 4 or x.shape[-1] % f or x.shape[-2] % f:
-        raise ValueError(f"tiled_encode: expected images (B, C, H, W) with H, W multiples of the first-stage factor "
-                         f"{f}, got shape {tuple(x.shape)}; pad first (refiner.data.images.pad_to_multiple)")
-    return _tiled_map(vq.encode, x, tile, tile - overlap, overlap // f, 1, f, weighting)
+    _check_images(vq, x, "tiled_encode")
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:  # one tile: encode whole, without the blending's division by one
+        return vq.encode(_tile_reader(x)(View(0, 0, height, width)))
+    return _collect(_tiled_rows(vq.encode, _tile_reader(x), x.shape[0], height, width, tile, tile - overlap,
+                                overlap // f, 1, f, weighting), height // f)
+
+
+def tiled_decode_rows(vq, z: Tensor, tile: int = 256, overlap: int = 64, weighting: Weighting = "cosine"
+                      ) -> Iterator[tuple[int, Tensor]]:
+    """:func:`tiled_decode` streamed: yields ``(top, rows)``, the decoded image rows ``[top, top + r)``
+    (B, 3, r, W), top to bottom, as soon as no later tile touches them. The rows are bit-identical to the
+    corresponding rows of :func:`tiled_decode`; only about one tile's height of float rows is held at a time,
+    so a caller that stores each block as uint8 (:meth:`refiner.inference.pipeline.Pipeline.decode_images`)
+    never holds the image-sized float canvas."""
+    f = vq.factor
+    _check_vq_tiles(f, tile, overlap, "tiled_decode")
+    if z.ndim != 4:
+        raise ValueError(f"tiled_decode: expected latents (B, C, h, w), got shape {tuple(z.shape)}")
+    height, width = z.shape[-2:]
+    if height * f <= tile and width * f <= tile:
+        with torch.no_grad():
+            return iter([(0, vq.decode(z))])
+    return _tiled_rows(vq.decode, _tile_reader(z), z.shape[0], height, width, tile // f, (tile - overlap) // f,
+                       overlap, f, 1, weighting)
 
 
 @torch.no_grad()
@@ -223,13 +304,9 @@ def tiled_decode(vq, z: Tensor, tile: int = 256, overlap: int = 64, weighting: W
     wide and step by ``(tile - overlap) / f``; pixel tiles are feathered over ``overlap`` pixels.
     Quantization is per latent vector, so quantizing tile by tile equals quantizing the whole latent,
     without the (pixels x codebook) distance matrix of a large image. A latent that fits one tile is
-    decoded whole (bit-identical to ``vq.decode``).
+    decoded whole (bit-identical to ``vq.decode``). :func:`tiled_decode_rows` streams the same rows.
     """
-    f = vq.factor
-    _check_vq_tiles(f, tile, overlap, "tiled_decode")
-    if z.ndim != 4:
-        raise ValueError(f"tiled_decode: expected latents (B, C, h, w), got shape {tuple(z.shape)}")
-    return _tiled_map(vq.decode, z, tile // f, (tile - overlap) // f, overlap, f, 1, weighting)
+    return _collect(tiled_decode_rows(vq, z, tile, overlap, weighting), z.shape[-2] * vq.factor)
 
 
 # ------------------------------------------------------------------------------ MultiDiffusion
