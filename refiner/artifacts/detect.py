@@ -196,12 +196,13 @@ def pixel_change_mask(frames: Sequence[Tensor], *, factor: int, cfg: PixelChange
 MAD_SCALE = {"asced_code": 3.0, "residual": 6.0}
 
 
-def residual_mask(inputs: Tensor, x0_pixels: Tensor, *, factor: int, cfg: PixelChangeConfig | None = None
-                  ) -> Detection:
+def residual_mask(inputs: Tensor, x0_pixels: Tensor, *, factor: int, cfg: PixelChangeConfig | None = None,
+                  method: str = "residual") -> Detection:
     """Where the denoiser's clean guess disagrees with the input: :func:`pixel_change_mask` on the two frames
-    ``[inputs, x0_pixels]`` (both (B, 3, H, W) in [-1, 1]); by default with ``mad_scale = MAD_SCALE["residual"]``."""
+    ``[inputs, x0_pixels]`` (both (B, 3, H, W) in [-1, 1]); by default with ``mad_scale = MAD_SCALE["residual"]``.
+    The same rule on ``[inputs, refined outputs]`` is :func:`refiner.artifacts.composite.changed_region`."""
     cfg = cfg or PixelChangeConfig(mad_scale=MAD_SCALE["residual"])
-    return pixel_change_mask([inputs, x0_pixels], factor=factor, cfg=cfg, method="residual")
+    return pixel_change_mask([inputs, x0_pixels], factor=factor, cfg=cfg, method=method)
 
 
 # ------------------------------------------------------------------------------------------------- scores
