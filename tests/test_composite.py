@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from refiner.artifacts.composite import changed_region, feather, paste_back, paste_weights
+from refiner.artifacts.composite import change_config, changed_region, feather, paste_back, paste_weights
 from refiner.errors import SettingError
 
 
@@ -102,3 +102,19 @@ def test_changed_region_finds_what_the_refinement_changed():
     assert not det.pixel[1].any()                                        # an unchanged image: nothing
     change = np.abs(refined[0].astype(float) - inputs[0]).mean() / 255
     assert float(det.severity[0]) == pytest.approx(change, rel=1e-5) and float(det.severity[1]) == 0
+
+
+def test_a_change_level_flags_every_change_above_it_however_large():
+    rng = np.random.default_rng(4)
+    inputs = [rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)]
+    refined = [inputs[0].copy()]
+    drift = rng.integers(-8, 9, (64, 64, 3))                      # the f4's small change everywhere
+    refined[0] = np.clip(refined[0].astype(int) + drift, 0, 255).astype(np.uint8)
+    refined[0][:, :40] = np.clip(refined[0][:, :40].astype(int) + 60, 0, 255).astype(np.uint8)   # 40 % of the image
+    relative = changed_region(inputs, refined, factor=4)
+    assert relative.pixel[0, :, :30].float().mean() < 0.1          # too large for the code's area limit
+    det = changed_region(inputs, refined, factor=4, cfg=change_config(30))
+    assert det.pixel[0, :, :38].all() and not det.pixel[0, :, 44:].any()
+    for bad in (-1, 255, True, "30"):
+        with pytest.raises(SettingError, match=r"\[0, 255\)"):
+            change_config(bad)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refiner.artifacts.detect import Detection, PixelChangeConfig, residual_mask
+from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, residual_mask
 from refiner.errors import SettingError
 
 OUTPUT_DETECTOR = "output_residual"  # the name of changed_region's detector (sample.py's detect=output_residual)
@@ -108,13 +108,25 @@ def paste_back(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray], weig
     return out
 
 
+def change_config(level: float | None = None) -> PixelChangeConfig:
+    """The rule :func:`changed_region` applies: ``level=None``, the residual's (relative: ``median + 6 * 1.4826 *
+    MAD`` of the picture's own change, components of the code's area limits); a ``level`` (0..255), every blurred
+    change above it, in components of any size above the minimum area: where the refinement did more than the f4
+    round trip's own error, however much of the picture that is."""
+    if level is None:
+        return PixelChangeConfig(mad_scale=MAD_SCALE["residual"])
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 <= level < 255:
+        raise SettingError(f"a change level must be a number in [0, 255), got {level!r}")
+    return PixelChangeConfig(level=float(level), max_area=math.inf)
+
+
 def changed_region(inputs: Sequence[np.ndarray], refined: Sequence[np.ndarray], *, factor: int,
                    cfg: PixelChangeConfig | None = None) -> Detection:
     """Where the refinement changed the picture: the residual rule (:func:`~refiner.artifacts.detect.residual_mask`,
-    by default its tuned ``mad_scale``) on ``[input, refined]`` for same-size uint8 images. Its severity is the
-    mean absolute change (on the [0, 1] scale) from input to output."""
+    by default :func:`change_config`'s relative rule) on ``[input, refined]`` for same-size uint8 images. Its
+    severity is the mean absolute change (on the [0, 1] scale) from input to output."""
     from refiner.data.images import to_tensor
 
     x = torch.stack([to_tensor(img) for img in inputs])
     y = torch.stack([to_tensor(img) for img in refined])
-    return residual_mask(x, y, factor=factor, cfg=cfg, method=OUTPUT_DETECTOR)
+    return residual_mask(x, y, factor=factor, cfg=cfg or change_config(), method=OUTPUT_DETECTOR)
