@@ -141,7 +141,8 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
 
     world, runs = trained
     tune, report = tmp_path / "tune", tmp_path / "report"
-    common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499"]
+    common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499",
+              "artifacts.paste_back.whole_above=[null,0]"]
     res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common), tune))
     assert set(res["detection"]) == {"generator", "defects"}
     for per in res["detection"].values():
@@ -154,8 +155,27 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     calibration = json.loads((tune / "t_start_auto.json").read_text())
     assert calibration["chain"]["stages"] == [str(runs["shape"]), str(runs["detail"])]
     assert [k[1] for k in calibration["knots"]] == sorted(k[1] for k in calibration["knots"])
-    points = [r["point"] for r in res["adaptive"]["defects"]]
-    assert points == ["fixed t_start 99", "fixed t_start 499", "strength map (residual; rest from 99)"]
+    rows = {r["point"]: r for r in res["adaptive"]["defects"]["rows"]}
+    grown = "grow 4, feather 4"
+    assert list(rows)[:4] == ["fixed t_start 99", "fixed t_start 499", "t_start=auto (residual severity) [in-sample]",
+                              "strength map (residual; rest from 99)"]
+    pasted = [p for p in rows if p.startswith("paste back")]
+    assert pasted[:4] == [f"paste back (fixed t_start 499; {r} mask, {grown}{w})" for r in ("output", "probe")
+                          for w in ("", ", whole image above severity 0")]
+    assert len(pasted) == 4 + 2 * 2        # also_adaptive: t_start=auto and the strength map, with and without
+    fixed = rows["fixed t_start 499"]
+    one_pass = rows[f"paste back (fixed t_start 499; output mask, {grown})"]
+    probed = rows[f"paste back (fixed t_start 499; probe mask, {grown})"]
+    assert one_pass["unet_evals"] == fixed["unet_evals"] == 5                   # no probe: the fixed point's cost
+    assert probed["unet_evals"] == rows["strength map (residual; rest from 99)"]["unet_evals"] > 5
+    # a convex combination per pixel never moves farther from the input than the refinement (up to rounding) ...
+    assert one_pass["rmse_to_input"] <= fixed["rmse_to_input"] + 1 / 255 and 0 <= one_pass["pasted_fraction"] <= 1
+    # ... and with every image switched to its whole refinement it is the fixed point, exactly
+    whole = rows[f"paste back (fixed t_start 499; output mask, {grown}, whole image above severity 0)"]
+    assert whole["whole_images"] == 5 and whole["pasted_fraction"] == 1
+    assert (whole["artifact_rate"], whole["rmse_to_input"]) == (fixed["artifact_rate"], fixed["rmse_to_input"])
+    dominance = res["adaptive"]["defects"]["dominance"]
+    assert set(dominance["by_point"]) == set(rows) - {"fixed t_start 99", "fixed t_start 499"}
 
     with pytest.raises(BenchError, match="run split=tune first"):
         run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
@@ -164,7 +184,8 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
                                                            f"artifacts.calibration={tune}/t_start_auto.json",
                                                            *common), report))
-    auto = next(r for r in res["adaptive"]["generator"] if r["point"].startswith("t_start=auto"))
+    auto = next(r for r in res["adaptive"]["generator"]["rows"] if r["point"].startswith("t_start=auto"))
+    assert auto["point"] == "t_start=auto (residual severity)"          # out of sample on report
     assert 99 <= auto["mean_t_start"] <= 499 and 0 <= auto["artifact_rate"] <= 1
     assert "## Refinement of `defects`" in (report / "artifacts.md").read_text()
     foreign = tmp_path / "foreign"

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from refiner.artifacts.composite import change_config, changed_region, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
 from refiner.artifacts.detect import (Detection, asced_paper_mask, dilate, mask_scores,
                                       pixel_change_mask, pixel_from_latent)
@@ -122,51 +123,115 @@ def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
     return np.asarray(needed, dtype=float), outputs
 
 
+def _paste_rows(art, base: list[np.ndarray], regions: dict, settings, unet_evals: dict, label: str, references
+                ) -> list[dict]:
+    """Paste-back points (:mod:`refiner.artifacts.composite`): ``base`` (the refined images) kept only inside each
+    region of ``regions`` ({name: Detection}), grown by ``dilate_px`` and feathered by ``feather_px``; images whose
+    severity exceeds ``whole_above`` keep their whole refinement."""
+    rows = []
+    for region_name, det in regions.items():
+        for grow in settings.dilate_px:
+            grown = dilate(det.pixel, int(grow)).float()
+            for px in settings.feather_px:
+                for above in settings.whole_above:
+                    weights = paste_weights(grown, int(px), det.severity, None if above is None else float(above))
+                    outs = paste_back(base, art.inputs, weights)
+                    whole = "" if above is None else f", whole image above severity {above}"
+                    rows.append({"point": f"paste back ({label}; {region_name} mask, grow {grow}, feather {px}"
+                                          f"{whole})", "unet_evals": unet_evals[region_name],
+                                 "pasted_fraction": float(weights.mean()),
+                                 "whole_images": int((weights.flatten(1) == 1).all(1).sum()),
+                                 **score(outs, art.inputs, references, art.clean)})
+    return rows
+
+
+def dominated(rows: list[dict]) -> dict:
+    """Which fixed-t_start points each other point dominates (Pareto): no more artifacts and no larger RMSE to the
+    input, and strictly less of one of them. ``all`` lists the points that dominate every fixed point at once,
+    ``covered`` says whether every fixed point is dominated by some point."""
+    fixed = [r for r in rows if r["point"].startswith("fixed")]
+    out = {}
+    for r in rows:
+        if r["point"].startswith("fixed"):
+            continue
+        rate, rmse = r["artifact_rate"], r["rmse_to_input"]
+        out[r["point"]] = [f["point"] for f in fixed if rate <= f["artifact_rate"] and rmse <= f["rmse_to_input"]
+                           and (rate < f["artifact_rate"] or rmse < f["rmse_to_input"])]
+    return {"by_point": out, "all": [p for p, beaten in out.items() if len(beaten) == len(fixed)],
+            "covered": sorted({f for beaten in out.values() for f in beaten}) == sorted(f["point"] for f in fixed)}
+
+
 def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int, references) -> tuple[dict, dict]:
-    """Section 3; ``detections[(source, "residual")]`` (from :func:`detection_quality`) gives the severities and masks."""
+    """Section 3; ``detections[(source, "residual")]`` (from :func:`detection_quality`) gives the severities and masks.
+    On ``split=tune`` the ``t_start=auto`` map is fitted first (on every source's needed starts) and its points are
+    in-sample; other splits load it."""
     a, points, calibration = cfg.artifacts, {}, {}
     t_starts, top = list(a.t_starts), int(a.probe_t_start)
-    auto = None
-    if cfg.split != "tune":
-        auto = AutoStart.load(a.calibration)
+    factor, paste = int(pipe.f4.factor), a.paste_back
+    fixed, needed = {}, {}
     for name in a.sources:
-        art = sets[name]
-        rows = []
-        needed, fixed = _needed_t(pipe, art.inputs, t_starts, cfg)
-        for t in t_starts:
-            rows.append({"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
-                         **score(fixed[t], art.inputs, references, art.clean)})
-        det = detections[(name, "residual")]
-        severity = det.severity.numpy()
-        if cfg.split == "tune":
-            calibration[name] = (severity, needed)
-        else:
-            starts_i = auto(severity)
-            starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
-            outs = refine_all(pipe, art.inputs, max(starts_i), cfg, starts=starts)
-            rows.append({"point": "t_start=auto (residual severity)", "mean_t_start": float(np.mean(starts_i)),
-                         "unet_evals": probe_steps + steps_for(max(starts_i), cfg.t_per_step),
-                         **score(outs, art.inputs, references, art.clean)})
-        flagged = dilate(det.pixel, int(a.strength_dilate_px)).float()
-        for t_low in a.strength_t_low:
-            starts = starts_from_strength(flagged, int(t_low), top)
-            outs = refine_all(pipe, art.inputs, top, cfg, starts=starts)
-            rows.append({"point": f"strength map (residual; rest from {t_low})", "unet_evals":
-                         probe_steps + steps_for(top, cfg.t_per_step),
-                         **score(outs, art.inputs, references, art.clean)})
-        for r in rows:
-            r.pop("failed", None)
-            log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
-        points[name] = rows
+        needed[name], fixed[name] = _needed_t(pipe, sets[name].inputs, t_starts, cfg)
     if cfg.split == "tune":
-        sev = np.concatenate([s for s, _ in calibration.values()])
-        need = np.concatenate([n for _, n in calibration.values()])
+        sev = np.concatenate([detections[(name, "residual")].severity.numpy() for name in a.sources])
+        need = np.concatenate([needed[name] for name in a.sources])
         auto = fit_auto_start(sev.tolist(), need.tolist(), min(t_starts), max(t_starts),
                               chain={"stages": [str(s) for s in cfg.methods.chain.stages]},
                               source={"split": cfg.split, "seeds": dict(cfg.seeds[cfg.split]), "n": cfg.n,
                                       "sources": list(a.sources), "detector": "residual"})
         auto.save(out_dir / "t_start_auto.json")
+    else:
+        auto = AutoStart.load(a.calibration)
+    probe_cost = probe_steps + steps_for(top, cfg.t_per_step)
+    for name in a.sources:
+        art = sets[name]
+        rows = [{"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
+                 **score(fixed[name][t], art.inputs, references, art.clean)} for t in t_starts]
+        det = detections[(name, "residual")]
+        starts_i = auto(det.severity.numpy())
+        starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
+        auto_outs = refine_all(pipe, art.inputs, max(starts_i), cfg, starts=starts)
+        auto_cost = probe_steps + steps_for(max(starts_i), cfg.t_per_step)
+        rows.append({"point": "t_start=auto (residual severity)" + (" [in-sample]" if cfg.split == "tune" else ""),
+                     "mean_t_start": float(np.mean(starts_i)), "unet_evals": auto_cost,
+                     **score(auto_outs, art.inputs, references, art.clean)})
+        grows = list(a.strength_dilate_px) if OmegaConf.is_list(a.strength_dilate_px) else [a.strength_dilate_px]
+        strength_outs = {}
+        for grow in grows:
+            flagged = dilate(det.pixel, int(grow)).float()
+            for t_low in a.strength_t_low:
+                starts = starts_from_strength(flagged, int(t_low), top)
+                label = f"rest from {t_low}" if len(grows) == 1 else f"grown {grow}, rest from {t_low}"
+                strength_outs[label] = refine_all(pipe, art.inputs, top, cfg, starts=starts)
+                rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
+                             **score(strength_outs[label], art.inputs, references, art.clean)})
+        base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, cfg)
+        one_pass = steps_for(top, cfg.t_per_step)
+        regions = {"probe": det, "output": changed_region(art.inputs, base, factor=factor)}
+        regions = {k: regions[k] for k in paste.regions}
+        for level in paste.change_levels:
+            regions[f"output change > {level}"] = changed_region(art.inputs, base, factor=factor,
+                                                                 cfg=change_config(float(level)))
+        costs = {k: probe_cost if k == "probe" else one_pass for k in regions}
+        rows += _paste_rows(art, base, regions, paste, costs, f"fixed t_start {top}", references)
+        if paste.also_adaptive:
+            probe_only = {"probe": det}
+            rows += _paste_rows(art, auto_outs, probe_only, paste, {"probe": auto_cost},
+                                "t_start=auto", references)
+            for label, outs in strength_outs.items():
+                rows += _paste_rows(art, outs, probe_only, paste, {"probe": probe_cost}, f"strength map ({label})",
+                                    references)
+        for r in rows:
+            r.pop("failed", None)
+            log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
+        points[name] = {"rows": rows, "dominance": dominated(rows),
+                        "severity": {"probe": _quantiles(det.severity),
+                                     "output": _quantiles(changed_region(art.inputs, base, factor=factor).severity)}}
     return points, {"knots": auto.knots}
+
+
+def _quantiles(values: torch.Tensor) -> dict:
+    q = np.quantile(values.numpy(), [0.1, 0.5, 0.9])
+    return {"p10": float(q[0]), "median": float(q[1]), "p90": float(q[2])}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -190,12 +255,20 @@ def markdown(res: dict) -> str:
     for m, s in res["generation"].items():
         lines.append(f"| {m} | {f(s['plain_artifact_rate'])} | {f(s['ttc_artifact_rate'])} | {f(s['masked_fraction'])} "
                      f"| {f(s['rmse_outside_mask'])} / {f(s['rmse_inside_mask'])} |")
-    for name, rows in res["adaptive"].items():
+    for name, entry in res["adaptive"].items():
         lines += ["", f"## Refinement of `{name}`: fixed t_start vs adaptive strength", "",
-                  "| point | artifact rate | RMSE to input | SWD×1e3 | UNet evals/image |", "|---|---|---|---|---|"]
-        for r in rows:
+                  "| point | artifact rate | RMSE to input | SWD×1e3 | UNet evals/image | fixed points dominated |",
+                  "|---|---|---|---|---|---|"]
+        beaten = entry["dominance"]["by_point"]
+        for r in entry["rows"]:
+            wins = beaten.get(r["point"])
+            wins = "–" if wins is None else (", ".join(w.replace("fixed t_start ", "") for w in wins) or "none")
             lines.append(f"| {r['point']} | {f(r['artifact_rate'])} | {f(r['rmse_to_input'])} | {f(r['swd_x1e3'])} | "
-                         f"{r['unet_evals']} |")
+                         f"{r['unet_evals']} | {wins} |")
+        d = entry["dominance"]
+        lines += ["", f"Points that dominate every fixed t_start (no more artifacts, no larger RMSE, one strictly less): "
+                      f"{', '.join(d['all']) or 'none'}; every fixed point dominated by some point: "
+                      f"{'yes' if d['covered'] else 'no'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,13 +279,13 @@ def tradeoff_png(res: dict) -> bytes:
     names = list(res["adaptive"])
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        rows = res["adaptive"][name]
+        rows = res["adaptive"][name]["rows"]
         fixed = [r for r in rows if r["point"].startswith("fixed")]
         ax.plot([r["rmse_to_input"] for r in fixed], [r["artifact_rate"] for r in fixed], "o-", label="fixed t_start")
         for r in rows:
             if not r["point"].startswith("fixed"):
-                ax.plot(r["rmse_to_input"], r["artifact_rate"], "s" if "strength" in r["point"] else "*",
-                        markersize=9, label=r["point"])
+                marker = "P" if "paste back" in r["point"] else ("s" if "strength" in r["point"] else "*")
+                ax.plot(r["rmse_to_input"], r["artifact_rate"], marker, markersize=9, label=r["point"])
         ax.set_xlabel("RMSE to input (lower = more faithful)")
         ax.set_ylabel("artifact rate (lower is better)")
         ax.set_title(name)
