@@ -18,7 +18,8 @@ For one batch of same-size images, :meth:`ArtifactRun.prepare`:
    ``eta > 0``, TTC results depend on batching).
 
 After refinement, :meth:`BatchArtifacts.finish`: ``detect=output_residual`` finds its mask now
-(:func:`~refiner.artifacts.composite.changed_region` of input and output), and ``composite=paste_back`` keeps the
+(:func:`~refiner.artifacts.composite.changed_region` of input and output, by the rule of
+:func:`~refiner.artifacts.composite.change_config` with ``output_residual_level``), and ``composite=paste_back`` keeps the
 input outside the region: :func:`~refiner.artifacts.composite.paste_back` with
 :func:`~refiner.artifacts.composite.paste_weights` of ``m`` (feathered by ``paste_back.feather_px``; images whose
 severity exceeds ``paste_back.whole_above`` keep their whole refinement). The output and its record are the pasted
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refiner.artifacts.composite import OUTPUT_DETECTOR, changed_region, paste_back, paste_weights
+from refiner.artifacts.composite import OUTPUT_DETECTOR, change_config, changed_region, paste_back, paste_weights
 from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, dilate
 from refiner.artifacts.probe import probe_detect, probe_t_end
@@ -85,8 +86,7 @@ class BatchArtifacts:
         """After refinement: the output residual's detection (``detect=output_residual``) and the paste-back
         (``composite=paste_back``); returns the outputs to write."""
         if opts.detect == OUTPUT_DETECTOR:
-            cfg = PixelChangeConfig(mad_scale=MAD_SCALE["residual"])  # detect.MAD_SCALE
-            self.detection = changed_region(inputs, refined, factor=factor, cfg=cfg)
+            self.detection = changed_region(inputs, refined, factor=factor, cfg=change_config(opts.change_level))
             if opts.mask is None:
                 self.shown = self.detection.pixel.float()
                 self.region = dilate(self.detection.pixel, opts.dilate_px).float()

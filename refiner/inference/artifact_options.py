@@ -5,7 +5,8 @@ any image is refined.
   batch before it is refined; its masks are written beside the outputs and its severities go in the records.
   ``detect=output_residual`` runs no probe: the residual rule on ``[input, refined output]`` after refinement
   (:func:`refiner.artifacts.composite.changed_region`). Its mask exists only once the image is refined, so it can
-  drive ``composite`` but no ``correct`` and no ``t_start=auto``.
+  drive ``composite`` but no ``correct`` and no ``t_start=auto``. ``output_residual_level`` (0..255) replaces its
+  relative threshold by an absolute one (:func:`refiner.artifacts.composite.change_config`).
 * ``correct=none|ttc|strength_map``: TTC (:class:`~refiner.artifacts.correct.TrajectoryCorrection`) re-noises the
   flagged region at ``ttc.t_correct``; a strength map (:class:`~refiner.artifacts.correct.StrengthPinning`) starts
   flagged pixels at ``t_start`` and the rest at ``strength.t_low``. Both need a mask source: ``detect`` or ``mask``.
@@ -66,6 +67,7 @@ class ArtifactOptions:
     composite: str = "none"
     feather_px: int = 4
     whole_above: float | None = None
+    change_level: float | None = None
     masks: list[np.ndarray] = field(default_factory=list)
 
     @property
@@ -106,13 +108,19 @@ class ArtifactOptions:
             whole_above = require_number("paste_back.whole_above", whole_above, minimum=0.0)
             if detect == "none":
                 raise SampleError("paste_back.whole_above compares each image's detected severity: set detect=...")
+        level = cfg.get("output_residual_level")
+        if level is not None:
+            level = require_number("output_residual_level", level, 0.0, 254.0)
+            if detect != OUTPUT_DETECTOR:
+                raise SampleError(f"output_residual_level is the threshold of detect={OUTPUT_DETECTOR}; got "
+                                  f"detect={detect}")
         strength, ttc = cfg.get("strength") or {}, cfg.get("ttc") or {}
         opts = cls(detect, correct, mask, None, None, require_int("strength.t_low", strength.get("t_low", 99), 0),
                    require_int("mask_dilate_px", cfg.get("mask_dilate_px", 4), 0),
                    require_int("ttc.t_correct", ttc.get("t_correct", 480), 1),
                    require_number("ttc.gamma", ttc.get("gamma", 0.0), minimum=0.0),
                    require_number("ttc.correction_eta", ttc.get("correction_eta", 1.0), 0.0, 1.0), composite,
-                   require_int("paste_back.feather_px", paste.get("feather_px", 4), 0), whole_above)
+                   require_int("paste_back.feather_px", paste.get("feather_px", 4), 0), whole_above, level)
         if opts.active:
             _refuse_combinations(cfg)
         if auto:
@@ -156,7 +164,7 @@ class ArtifactOptions:
                 "ttc": [self.t_correct, self.gamma, self.correction_eta], "masks": masks.hexdigest() if self.masks
                 else None, "auto_knots": self.auto.knots if self.auto is not None else None,
                 **({"composite": [self.composite, self.feather_px, self.whole_above]} if self.composite != "none"
-                   else {})}
+                   else {}), **({"output_residual_level": self.change_level} if self.change_level is not None else {})}
 
     def summary(self) -> dict:
         """The ``artifacts`` entry of summary.json (empty when nothing is on)."""
@@ -168,7 +176,8 @@ class ArtifactOptions:
                               "mask_dilate_px": self.dilate_px, "ttc": {"t_correct": self.t_correct,
                               "gamma": self.gamma, "correction_eta": self.correction_eta},
                               "composite": self.composite, "paste_back": {"feather_px": self.feather_px,
-                                                                          "whole_above": self.whole_above}}}
+                                                                          "whole_above": self.whole_above},
+                              "output_residual_level": self.change_level}}
 
 
 def steps_for_start(steps: int, t_start: int, top: int) -> int:
