@@ -137,3 +137,15 @@ def test_dominated_is_pareto_dominance_over_the_fixed_points():
     d = dominated(rows + [row("z", 0.1, 0.09)])
     assert d["all"] == ["z"] and d["by_point"]["z"] == ["fixed t_start 99", "fixed t_start 499"]
     assert dominated(rows[:3])["covered"] is False
+
+
+def test_families_group_labels_that_differ_only_in_numbers():
+    from refiner.bench.artifacts import families
+
+    rows = [{"point": p} for p in ("fixed t_start 99", "fixed t_start 499", "t_start=auto",
+                                   "paste back (fixed t_start 499; output change > 32 mask, grow 2, feather 4)",
+                                   "paste back (fixed t_start 499; output change > 64 mask, grow 2, feather 4)")]
+    got = [(name, [r["point"] for r in members]) for name, members in families(rows)]
+    assert got == [("fixed t_start ·", ["fixed t_start 99", "fixed t_start 499"]), ("t_start=auto", ["t_start=auto"]),
+                   ("paste back (fixed t_start 499; output change > · mask, grow 2, feather 4)", [r["point"] for r in
+                                                                                                  rows[3:]])]

@@ -142,7 +142,18 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     world, runs = trained
     tune, report = tmp_path / "tune", tmp_path / "report"
     common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499",
-              "artifacts.paste_back.whole_above=[null,0]"]
+              "artifacts.paste_back.points=[{onto:fixed,region:'output>40',grow:2,feather:4}]",
+              "artifacts.paste_back.sweep.onto=[fixed,'t_start=auto','strength map (rest from 99)']",
+              "artifacts.paste_back.sweep.regions=[output,probe]", "artifacts.paste_back.sweep.whole_above=[null,0]"]
+    with pytest.raises(BenchError, match=r"onto='strength map \(rest from 0\)' must be one of"):  # before compute
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
+                                                         "artifacts.paste_back.points=[{onto:'strength map (rest from "
+                                                         "0)',region:probe,grow:4,feather:4}]"), tune))
+    with pytest.raises(BenchError, match="region must be probe, output or output>L"):
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
+                                                         "artifacts.paste_back.points=[{onto:fixed,region:'output>x',"
+                                                         "grow:4,feather:4}]"), tune))
+    assert not tune.exists()
     res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common), tune))
     assert set(res["detection"]) == {"generator", "defects"}
     for per in res["detection"].values():
@@ -160,9 +171,10 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     assert list(rows)[:4] == ["fixed t_start 99", "fixed t_start 499", "t_start=auto (residual severity) [in-sample]",
                               "strength map (residual; rest from 99)"]
     pasted = [p for p in rows if p.startswith("paste back")]
-    assert pasted[:4] == [f"paste back (fixed t_start 499; {r} mask, {grown}{w})" for r in ("output", "probe")
-                          for w in ("", ", whole image above severity 0")]
-    assert len(pasted) == 4 + 2 * 2        # also_adaptive: t_start=auto and the strength map, with and without
+    assert pasted == ["paste back (fixed t_start 499; output change > 40 mask, grow 2, feather 4)"] + [
+        f"paste back ({onto}; {r} mask, {grown}{w})" for onto in ("fixed t_start 499", "t_start=auto",
+                                                                  "strength map (rest from 99)")
+        for r in ("output", "probe") for w in ("", ", whole image above severity 0")]
     fixed = rows["fixed t_start 499"]
     one_pass = rows[f"paste back (fixed t_start 499; output mask, {grown})"]
     probed = rows[f"paste back (fixed t_start 499; probe mask, {grown})"]

@@ -123,25 +123,93 @@ def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
     return np.asarray(needed, dtype=float), outputs
 
 
-def _paste_rows(art, base: list[np.ndarray], regions: dict, settings, unet_evals: dict, label: str, references
-                ) -> list[dict]:
-    """Paste-back points (:mod:`refiner.artifacts.composite`): ``base`` (the refined images) kept only inside each
-    region of ``regions`` ({name: Detection}), grown by ``dilate_px`` and feathered by ``feather_px``; images whose
-    severity exceeds ``whole_above`` keep their whole refinement."""
-    rows = []
-    for region_name, det in regions.items():
-        for grow in settings.dilate_px:
-            grown = dilate(det.pixel, int(grow)).float()
-            for px in settings.feather_px:
-                for above in settings.whole_above:
-                    weights = paste_weights(grown, int(px), det.severity, None if above is None else float(above))
-                    outs = paste_back(base, art.inputs, weights)
-                    whole = "" if above is None else f", whole image above severity {above}"
-                    rows.append({"point": f"paste back ({label}; {region_name} mask, grow {grow}, feather {px}"
-                                          f"{whole})", "unet_evals": unet_evals[region_name],
-                                 "pasted_fraction": float(weights.mean()),
-                                 "whole_images": int((weights.flatten(1) == 1).all(1).sum()),
-                                 **score(outs, art.inputs, references, art.clean)})
+def strength_maps(a) -> list[tuple[int, int, str]]:
+    """(grow, t_low, label) of every strength map of ``artifacts`` (``strength_dilate_px`` an int or a list)."""
+    grows = list(a.strength_dilate_px) if OmegaConf.is_list(a.strength_dilate_px) else [a.strength_dilate_px]
+    return [(int(g), int(t), f"rest from {t}" if len(grows) == 1 else f"grown {g}, rest from {t}")
+            for g in grows for t in a.strength_t_low]
+
+
+def paste_bases(a) -> list[str]:
+    """What a paste-back point may be pasted from (its ``onto``)."""
+    return ["fixed", "t_start=auto", *(f"strength map ({label})" for _, _, label in strength_maps(a))]
+
+
+def paste_specs(a) -> list[dict]:
+    """The paste-back points of ``artifacts.paste_back``: its ``points`` (dicts of ``onto``, ``region``, ``grow``,
+    ``feather`` and optionally ``whole_above``), then every combination of its ``sweep`` lists; duplicates once.
+    Each is checked (:class:`BenchError` before any compute)."""
+    paste, bases = a.paste_back, paste_bases(a)
+    specs = [dict(p) for p in paste.points]
+    sweep = paste.sweep
+    specs += [{"onto": onto, "region": region, "grow": grow, "feather": px, "whole_above": above}
+              for onto in sweep.onto for region in sweep.regions for grow in sweep.grow for px in sweep.feather
+              for above in sweep.whole_above]
+    seen, out = set(), []
+    for spec in specs:
+        unknown = set(spec) - {"onto", "region", "grow", "feather", "whole_above"}
+        if unknown or not {"onto", "region", "grow", "feather"} <= set(spec):
+            raise BenchError(f"artifacts.paste_back point {spec}: needs onto, region, grow, feather (and optionally "
+                             "whole_above)")
+        if str(spec["onto"]) not in bases:
+            raise BenchError(f"artifacts.paste_back onto={spec['onto']!r} must be one of {bases}")
+        _region_label(str(spec["region"]))
+        for key in ("grow", "feather"):
+            if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 0:
+                raise BenchError(f"artifacts.paste_back {key} must be an int >= 0, got {spec[key]!r} in {spec}")
+        above = spec.get("whole_above")
+        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float)) or above < 0):
+            raise BenchError(f"artifacts.paste_back whole_above must be null or a number >= 0, got {above!r}")
+        key = tuple(sorted((k, str(v)) for k, v in spec.items() if v is not None))
+        if key not in seen:
+            seen.add(key)
+            out.append(spec)
+    return out
+
+
+def _region_label(region: str) -> tuple[str, float | None]:
+    """``probe`` | ``output`` | ``output>L`` -> (label, change level)."""
+    if region in ("probe", "output"):
+        return region, None
+    if region.startswith("output>"):
+        try:
+            level = float(region[len("output>"):])
+        except ValueError:
+            level = None
+        if level is not None:
+            change_config(level)
+            return f"output change > {region[len('output>'):]}", level
+    raise BenchError(f"artifacts.paste_back region must be probe, output or output>L (a change level), got {region!r}")
+
+
+def paste_rows(art, bases: dict, probe: Detection, probe_steps: int, specs: list[dict], factor: int, references
+               ) -> list[dict]:
+    """Paste-back points (:mod:`refiner.artifacts.composite`): for each spec, the refinement ``bases[onto]`` (its
+    outputs, UNet evaluations per image, name, and whether it ran the probe; a probe region adds ``probe_steps`` to
+    a refinement that did not) kept inside its region (the probe's detection, or the
+    :func:`~refiner.artifacts.composite.changed_region` of that refinement) grown by ``grow`` and feathered by
+    ``feather``; images whose severity exceeds ``whole_above`` keep their whole refinement."""
+    rows, changed = [], {}
+    for spec in specs:
+        onto, region = str(spec["onto"]), str(spec["region"])
+        outs, evals, name, probed = bases[onto]
+        if region == "probe" and not probed:
+            evals += probe_steps
+        label, level = _region_label(region)
+        if region == "probe":
+            det = probe
+        else:
+            if (onto, region) not in changed:
+                changed[(onto, region)] = changed_region(art.inputs, outs, factor=factor, cfg=change_config(level))
+            det = changed[(onto, region)]
+        above = spec.get("whole_above")
+        weights = paste_weights(dilate(det.pixel, int(spec["grow"])).float(), int(spec["feather"]), det.severity,
+                                None if above is None else float(above))
+        whole = "" if above is None else f", whole image above severity {above}"
+        rows.append({"point": f"paste back ({name}; {label} mask, grow {spec['grow']}, feather {spec['feather']}{whole})",
+                     "unet_evals": evals, "pasted_fraction": float(weights.mean()),
+                     "whole_images": int((weights.flatten(1) == 1).all(1).sum()),
+                     **score(paste_back(outs, art.inputs, weights), art.inputs, references, art.clean)})
     return rows
 
 
@@ -167,7 +235,7 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
     in-sample; other splits load it."""
     a, points, calibration = cfg.artifacts, {}, {}
     t_starts, top = list(a.t_starts), int(a.probe_t_start)
-    factor, paste = int(pipe.f4.factor), a.paste_back
+    factor, specs = int(pipe.f4.factor), paste_specs(a)
     fixed, needed = {}, {}
     for name in a.sources:
         needed[name], fixed[name] = _needed_t(pipe, sets[name].inputs, t_starts, cfg)
@@ -194,32 +262,18 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
         rows.append({"point": "t_start=auto (residual severity)" + (" [in-sample]" if cfg.split == "tune" else ""),
                      "mean_t_start": float(np.mean(starts_i)), "unet_evals": auto_cost,
                      **score(auto_outs, art.inputs, references, art.clean)})
-        grows = list(a.strength_dilate_px) if OmegaConf.is_list(a.strength_dilate_px) else [a.strength_dilate_px]
         strength_outs = {}
-        for grow in grows:
-            flagged = dilate(det.pixel, int(grow)).float()
-            for t_low in a.strength_t_low:
-                starts = starts_from_strength(flagged, int(t_low), top)
-                label = f"rest from {t_low}" if len(grows) == 1 else f"grown {grow}, rest from {t_low}"
-                strength_outs[label] = refine_all(pipe, art.inputs, top, cfg, starts=starts)
-                rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
-                             **score(strength_outs[label], art.inputs, references, art.clean)})
+        for grow, t_low, label in strength_maps(a):
+            starts = starts_from_strength(dilate(det.pixel, grow).float(), t_low, top)
+            strength_outs[label] = refine_all(pipe, art.inputs, top, cfg, starts=starts)
+            rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
+                         **score(strength_outs[label], art.inputs, references, art.clean)})
         base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, cfg)
-        one_pass = steps_for(top, cfg.t_per_step)
-        regions = {"probe": det, "output": changed_region(art.inputs, base, factor=factor)}
-        regions = {k: regions[k] for k in paste.regions}
-        for level in paste.change_levels:
-            regions[f"output change > {level}"] = changed_region(art.inputs, base, factor=factor,
-                                                                 cfg=change_config(float(level)))
-        costs = {k: probe_cost if k == "probe" else one_pass for k in regions}
-        rows += _paste_rows(art, base, regions, paste, costs, f"fixed t_start {top}", references)
-        if paste.also_adaptive:
-            probe_only = {"probe": det}
-            rows += _paste_rows(art, auto_outs, probe_only, paste, {"probe": auto_cost},
-                                "t_start=auto", references)
-            for label, outs in strength_outs.items():
-                rows += _paste_rows(art, outs, probe_only, paste, {"probe": probe_cost}, f"strength map ({label})",
-                                    references)
+        bases = {"fixed": (base, steps_for(top, cfg.t_per_step), f"fixed t_start {top}", False),
+                 "t_start=auto": (auto_outs, auto_cost, "t_start=auto", True),
+                 **{f"strength map ({label})": (outs, probe_cost, f"strength map ({label})", True)
+                    for label, outs in strength_outs.items()}}
+        rows += paste_rows(art, bases, det, probe_steps, specs, factor, references)
         for r in rows:
             r.pop("failed", None)
             log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
@@ -272,24 +326,40 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def families(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows whose labels differ only in their numbers form one family (a curve in the plot: the fixed t_starts, the
+    strength maps' t_low, the one-pass change levels); its name puts ``·`` where the numbers vary."""
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"\d+(\.\d+)?", "#", r["point"]), []).append(r)
+    out = []
+    for members in groups.values():
+        parts = [re.split(r"(\d+(?:\.\d+)?)", m["point"]) for m in members]
+        name = "".join("·" if k % 2 and len({p[k] for p in parts}) > 1 else piece
+                       for k, piece in enumerate(parts[0]))
+        out.append((name, members))
+    return out
+
+
 def tradeoff_png(res: dict) -> bytes:
     from refiner.bench.report import _figure_png, _pyplot
 
     plt = _pyplot()
     names = list(res["adaptive"])
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6.4 * max(1, len(names)), 5.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        rows = res["adaptive"][name]["rows"]
-        fixed = [r for r in rows if r["point"].startswith("fixed")]
-        ax.plot([r["rmse_to_input"] for r in fixed], [r["artifact_rate"] for r in fixed], "o-", label="fixed t_start")
-        for r in rows:
-            if not r["point"].startswith("fixed"):
-                marker = "P" if "paste back" in r["point"] else ("s" if "strength" in r["point"] else "*")
-                ax.plot(r["rmse_to_input"], r["artifact_rate"], marker, markersize=9, label=r["point"])
+        for label, members in families(res["adaptive"][name]["rows"]):
+            fixed = label.startswith("fixed")
+            marker = "o" if fixed else ("P" if "paste back" in label else ("s" if "strength" in label else "*"))
+            ax.plot([r["rmse_to_input"] for r in members], [r["artifact_rate"] for r in members],
+                    f"{marker}-" if len(members) > 1 else marker, color="black" if fixed else None,
+                    linewidth=2 if fixed else 1, markersize=6 if len(members) > 1 else 9, label=label)
         ax.set_xlabel("RMSE to input (lower = more faithful)")
         ax.set_ylabel("artifact rate (lower is better)")
         ax.set_title(name)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper right")
     return _figure_png(fig)
 
 
@@ -302,6 +372,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.split != "tune" and not Path(a.calibration).is_file():
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
                          "t_start_auto.json), or point artifacts.calibration at one")
+    paste_specs(a)  # bad paste-back points: one error line before any model is loaded
     chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
     sources = ["generator", "defects"]
     models = Models(cfg, [chain_method], sources)
