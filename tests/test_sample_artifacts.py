@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT
 from test_sample import _compose, _overrides, _rgb, _vq_checkpoint, _window_checkpoint, STEPS
 from refiner.apps.sample import run
-from refiner.artifacts.composite import change_config, changed_region, feather, paste_back, paste_weights
+from refiner.artifacts.composite import changed_region, feather, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import PixelChangeConfig, dilate
 from refiner.artifacts.probe import probe_detect
@@ -178,8 +178,9 @@ def test_output_residual_pastes_back_what_the_refinement_changed_without_a_probe
     names = ("a.png", "b.png")
     src = [load_image(inputs / n) for n in names]
     plain = [_png(tmp_path / "plain" / n).astype(np.uint8) for n in names]
-    # by hand: the residual rule (mad_scale 6) on [input, plain refinement], grown by 1, feathered by 2, pasted
-    det = changed_region(src, plain, factor=4, cfg=PixelChangeConfig(mad_scale=6.0))
+    # by hand: every blurred change above the default level 48 of [input, plain refinement], any size, grown by 1,
+    # feathered by 2, pasted
+    det = changed_region(src, plain, factor=4, cfg=PixelChangeConfig(level=48, max_area=float("inf")))
     assert det.pixel.any() and not det.pixel.all()
     want = paste_back(plain, src, paste_weights(dilate(det.pixel, 1).float(), 2))
     records = {Path(r["input"]).name: r for r in summary["processed"]}
@@ -188,15 +189,16 @@ def test_output_residual_pastes_back_what_the_refinement_changed_without_a_probe
         assert np.array_equal(np.asarray(Image.open(out / name.replace(".png", ".mask.png"))) == 255,
                               det.pixel[j].numpy())
         assert records[name]["severity"] == pytest.approx(float(det.severity[j]), rel=1e-5)
-    # an absolute level instead of the relative rule: every change above it, regions of any size
-    leveled = run(_compose(models, inputs, tmp_path / "level", "detect=output_residual", "composite=paste_back",
-                           "output_residual_level=20", "paste_back.feather_px=1", "mask_dilate_px=0", "grid=none"))
-    relative = det.pixel
-    det = changed_region(src, plain, factor=4, cfg=change_config(20))
-    assert det.pixel.any() and not torch.equal(det.pixel, relative)
+    assert summary["artifacts"]["output_residual_level"] == 48
+    # null: the residual's relative rule (median + 6 * 1.4826 * MAD, the code's area limits) instead
+    relative = run(_compose(models, inputs, tmp_path / "relative", "detect=output_residual", "composite=paste_back",
+                            "output_residual_level=null", "paste_back.feather_px=1", "mask_dilate_px=0", "grid=none"))
+    leveled = det.pixel
+    det = changed_region(src, plain, factor=4, cfg=PixelChangeConfig(mad_scale=6.0))
+    assert det.pixel.any() and not torch.equal(det.pixel, leveled)
     want = paste_back(plain, src, paste_weights(det.pixel.float(), 1))
-    assert all(np.array_equal(_png(tmp_path / "level" / n), want[j]) for j, n in enumerate(names))
-    assert leveled["artifacts"]["output_residual_level"] == 20
+    assert all(np.array_equal(_png(tmp_path / "relative" / n), want[j]) for j, n in enumerate(names))
+    assert relative["artifacts"]["output_residual_level"] is None
     # whole_above below every severity: each image keeps its whole refinement
     whole = run(_compose(models, inputs, tmp_path / "whole", "detect=output_residual", "composite=paste_back",
                          "paste_back.whole_above=0", "grid=none"))
@@ -288,8 +290,6 @@ def test_each_bad_mask_is_one_error_line_before_any_compute(models, inputs, tmp_
     (["detect=output_residual", "correct=strength_map"], "too late to correct it"),
     (["detect=output_residual", "t_start=auto"], "measures it only after refinement"),
     (["detect=output_residual", "composite=paste_back", "upscale=2"], "upscale=2 is not supported"),
-    (["detect=residual", "output_residual_level=30"], "output_residual_level is the threshold of detect="
-                                                      "output_residual"),
     (["detect=output_residual", "output_residual_level=255"], r"output_residual_level must be in \[0.0, 254.0\]"),
 ])
 def test_impossible_combinations_fail_before_any_compute(models, inputs, tmp_path, monkeypatch, extra, message):

@@ -5,8 +5,10 @@ any image is refined.
   batch before it is refined; its masks are written beside the outputs and its severities go in the records.
   ``detect=output_residual`` runs no probe: the residual rule on ``[input, refined output]`` after refinement
   (:func:`refiner.artifacts.composite.changed_region`). Its mask exists only once the image is refined, so it can
-  drive ``composite`` but no ``correct`` and no ``t_start=auto``. ``output_residual_level`` (0..255) replaces its
-  relative threshold by an absolute one (:func:`refiner.artifacts.composite.change_config`).
+  drive ``composite`` but no ``correct`` and no ``t_start=auto``. Its threshold ``output_residual_level`` (0..254;
+  default 48, chosen on the benchmark's split=tune) is absolute: every blurred change above it
+  (:func:`refiner.artifacts.composite.change_config`); ``null`` uses the residual's relative rule. Other detectors
+  ignore it.
 * ``correct=none|ttc|strength_map``: TTC (:class:`~refiner.artifacts.correct.TrajectoryCorrection`) re-noises the
   flagged region at ``ttc.t_correct``; a strength map (:class:`~refiner.artifacts.correct.StrengthPinning`) starts
   flagged pixels at ``t_start`` and the rest at ``strength.t_low``. Both need a mask source: ``detect`` or ``mask``.
@@ -108,12 +110,9 @@ class ArtifactOptions:
             whole_above = require_number("paste_back.whole_above", whole_above, minimum=0.0)
             if detect == "none":
                 raise SampleError("paste_back.whole_above compares each image's detected severity: set detect=...")
-        level = cfg.get("output_residual_level")
+        level = cfg.get("output_residual_level") if detect == OUTPUT_DETECTOR else None  # only its threshold
         if level is not None:
             level = require_number("output_residual_level", level, 0.0, 254.0)
-            if detect != OUTPUT_DETECTOR:
-                raise SampleError(f"output_residual_level is the threshold of detect={OUTPUT_DETECTOR}; got "
-                                  f"detect={detect}")
         strength, ttc = cfg.get("strength") or {}, cfg.get("ttc") or {}
         opts = cls(detect, correct, mask, None, None, require_int("strength.t_low", strength.get("t_low", 99), 0),
                    require_int("mask_dilate_px", cfg.get("mask_dilate_px", 4), 0),
