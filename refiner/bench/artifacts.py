@@ -10,8 +10,15 @@
 3. **Adaptive strength in refinement**: the chain at fixed t_starts, with ``t_start=auto`` (each image's start from
    its residual severity through the isotonic map; fitted and saved as ``t_start_auto.json`` on ``split=tune``,
    loaded from ``artifacts.calibration`` on any other split) and with region strength maps (flagged pixels start at
-   the probe's t_start, the others at ``strength_t_low``; the residual mask grown by ``strength_dilate_px``), as points of artifact rate vs RMSE to the input.
-   The UNet evaluations per image are reported with each point (the probe's included).
+   the probe's t_start, the others at ``strength_t_low``; the residual mask grown by ``strength_dilate_px``), as
+   points of artifact rate vs RMSE to the input. On ``split=tune`` the ``t_start=auto`` point is in-sample.
+4. **Paste back in pixel space** (:mod:`refiner.artifacts.composite`; ``artifacts.paste_back``): one of those
+   refinements kept only inside a region (the probe's mask, or, in one pass without a probe, where the refinement
+   itself changed the picture), grown and feathered, the input's own pixels elsewhere: as inpainting pipelines
+   overlay their output (diffusers' ``apply_overlay``, AUTOMATIC1111's mask blur).
+
+The UNet evaluations per image are reported with each point (the probe's included), and for each point the fixed
+t_starts it Pareto-dominates (no more artifacts, no larger RMSE, one strictly less: :func:`dominated`).
 
 Writes ``artifacts.json``, ``artifacts.md`` and ``artifacts_tradeoff.png`` into ``output_dir``.
 """
