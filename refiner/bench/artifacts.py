@@ -366,7 +366,7 @@ def tradeoff_png(res: dict) -> bytes:
         ax.set_xlabel("RMSE to input (lower = more faithful)")
         ax.set_ylabel("artifact rate (lower is better)")
         ax.set_title(name)
-        ax.legend(fontsize=6, loc="upper right")
+        ax.legend(fontsize=6, loc="best")
     return _figure_png(fig)
 
 
