@@ -181,10 +181,10 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     assert one_pass["unet_evals"] == fixed["unet_evals"] == 5                   # no probe: the fixed point's cost
     assert probed["unet_evals"] == rows["strength map (residual; rest from 99)"]["unet_evals"] > 5
     # a convex combination per pixel never moves farther from the input than the refinement (up to rounding) ...
-    assert one_pass["rmse_to_input"] <= fixed["rmse_to_input"] + 1 / 255 and 0 <= one_pass["pasted_fraction"] <= 1
+    assert one_pass["rmse_to_input"] <= fixed["rmse_to_input"] + 1 / 255 and 0 <= one_pass["refined_fraction"] <= 1
     # ... and with every image switched to its whole refinement it is the fixed point, exactly
     whole = rows[f"paste back (fixed t_start 499; output mask, {grown}, whole image above severity 0)"]
-    assert whole["whole_images"] == 5 and whole["pasted_fraction"] == 1
+    assert whole["whole_images"] == 5 and whole["refined_fraction"] == 1
     assert (whole["artifact_rate"], whole["rmse_to_input"]) == (fixed["artifact_rate"], fixed["rmse_to_input"])
     dominance = res["adaptive"]["defects"]["dominance"]
     assert set(dominance["by_point"]) == set(rows) - {"fixed t_start 99", "fixed t_start 499"}

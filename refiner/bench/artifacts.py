@@ -214,7 +214,7 @@ def paste_rows(art, bases: dict, probe: Detection, probe_steps: int, specs: list
                                 None if above is None else float(above))
         whole = "" if above is None else f", whole image above severity {above}"
         rows.append({"point": f"paste back ({name}; {label} mask, grow {spec['grow']}, feather {spec['feather']}{whole})",
-                     "unet_evals": evals, "pasted_fraction": float(weights.mean()),
+                     "unet_evals": evals, "refined_fraction": float(weights.mean()),
                      "whole_images": int((weights.flatten(1) == 1).all(1).sum()),
                      **score(paste_back(outs, art.inputs, weights), art.inputs, references, art.clean)})
     return rows
