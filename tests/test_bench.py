@@ -122,3 +122,30 @@ def test_markdown_lists_every_method_and_source():
     assert "| input (no refinement) | 50.0% |" in text
     assert "| chain (t_start 299) | 25.0% |" in text and "| unsharp mask (100%) | 50.0% |" in text
     assert "| chain | t=299 | 25.0% | 50.0 | 0.0500 | 0.900 | – | 1.0 |" in text
+
+
+def test_dominated_is_pareto_dominance_over_the_fixed_points():
+    from refiner.bench.artifacts import dominated
+
+    row = lambda p, rate, rmse: {"point": p, "artifact_rate": rate, "rmse_to_input": rmse}  # noqa: E731
+    rows = [row("fixed t_start 99", 0.5, 0.10), row("fixed t_start 499", 0.3, 0.15), row("x", 0.4, 0.10),
+            row("y", 0.2, 0.12), row("tie", 0.5, 0.09), row("same", 0.5, 0.10), row("far", 0.1, 0.16)]
+    d = dominated(rows)
+    assert d["by_point"] == {"x": ["fixed t_start 99"], "y": ["fixed t_start 499"], "tie": ["fixed t_start 99"],
+                             "same": [], "far": []}
+    assert d["all"] == [] and d["covered"] is True
+    d = dominated(rows + [row("z", 0.1, 0.09)])
+    assert d["all"] == ["z"] and d["by_point"]["z"] == ["fixed t_start 99", "fixed t_start 499"]
+    assert dominated(rows[:3])["covered"] is False
+
+
+def test_families_group_labels_that_differ_only_in_numbers():
+    from refiner.bench.artifacts import families
+
+    rows = [{"point": p} for p in ("fixed t_start 99", "fixed t_start 499", "t_start=auto",
+                                   "paste back (fixed t_start 499; output change > 32 mask, grow 2, feather 4)",
+                                   "paste back (fixed t_start 499; output change > 64 mask, grow 2, feather 4)")]
+    got = [(name, [r["point"] for r in members]) for name, members in families(rows)]
+    assert got == [("fixed t_start ·", ["fixed t_start 99", "fixed t_start 499"]), ("t_start=auto", ["t_start=auto"]),
+                   ("paste back (fixed t_start 499; output change > · mask, grow 2, feather 4)", [r["point"] for r in
+                                                                                                  rows[3:]])]

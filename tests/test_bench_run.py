@@ -141,7 +141,19 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
 
     world, runs = trained
     tune, report = tmp_path / "tune", tmp_path / "report"
-    common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499"]
+    common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499",
+              "artifacts.paste_back.points=[{onto:fixed,region:'output>40',grow:2,feather:4}]",
+              "artifacts.paste_back.sweep.onto=[fixed,'t_start=auto','strength map (rest from 99)']",
+              "artifacts.paste_back.sweep.regions=[output,probe]", "artifacts.paste_back.sweep.whole_above=[null,0]"]
+    with pytest.raises(BenchError, match=r"onto='strength map \(rest from 0\)' must be one of"):  # before compute
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
+                                                         "artifacts.paste_back.points=[{onto:'strength map (rest from "
+                                                         "0)',region:probe,grow:4,feather:4}]"), tune))
+    with pytest.raises(BenchError, match="region must be probe, output or output>L"):
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
+                                                         "artifacts.paste_back.points=[{onto:fixed,region:'output>x',"
+                                                         "grow:4,feather:4}]"), tune))
+    assert not tune.exists()
     res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common), tune))
     assert set(res["detection"]) == {"generator", "defects"}
     for per in res["detection"].values():
@@ -154,8 +166,28 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     calibration = json.loads((tune / "t_start_auto.json").read_text())
     assert calibration["chain"]["stages"] == [str(runs["shape"]), str(runs["detail"])]
     assert [k[1] for k in calibration["knots"]] == sorted(k[1] for k in calibration["knots"])
-    points = [r["point"] for r in res["adaptive"]["defects"]]
-    assert points == ["fixed t_start 99", "fixed t_start 499", "strength map (residual; rest from 99)"]
+    rows = {r["point"]: r for r in res["adaptive"]["defects"]["rows"]}
+    grown = "grow 4, feather 4"
+    assert list(rows)[:4] == ["fixed t_start 99", "fixed t_start 499", "t_start=auto (residual severity) [in-sample]",
+                              "strength map (residual; rest from 99)"]
+    pasted = [p for p in rows if p.startswith("paste back")]
+    assert pasted == ["paste back (fixed t_start 499; output change > 40 mask, grow 2, feather 4)"] + [
+        f"paste back ({onto}; {r} mask, {grown}{w})" for onto in ("fixed t_start 499", "t_start=auto",
+                                                                  "strength map (rest from 99)")
+        for r in ("output", "probe") for w in ("", ", whole image above severity 0")]
+    fixed = rows["fixed t_start 499"]
+    one_pass = rows[f"paste back (fixed t_start 499; output mask, {grown})"]
+    probed = rows[f"paste back (fixed t_start 499; probe mask, {grown})"]
+    assert one_pass["unet_evals"] == fixed["unet_evals"] == 5                   # no probe: the fixed point's cost
+    assert probed["unet_evals"] == rows["strength map (residual; rest from 99)"]["unet_evals"] > 5
+    # a convex combination per pixel never moves farther from the input than the refinement (up to rounding) ...
+    assert one_pass["rmse_to_input"] <= fixed["rmse_to_input"] + 1 / 255 and 0 <= one_pass["refined_fraction"] <= 1
+    # ... and with every image switched to its whole refinement it is the fixed point, exactly
+    whole = rows[f"paste back (fixed t_start 499; output mask, {grown}, whole image above severity 0)"]
+    assert whole["whole_images"] == 5 and whole["refined_fraction"] == 1
+    assert (whole["artifact_rate"], whole["rmse_to_input"]) == (fixed["artifact_rate"], fixed["rmse_to_input"])
+    dominance = res["adaptive"]["defects"]["dominance"]
+    assert set(dominance["by_point"]) == set(rows) - {"fixed t_start 99", "fixed t_start 499"}
 
     with pytest.raises(BenchError, match="run split=tune first"):
         run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
@@ -164,7 +196,8 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
                                                            f"artifacts.calibration={tune}/t_start_auto.json",
                                                            *common), report))
-    auto = next(r for r in res["adaptive"]["generator"] if r["point"].startswith("t_start=auto"))
+    auto = next(r for r in res["adaptive"]["generator"]["rows"] if r["point"].startswith("t_start=auto"))
+    assert auto["point"] == "t_start=auto (residual severity)"          # out of sample on report
     assert 99 <= auto["mean_t_start"] <= 499 and 0 <= auto["artifact_rate"] <= 1
     assert "## Refinement of `defects`" in (report / "artifacts.md").read_text()
     foreign = tmp_path / "foreign"

@@ -87,3 +87,10 @@ def test_sample_artifact_settings_compose_and_parse(tmp_path):
     assert opts.start_range(cfg.t_start) == (199, 399) and opts.auto([0.2]) == [299]
     ttc = ArtifactOptions.from_settings(compose_config("sample", ["detect=asced_code", "correct=ttc"], tmp_path))
     assert ttc.active and ttc.start_range(499) == (499, 499)
+    assert defaults.composite == "none" and opts.composite == "none" and "composite" not in opts.digest()
+    pasted = ArtifactOptions.from_settings(compose_config("sample", [
+        "detect=output_residual", "composite=paste_back", "paste_back.feather_px=6", "paste_back.whole_above=0.12"],
+        tmp_path))
+    assert (pasted.detect, pasted.composite, pasted.feather_px, pasted.whole_above) == ("output_residual",
+                                                                                      "paste_back", 6, 0.12)
+    assert pasted.active and not pasted.probes and pasted.digest()["composite"] == ["paste_back", 6, 0.12]

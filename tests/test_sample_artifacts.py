@@ -1,5 +1,5 @@
-"""sample.py's artifact options (issue #11 item 5): detect, correct, mask, t_start=auto, through the real entry point
-on the tiny checkpoints of test_sample.py."""
+"""sample.py's artifact options (issue #11 item 5): detect, correct, mask, t_start=auto, composite=paste_back, through
+the real entry point on the tiny checkpoints of test_sample.py."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from PIL import Image
 from conftest import ROOT
 from test_sample import _compose, _overrides, _rgb, _vq_checkpoint, _window_checkpoint, STEPS
 from refiner.apps.sample import run
+from refiner.artifacts.composite import changed_region, feather, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, starts_from_strength
-from refiner.artifacts.detect import PixelChangeConfig
+from refiner.artifacts.detect import PixelChangeConfig, dilate
 from refiner.artifacts.probe import probe_detect
 from refiner.cli import run_cli
 from refiner.data.images import load_image, to_tensor
 from refiner.errors import SampleError, SettingError
 from refiner.formats.compvis import build_first_stage
-from refiner.inference import batch_refine
+from refiner.inference import artifact_batch, batch_refine
 from refiner.inference.chain import Chain
 from refiner.inference.pipeline import Pipeline, Tiling
 from refiner.models.vq import tiny_ddconfig
@@ -100,14 +101,20 @@ def test_detect_writes_masks_severities_and_the_grid_column(models, inputs, tmp_
         run(_compose(models, inputs, out, "detect=residual"))
 
 
-def test_strength_map_with_a_user_mask_changes_only_the_masked_region(models, tmp_path):
-    side = 64
+def _image_and_mask(tmp_path: Path, mask: np.ndarray) -> Path:
+    """in/a.png (random, the mask's size) and mask.png beside in/; returns in/."""
     d = tmp_path / "in"
     d.mkdir()
-    Image.fromarray(_rgb(side, side, 4)).save(d / "a.png")
+    Image.fromarray(_rgb(*mask.shape, 4)).save(d / "a.png")
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    return d
+
+
+def test_strength_map_with_a_user_mask_changes_only_the_masked_region(models, tmp_path):
+    side = 64
     mask = np.zeros((side, side), np.uint8)
     mask[:, 48:] = 255  # the right quarter flagged
-    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    d = _image_and_mask(tmp_path, mask)
     Image.fromarray(np.zeros_like(mask), "L").save(tmp_path / "none.png")
     out = tmp_path / "out"
     summary = run(_compose(models, d, out, "correct=strength_map", f"mask={tmp_path / 'mask.png'}",
@@ -128,6 +135,75 @@ def test_strength_map_with_a_user_mask_changes_only_the_masked_region(models, tm
     starts = starts_from_strength(torch.from_numpy(mask / 255.0).float(), 0, 499)[None]
     refined, _ = _pipeline(models).refine_images([load_image(d / "a.png")], 499, STEPS, starts=starts)
     assert np.abs(got - refined[0].astype(int)).max() <= 1
+
+
+def test_paste_back_with_a_user_mask_keeps_the_input_outside_it_bit_for_bit(models, tmp_path):
+    side = 64
+    mask = np.zeros((side, side), np.uint8)
+    mask[8:24, 40:56] = 255
+    mask[30:34, 10:14] = 128                     # a soft part: half refined, half input
+    d = _image_and_mask(tmp_path, mask)
+    out = tmp_path / "out"
+    summary = run(_compose(models, d, out, "composite=paste_back", f"mask={tmp_path / 'mask.png'}",
+                           "paste_back.feather_px=3", "grid=combined"))
+    run(_compose(models, d, tmp_path / "plain", "grid=none"))
+    src, got, plain = load_image(d / "a.png").astype(int), _png(out / "a.png"), _png(tmp_path / "plain" / "a.png")
+    w = feather(torch.from_numpy(mask / 255.0)[None], 3)[0].numpy()
+    assert np.array_equal(got[w == 0], src[w == 0])          # untouched: the input itself, not its f4 round trip
+    assert np.array_equal(got[w == 1], plain[w == 1])        # inside: the plain refinement (a mask alone changes
+    assert (w == 0).mean() > 0.8 and (w == 1).sum() == 256   # nothing about the refinement)
+    # by hand: the library's paste-back of the plain refinement
+    want = paste_back([plain.astype(np.uint8)], [src.astype(np.uint8)], torch.from_numpy(w)[None])[0]
+    assert np.array_equal(got, want)
+    record = summary["processed"][0]
+    assert record["refined_fraction"] == pytest.approx(w.mean()) and record["whole_image"] is False
+    assert summary["grid_columns"][-1] == "output (pasted back, feather 3 px)"
+    assert summary["artifacts"]["composite"] == "paste_back"
+    grid = _png(out / "grid.png")
+    assert grid.shape == (side + 4, 5 * (side + 4), 3)  # input | detected | after stage 1 | after stage 2 | output
+    assert np.array_equal(grid[2:2 + side, 4 * (side + 4) + 2:4 * (side + 4) + 2 + side], got)
+    # another feather is another output: the re-run refuses to replace it without overwrite
+    with pytest.raises(SampleError, match="other settings"):
+        run(_compose(models, d, out, "composite=paste_back", f"mask={tmp_path / 'mask.png'}",
+                     "paste_back.feather_px=1"))
+
+
+def test_output_residual_pastes_back_what_the_refinement_changed_without_a_probe(models, inputs, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(artifact_batch, "probe_detect", lambda *a, **k: pytest.fail("detect=output_residual probed"))
+    out = tmp_path / "out"
+    summary = run(_compose(models, inputs, out, "detect=output_residual", "composite=paste_back",
+                           "paste_back.feather_px=2", "mask_dilate_px=1", "grid=none"))
+    run(_compose(models, inputs, tmp_path / "plain", "grid=none"))
+    names = ("a.png", "b.png")
+    src = [load_image(inputs / n) for n in names]
+    plain = [_png(tmp_path / "plain" / n).astype(np.uint8) for n in names]
+    # by hand: every blurred change above the default level 48 of [input, plain refinement], any size, grown by 1,
+    # feathered by 2, pasted
+    det = changed_region(src, plain, factor=4, cfg=PixelChangeConfig(level=48, max_area=float("inf")))
+    assert det.pixel.any() and not det.pixel.all()
+    want = paste_back(plain, src, paste_weights(dilate(det.pixel, 1).float(), 2))
+    records = {Path(r["input"]).name: r for r in summary["processed"]}
+    for j, name in enumerate(names):
+        assert np.array_equal(_png(out / name), want[j])
+        assert np.array_equal(np.asarray(Image.open(out / name.replace(".png", ".mask.png"))) == 255,
+                              det.pixel[j].numpy())
+        assert records[name]["severity"] == pytest.approx(float(det.severity[j]), rel=1e-5)
+    assert summary["artifacts"]["output_residual_level"] == 48
+    # null: the residual's relative rule (median + 6 * 1.4826 * MAD, the code's area limits) instead
+    relative = run(_compose(models, inputs, tmp_path / "relative", "detect=output_residual", "composite=paste_back",
+                            "output_residual_level=null", "paste_back.feather_px=1", "mask_dilate_px=0", "grid=none"))
+    leveled = det.pixel
+    det = changed_region(src, plain, factor=4, cfg=PixelChangeConfig(mad_scale=6.0))
+    assert det.pixel.any() and not torch.equal(det.pixel, leveled)
+    want = paste_back(plain, src, paste_weights(det.pixel.float(), 1))
+    assert all(np.array_equal(_png(tmp_path / "relative" / n), want[j]) for j, n in enumerate(names))
+    assert relative["artifacts"]["output_residual_level"] is None
+    # whole_above below every severity: each image keeps its whole refinement
+    whole = run(_compose(models, inputs, tmp_path / "whole", "detect=output_residual", "composite=paste_back",
+                         "paste_back.whole_above=0", "grid=none"))
+    assert all(r["whole_image"] for r in whole["processed"])
+    assert all(np.array_equal(_png(tmp_path / "whole" / n), plain[j]) for j, n in enumerate(names))
 
 
 def _calibration(path: Path, models, knots, stages=("hi", "lo")) -> Path:
@@ -205,6 +281,16 @@ def test_each_bad_mask_is_one_error_line_before_any_compute(models, inputs, tmp_
     (["detect=residual", "correct=strength_map", "strength.t_low=600"], "must not exceed t_start=499"),
     (["detect=residual", "t_start=auto", "auto_calibration=/nonexistent.json"], "auto_calibration: t_start=auto "
                                                                                   "needs a calibration file"),
+    (["composite=paste_back"], "composite=paste_back needs a region"),
+    (["detect=residual", "composite=overlay"], "composite must be one of"),
+    (["detect=residual", "composite=paste_back", "paste_back.feather_px=-1"], "paste_back.feather_px"),
+    (["detect=residual", "composite=paste_back", "paste_back.whole_above=-0.5"], "paste_back.whole_above"),
+    (["mask=x.png", "composite=paste_back", "paste_back.whole_above=0.1"], "whole_above compares each image's "
+                                                                          "detected severity"),
+    (["detect=output_residual", "correct=strength_map"], "too late to correct it"),
+    (["detect=output_residual", "t_start=auto"], "measures it only after refinement"),
+    (["detect=output_residual", "composite=paste_back", "upscale=2"], "upscale=2 is not supported"),
+    (["detect=output_residual", "output_residual_level=255"], r"output_residual_level must be in \[0.0, 254.0\]"),
 ])
 def test_impossible_combinations_fail_before_any_compute(models, inputs, tmp_path, monkeypatch, extra, message):
     monkeypatch.setattr(batch_refine, "load_image", lambda *a, **k: pytest.fail("an image was loaded"))

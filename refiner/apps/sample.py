@@ -29,8 +29,9 @@ Noise: image ``i`` (its index in the sorted input list) gets its ``q_sample`` no
 
 Artifacts (issue #11): ``detect=asced|asced_code|residual`` probes each batch first and writes ``<name>.mask.png``
 beside each output; ``correct=ttc|strength_map`` fixes only the flagged (or ``mask=``) region; ``t_start=auto``
-gives each image its own start from its severity (:mod:`refiner.inference.artifact_options`,
-:mod:`refiner.inference.artifact_batch`).
+gives each image its own start from its severity; ``composite=paste_back`` keeps the input's own pixels outside the
+region (``detect=output_residual``: the region the refinement changed, found after it without a probe)
+(:mod:`refiner.inference.artifact_options`, :mod:`refiner.inference.artifact_batch`).
 
 Exit codes follow :mod:`refiner.cli`: 0 done, 1 some inputs failed, 2 a setting that cannot work (one
 ``error:`` line on stderr).
@@ -52,7 +53,7 @@ from refiner.apps import CONFIG_DIR
 from refiner.data.images import scan_images
 from refiner.errors import SampleError
 from refiner.formats.compvis import first_stage_from_config
-from refiner.inference.artifact_batch import artifact_run, grid_column
+from refiner.inference.artifact_batch import artifact_run, grid_column, output_column
 from refiner.inference.artifact_options import ArtifactOptions, check_whole_images, steps_for_start
 from refiner.inference.batch_refine import Collected, RefineJob
 from refiner.inference.chain import PRECISIONS, Chain
@@ -149,7 +150,7 @@ def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan, opts: Art
     stages = pipeline.chain.stages
     return (["clean", "degraded"] if cfg.mode == "evaluate" else ["input"]) + grid_column(opts) + [  # run order
         f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
-        for j, k in enumerate(plan.segments)]
+        for j, k in enumerate(plan.segments)] + output_column(opts)
 
 
 def _summary(cfg: DictConfig, got: Collected, ignored: list, settings: str, columns: list[str], plan: StepPlan,

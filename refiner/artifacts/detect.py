@@ -131,7 +131,8 @@ class PixelChangeConfig:
     ``sigma``, the ``mad_scale`` of ``median + mad_scale * 1.4826 * MAD``, component areas strictly between
     ``min_area`` and ``max_area`` px, the ``min_width`` square erosion a component must survive, the ``dilate``
     radius. With ``scale_to_size`` they are rescaled to the image side (lengths by ``side/256``, areas by its
-    square; widths at least 1 px)."""
+    square; widths at least 1 px). ``level`` (ours, not the code's): an absolute threshold on the blurred difference
+    (0..255 scale) in place of the relative ``median + mad_scale * 1.4826 * MAD``; ``max_area`` may be ``inf``."""
 
     sigma: float = 2.0
     mad_scale: float = 3.0
@@ -140,13 +141,14 @@ class PixelChangeConfig:
     min_width: int = 5
     dilate: int = 5
     scale_to_size: bool = True
+    level: float | None = None
 
     def at(self, side: int) -> "PixelChangeConfig":
         if not self.scale_to_size:
             return self
         r = side / REFERENCE_SIDE
         return PixelChangeConfig(self.sigma * r, self.mad_scale, self.min_area * r * r, self.max_area * r * r,
-                                 max(1, round(self.min_width * r)), round(self.dilate * r), False)
+                                 max(1, round(self.min_width * r)), round(self.dilate * r), False, self.level)
 
 
 def _frame_uint8(x: Tensor) -> np.ndarray:
@@ -161,8 +163,11 @@ def pixel_change_mask_one(frames: Sequence[np.ndarray], cfg: PixelChangeConfig) 
     mask = np.zeros(frames[0].shape[:2], dtype=bool)
     for a, b in zip(frames, frames[1:]):
         diff = ndimage.gaussian_filter(np.abs(b - a), sigma=cfg.sigma) if cfg.sigma > 0 else np.abs(b - a)
-        median = np.median(diff)
-        threshold = median + cfg.mad_scale * 1.4826 * np.median(np.abs(diff - median))
+        if cfg.level is not None:
+            threshold = cfg.level
+        else:
+            median = np.median(diff)
+            threshold = median + cfg.mad_scale * 1.4826 * np.median(np.abs(diff - median))
         mask |= diff.max(axis=2) > threshold
     labels, count = ndimage.label(mask)
     if count:
@@ -196,12 +201,13 @@ def pixel_change_mask(frames: Sequence[Tensor], *, factor: int, cfg: PixelChange
 MAD_SCALE = {"asced_code": 3.0, "residual": 6.0}
 
 
-def residual_mask(inputs: Tensor, x0_pixels: Tensor, *, factor: int, cfg: PixelChangeConfig | None = None
-                  ) -> Detection:
+def residual_mask(inputs: Tensor, x0_pixels: Tensor, *, factor: int, cfg: PixelChangeConfig | None = None,
+                  method: str = "residual") -> Detection:
     """Where the denoiser's clean guess disagrees with the input: :func:`pixel_change_mask` on the two frames
-    ``[inputs, x0_pixels]`` (both (B, 3, H, W) in [-1, 1]); by default with ``mad_scale = MAD_SCALE["residual"]``."""
+    ``[inputs, x0_pixels]`` (both (B, 3, H, W) in [-1, 1]); by default with ``mad_scale = MAD_SCALE["residual"]``.
+    The same rule on ``[inputs, refined outputs]`` is :func:`refiner.artifacts.composite.changed_region`."""
     cfg = cfg or PixelChangeConfig(mad_scale=MAD_SCALE["residual"])
-    return pixel_change_mask([inputs, x0_pixels], factor=factor, cfg=cfg, method="residual")
+    return pixel_change_mask([inputs, x0_pixels], factor=factor, cfg=cfg, method=method)
 
 
 # ------------------------------------------------------------------------------------------------- scores

@@ -10,8 +10,15 @@
 3. **Adaptive strength in refinement**: the chain at fixed t_starts, with ``t_start=auto`` (each image's start from
    its residual severity through the isotonic map; fitted and saved as ``t_start_auto.json`` on ``split=tune``,
    loaded from ``artifacts.calibration`` on any other split) and with region strength maps (flagged pixels start at
-   the probe's t_start, the others at ``strength_t_low``; the residual mask grown by ``strength_dilate_px``), as points of artifact rate vs RMSE to the input.
-   The UNet evaluations per image are reported with each point (the probe's included).
+   the probe's t_start, the others at ``strength_t_low``; the residual mask grown by ``strength_dilate_px``), as
+   points of artifact rate vs RMSE to the input. On ``split=tune`` the ``t_start=auto`` point is in-sample.
+4. **Paste back in pixel space** (:mod:`refiner.artifacts.composite`; ``artifacts.paste_back``): one of those
+   refinements kept only inside a region (the probe's mask, or, in one pass without a probe, where the refinement
+   itself changed the picture), grown and feathered, the input's own pixels elsewhere: as inpainting pipelines
+   overlay their output (diffusers' ``apply_overlay``, AUTOMATIC1111's mask blur).
+
+The UNet evaluations per image are reported with each point (the probe's included), and for each point the fixed
+t_starts it Pareto-dominates (no more artifacts, no larger RMSE, one strictly less: :func:`dominated`).
 
 Writes ``artifacts.json``, ``artifacts.md`` and ``artifacts_tradeoff.png`` into ``output_dir``.
 """
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from refiner.artifacts.composite import change_config, changed_region, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
 from refiner.artifacts.detect import (Detection, asced_paper_mask, dilate, mask_scores,
                                       pixel_change_mask, pixel_from_latent)
@@ -122,51 +130,169 @@ def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
     return np.asarray(needed, dtype=float), outputs
 
 
+def strength_maps(a) -> list[tuple[int, int, str]]:
+    """(grow, t_low, label) of every strength map of ``artifacts`` (``strength_dilate_px`` an int or a list)."""
+    grows = list(a.strength_dilate_px) if OmegaConf.is_list(a.strength_dilate_px) else [a.strength_dilate_px]
+    return [(int(g), int(t), f"rest from {t}" if len(grows) == 1 else f"grown {g}, rest from {t}")
+            for g in grows for t in a.strength_t_low]
+
+
+def paste_bases(a) -> list[str]:
+    """What a paste-back point may be pasted from (its ``onto``)."""
+    return ["fixed", "t_start=auto", *(f"strength map ({label})" for _, _, label in strength_maps(a))]
+
+
+def paste_specs(a) -> list[dict]:
+    """The paste-back points of ``artifacts.paste_back``: its ``points`` (dicts of ``onto``, ``region``, ``grow``,
+    ``feather`` and optionally ``whole_above``), then every combination of its ``sweep`` lists; duplicates once.
+    Each is checked (:class:`BenchError` before any compute)."""
+    paste, bases = a.paste_back, paste_bases(a)
+    specs = [dict(p) for p in paste.points]
+    sweep = paste.sweep
+    specs += [{"onto": onto, "region": region, "grow": grow, "feather": px, "whole_above": above}
+              for onto in sweep.onto for region in sweep.regions for grow in sweep.grow for px in sweep.feather
+              for above in sweep.whole_above]
+    seen, out = set(), []
+    for spec in specs:
+        unknown = set(spec) - {"onto", "region", "grow", "feather", "whole_above"}
+        if unknown or not {"onto", "region", "grow", "feather"} <= set(spec):
+            raise BenchError(f"artifacts.paste_back point {spec}: needs onto, region, grow, feather (and optionally "
+                             "whole_above)")
+        if str(spec["onto"]) not in bases:
+            raise BenchError(f"artifacts.paste_back onto={spec['onto']!r} must be one of {bases}")
+        _region_label(str(spec["region"]))
+        for key in ("grow", "feather"):
+            if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 0:
+                raise BenchError(f"artifacts.paste_back {key} must be an int >= 0, got {spec[key]!r} in {spec}")
+        above = spec.get("whole_above")
+        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float)) or above < 0):
+            raise BenchError(f"artifacts.paste_back whole_above must be null or a number >= 0, got {above!r}")
+        key = tuple(sorted((k, str(v)) for k, v in spec.items() if v is not None))
+        if key not in seen:
+            seen.add(key)
+            out.append(spec)
+    return out
+
+
+def _region_label(region: str) -> tuple[str, float | None]:
+    """``probe`` | ``output`` | ``output>L`` -> (label, change level)."""
+    if region in ("probe", "output"):
+        return region, None
+    if region.startswith("output>"):
+        try:
+            level = float(region[len("output>"):])
+        except ValueError:
+            level = None
+        if level is not None:
+            change_config(level)
+            return f"output change > {region[len('output>'):]}", level
+    raise BenchError(f"artifacts.paste_back region must be probe, output or output>L (a change level), got {region!r}")
+
+
+def paste_rows(art, bases: dict, probe: Detection, probe_steps: int, specs: list[dict], factor: int, references
+               ) -> list[dict]:
+    """Paste-back points (:mod:`refiner.artifacts.composite`): for each spec, the refinement ``bases[onto]`` (its
+    outputs, UNet evaluations per image, name, and whether it ran the probe; a probe region adds ``probe_steps`` to
+    a refinement that did not) kept inside its region (the probe's detection, or the
+    :func:`~refiner.artifacts.composite.changed_region` of that refinement) grown by ``grow`` and feathered by
+    ``feather``; images whose severity exceeds ``whole_above`` keep their whole refinement."""
+    rows, changed = [], {}
+    for spec in specs:
+        onto, region = str(spec["onto"]), str(spec["region"])
+        outs, evals, name, probed = bases[onto]
+        if region == "probe" and not probed:
+            evals += probe_steps
+        label, level = _region_label(region)
+        if region == "probe":
+            det = probe
+        else:
+            if (onto, region) not in changed:
+                changed[(onto, region)] = changed_region(art.inputs, outs, factor=factor, cfg=change_config(level))
+            det = changed[(onto, region)]
+        above = spec.get("whole_above")
+        weights = paste_weights(dilate(det.pixel, int(spec["grow"])).float(), int(spec["feather"]), det.severity,
+                                None if above is None else float(above))
+        whole = "" if above is None else f", whole image above severity {above}"
+        rows.append({"point": f"paste back ({name}; {label} mask, grow {spec['grow']}, feather {spec['feather']}{whole})",
+                     "unet_evals": evals, "refined_fraction": float(weights.mean()),
+                     "whole_images": int((weights.flatten(1) == 1).all(1).sum()),
+                     **score(paste_back(outs, art.inputs, weights), art.inputs, references, art.clean)})
+    return rows
+
+
+def dominated(rows: list[dict]) -> dict:
+    """Which fixed-t_start points each other point dominates (Pareto): no more artifacts and no larger RMSE to the
+    input, and strictly less of one of them. ``all`` lists the points that dominate every fixed point at once,
+    ``covered`` says whether every fixed point is dominated by some point."""
+    fixed = [r for r in rows if r["point"].startswith("fixed")]
+    out = {}
+    for r in rows:
+        if r["point"].startswith("fixed"):
+            continue
+        rate, rmse = r["artifact_rate"], r["rmse_to_input"]
+        out[r["point"]] = [f["point"] for f in fixed if rate <= f["artifact_rate"] and rmse <= f["rmse_to_input"]
+                           and (rate < f["artifact_rate"] or rmse < f["rmse_to_input"])]
+    return {"by_point": out, "all": [p for p, beaten in out.items() if len(beaten) == len(fixed)],
+            "covered": sorted({f for beaten in out.values() for f in beaten}) == sorted(f["point"] for f in fixed)}
+
+
 def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int, references) -> tuple[dict, dict]:
-    """Section 3; ``detections[(source, "residual")]`` (from :func:`detection_quality`) gives the severities and masks."""
+    """Section 3; ``detections[(source, "residual")]`` (from :func:`detection_quality`) gives the severities and masks.
+    On ``split=tune`` the ``t_start=auto`` map is fitted first (on every source's needed starts) and its points are
+    in-sample; other splits load it."""
     a, points, calibration = cfg.artifacts, {}, {}
     t_starts, top = list(a.t_starts), int(a.probe_t_start)
-    auto = None
-    if cfg.split != "tune":
-        auto = AutoStart.load(a.calibration)
+    factor, specs = int(pipe.f4.factor), paste_specs(a)
+    fixed, needed = {}, {}
     for name in a.sources:
-        art = sets[name]
-        rows = []
-        needed, fixed = _needed_t(pipe, art.inputs, t_starts, cfg)
-        for t in t_starts:
-            rows.append({"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
-                         **score(fixed[t], art.inputs, references, art.clean)})
-        det = detections[(name, "residual")]
-        severity = det.severity.numpy()
-        if cfg.split == "tune":
-            calibration[name] = (severity, needed)
-        else:
-            starts_i = auto(severity)
-            starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
-            outs = refine_all(pipe, art.inputs, max(starts_i), cfg, starts=starts)
-            rows.append({"point": "t_start=auto (residual severity)", "mean_t_start": float(np.mean(starts_i)),
-                         "unet_evals": probe_steps + steps_for(max(starts_i), cfg.t_per_step),
-                         **score(outs, art.inputs, references, art.clean)})
-        flagged = dilate(det.pixel, int(a.strength_dilate_px)).float()
-        for t_low in a.strength_t_low:
-            starts = starts_from_strength(flagged, int(t_low), top)
-            outs = refine_all(pipe, art.inputs, top, cfg, starts=starts)
-            rows.append({"point": f"strength map (residual; rest from {t_low})", "unet_evals":
-                         probe_steps + steps_for(top, cfg.t_per_step),
-                         **score(outs, art.inputs, references, art.clean)})
-        for r in rows:
-            r.pop("failed", None)
-            log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
-        points[name] = rows
+        needed[name], fixed[name] = _needed_t(pipe, sets[name].inputs, t_starts, cfg)
     if cfg.split == "tune":
-        sev = np.concatenate([s for s, _ in calibration.values()])
-        need = np.concatenate([n for _, n in calibration.values()])
+        sev = np.concatenate([detections[(name, "residual")].severity.numpy() for name in a.sources])
+        need = np.concatenate([needed[name] for name in a.sources])
         auto = fit_auto_start(sev.tolist(), need.tolist(), min(t_starts), max(t_starts),
                               chain={"stages": [str(s) for s in cfg.methods.chain.stages]},
                               source={"split": cfg.split, "seeds": dict(cfg.seeds[cfg.split]), "n": cfg.n,
                                       "sources": list(a.sources), "detector": "residual"})
         auto.save(out_dir / "t_start_auto.json")
+    else:
+        auto = AutoStart.load(a.calibration)
+    probe_cost = probe_steps + steps_for(top, cfg.t_per_step)
+    for name in a.sources:
+        art = sets[name]
+        rows = [{"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
+                 **score(fixed[name][t], art.inputs, references, art.clean)} for t in t_starts]
+        det = detections[(name, "residual")]
+        starts_i = auto(det.severity.numpy())
+        starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
+        auto_outs = refine_all(pipe, art.inputs, max(starts_i), cfg, starts=starts)
+        auto_cost = probe_steps + steps_for(max(starts_i), cfg.t_per_step)
+        rows.append({"point": "t_start=auto (residual severity)" + (" [in-sample]" if cfg.split == "tune" else ""),
+                     "mean_t_start": float(np.mean(starts_i)), "unet_evals": auto_cost,
+                     **score(auto_outs, art.inputs, references, art.clean)})
+        strength_outs = {}
+        for grow, t_low, label in strength_maps(a):
+            starts = starts_from_strength(dilate(det.pixel, grow).float(), t_low, top)
+            strength_outs[label] = refine_all(pipe, art.inputs, top, cfg, starts=starts)
+            rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
+                         **score(strength_outs[label], art.inputs, references, art.clean)})
+        base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, cfg)
+        bases = {"fixed": (base, steps_for(top, cfg.t_per_step), f"fixed t_start {top}", False),
+                 "t_start=auto": (auto_outs, auto_cost, "t_start=auto", True),
+                 **{f"strength map ({label})": (outs, probe_cost, f"strength map ({label})", True)
+                    for label, outs in strength_outs.items()}}
+        rows += paste_rows(art, bases, det, probe_steps, specs, factor, references)
+        for r in rows:
+            r.pop("failed", None)
+            log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
+        points[name] = {"rows": rows, "dominance": dominated(rows),
+                        "severity": {"probe": _quantiles(det.severity),
+                                     "output": _quantiles(changed_region(art.inputs, base, factor=factor).severity)}}
     return points, {"knots": auto.knots}
+
+
+def _quantiles(values: torch.Tensor) -> dict:
+    q = np.quantile(values.numpy(), [0.1, 0.5, 0.9])
+    return {"p10": float(q[0]), "median": float(q[1]), "p90": float(q[2])}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -190,13 +316,38 @@ def markdown(res: dict) -> str:
     for m, s in res["generation"].items():
         lines.append(f"| {m} | {f(s['plain_artifact_rate'])} | {f(s['ttc_artifact_rate'])} | {f(s['masked_fraction'])} "
                      f"| {f(s['rmse_outside_mask'])} / {f(s['rmse_inside_mask'])} |")
-    for name, rows in res["adaptive"].items():
+    for name, entry in res["adaptive"].items():
         lines += ["", f"## Refinement of `{name}`: fixed t_start vs adaptive strength", "",
-                  "| point | artifact rate | RMSE to input | SWD×1e3 | UNet evals/image |", "|---|---|---|---|---|"]
-        for r in rows:
+                  "| point | artifact rate | RMSE to input | SWD×1e3 | UNet evals/image | fixed points dominated |",
+                  "|---|---|---|---|---|---|"]
+        beaten = entry["dominance"]["by_point"]
+        for r in entry["rows"]:
+            wins = beaten.get(r["point"])
+            wins = "–" if wins is None else (", ".join(w.replace("fixed t_start ", "") for w in wins) or "none")
             lines.append(f"| {r['point']} | {f(r['artifact_rate'])} | {f(r['rmse_to_input'])} | {f(r['swd_x1e3'])} | "
-                         f"{r['unet_evals']} |")
+                         f"{r['unet_evals']} | {wins} |")
+        d = entry["dominance"]
+        lines += ["", f"Points that dominate every fixed t_start (no more artifacts, no larger RMSE, one strictly less): "
+                      f"{', '.join(d['all']) or 'none'}; every fixed point dominated by some point: "
+                      f"{'yes' if d['covered'] else 'no'}."]
     return "\n".join(lines) + "\n"
+
+
+def families(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows whose labels differ only in their numbers form one family (a curve in the plot: the fixed t_starts, the
+    strength maps' t_low, the one-pass change levels); its name puts ``·`` where the numbers vary."""
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"\d+(\.\d+)?", "#", r["point"]), []).append(r)
+    out = []
+    for members in groups.values():
+        parts = [re.split(r"(\d+(?:\.\d+)?)", m["point"]) for m in members]
+        name = "".join("·" if k % 2 and len({p[k] for p in parts}) > 1 else piece
+                       for k, piece in enumerate(parts[0]))
+        out.append((name, members))
+    return out
 
 
 def tradeoff_png(res: dict) -> bytes:
@@ -204,19 +355,18 @@ def tradeoff_png(res: dict) -> bytes:
 
     plt = _pyplot()
     names = list(res["adaptive"])
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(5.2 * max(1, len(names)), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6.4 * max(1, len(names)), 5.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        rows = res["adaptive"][name]
-        fixed = [r for r in rows if r["point"].startswith("fixed")]
-        ax.plot([r["rmse_to_input"] for r in fixed], [r["artifact_rate"] for r in fixed], "o-", label="fixed t_start")
-        for r in rows:
-            if not r["point"].startswith("fixed"):
-                ax.plot(r["rmse_to_input"], r["artifact_rate"], "s" if "strength" in r["point"] else "*",
-                        markersize=9, label=r["point"])
+        for label, members in families(res["adaptive"][name]["rows"]):
+            fixed = label.startswith("fixed")
+            marker = "o" if fixed else ("P" if "paste back" in label else ("s" if "strength" in label else "*"))
+            ax.plot([r["rmse_to_input"] for r in members], [r["artifact_rate"] for r in members],
+                    f"{marker}-" if len(members) > 1 else marker, color="black" if fixed else None,
+                    linewidth=2 if fixed else 1, markersize=6 if len(members) > 1 else 9, label=label)
         ax.set_xlabel("RMSE to input (lower = more faithful)")
         ax.set_ylabel("artifact rate (lower is better)")
         ax.set_title(name)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="best")
     return _figure_png(fig)
 
 
@@ -229,6 +379,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.split != "tune" and not Path(a.calibration).is_file():
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
                          "t_start_auto.json), or point artifacts.calibration at one")
+    paste_specs(a)  # bad paste-back points: one error line before any model is loaded
     chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
     sources = ["generator", "defects"]
     models = Models(cfg, [chain_method], sources)

@@ -16,6 +16,14 @@ For one batch of same-size images, :meth:`ArtifactRun.prepare`:
    ``correct=ttc`` blends :class:`~refiner.artifacts.correct.TrajectoryCorrection` in with ``m`` at the first grid
    point at or below ``min(ttc.t_correct, start - 1)``, its fresh noise from one generator per batch seeded with
    ``seed + indices[0]`` (so TTC results depend on batching, unlike the refinement's own noise).
+
+After refinement, :meth:`BatchArtifacts.finish`: ``detect=output_residual`` finds its mask now
+(:func:`~refiner.artifacts.composite.changed_region` of input and output, by the rule of
+:func:`~refiner.artifacts.composite.change_config` with ``output_residual_level``), and ``composite=paste_back`` keeps the
+input outside the region: :func:`~refiner.artifacts.composite.paste_back` with
+:func:`~refiner.artifacts.composite.paste_weights` of ``m`` (feathered by ``paste_back.feather_px``; images whose
+severity exceeds ``paste_back.whole_above`` keep their whole refinement). The output and its record are the pasted
+image; the grid gets a last "output" column.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from refiner.artifacts.composite import OUTPUT_DETECTOR, change_config, changed_region, paste_back, paste_weights
 from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, dilate
 from refiner.artifacts.probe import probe_detect, probe_t_end
@@ -47,6 +56,13 @@ def grid_column(opts: ArtifactOptions) -> list[str]:
     return [f"detected ({'mask ' + opts.mask if opts.mask is not None else opts.detect})"]
 
 
+def output_column(opts: ArtifactOptions) -> list[str]:
+    """The last column's title when the output is not the last stage's image (``composite=paste_back``)."""
+    if opts.composite == "none":
+        return []
+    return [f"output (pasted back, feather {opts.feather_px} px)"]
+
+
 @dataclass
 class BatchArtifacts:
     """What :meth:`ArtifactRun.prepare` decided for one batch."""
@@ -59,9 +75,26 @@ class BatchArtifacts:
     starts: Tensor | None = None
     callback: object = None
     auto: bool = False  # t_start=auto: each image's own start goes in its record
+    region: Tensor | None = None  # (B, H, W) in [0, 1]: what corrections and the paste-back act on
+    weights: Tensor | None = None  # (B, H, W): the paste-back weights, once finish() ran with composite=paste_back
 
     def refine_kwargs(self) -> dict:
         return {"starts": self.starts, "callback": self.callback}
+
+    def finish(self, opts: ArtifactOptions, inputs: Sequence[np.ndarray], refined: list[np.ndarray], factor: int
+               ) -> list[np.ndarray]:
+        """After refinement: the output residual's detection (``detect=output_residual``) and the paste-back
+        (``composite=paste_back``); returns the outputs to write."""
+        if opts.detect == OUTPUT_DETECTOR:
+            self.detection = changed_region(inputs, refined, factor=factor, cfg=change_config(opts.change_level))
+            if opts.mask is None:
+                self.shown = self.detection.pixel.float()
+                self.region = dilate(self.detection.pixel, opts.dilate_px).float()
+        if opts.composite == "none":
+            return refined
+        severity = self.detection.severity if self.detection is not None else None
+        self.weights = paste_weights(self.region, opts.feather_px, severity, opts.whole_above)
+        return paste_back(refined, inputs, self.weights)
 
     def save_mask(self, j: int, output: Path, protect: Sequence[str]) -> None:
         if self.detection is not None:
@@ -74,6 +107,8 @@ class BatchArtifacts:
         if self.detection is not None:
             out.update(severity=float(self.detection.severity[j]), mask=str(mask_path(output)),
                        flagged_fraction=float(self.detection.area[j]))
+        if self.weights is not None:
+            out.update(refined_fraction=float(self.weights[j].mean()), whole_image=bool((self.weights[j] == 1).all()))
         return out
 
     def overlay(self, j: int, src: np.ndarray) -> list[Tensor]:
@@ -98,18 +133,23 @@ class ArtifactRun:
 
     def prepare(self, images: Sequence[np.ndarray], indices: Sequence[int]) -> BatchArtifacts:
         top = self.opts.start_range(self.t_start)[1]
-        det = self._detect(images, indices, top) if self.opts.detect != "none" else None
+        det = self._detect(images, indices, top) if self.opts.probes else None
         image_starts = self.opts.auto(det.severity) if self.opts.auto is not None else [top] * len(images)
         t_start = max(image_starts)
         steps = self.steps if t_start == top else steps_for_start(self.steps, t_start, top)
         region = self._region(det, indices)
         shown = self._user_masks(indices) if self.opts.mask is not None else (
             det.pixel.float() if det is not None else None)
-        batch = BatchArtifacts(t_start, steps, image_starts, det, shown, auto=self.opts.auto is not None)
+        batch = BatchArtifacts(t_start, steps, image_starts, det, shown, auto=self.opts.auto is not None, region=region)
         batch.starts = self._starts(image_starts, region, images[0].shape[:2])
         if self.opts.correct == "ttc":
             batch.callback = self._ttc(region, t_start, steps, indices)
         return batch
+
+    def finish(self, batch: BatchArtifacts, inputs: Sequence[np.ndarray], refined: list[np.ndarray]
+               ) -> list[np.ndarray]:
+        """:meth:`BatchArtifacts.finish` with this run's settings."""
+        return batch.finish(self.opts, inputs, refined, int(self.pipeline.f4.factor))
 
     def _detect(self, images, indices, top: int) -> Detection:
         chain = self.pipeline.chain

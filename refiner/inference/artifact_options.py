@@ -3,12 +3,22 @@ any image is refined.
 
 * ``detect=none|asced|asced_code|residual``: a probe pass (:func:`refiner.artifacts.probe.probe_detect`) over each
   batch before it is refined; its masks are written beside the outputs and its severities go in the records.
+  ``detect=output_residual`` runs no probe: the residual rule on ``[input, refined output]`` after refinement
+  (:func:`refiner.artifacts.composite.changed_region`). Its mask exists only once the image is refined, so it can
+  drive ``composite`` but no ``correct`` and no ``t_start=auto``. Its threshold ``output_residual_level`` (0..254;
+  default 48, chosen on the benchmark's split=tune) is absolute: every blurred change above it
+  (:func:`refiner.artifacts.composite.change_config`); ``null`` uses the residual's relative rule. Other detectors
+  ignore it.
 * ``correct=none|ttc|strength_map``: TTC (:class:`~refiner.artifacts.correct.TrajectoryCorrection`) re-noises the
   flagged region at ``ttc.t_correct``; a strength map (:class:`~refiner.artifacts.correct.StrengthPinning`) starts
   flagged pixels at ``t_start`` and the rest at ``strength.t_low``. Both need a mask source: ``detect`` or ``mask``.
 * ``mask=<png or folder>``: user masks, greyscale (mode L or 1), the size of their input; a folder holds
   ``<input stem>.png`` per input, one file is shared by every input. Value/255 is a strength in [0, 1]. When both
   ``mask`` and ``detect`` are set, the user's mask drives the correction and the detector still reports.
+* ``composite=none|paste_back``: ``paste_back`` keeps the input's own pixels outside the region (the user's mask,
+  else the detected one grown by ``mask_dilate_px``), feathered outward over ``paste_back.feather_px``
+  (:mod:`refiner.artifacts.composite`); ``paste_back.whole_above`` lets images whose detected severity exceeds it
+  keep their whole refinement. Needs a region source (``detect`` or ``mask``); ``whole_above`` needs ``detect``.
 * ``t_start=auto``: each image starts at :class:`~refiner.artifacts.correct.AutoStart` of its detected severity
   (``auto_calibration``). The calibration's recorded ``chain.stages`` must name the stages of this run, compared as
   a set of resolved paths (relative ones against the launch directory), unless ``allow_calibration_mismatch=true``;
@@ -30,12 +40,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from refiner.artifacts.composite import OUTPUT_DETECTOR
 from refiner.artifacts.correct import AutoStart
 from refiner.artifacts.probe import DETECTORS
 from refiner.errors import SampleError, SettingError
 from refiner.settings import require_choice, require_int, require_number
 
 CORRECTIONS = ("none", "ttc", "strength_map")
+COMPOSITES = ("none", "paste_back")
 MASK_MODES = ("L", "1")
 
 
@@ -54,33 +66,60 @@ class ArtifactOptions:
     t_correct: int = 480
     gamma: float = 0.0
     correction_eta: float = 1.0
+    composite: str = "none"
+    feather_px: int = 4
+    whole_above: float | None = None
+    change_level: float | None = None
     masks: list[np.ndarray] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
         return self.detect != "none" or self.mask is not None or self.auto is not None
 
+    @property
+    def probes(self) -> bool:
+        """Whether a probe pass runs before refinement (every detector but ``output_residual``)."""
+        return self.detect not in ("none", OUTPUT_DETECTOR)
+
     @classmethod
     def from_settings(cls, cfg: DictConfig) -> "ArtifactOptions":
         """Types, ranges and combinations; with ``t_start=auto`` the calibration file too (no checkpoint loaded)."""
-        detect = require_choice("detect", cfg.get("detect", "none"), ("none", *DETECTORS))
+        detect = require_choice("detect", cfg.get("detect", "none"), ("none", *DETECTORS, OUTPUT_DETECTOR))
         correct = require_choice("correct", cfg.get("correct", "none"), CORRECTIONS)
+        composite = require_choice("composite", cfg.get("composite", "none"), COMPOSITES)
         mask = cfg.get("mask")
         if mask is not None and (not isinstance(mask, str) or not mask):
             raise SampleError(f"mask must be a png file or a folder of <input stem>.png masks, got {mask!r}")
         auto = cfg.t_start == "auto"
-        if correct != "none" and detect == "none" and mask is None:
+        probe = detect not in ("none", OUTPUT_DETECTOR)
+        if correct != "none" and not probe and mask is None:
+            after = (f" (detect={OUTPUT_DETECTOR} finds its mask after refinement, too late to correct it)"
+                     if detect == OUTPUT_DETECTOR else "")
             raise SampleError(f"correct={correct} needs a mask source: set detect=asced|asced_code|residual or "
-                              "mask=<png or folder>")
-        if auto and detect == "none":
+                              f"mask=<png or folder>{after}")
+        if auto and not probe:
+            after = f" (detect={OUTPUT_DETECTOR} measures it only after refinement)" if detect == OUTPUT_DETECTOR else ""
             raise SampleError("t_start=auto picks each image's start from its detected severity: set detect="
-                              "asced|asced_code|residual (the calibration's detector)")
+                              f"asced|asced_code|residual (the calibration's detector){after}")
+        paste = cfg.get("paste_back") or {}
+        whole_above = paste.get("whole_above")
+        if composite != "none" and detect == "none" and mask is None:
+            raise SampleError(f"composite={composite} needs a region: set detect=residual|output_residual|asced|"
+                              "asced_code or mask=<png or folder>")
+        if whole_above is not None:
+            whole_above = require_number("paste_back.whole_above", whole_above, minimum=0.0)
+            if detect == "none":
+                raise SampleError("paste_back.whole_above compares each image's detected severity: set detect=...")
+        level = cfg.get("output_residual_level") if detect == OUTPUT_DETECTOR else None  # only its threshold
+        if level is not None:
+            level = require_number("output_residual_level", level, 0.0, 254.0)
         strength, ttc = cfg.get("strength") or {}, cfg.get("ttc") or {}
         opts = cls(detect, correct, mask, None, None, require_int("strength.t_low", strength.get("t_low", 99), 0),
                    require_int("mask_dilate_px", cfg.get("mask_dilate_px", 4), 0),
                    require_int("ttc.t_correct", ttc.get("t_correct", 480), 1),
                    require_number("ttc.gamma", ttc.get("gamma", 0.0), minimum=0.0),
-                   require_number("ttc.correction_eta", ttc.get("correction_eta", 1.0), 0.0, 1.0))
+                   require_number("ttc.correction_eta", ttc.get("correction_eta", 1.0), 0.0, 1.0), composite,
+                   require_int("paste_back.feather_px", paste.get("feather_px", 4), 0), whole_above, level)
         if opts.active:
             _refuse_combinations(cfg)
         if auto:
@@ -122,7 +161,9 @@ class ArtifactOptions:
             masks.update(f"{list(m.shape)}\n".encode() + m.tobytes())
         return {"detect": self.detect, "correct": self.correct, "t_low": self.t_low, "dilate_px": self.dilate_px,
                 "ttc": [self.t_correct, self.gamma, self.correction_eta], "masks": masks.hexdigest() if self.masks
-                else None, "auto_knots": self.auto.knots if self.auto is not None else None}
+                else None, "auto_knots": self.auto.knots if self.auto is not None else None,
+                **({"composite": [self.composite, self.feather_px, self.whole_above]} if self.composite != "none"
+                   else {}), **({"output_residual_level": self.change_level} if self.change_level is not None else {})}
 
     def summary(self) -> dict:
         """The ``artifacts`` entry of summary.json (empty when nothing is on)."""
@@ -132,7 +173,10 @@ class ArtifactOptions:
                               "t_start": "auto" if self.auto is not None else None,
                               "auto_calibration": self.calibration, "strength_t_low": self.t_low,
                               "mask_dilate_px": self.dilate_px, "ttc": {"t_correct": self.t_correct,
-                              "gamma": self.gamma, "correction_eta": self.correction_eta}}}
+                              "gamma": self.gamma, "correction_eta": self.correction_eta},
+                              "composite": self.composite, "paste_back": {"feather_px": self.feather_px,
+                                                                          "whole_above": self.whole_above},
+                              "output_residual_level": self.change_level}}
 
 
 def steps_for_start(steps: int, t_start: int, top: int) -> int:

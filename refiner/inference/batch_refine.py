@@ -156,6 +156,8 @@ class RefineJob:
                 indices=[it.index for it in batch], eta=cfg.eta, spacing=cfg.spacing,
                 allow_outside_window=cfg.allow_outside_window, with_stages=want_rows,
                 **(art.refine_kwargs() if art else {}))
+            if art:
+                refined = self.artifacts.finish(art, inputs, refined)
         except (FloatingPointError, RuntimeError, MemoryError) as err:
             if not (is_out_of_memory(err) or isinstance(err, FloatingPointError)):
                 raise
@@ -176,7 +178,8 @@ class RefineJob:
             record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])],
                       **(art.record(j, it.output) if art else {})}
             if want_rows:
-                row = self._grid_row(it, src, out, stage_imgs, art.overlay(j, src) if art else [])
+                row = self._grid_row(it, src, out, stage_imgs, art.overlay(j, src) if art else [],
+                                     art is not None and art.weights is not None)
                 if grid_per_image:
                     grid_path = self.output_dir / "grids" / it.output.name
                     save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
@@ -189,11 +192,12 @@ class RefineJob:
             self.progress(1)
 
     def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, stage_imgs: list[Tensor],
-                  detected: list[Tensor] = ()) -> list[Tensor]:
+                  detected: list[Tensor] = (), pasted: bool = False) -> list[Tensor]:
         """clean | degraded (evaluate) or input, then (artifact options) the detected mask over the input, then
-        each stage's x0; with ``upscale`` > 1: the input upscaled bicubically | the refined output."""
+        each stage's x0, then (``pasted``: composite=paste_back) the output; with ``upscale`` > 1: the input
+        upscaled bicubically | the refined output."""
         if self.pipeline.upscale > 1:
             up = F.interpolate(to_tensor(src)[None], scale_factor=self.pipeline.upscale, mode="bicubic")
             return [up[0].clamp(-1, 1), to_tensor(out)]
         return ([to_tensor(it.image), to_tensor(src)] if self.evaluate_mode else [to_tensor(src)]) + list(detected) + \
-            stage_imgs
+            stage_imgs + ([to_tensor(out)] if pasted else [])
