@@ -95,7 +95,7 @@ def test_bench_refuses_before_compute(trained, tmp_path, monkeypatch):
         (["methods.chain.stages=[missing.ckpt]"], "missing.ckpt not found"),
         ([f"methods.chain.stages=[{runs['shape']},{runs['full']}]"], "overlap"),
         (["methods.chain.t_starts=[699]"], "699"),  # above the chain's top window
-        (["split=holdout"], "split must be one of"),
+        (["split=test"], "split must be one of"),  # tune, report and holdout exist
         (["n=0"], "n must be a positive int"),
         (["size=36"], "multiple of 8"),
         (["sources=[photos]"], "sources must be"),
