@@ -405,6 +405,8 @@ def unet_from_diffusers(state: Mapping[str, Tensor], config: Mapping,
 # -------------------------------------------------------------------------------------- VQ configs
 def vq_config(vq_params: Mapping, scaling_factor: float) -> dict:
     """``VQModel`` config equivalent to our ``VQModel(**vq_params)`` (a taming VQGAN)."""
+    from refiner.models.vq import TAMING_NORM_GROUPS
+
     dd = vq_params["ddconfig"]
     mult, ch = [int(m) for m in dd["ch_mult"]], int(dd["ch"])
     problems = []
@@ -424,7 +426,7 @@ def vq_config(vq_params: Mapping, scaling_factor: float) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * len(mult), "up_block_types": ["UpDecoderBlock2D"] * len(mult),
         "block_out_channels": [ch * m for m in mult], "layers_per_block": int(dd["num_res_blocks"]),
         "act_fn": "silu", "latent_channels": int(dd["z_channels"]), "sample_size": int(dd["resolution"]),
-        "num_vq_embeddings": int(vq_params["n_embed"]), "norm_num_groups": int(dd.get("norm_groups", GROUPS)),
+        "num_vq_embeddings": int(vq_params["n_embed"]), "norm_num_groups": int(dd.get("norm_groups", TAMING_NORM_GROUPS)),
         "vq_embed_dim": int(vq_params["embed_dim"]), "scaling_factor": float(scaling_factor), "norm_type": "group",
         "mid_block_add_attention": True, "lookup_from_codebook": False, "force_upcast": False,
     }
@@ -438,6 +440,8 @@ VQ_DEFAULTS = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEn
 
 def vq_params_from_config(config: Mapping, source: str = "VQModel config") -> dict:
     """Our ``VQModel`` params (ddconfig, n_embed, embed_dim) for a diffusers ``VQModel`` config."""
+    from refiner.models.vq import TAMING_NORM_GROUPS
+
     c = {**VQ_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     boc = [int(x) for x in c["block_out_channels"]]
     expected = dict(act_fn="silu", norm_type="group", mid_block_add_attention=True,
@@ -451,7 +455,7 @@ def vq_params_from_config(config: Mapping, source: str = "VQModel config") -> di
                     in_channels=int(c["in_channels"]), out_ch=int(c["out_channels"]), ch=boc[0],
                     ch_mult=[b // boc[0] for b in boc], num_res_blocks=int(c["layers_per_block"]),
                     attn_resolutions=[], dropout=0.0)
-    if int(c["norm_num_groups"]) != GROUPS:  # taming's Normalize has 32; ours takes the extra key (refiner.models.vq)
+    if int(c["norm_num_groups"]) != TAMING_NORM_GROUPS:  # other groups: ours takes the extra key (refiner.models.vq)
         ddconfig["norm_groups"] = int(c["norm_num_groups"])
     embed_dim = c["vq_embed_dim"] if c["vq_embed_dim"] is not None else c["latent_channels"]
     return dict(ddconfig=ddconfig, n_embed=int(c["num_vq_embeddings"]), embed_dim=int(embed_dim))

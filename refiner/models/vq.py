@@ -17,6 +17,8 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+TAMING_NORM_GROUPS = 32  # taming's ``Normalize``: GroupNorm(num_groups=32), what an absent ``norm_groups`` means
+
 DDCONFIG_KEYS = (
     "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
     "num_res_blocks", "attn_resolutions", "dropout",
@@ -68,7 +70,9 @@ class VQModel(nn.Module):
             not change the state dict. CompVis's f4 (ch 128) has 4 channels per group at its first level; a tiny
             ch 32 model with 32 groups has 1, i.e. instance norm, which erases each channel's mean over the
             image, and (as in StyleGAN2's "droplet" analysis, Karras et al. 2020, sec. 2) the decoder answers
-            with local blobs that carry the colour. ``norm_groups: 8`` restores 4 channels per group.
+            with local blobs that carry the colour. ``norm_groups: 8`` restores 4 channels per group (measured on
+            the demo: a better round trip, but worse refiners trained in its latent space; README, "Choosing the
+            demo's VQ-f4").
         n_embed: codebook size (vq-f4: 8192, vq-f8: 16384).
         embed_dim: codebook vector size = latent channels (vq-f4: 3, vq-f8: 4).
         beta: commitment weight of the codebook loss.
@@ -96,7 +100,7 @@ class VQModel(nn.Module):
                 f"ddconfig.attn_type={attn_type!r} is not supported: taming-transformers only builds "
                 "'vanilla' attention (CompVis vq-f4-noattn cannot be loaded)"
             )
-        norm_groups = int(ddconfig.pop("norm_groups", 32))
+        norm_groups = int(ddconfig.pop("norm_groups", TAMING_NORM_GROUPS))
         if ddconfig.get("double_z", False):
             raise ValueError("ddconfig.double_z must be False for a VQ first stage (it is the KL-VAE setting)")
         self.ddconfig = ddconfig
@@ -104,7 +108,7 @@ class VQModel(nn.Module):
         self.embed_dim = embed_dim
         self.encoder = use_sdpa_attention(Encoder(**ddconfig))
         self.decoder = use_sdpa_attention(Decoder(**ddconfig))
-        if norm_groups != 32:
+        if norm_groups != TAMING_NORM_GROUPS:
             set_norm_groups(self.encoder, norm_groups)
             set_norm_groups(self.decoder, norm_groups)
             self.ddconfig["norm_groups"] = norm_groups
@@ -155,7 +159,7 @@ def architecture_differences(saved: Mapping, configured: Mapping) -> list[str]:
     Some of these (``norm_groups``) leave the state dict unchanged, so strict loading alone cannot catch them."""
     def arch(p: Mapping) -> dict:
         dd = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(p.get("ddconfig") or {}).items()}
-        dd.setdefault("norm_groups", 32)
+        dd.setdefault("norm_groups", TAMING_NORM_GROUPS)
         dd.setdefault("attn_resolutions", [])
         dd.pop("resolution", None)
         dd.pop("dropout", None)
