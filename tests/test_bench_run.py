@@ -144,7 +144,8 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499",
               "artifacts.paste_back.points=[{onto:fixed,region:'output>40',grow:2,feather:4}]",
               "artifacts.paste_back.sweep.onto=[fixed,'t_start=auto','strength map (rest from 99)']",
-              "artifacts.paste_back.sweep.regions=[output,probe]", "artifacts.paste_back.sweep.whole_above=[null,0]"]
+              "artifacts.paste_back.sweep.regions=[output,probe]", "artifacts.paste_back.sweep.whole_above=[null,0]",
+              "artifacts.color_fix=[{method:wavelet,levels:2,max_shift:8},{method:adain}]"]
     with pytest.raises(BenchError, match=r"onto='strength map \(rest from 0\)' must be one of"):  # before compute
         run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
                                                          "artifacts.paste_back.points=[{onto:'strength map (rest from "
@@ -153,6 +154,9 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
         run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
                                                          "artifacts.paste_back.points=[{onto:fixed,region:'output>x',"
                                                          "grow:4,feather:4}]"), tune))
+    with pytest.raises(BenchError, match="artifacts.color_fix lists method: none"):
+        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:4],
+                                                         "artifacts.color_fix=[{method:none}]"), tune))
     assert not tune.exists()
     res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common), tune))
     assert set(res["detection"]) == {"generator", "defects"}
@@ -186,6 +190,14 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     whole = rows[f"paste back (fixed t_start 499; output mask, {grown}, whole image above severity 0)"]
     assert whole["whole_images"] == 5 and whole["refined_fraction"] == 1
     assert (whole["artifact_rate"], whole["rmse_to_input"]) == (fixed["artifact_rate"], fixed["rmse_to_input"])
+    # the colour fixes: each fixed point's own outputs, fixed after decoding (no UNet call), one curve per setting
+    fixes = [p for p in rows if p.startswith("colour fix")]
+    assert fixes == [f"{label} on fixed t_start {t}" for label in ("colour fix (wavelet, 2 levels, shift <= 8)",
+                                                                   "colour fix (adain)") for t in (99, 499)]
+    assert all(rows[p]["unet_evals"] == rows[f"fixed t_start {p[-3:].strip()}"]["unet_evals"] for p in fixes)
+    from refiner.bench.artifacts import families
+    curves = dict(families(res["adaptive"]["defects"]["rows"]))
+    assert [r["point"] for r in curves["colour fix (adain) on fixed t_start ·"]] == fixes[2:]
     dominance = res["adaptive"]["defects"]["dominance"]
     assert set(dominance["by_point"]) == set(rows) - {"fixed t_start 99", "fixed t_start 499"}
 

@@ -367,3 +367,39 @@ def test_outputs_never_take_a_mask_name(tmp_path):
     outs = plan_outputs([tmp_path / "in" / "a.mask.png", tmp_path / "in" / "a.png"], tmp_path / "out")
     assert [o.name for o in outs] == ["a.mask-2.png", "a.png"]
     assert [mask_path(o).name for o in outs] == ["a.mask-2.mask.png", "a.mask.png"]
+
+
+def test_color_fix_restores_the_inputs_low_band_then_pastes_back(models, inputs, tmp_path):
+    """color_fix runs on the decoded outputs (the library's wavelet rule, by hand), before the paste-back; it changes
+    the settings digest, adds the output column, and is refused with upscale."""
+    from refiner.artifacts.color_fix import wavelet_color_fix
+
+    names = ("a.png", "b.png")
+    src = [load_image(inputs / n) for n in names]
+    run(_compose(models, inputs, tmp_path / "plain", "grid=none"))
+    plain = [_png(tmp_path / "plain" / n).astype(np.uint8) for n in names]
+    out = tmp_path / "fixed"
+    summary = run(_compose(models, inputs, out, "color_fix.method=wavelet", "color_fix.levels=2",
+                           "color_fix.max_shift=6", "grid=combined"))
+    want = wavelet_color_fix(plain, src, levels=2, max_shift=6)
+    assert all(np.array_equal(_png(out / n), want[j]) for j, n in enumerate(names))
+    assert any(not np.array_equal(w, p) for w, p in zip(want, plain))  # the fix did something here
+    assert summary["grid_columns"][-1] == "output (colour fix (wavelet, 2 levels, shift <= 6))"
+    assert summary["color_fix"] == {"method": "wavelet", "levels": 2, "max_shift": 6.0}
+    plain_summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert summary["settings_digest"] != plain_summary["settings_digest"] and "color_fix" not in plain_summary
+    # with a paste-back: the colour-fixed refinement inside the user's mask, the input outside
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[4:20, 4:20] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    both = run(_compose(models, inputs, tmp_path / "both", "color_fix.method=wavelet", "color_fix.levels=2",
+                        "color_fix.max_shift=6", "composite=paste_back", f"mask={tmp_path / 'mask.png'}",
+                        "paste_back.feather_px=0", "grid=none"))
+    weights = torch.from_numpy(mask / 255.0)[None].expand(2, SIDE, SIDE)
+    pasted = paste_back(want, src, weights)
+    assert all(np.array_equal(_png(tmp_path / "both" / n), pasted[j]) for j, n in enumerate(names))
+    assert both["grid_columns"][-1] == "output (colour fix (wavelet, 2 levels, shift <= 6); pasted back, feather 0 px)"
+    with pytest.raises(SampleError, match="color_fix restores the input's colours at the input's size"):
+        run(_compose(models, inputs, tmp_path / "up", "color_fix.method=adain", "upscale=2"))
+    with pytest.raises(SettingError, match="color_fix.method must be one of"):
+        run(_compose(models, inputs, tmp_path / "bad", "color_fix.method=histogram"))

@@ -50,6 +50,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from refiner.apps import CONFIG_DIR
+from refiner.artifacts.color_fix import ColorFix
 from refiner.data.images import scan_images
 from refiner.errors import SampleError
 from refiner.formats.compvis import first_stage_from_config
@@ -103,6 +104,9 @@ def _check_settings(cfg: DictConfig) -> None:
         raise SampleError(f"mode=evaluate compares refined with clean images of the same size; upscale="
                           f"{cfg.upscale} makes them larger (use upscale=1)")
     Tiling.from_settings(cfg.get("tiling")).check()
+    if ColorFix.from_settings(cfg.get("color_fix")).active and cfg.get("upscale", 1) != 1:
+        raise SampleError(f"color_fix restores the input's colours at the input's size; upscale={cfg.upscale} makes "
+                          "the output larger (use color_fix.method=none or upscale=1)")
     for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch",
                  "allow_calibration_mismatch"):
         if not isinstance(cfg.get(flag, False), bool):
@@ -144,13 +148,14 @@ def _build_pipeline(cfg: DictConfig, device: torch.device, starts: tuple[int, in
     return pipeline, plan, f4_fingerprint
 
 
-def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan, opts: ArtifactOptions) -> list[str]:
+def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan, opts: ArtifactOptions, color: ColorFix
+                  ) -> list[str]:
     if pipeline.upscale > 1:
         return [f"input (bicubic x{pipeline.upscale})", f"refined (x{pipeline.upscale}, progressive)"]
     stages = pipeline.chain.stages
     return (["clean", "degraded"] if cfg.mode == "evaluate" else ["input"]) + grid_column(opts) + [  # run order
         f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
-        for j, k in enumerate(plan.segments)] + output_column(opts)
+        for j, k in enumerate(plan.segments)] + output_column(opts, color)
 
 
 def _summary(cfg: DictConfig, got: Collected, ignored: list, settings: str, columns: list[str], plan: StepPlan,
@@ -236,6 +241,7 @@ def run(cfg: DictConfig) -> dict:
 
     _check_settings(cfg)
     opts = ArtifactOptions.from_settings(cfg)
+    color = ColorFix.from_settings(cfg.get("color_fix"))
     ranks = Ranks.from_env()
     if ranks.distributed and cfg.mode == "evaluate":
         raise SampleError("mode=evaluate runs in one process (its metrics need every image together); run it "
@@ -254,7 +260,7 @@ def run(cfg: DictConfig) -> dict:
         check_whole_images(paths, pipeline)
         opts.load_masks(paths)
     settings = settings_digest(cfg, pipeline.chain, f4_fingerprint, pipeline.f8, opts.digest())
-    columns = _grid_columns(cfg, pipeline, plan, opts)
+    columns = _grid_columns(cfg, pipeline, plan, opts, color)
     with ranks.group():
         ranks.check_same("output_dir", str(output_dir.resolve()), "pass output_dir=<folder> explicitly (the default "
                                                                   "is each process's own Hydra run dir)")
@@ -272,9 +278,10 @@ def run(cfg: DictConfig) -> dict:
         progress = tqdm(total=len(mine), unit="img", desc=cfg.mode, disable=not (cfg.progress and ranks.is_main),
                         file=sys.stderr)
         got = RefineJob(cfg, pipeline, paths, outputs, settings, existing, output_dir, progress.update,
-                        artifact_run(opts, pipeline, cfg)).run(mine)
+                        artifact_run(opts, pipeline, cfg), color).run(mine)
         progress.close()
-        report = _summary(cfg, got, ignored, settings, columns, plan, pipeline, f4_fingerprint) | opts.summary()
+        report = _summary(cfg, got, ignored, settings, columns, plan, pipeline, f4_fingerprint) | opts.summary() | (
+            {"color_fix": color.digest()} if color.active else {})
         summary = _write_reports(cfg, ranks, output_dir, report, got)
     if ranks.is_main:
         _print_report(summary, output_dir)

@@ -26,7 +26,8 @@ rather than taken from a library: StableSR's script is not a package, and its wa
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from refiner.errors import SettingError
+from refiner.settings import require_choice, require_int, require_number
 
 COLOR_FIXES = ("none", "wavelet", "adain")
 ADAIN_EPS = 1e-5  # StableSR's calc_mean_std
@@ -125,6 +127,53 @@ def adain_color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray])
         sy = (y.flatten(2).var(dim=2, unbiased=True) + ADAIN_EPS).sqrt()[..., None, None]
         out += _as_uint8((x - mx) / sx * sy + my)
     return out
+
+
+@dataclass(frozen=True)
+class ColorFix:
+    """The checked ``color_fix`` settings of ``sample.py`` and the benchmark: ``method`` (:data:`COLOR_FIXES`),
+    ``levels`` and ``max_shift`` (wavelet only; ``None`` = StableSR's uncapped rule). The defaults are the point
+    chosen on the benchmark's ``split=tune`` (README, issue 11)."""
+
+    method: str = "none"
+    levels: int = 3
+    max_shift: float | None = 8.0
+
+    @classmethod
+    def from_settings(cls, cfg: Mapping[str, Any] | None) -> "ColorFix":
+        cfg = cfg or {}
+        unknown = sorted(set(cfg) - {"method", "levels", "max_shift"})
+        if unknown:
+            raise SettingError(f"color_fix has unknown keys {unknown} (method, levels, max_shift)")
+        method = require_choice("color_fix.method", cfg.get("method", cls.method), COLOR_FIXES)
+        levels = require_int("color_fix.levels", cfg.get("levels", cls.levels), 1, 12)
+        shift = cfg.get("max_shift", cls.max_shift)
+        if shift is not None:
+            shift = require_number("color_fix.max_shift", shift, 0.0, 255.0)
+            if shift == 0:
+                raise SettingError("color_fix.max_shift must be > 0 (or null for no cap); use method=none to switch "
+                                   "the colour fix off")
+        return cls(method, levels, shift)
+
+    @property
+    def active(self) -> bool:
+        return self.method != "none"
+
+    def __call__(self, refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return color_fix(refined, inputs, self.method, self.levels, self.max_shift)
+
+    def digest(self) -> dict:
+        """What of these settings changes an output (empty when off, so other digests stay as they were)."""
+        if not self.active:
+            return {}
+        return {"method": self.method, **({"levels": self.levels, "max_shift": self.max_shift}
+                                          if self.method == "wavelet" else {})}
+
+    def label(self) -> str:
+        if self.method == "adain":
+            return "colour fix (adain)"
+        cap = "uncapped" if self.max_shift is None else f"shift <= {self.max_shift:g}"
+        return f"colour fix (wavelet, {self.levels} levels, {cap})"
 
 
 def color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray], method: str, levels: int = 5,

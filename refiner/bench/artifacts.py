@@ -12,7 +12,10 @@
    loaded from ``artifacts.calibration`` on any other split) and with region strength maps (flagged pixels start at
    the probe's t_start, the others at ``strength_t_low``; the residual mask grown by ``strength_dilate_px``), as
    points of artifact rate vs RMSE to the input. On ``split=tune`` the ``t_start=auto`` point is in-sample.
-4. **Paste back in pixel space** (:mod:`refiner.artifacts.composite`; ``artifacts.paste_back``): one of those
+4. **Colour fix** (:mod:`refiner.artifacts.color_fix`; ``artifacts.color_fix``): each fixed t_start's outputs with
+   the input's low band restored (StableSR's wavelet rule, capped or not, or AdaIN): the same UNet evaluations, a
+   curve of its own.
+5. **Paste back in pixel space** (:mod:`refiner.artifacts.composite`; ``artifacts.paste_back``): one of those
    refinements kept only inside a region (the probe's mask, or, in one pass without a probe, where the refinement
    itself changed the picture), grown and feathered, the input's own pixels elsewhere: as inpainting pipelines
    overlay their output (diffusers' ``apply_overlay``, AUTOMATIC1111's mask blur).
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from refiner.artifacts.color_fix import ColorFix
 from refiner.artifacts.composite import change_config, changed_region, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
 from refiner.artifacts.detect import (Detection, asced_paper_mask, dilate, mask_scores,
@@ -135,6 +139,14 @@ def strength_maps(a) -> list[tuple[int, int, str]]:
     grows = list(a.strength_dilate_px) if OmegaConf.is_list(a.strength_dilate_px) else [a.strength_dilate_px]
     return [(int(g), int(t), f"rest from {t}" if len(grows) == 1 else f"grown {g}, rest from {t}")
             for g in grows for t in a.strength_t_low]
+
+
+def color_fixes(a) -> list[ColorFix]:
+    """The colour fixes of ``artifacts.color_fix`` (a list of ``{method, levels, max_shift}``), checked."""
+    fixes = [ColorFix.from_settings(dict(c)) for c in (a.get("color_fix") or [])]
+    if any(not f.active for f in fixes):
+        raise BenchError("artifacts.color_fix lists method: none; list only the colour fixes to measure")
+    return fixes
 
 
 def paste_bases(a) -> list[str]:
@@ -281,6 +293,10 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
                  **{f"strength map ({label})": (outs, probe_cost, f"strength map ({label})", True)
                     for label, outs in strength_outs.items()}}
         rows += paste_rows(art, bases, det, probe_steps, specs, factor, references)
+        for fix in color_fixes(a):
+            rows += [{"point": f"{fix.label()} on fixed t_start {t}", "family": f"{fix.label()} on fixed t_start ·",
+                      "unet_evals": steps_for(t, cfg.t_per_step),
+                      **score(fix(fixed[name][t], art.inputs), art.inputs, references, art.clean)} for t in t_starts]
         for r in rows:
             r.pop("failed", None)
             log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
@@ -335,14 +351,22 @@ def markdown(res: dict) -> str:
 
 def families(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     """Rows whose labels differ only in their numbers form one family (a curve in the plot: the fixed t_starts, the
-    strength maps' t_low, the one-pass change levels); its name puts ``·`` where the numbers vary."""
+    strength maps' t_low, the one-pass change levels); its name puts ``·`` where the numbers vary. A row's own
+    ``family`` (a name) overrides that grouping."""
     import re
 
     groups: dict[str, list[dict]] = {}
+    named: dict[str, str] = {}
     for r in rows:
-        groups.setdefault(re.sub(r"\d+(\.\d+)?", "#", r["point"]), []).append(r)
+        key = r.get("family") or re.sub(r"\d+(\.\d+)?", "#", r["point"])
+        if r.get("family"):
+            named[key] = r["family"]
+        groups.setdefault(key, []).append(r)
     out = []
-    for members in groups.values():
+    for key, members in groups.items():
+        if key in named:
+            out.append((named[key], members))
+            continue
         parts = [re.split(r"(\d+(?:\.\d+)?)", m["point"]) for m in members]
         name = "".join("·" if k % 2 and len({p[k] for p in parts}) > 1 else piece
                        for k, piece in enumerate(parts[0]))
@@ -359,7 +383,8 @@ def tradeoff_png(res: dict) -> bytes:
     for ax, name in zip(axes[0], names):
         for label, members in families(res["adaptive"][name]["rows"]):
             fixed = label.startswith("fixed")
-            marker = "o" if fixed else ("P" if "paste back" in label else ("s" if "strength" in label else "*"))
+            marker = "o" if fixed else ("P" if "paste back" in label else ("s" if "strength" in label else
+                                                                             ("D" if "colour fix" in label else "*")))
             ax.plot([r["rmse_to_input"] for r in members], [r["artifact_rate"] for r in members],
                     f"{marker}-" if len(members) > 1 else marker, color="black" if fixed else None,
                     linewidth=2 if fixed else 1, markersize=6 if len(members) > 1 else 9, label=label)
@@ -379,7 +404,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.split != "tune" and not Path(a.calibration).is_file():
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
                          "t_start_auto.json), or point artifacts.calibration at one")
-    paste_specs(a)  # bad paste-back points: one error line before any model is loaded
+    paste_specs(a)  # bad paste-back points and colour fixes: one error line before any model is loaded
+    color_fixes(a)
     chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
     sources = ["generator", "defects"]
     models = Models(cfg, [chain_method], sources)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from refiner.artifacts.composite import OUTPUT_DETECTOR, change_config, changed_region, paste_back, paste_weights
+from refiner.artifacts.color_fix import ColorFix
 from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, dilate
 from refiner.artifacts.probe import probe_detect, probe_t_end
@@ -56,11 +57,13 @@ def grid_column(opts: ArtifactOptions) -> list[str]:
     return [f"detected ({'mask ' + opts.mask if opts.mask is not None else opts.detect})"]
 
 
-def output_column(opts: ArtifactOptions) -> list[str]:
-    """The last column's title when the output is not the last stage's image (``composite=paste_back``)."""
-    if opts.composite == "none":
-        return []
-    return [f"output (pasted back, feather {opts.feather_px} px)"]
+def output_column(opts: ArtifactOptions, color: ColorFix | None = None) -> list[str]:
+    """The last column's title when the output is not the last stage's image (``color_fix``, then
+    ``composite=paste_back``)."""
+    parts = [color.label()] if color is not None and color.active else []
+    if opts.composite != "none":
+        parts.append(f"pasted back, feather {opts.feather_px} px")
+    return [f"output ({'; '.join(parts)})"] if parts else []
 
 
 @dataclass

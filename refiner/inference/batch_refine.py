@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
+from refiner.artifacts.color_fix import ColorFix
 from refiner.batching import batches_by
 from refiner.data.images import ImageError, load_image, save_png_atomic, to_tensor
 from refiner.inference.artifact_batch import ArtifactRun
@@ -87,7 +88,8 @@ class RefineJob:
     """Refine (or, ``mode=evaluate``, degrade then refine) the inputs at the given indices; see the module
     docstring. ``existing`` says which outputs are finished (skipped in sample mode) or damaged (redone).
     ``artifacts`` (detect/correct/mask/t_start=auto, :mod:`refiner.inference.artifact_batch`) probes each batch
-    first, sets its starts and TTC callback, and writes each image's mask before its output."""
+    first, sets its starts and TTC callback, and writes each image's mask before its output. ``color_fix``
+    (:class:`~refiner.artifacts.color_fix.ColorFix`) runs on each batch's decoded outputs, before the paste-back."""
 
     cfg: DictConfig
     pipeline: Pipeline
@@ -98,6 +100,7 @@ class RefineJob:
     output_dir: Path
     progress: Callable[[int], object] = lambda n: None
     artifacts: ArtifactRun | None = None
+    color_fix: ColorFix = ColorFix()
 
     @property
     def evaluate_mode(self) -> bool:
@@ -156,6 +159,8 @@ class RefineJob:
                 indices=[it.index for it in batch], eta=cfg.eta, spacing=cfg.spacing,
                 allow_outside_window=cfg.allow_outside_window, with_stages=want_rows,
                 **(art.refine_kwargs() if art else {}))
+            if self.color_fix.active:
+                refined = self.color_fix(refined, inputs)
             if art:
                 refined = self.artifacts.finish(art, inputs, refined)
         except (FloatingPointError, RuntimeError, MemoryError) as err:
@@ -179,7 +184,7 @@ class RefineJob:
                       **(art.record(j, it.output) if art else {})}
             if want_rows:
                 row = self._grid_row(it, src, out, stage_imgs, art.overlay(j, src) if art else [],
-                                     art is not None and art.weights is not None)
+                                     self.color_fix.active or (art is not None and art.weights is not None))
                 if grid_per_image:
                     grid_path = self.output_dir / "grids" / it.output.name
                     save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
@@ -192,12 +197,12 @@ class RefineJob:
             self.progress(1)
 
     def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, stage_imgs: list[Tensor],
-                  detected: list[Tensor] = (), pasted: bool = False) -> list[Tensor]:
+                  detected: list[Tensor] = (), output_differs: bool = False) -> list[Tensor]:
         """clean | degraded (evaluate) or input, then (artifact options) the detected mask over the input, then
-        each stage's x0, then (``pasted``: composite=paste_back) the output; with ``upscale`` > 1: the input
+        each stage's x0, then (``output_differs``: color_fix, composite=paste_back) the output; with ``upscale`` > 1: the input
         upscaled bicubically | the refined output."""
         if self.pipeline.upscale > 1:
             up = F.interpolate(to_tensor(src)[None], scale_factor=self.pipeline.upscale, mode="bicubic")
             return [up[0].clamp(-1, 1), to_tensor(out)]
         return ([to_tensor(it.image), to_tensor(src)] if self.evaluate_mode else [to_tensor(src)]) + list(detected) + \
-            stage_imgs + ([to_tensor(out)] if pasted else [])
+            stage_imgs + ([to_tensor(out)] if output_differs else [])

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from refiner.artifacts.color_fix import ColorFix
 from refiner.errors import SampleError
 from refiner.formats.fingerprint import first_stage_fingerprint, weights_fingerprint
 from refiner.io import file_id
@@ -226,7 +227,7 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
     the first stages, the sampler settings, the tiling settings and ``upscale`` (noise seeds are recorded per
     image), and ``artifacts`` (the detect/correct/mask/t_start=auto settings and the masks' and calibration's
     contents, :meth:`refiner.inference.artifact_options.ArtifactOptions.digest`; left out when empty, so runs
-    without them keep their digest). Device, batch size and the number of processes are left out (results agree across
+    without them keep their digest), and ``color_fix`` when it is on (likewise). Device, batch size and the number of processes are left out (results agree across
     them up to float noise, for any eta: every image draws its noise from its own generator). With eta > 0 the
     digest also names that step-noise rule (``"step_noise": "per_image"``): outputs of versions that drew one step
     noise per batch are not taken for finished ones; eta = 0 digests are unchanged."""
@@ -245,6 +246,9 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
         payload["step_noise"] = "per_image"
     if artifacts:
         payload["artifacts"] = dict(artifacts)
+    color = ColorFix.from_settings(cfg.get("color_fix")).digest()
+    if color:
+        payload["color_fix"] = color
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
