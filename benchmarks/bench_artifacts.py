@@ -9,7 +9,9 @@ Variants, timed round-robin:
 * ``refine + recorder``: the same loop with a ``StepRecorder`` observing every step (what ASCED adds *inside*
   the sampling loop during generation: the weighted score and x0 kept per step);
 * ``probe <detector> + refine``: ``probe_detect`` (12 steps of the top window, the detector, for ``asced_code``
-  one f4 decode per recorded step and scipy's per-image filtering) followed by the refinement.
+  one f4 decode per recorded step and scipy's per-image filtering) followed by the refinement;
+* ``refine + colour fix``: the refinement, then ``ColorFix`` (wavelet, 3 levels, shift <= 8: ``sample.py``'s
+  ``color_fix.method=wavelet``) on its uint8 outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench_sampler import build_chain
 def main() -> None:
     args = C.parse_args(__doc__.splitlines()[0])
     C.set_threads(args.threads)
+    from refiner.artifacts.color_fix import ColorFix
     from refiner.artifacts.dynamics import StepRecorder
     from refiner.artifacts.probe import probe_detect
     from refiner.inference.pipeline import Pipeline, padded_batch
@@ -46,7 +49,9 @@ def main() -> None:
             out = chain.refine(z, 499, 25, noise=noise, callback=rec).latent
             f4.decode(out / chain.scale_factor)
 
-    variants = {"refine": refine, "refine + recorder": refine_recorded}
+    fix = ColorFix("wavelet", 3, 8.0)
+    variants = {"refine": refine, "refine + recorder": refine_recorded,
+                "refine + colour fix": lambda: fix(pipe.refine_images(images, 499, 25)[0], images)}
     for method in ("asced", "asced_code", "residual"):
         variants[f"probe {method} + refine"] = (
             lambda m=method: (probe_detect(pipe, images, m, 499, 12), refine()))

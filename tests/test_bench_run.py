@@ -142,7 +142,8 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     world, runs = trained
     tune, report = tmp_path / "tune", tmp_path / "report"
     common = ["artifacts.t_starts=[99,499]", "artifacts.strength_t_low=[99]", "artifacts.probe_t_start=499",
-              "artifacts.paste_back.points=[{onto:fixed,region:'output>40',grow:2,feather:4}]",
+              "artifacts.paste_back.points=[{onto:fixed,region:'output>40',grow:2,feather:4},{onto:'colour fix (wavelet, "
+              "2 levels, shift <= 8) on fixed t_start 99',region:output,grow:2,feather:4,whole_above:0}]",
               "artifacts.paste_back.sweep.onto=[fixed,'t_start=auto','strength map (rest from 99)']",
               "artifacts.paste_back.sweep.regions=[output,probe]", "artifacts.paste_back.sweep.whole_above=[null,0]",
               "artifacts.color_fix=[{method:wavelet,levels:2,max_shift:8},{method:adain}]"]
@@ -175,7 +176,9 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     assert list(rows)[:4] == ["fixed t_start 99", "fixed t_start 499", "t_start=auto (residual severity) [in-sample]",
                               "strength map (residual; rest from 99)"]
     pasted = [p for p in rows if p.startswith("paste back")]
-    assert pasted == ["paste back (fixed t_start 499; output change > 40 mask, grow 2, feather 4)"] + [
+    onto_fix = ("paste back (colour fix (wavelet, 2 levels, shift <= 8) on fixed t_start 99; output mask, grow 2, "
+                "feather 4, whole image above severity 0)")
+    assert pasted == ["paste back (fixed t_start 499; output change > 40 mask, grow 2, feather 4)", onto_fix] + [
         f"paste back ({onto}; {r} mask, {grown}{w})" for onto in ("fixed t_start 499", "t_start=auto",
                                                                   "strength map (rest from 99)")
         for r in ("output", "probe") for w in ("", ", whole image above severity 0")]
@@ -195,6 +198,10 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     assert fixes == [f"{label} on fixed t_start {t}" for label in ("colour fix (wavelet, 2 levels, shift <= 8)",
                                                                    "colour fix (adain)") for t in (99, 499)]
     assert all(rows[p]["unet_evals"] == rows[f"fixed t_start {p[-3:].strip()}"]["unet_evals"] for p in fixes)
+    # a paste-back onto a colour fix that keeps every whole image is that colour fix, exactly
+    colour_99 = rows["colour fix (wavelet, 2 levels, shift <= 8) on fixed t_start 99"]
+    assert (rows[onto_fix]["artifact_rate"], rows[onto_fix]["rmse_to_input"], rows[onto_fix]["unet_evals"]) == (
+        colour_99["artifact_rate"], colour_99["rmse_to_input"], colour_99["unet_evals"])
     from refiner.bench.artifacts import families
     curves = dict(families(res["adaptive"]["defects"]["rows"]))
     assert [r["point"] for r in curves["colour fix (adain) on fixed t_start ·"]] == fixes[2:]

@@ -150,8 +150,12 @@ def color_fixes(a) -> list[ColorFix]:
 
 
 def paste_bases(a) -> list[str]:
-    """What a paste-back point may be pasted from (its ``onto``)."""
-    return ["fixed", "t_start=auto", *(f"strength map ({label})" for _, _, label in strength_maps(a))]
+    """What a paste-back point may be pasted from (its ``onto``): ``fixed`` (the fixed t_start ``probe_t_start``),
+    any ``fixed t_start T`` of ``t_starts``, a colour fix of one (``<colour fix label> on fixed t_start T``),
+    ``t_start=auto`` and the strength maps."""
+    return ["fixed", *(f"fixed t_start {t}" for t in a.t_starts),
+            *(f"{fix.label()} on fixed t_start {t}" for fix in color_fixes(a) for t in a.t_starts),
+            "t_start=auto", *(f"strength map ({label})" for _, _, label in strength_maps(a))]
 
 
 def paste_specs(a) -> list[dict]:
@@ -288,15 +292,21 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
             rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
                          **score(strength_outs[label], art.inputs, references, art.clean)})
         base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, cfg)
+        fixed_colours = {(fix, t): fix(fixed[name][t], art.inputs) for fix in color_fixes(a) for t in t_starts}
         bases = {"fixed": (base, steps_for(top, cfg.t_per_step), f"fixed t_start {top}", False),
+                 **{f"fixed t_start {t}": (outs, steps_for(t, cfg.t_per_step), f"fixed t_start {t}", False)
+                    for t, outs in fixed[name].items()},
+                 **{f"{fix.label()} on fixed t_start {t}": (fixed_colours[(fix, t)], steps_for(t, cfg.t_per_step),
+                                                            f"{fix.label()} on fixed t_start {t}", False)
+                    for fix in color_fixes(a) for t in t_starts},
                  "t_start=auto": (auto_outs, auto_cost, "t_start=auto", True),
                  **{f"strength map ({label})": (outs, probe_cost, f"strength map ({label})", True)
                     for label, outs in strength_outs.items()}}
         rows += paste_rows(art, bases, det, probe_steps, specs, factor, references)
-        for fix in color_fixes(a):
-            rows += [{"point": f"{fix.label()} on fixed t_start {t}", "family": f"{fix.label()} on fixed t_start ·",
-                      "unet_evals": steps_for(t, cfg.t_per_step),
-                      **score(fix(fixed[name][t], art.inputs), art.inputs, references, art.clean)} for t in t_starts]
+        rows += [{"point": f"{fix.label()} on fixed t_start {t}", "family": f"{fix.label()} on fixed t_start ·",
+                  "unet_evals": steps_for(t, cfg.t_per_step),
+                  **score(fixed_colours[(fix, t)], art.inputs, references, art.clean)}
+                 for fix in color_fixes(a) for t in t_starts]
         for r in rows:
             r.pop("failed", None)
             log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
