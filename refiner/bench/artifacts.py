@@ -390,18 +390,22 @@ def tradeoff_png(res: dict) -> bytes:
     plt = _pyplot()
     names = list(res["adaptive"])
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6.4 * max(1, len(names)), 5.6), squeeze=False)
+    colours, handles = {}, {}  # one colour per family across the panels, one legend below them
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name in zip(axes[0], names):
         for label, members in families(res["adaptive"][name]["rows"]):
             fixed = label.startswith("fixed")
             marker = "o" if fixed else ("P" if "paste back" in label else ("s" if "strength" in label else
                                                                              ("D" if "colour fix" in label else "*")))
-            ax.plot([r["rmse_to_input"] for r in members], [r["artifact_rate"] for r in members],
-                    f"{marker}-" if len(members) > 1 else marker, color="black" if fixed else None,
-                    linewidth=2 if fixed else 1, markersize=6 if len(members) > 1 else 9, label=label)
+            colour = "black" if fixed else colours.setdefault(label, cycle[len(colours) % len(cycle)])
+            handles[label], = ax.plot([r["rmse_to_input"] for r in members], [r["artifact_rate"] for r in members],
+                                      f"{marker}-" if len(members) > 1 else marker, color=colour,
+                                      linewidth=2 if fixed else 1, markersize=6 if len(members) > 1 else 9)
         ax.set_xlabel("RMSE to input (lower = more faithful)")
         ax.set_ylabel("artifact rate (lower is better)")
         ax.set_title(name)
-        ax.legend(fontsize=6, loc="best")
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
+               fontsize=7, frameon=False)
     return _figure_png(fig)
 
 
