@@ -403,3 +403,22 @@ def test_color_fix_restores_the_inputs_low_band_then_pastes_back(models, inputs,
         run(_compose(models, inputs, tmp_path / "up", "color_fix.method=adain", "upscale=2"))
     with pytest.raises(SettingError, match="color_fix.method must be one of"):
         run(_compose(models, inputs, tmp_path / "bad", "color_fix.method=histogram"))
+
+
+def test_color_fix_on_tiled_odd_sized_images_is_the_library_on_the_tiled_output(models, tmp_path):
+    """Tiled images (tiling.mode=always) and a side that is not a multiple of the factor: the colour fix acts on the
+    cropped uint8 output, as the library does on the plain tiled run's output (and nothing else changes)."""
+    from test_sample import SMALL_TILES
+
+    from refiner.artifacts.color_fix import adain_color_fix
+
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(37, 53, 5)).save(d / "odd.png")
+    extra = ["tiling.mode=always", "grid=none", *SMALL_TILES]
+    run(_compose(models, d, tmp_path / "plain", *extra))
+    summary = run(_compose(models, d, tmp_path / "fixed", *extra, "color_fix.method=adain"))
+    assert not summary["failed"] and summary["color_fix"] == {"method": "adain"}
+    plain = _png(tmp_path / "plain" / "odd.png").astype(np.uint8)
+    want = adain_color_fix([plain], [load_image(d / "odd.png")])[0]
+    assert np.array_equal(_png(tmp_path / "fixed" / "odd.png"), want) and not np.array_equal(want, plain)
