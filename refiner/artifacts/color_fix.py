@@ -21,7 +21,7 @@ sd-webui-stablesr ``colorfix.py``) offers two rules, both here:
   cannot bring back any shape.
 
 Ours on top: ``max_shift`` caps how far the wavelet rule moves any pixel (levels of 0..255). A cap of 8 removes much
-of the f4's colour drift (RMSE 0.017 lower at every t_start on the benchmark), while the low band of a blob or a
+of the f4's colour drift (RMSE 0.015-0.019 lower at every t_start on the benchmark), while the low band of a blob or a
 melted outline, which the refinement removed, mostly stays out; uncapped, the rule brings it back and re-breaks
 images (README, issue-11 section).
 
