@@ -31,7 +31,9 @@ Artifacts (issue #11): ``detect=asced|asced_code|residual`` probes each batch fi
 beside each output; ``correct=ttc|strength_map`` fixes only the flagged (or ``mask=``) region; ``t_start=auto``
 gives each image its own start from its severity; ``composite=paste_back`` keeps the input's own pixels outside the
 region (``detect=output_residual``: the region the refinement changed, found after it without a probe)
-(:mod:`refiner.inference.artifact_options`, :mod:`refiner.inference.artifact_batch`).
+(:mod:`refiner.inference.artifact_options`, :mod:`refiner.inference.artifact_batch`). ``color_fix.method=wavelet|adain``
+gives each output the input's low band (colours, shading) after decoding, before any paste-back
+(:mod:`refiner.artifacts.color_fix`).
 
 Exit codes follow :mod:`refiner.cli`: 0 done, 1 some inputs failed, 2 a setting that cannot work (one
 ``error:`` line on stderr).
