@@ -52,6 +52,16 @@ def _check_levels(levels) -> int:
     return levels
 
 
+def _check_max_shift(name: str, value) -> float | None:
+    """``None`` (no cap) or a number in (0, 255]: the one check of the cap, for the library and the settings."""
+    if value is None:
+        return None
+    value = require_number(name, value, 0.0, 255.0)
+    if value == 0:
+        raise SettingError(f"{name} must be > 0 (or null for no cap); use method=none to switch the colour fix off")
+    return value
+
+
 def atrous_lowpass(x: Tensor, levels: int) -> Tensor:
     """The low band of ``x`` (B, C, H, W) after ``levels`` a-trous levels (module docstring): level ``i`` convolves
     with ``[1, 2, 1] / 4`` along each axis, taps ``2^i`` apart, over a replicate-padded border. The 2-D kernel is
@@ -101,9 +111,7 @@ def wavelet_color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray
     cascade's reach), so the result equals the whole-image one while memory stays a band's."""
     _pairs(refined, inputs)
     _check_levels(levels)
-    if max_shift is not None and (isinstance(max_shift, bool) or not isinstance(max_shift, (int, float))
-                                  or not 0 < max_shift <= 255):
-        raise SettingError(f"color_fix max_shift must be null or a number in (0, 255], got {max_shift!r}")
+    max_shift = _check_max_shift("color_fix max_shift", max_shift)
     halo = 2 ** levels - 1
     out = []
     for r, i in zip(refined, inputs):
@@ -152,13 +160,7 @@ class ColorFix:
             raise SettingError(f"color_fix has unknown keys {unknown} (method, levels, max_shift)")
         method = require_choice("color_fix.method", cfg.get("method", cls.method), COLOR_FIXES)
         levels = require_int("color_fix.levels", cfg.get("levels", cls.levels), 1, 12)
-        shift = cfg.get("max_shift", cls.max_shift)
-        if shift is not None:
-            shift = require_number("color_fix.max_shift", shift, 0.0, 255.0)
-            if shift == 0:
-                raise SettingError("color_fix.max_shift must be > 0 (or null for no cap); use method=none to switch "
-                                   "the colour fix off")
-        return cls(method, levels, shift)
+        return cls(method, levels, _check_max_shift("color_fix.max_shift", cfg.get("max_shift", cls.max_shift)))
 
     @property
     def active(self) -> bool:

@@ -258,7 +258,7 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
     in-sample; other splits load it."""
     a, points, calibration = cfg.artifacts, {}, {}
     t_starts, top = list(a.t_starts), int(a.probe_t_start)
-    factor, specs = int(pipe.f4.factor), paste_specs(a)
+    factor, specs, fixes = int(pipe.f4.factor), paste_specs(a), color_fixes(a)
     fixed, needed = {}, {}
     for name in a.sources:
         needed[name], fixed[name] = _needed_t(pipe, sets[name].inputs, t_starts, cfg)
@@ -292,13 +292,13 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
             rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
                          **score(strength_outs[label], art.inputs, references, art.clean)})
         base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, cfg)
-        fixed_colours = {(fix, t): fix(fixed[name][t], art.inputs) for fix in color_fixes(a) for t in t_starts}
+        fixed_colours = {(fix, t): fix(fixed[name][t], art.inputs) for fix in fixes for t in t_starts}
         bases = {"fixed": (base, steps_for(top, cfg.t_per_step), f"fixed t_start {top}", False),
                  **{f"fixed t_start {t}": (outs, steps_for(t, cfg.t_per_step), f"fixed t_start {t}", False)
                     for t, outs in fixed[name].items()},
                  **{f"{fix.label()} on fixed t_start {t}": (fixed_colours[(fix, t)], steps_for(t, cfg.t_per_step),
                                                             f"{fix.label()} on fixed t_start {t}", False)
-                    for fix in color_fixes(a) for t in t_starts},
+                    for fix in fixes for t in t_starts},
                  "t_start=auto": (auto_outs, auto_cost, "t_start=auto", True),
                  **{f"strength map ({label})": (outs, probe_cost, f"strength map ({label})", True)
                     for label, outs in strength_outs.items()}}
@@ -306,7 +306,7 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
         rows += [{"point": f"{fix.label()} on fixed t_start {t}", "family": f"{fix.label()} on fixed t_start ·",
                   "unet_evals": steps_for(t, cfg.t_per_step),
                   **score(fixed_colours[(fix, t)], art.inputs, references, art.clean)}
-                 for fix in color_fixes(a) for t in t_starts]
+                 for fix in fixes for t in t_starts]
         for r in rows:
             r.pop("failed", None)
             log.info("%s / %s: artifact rate %.3f, rmse %.4f", name, r["point"], r["artifact_rate"], r["rmse_to_input"])
@@ -418,8 +418,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.split != "tune" and not Path(a.calibration).is_file():
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
                          "t_start_auto.json), or point artifacts.calibration at one")
-    paste_specs(a)  # bad paste-back points and colour fixes: one error line before any model is loaded
-    color_fixes(a)
+    paste_specs(a)  # bad paste-back points and colour fixes (paste_bases reads them): one error line before any model
     chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
     sources = ["generator", "defects"]
     models = Models(cfg, [chain_method], sources)
