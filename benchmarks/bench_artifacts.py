@@ -10,7 +10,7 @@ Variants, timed round-robin:
   the sampling loop during generation: the weighted score and x0 kept per step);
 * ``probe <detector> + refine``: ``probe_detect`` (12 steps of the top window, the detector, for ``asced_code``
   one f4 decode per recorded step and scipy's per-image filtering) followed by the refinement;
-* ``refine + colour fix``: the refinement, then ``ColorFix`` (wavelet, 3 levels, shift <= 8: ``sample.py``'s
+* ``refine + colour fix``: the refinement, then ``ColorFix`` (wavelet, 3 levels, shift <= 8: ``refine.py``'s
   ``color_fix.method=wavelet``) on its uint8 outputs.
 """
 
@@ -28,7 +28,7 @@ def main() -> None:
     C.set_threads(args.threads)
     from refiner.artifacts.color_fix import ColorFix
     from refiner.artifacts.dynamics import StepRecorder
-    from refiner.artifacts.probe import probe_detect
+    from refiner.inference.probe import probe_detect
     from refiner.inference.pipeline import Pipeline, padded_batch
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Row 8: speed knobs on the training step and on the sampler, to decide defaults.
 
-Training step: demo UNet, batch 16x3x16x16, fwd + bwd + AdamW. Sampler: two-stage ``refine()``
+Training step: demo UNet, batch 16x3x16x16, fwd + bwd + AdamW. Sampler: two-expert ``refine()``
 (t_start=499, 10 steps) on 1x3x64x64 latents (a 256 px image). Every variant has its own model
 copy; all variants of one workload are timed interleaved against the baseline (fp32, SDPA,
 contiguous, 2 threads, eager). Knobs: channels_last, bf16 autocast, "math" attention, gradient
@@ -13,7 +13,6 @@ L2 difference of the refined latent vs the fp32 baseline (same noise) is also re
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
@@ -68,16 +67,16 @@ def train_variants(quick: bool, threads: int) -> tuple[dict, dict]:
 def sampler_variants(quick: bool, threads: int) -> tuple[dict, dict, dict]:
     from bench_sampler import build_experts
 
-    from refiner.sampling import Stage, refine
+    from refiner.experts import Expert, refine
 
     ac = C.alphas_cumprod()
-    nets, stages = build_experts()
+    nets, experts = build_experts()
     z = torch.randn(SAMPLER_LATENT)
     noise = torch.randn(SAMPLER_LATENT, generator=torch.Generator().manual_seed(1))
     outputs: dict = {}
 
     def restaged(wrap):
-        return [Stage(wrap(s.model), s.window, s.parameterization, s.name) for s in stages]
+        return [Expert(wrap(s.model), s.window, s.parameterization, s.name) for s in experts]
 
     def sampler(name, st, zz=z):
         def run():
@@ -97,12 +96,12 @@ def sampler_variants(quick: bool, threads: int) -> tuple[dict, dict, dict]:
 
     zcl = z.contiguous(memory_format=torch.channels_last)
     fns = {
-        "baseline": sampler("baseline", stages),
+        "baseline": sampler("baseline", experts),
         "channels_last": sampler("channels_last", restaged(lambda m: copy.deepcopy(m).to(
             memory_format=torch.channels_last)), zcl),
         "bf16 autocast": sampler("bf16 autocast", restaged(bf16)),
         "math attention": sampler("math attention", restaged(math)),
-        "1 thread": with_threads(1, sampler("1 thread", stages), threads),
+        "1 thread": with_threads(1, sampler("1 thread", experts), threads),
     }
     info = {}
     if not quick:
@@ -137,7 +136,7 @@ def main() -> dict:
         rows.append([name, C.fmt(train[name]["median_ms"], 1), C.fmt(tr), C.fmt(tr_min), sa, sa_min, err])
     C.print_table(
         f"8. Speed knobs (speed-up = baseline time / variant time; >1 is faster). Train: {BATCH}x3x16x16 "
-        f"fwd+bwd+AdamW; sampler: refine() 2 stages, {SAMPLER_STEPS} steps, latent {'x'.join(map(str, SAMPLER_LATENT))}",
+        f"fwd+bwd+AdamW; sampler: refine() 2 experts, {SAMPLER_STEPS} steps, latent {'x'.join(map(str, SAMPLER_LATENT))}",
         ["knob", "train ms", "train speed-up (median)", "(min)", "sampler speed-up (median)", "(min)",
          "sampler rel. L2 diff vs fp32"], rows)
     if train_info or samp_info:

@@ -1,7 +1,7 @@
 """Row 10: large images: time and peak memory vs pixels, and seams of tiling vs whole.
 
-Timing (10a) goes through sample.py's own path, :meth:`refiner.inference.pipeline.Pipeline.refine_images`
-(batch 1, uint8 in and out): pad, VQ-f4 encode (demo, conf/first_stage/demo.yaml), two-stage
+Timing (10a) goes through refine.py's own path, :meth:`refiner.inference.pipeline.Pipeline.refine_images`
+(batch 1, uint8 in and out): pad, VQ-f4 encode (demo, conf/first_stage/demo.yaml), two-expert
 ``Chain.refine()`` (two demo UNets, conf/model/refiner_tiny.yaml, windows [250, 500) and [0, 250),
 t_start=499, DDIM), decode, crop, with ``Tiling(mode=auto)``: above ``--auto-above`` pixels (default
 the pipeline's measured ``AUTO_ABOVE_PIXELS``) the first stage runs on overlapping pixel tiles
@@ -195,7 +195,7 @@ def pipeline_for(vq, chain, tiles: dict, mode: str, auto_above: int):
 
 def worker_time(size: int, steps: int, tiles: dict, threads: int, mode: str = "auto", auto_above: int = 0,
                 profiler=None) -> dict:
-    """sample.py's path (Pipeline.refine_images) on one ``size`` x ``size`` photo, tiling ``mode``; ``profiler``
+    """refine.py's path (Pipeline.refine_images) on one ``size`` x ``size`` photo, tiling ``mode``; ``profiler``
     (a ``cProfile.Profile``) watches the timed call only."""
     C.set_threads(threads)
     vq, chain = build_models()
@@ -395,7 +395,7 @@ def main() -> dict:
         timing_row(f"{r['size']} px, untiled", r, ref) for r in untiled] + [
         timing_row(f"{r['size']} px, baseline", r, ref) for r in baseline]
     C.print_table(f"10a. Large images: Pipeline.refine_images, tiling auto (above {timing[0]['auto_above_pixels']} "
-                  f"px), two-stage refine ({steps} steps), batch 1", TIMING_HEADER, rows)
+                  f"px), two-expert refine ({steps} steps), batch 1", TIMING_HEADER, rows)
     payload = {"command": " ".join(["python benchmarks/bench_large_images.py", *sys.argv[1:]]), "tiles": tiles,
                "steps": steps, "auto_above_pixels": timing[0]["auto_above_pixels"], "timing": timing,
                "untiled": untiled, "baseline_root": args.baseline_root, "baseline": baseline, "repeat": args.repeat,

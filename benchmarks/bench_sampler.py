@@ -21,7 +21,7 @@ STEPS = 20
 def build_experts():
     from refiner.diffusion import Window
     from refiner.models.unet import UNetModel
-    from refiner.sampling import Stage
+    from refiner.experts import Expert
 
     torch.manual_seed(0)
     nets = [UNetModel(**C.demo_unet_params()).eval() for _ in range(2)]
@@ -29,8 +29,8 @@ def build_experts():
         for p in net.parameters():
             if not p.abs().sum():
                 torch.nn.init.normal_(p, std=0.01)
-    stages = [Stage(nets[0], Window(250, 500, 1000), name="500-750"), Stage(nets[1], Window(0, 250, 1000), name="751-1000")]
-    return nets, stages
+    experts = [Expert(nets[0], Window(250, 500, 1000), name="500-750"), Expert(nets[1], Window(0, 250, 1000), name="751-1000")]
+    return nets, experts
 
 
 def build_chain():
@@ -38,8 +38,8 @@ def build_chain():
     from refiner.diffusion import ScheduleConfig
     from refiner.inference.chain import Chain
 
-    nets, stages = build_experts()
-    return Chain.from_unets(nets, [s.window for s in stages], ScheduleConfig(**C.demo_model_cfg()["schedule"]),
+    nets, experts = build_experts()
+    return Chain.from_unets(nets, [s.window for s in experts], ScheduleConfig(**C.demo_model_cfg()["schedule"]),
                             unet_params=C.demo_unet_params())
 
 
@@ -55,8 +55,9 @@ def diffusers_scheduler(steps: int):
     return sched
 
 
-def make_fns(nets, stages, z: torch.Tensor, steps: int) -> dict:
-    from refiner.sampling import refine, timestep_grid
+def make_fns(nets, experts, z: torch.Tensor, steps: int) -> dict:
+    from refiner.experts import refine
+    from refiner.sampling import timestep_grid
 
     ac = C.alphas_cumprod()
     grid = timestep_grid(499, steps, 0, "uniform", 1000)
@@ -65,7 +66,7 @@ def make_fns(nets, stages, z: torch.Tensor, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
 
     def ours():
-        refine(stages, z, t_start=499, steps=steps, alphas_cumprod=ac, generator=g)
+        refine(experts, z, t_start=499, steps=steps, alphas_cumprod=ac, generator=g)
 
     @torch.no_grad()
     def raw():
@@ -90,12 +91,12 @@ def make_fns(nets, stages, z: torch.Tensor, steps: int) -> dict:
 def main() -> dict:
     args = C.parse_args(__doc__.splitlines()[0])
     C.set_threads(args.threads)
-    nets, stages = build_experts()
+    nets, experts = build_experts()
     reps = 5 if args.quick else 11
     rows, records = [], []
     for batch in (1, 8):
         z = torch.randn(batch, 3, 16, 16)
-        res = C.interleaved(make_fns(nets, stages, z, STEPS), reps=reps, warmup=2)
+        res = C.interleaved(make_fns(nets, experts, z, STEPS), reps=reps, warmup=2)
         raw = res["raw UNet calls"]
         r_ours = res["refine()"]["median_ms"] / raw["median_ms"]
         r_ours_min = res["refine()"]["min_ms"] / raw["min_ms"]
@@ -105,7 +106,7 @@ def main() -> dict:
         rows.append([f"{batch}x3x16x16", STEPS, C.fmt(raw["median_ms"], 1), C.fmt(res["refine()"]["median_ms"], 1),
                      C.fmt(res["diffusers DDIM loop"]["median_ms"], 1), f"{(r_ours - 1) * 100:+.1f}%",
                      f"{(r_ours_min - 1) * 100:+.1f}%", C.fmt(r_diff)])
-    C.print_table("4. Sampler overhead: refine() with two stages vs its raw UNet calls and a diffusers DDIM loop",
+    C.print_table("4. Sampler overhead: refine() with two experts vs its raw UNet calls and a diffusers DDIM loop",
                   ["latents", "steps", "raw UNet ms", "refine() ms", "diffusers loop ms",
                    "refine overhead (median)", "(min)", "refine / diffusers"], rows)
     C.write_result("bench_sampler", {"command": C.command("bench_sampler", args.quick), "rows": records})

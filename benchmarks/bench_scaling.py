@@ -1,4 +1,4 @@
-"""Row 7: cost vs image size: two-stage ``Chain.refine()`` with the demo UNet, and VQ-f4 encode + decode.
+"""Row 7: cost vs image size: two-expert ``Chain.refine()`` with the demo UNet, and VQ-f4 encode + decode.
 
 Image sizes 256, 512, 1024 px -> f4 latents 64, 128, 256 (batch 1). ``Chain.refine`` runs two experts
 (windows [250, 500) and [0, 250), t_start=499) for 10 and 25 DDIM steps (best of 2 runs each). Every (workload, size)
@@ -91,7 +91,7 @@ def main() -> dict:
         cells += [f"{r['peak_minus_base_mb']:.0f}"]
         rows.append(cells)
     header = ["workload"] + sum([[f"{s} steps s", f"{s} steps x 256px"] for s in steps], []) + ["peak RSS - base, MB"]
-    C.print_table("7a. Two-stage refine() cost vs image size (batch 1, demo UNet)", header, rows)
+    C.print_table("7a. Two-expert refine() cost vs image size (batch 1, demo UNet)", header, rows)
     vref = results["vq"][0]["encode_decode_s"]
     vrows = [[f"{v['size']} px", C.fmt(v["encode_decode_s"], 2), C.fmt(v["encode_decode_s"] / vref, 1),
               f"{v['peak_minus_base_mb']:.0f}"] if "skipped" not in v else [f"{v['size']} px", "not run", "-",

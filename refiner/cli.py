@@ -1,9 +1,9 @@
-"""One command-line contract for every entry point (sample.py, train.py, build_shards.py, the checkpoint CLI).
+"""One command-line contract for every entry point (refine.py, train.py, build_shards.py, the checkpoint CLI).
 
 * exit 0: everything was done;
 * exit 1: some inputs failed (reported by the entry point), or :class:`~refiner.errors.InputsFailed`;
 * exit 2: a setting (or a file/folder it names) cannot work: :class:`~refiner.errors.SettingError` and its
-  subclasses (``CheckpointError``, ``SampleError``, ``ConfigError``, ...), a path that is missing, exists,
+  subclasses (``CheckpointError``, ``RefineError``, ``ConfigError``, ...), a path that is missing, exists,
   is of the wrong kind or is not writable, and Lightning's ``MisconfigurationException``.
 
 Errors are printed as one line, ``error: <message>``, on stderr, never as a traceback. Anything else is a

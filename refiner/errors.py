@@ -1,4 +1,4 @@
-"""The two kinds of error every entry point (``sample.py``, ``train.py``, ``build_shards.py``,
+"""The two kinds of error every entry point (``refine.py``, ``train.py``, ``build_shards.py``,
 ``refiner-checkpoint``) reports as one line, ``error: <message>`` on stderr.
 
 * :class:`SettingError`: a setting, or a file or folder named by a setting, that cannot work (bad range,
@@ -20,6 +20,6 @@ class InputsFailed(RuntimeError):
     """The inputs themselves failed (none could be processed); entry points exit 1."""
 
 
-class SampleError(SettingError):
+class RefineError(SettingError):
     """A sampling setting, checkpoint chain or output location that cannot work; raised before any image is
     refined (:class:`refiner.inference.chain.ChainError` is the chain's own kind)."""

@@ -1,97 +1,10 @@
-"""Export window experts to other ecosystems.
-
-``python -m refiner.export diffusers CHAIN... OUT``: one or more window checkpoints (our ``.ckpt`` or an
-exported ``.safetensors``) -> a diffusers folder (``unet/``, ``unet_2/``..., ``vqvae/``, ``scheduler/``,
-``refiner_chain.json``, ``README.md``; a single full-range window is also a standard ``LDMPipeline``
-folder). See :mod:`refiner.formats.diffusers`. A LoRA window (adapters + base reference) is exported merged.
-
-``python -m refiner.export peft LORA_CKPT OUT``: the adapters of a LoRA window as a peft adapter folder
-(``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``); see :mod:`refiner.formats.lora`.
-
-``python -m refiner.export safetensors CKPT OUT.safetensors`` (the same as ``refiner-checkpoint export``): one window
-(a LoRA window merged) as our ``.safetensors``, with its model card beside it (``OUT.README.md``); see
-:func:`refiner.formats.window_files.export_safetensors`.
-
-Every export writes a model card (:mod:`refiner.formats.model_card`).
-
-Exit code 2 on a bad input, with a one-line message.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
-from pathlib import Path
-
-from refiner.formats.safe_load import CheckpointError
-
-
-def _load_params(path: str | None) -> dict | None:
-    """First-stage params from a YAML/JSON file: either the params themselves or a ``{params: ...}`` block."""
-    if path is None:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"--first-stage-params {path}: cannot read ({err})") from err
-    if isinstance(data, dict) and "params" in data and "ddconfig" not in data:
-        data = data["params"]
-    if not isinstance(data, dict) or "ddconfig" not in data:
-        raise CheckpointError(f"--first-stage-params {path}: expected a mapping with ddconfig, n_embed, embed_dim")
-    return data
-
-
-def _switches(p: argparse.ArgumentParser, raw: str, force: str) -> None:
-    """The switches every exporter takes: --raw, --force, --trust-checkpoint."""
-    p.add_argument("--raw", action="store_true", help=raw)
-    p.add_argument("--force", action="store_true", help=force)
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m refiner.export", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="format", required=True)
-    d = sub.add_parser("diffusers", help="window checkpoints -> a diffusers folder (UNet2DModel, VQModel, DDIMScheduler)")
-    d.add_argument("paths", nargs="+", metavar="CHAIN... OUT", help="window checkpoints, then the output folder")
-    d.add_argument("--first-stage", help="VQ-f4 checkpoint (default: first_stage.ckpt_path recorded in the windows)")
-    d.add_argument("--first-stage-params", help="YAML/JSON with the VQ params (default: recorded in the windows)")
-    _switches(d, "export the raw (non-EMA) weights of .ckpt windows", "replace an existing output folder")
-    p = sub.add_parser("peft", help="LoRA window checkpoint -> a peft adapter folder (adapters only, not merged)")
-    p.add_argument("ckpt", help="a LoRA window .ckpt (trained with model.lora.rank > 0)")
-    p.add_argument("out", help="the output folder")
-    _switches(p, "export the raw (non-EMA) adapters", "replace an existing output folder")
-    st = sub.add_parser("safetensors", help="window checkpoint -> our .safetensors plus a model card beside it")
-    st.add_argument("ckpt", help="a window .ckpt (a LoRA window is merged into its base)")
-    st.add_argument("out", help="the .safetensors file; the card goes to <name>.README.md beside it")
-    _switches(st, "export the raw (non-EMA) weights", "replace existing outputs (the file and its card; never the input)")
-    args = parser.parse_args(argv)
-    if args.format == "diffusers" and len(args.paths) < 2:
-        parser.error("give at least one window checkpoint and the output folder")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from refiner.cli import run_cli
-
-    def body() -> None:
-        if args.format == "safetensors":
-            from refiner.formats.window_files import export_safetensors
-
-            print(export_safetensors(args.ckpt, args.out, use_ema=not args.raw, trust_checkpoint=args.trust_checkpoint,
-                                     force=args.force))
-            return
-        if args.format == "peft":
-            from refiner.formats.lora import export_peft_adapter
-
-            print(export_peft_adapter(args.ckpt, args.out, use_ema=not args.raw,
-                                      trust_checkpoint=args.trust_checkpoint, force=args.force))
-            return
-        from refiner.formats.diffusers import export_diffusers
-
-        print(export_diffusers(args.paths[:-1], args.paths[-1], first_stage=args.first_stage,
-                               first_stage_params=_load_params(args.first_stage_params), use_ema=not args.raw,
-                               trust_checkpoint=args.trust_checkpoint, force=args.force))
-
-    return run_cli(body)
+"""Deprecated: ``python -m refiner.export ...`` is ``refiner export ...`` (:mod:`refiner.apps.export`)."""
 
 if __name__ == "__main__":
+    import sys
+
+    from refiner.apps.export import main
+
+    print("deprecated: `python -m refiner.export` is now `refiner export` (or `python -m refiner export`)",
+          file=sys.stderr)
     raise SystemExit(main())

@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 from refiner.io import json_float
 

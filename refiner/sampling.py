@@ -1,4 +1,6 @@
-"""Samplers as pure functions (k-diffusion style) and staged refinement that switches experts by t.
+"""Samplers as pure functions (k-diffusion style): timestep grids, the DDIM/DDPM step, whole-grid samplers.
+
+Refinement through window experts that switch by t is :mod:`refiner.experts` (built on these steps).
 
 A *model* is any callable ``model(x_t, t) -> output`` where ``t`` is a ``(B,)`` long tensor of
 diffusion timesteps (t=0 clean, t=T-1 pure noise) and ``output`` is eps, x0 or v, as the caller
@@ -31,14 +33,12 @@ changes. The callback is called exactly once per step, including the last one.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from refiner.diffusion import PARAMETERIZATIONS, Parameterization, Window, q_sample, to_x0_eps
+from refiner.diffusion import PARAMETERIZATIONS, Parameterization, to_x0_eps
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor, Tensor], "Tensor | None"]
@@ -319,223 +319,10 @@ def sample_ddpm(
     return x
 
 
-# ---------------------------------------------------------------------------------- staged refinement
-@dataclass
-class Stage:
-    """One expert: ``model`` is trusted for timesteps in ``window`` (half-open ``[t_min, t_max)``)."""
-
-    model: Model
-    window: Window
-    parameterization: Parameterization = "eps"
-    name: str = ""
-
-    def label(self, index: int) -> str:
-        return f"stage {index}{f' {self.name!r}' if self.name else ''} {self.window}"
+T_PER_STEP = 20  # one DDIM step per 20 timesteps of t_start: t_start 499 -> 25 steps
 
 
-@dataclass
-class RefineResult:
-    """Output of :func:`refine` with ``return_stage_outputs=True``.
-
-    * ``latent``: the final latent (noise level ``ab[0]``), same as ``refine``'s plain return value.
-    * ``stage_latents[k]``: the latent right after the last step of the k-th stage *that ran*, in run
-      order (noisy for all but the last, at the level of the next grid point).
-    * ``stage_x0[k]``: that stage's x0 prediction at its last step (the clean-looking picture to show
-      in an "input | after stage 1 | after stage 2" grid).
-    * ``timesteps``: the grid; ``stage_of_step[i]``: index into ``stages`` used at ``timesteps[i]``.
-    """
-
-    latent: Tensor
-    stage_latents: list[Tensor]
-    timesteps: list[int]
-    stage_of_step: list[int]
-    stage_x0: list[Tensor] = field(default_factory=list)
-
-
-def check_stages(stages: Sequence[Stage], alphas_cumprod: Tensor) -> None:
-    """Stages must be :class:`Stage` objects with a known parameterization, windows on the schedule of
-    ``alphas_cumprod`` (same T), and windows that do not overlap. Raises ``ValueError`` / ``TypeError``."""
-    if not stages:
-        raise ValueError("refine needs at least one Stage")
-    T = alphas_cumprod.shape[0]
-    for k, s in enumerate(stages):
-        if not isinstance(s, Stage):
-            raise TypeError(f"stages[{k}] must be a refiner.sampling.Stage, got {type(s).__name__}")
-        if not isinstance(s.window, Window):
-            raise TypeError(f"{s.label(k)}: window must be a refiner.diffusion.Window, got {type(s.window).__name__}")
-        _check_parameterization(s.parameterization)
-        if s.window.num_timesteps != T:
-            raise ValueError(
-                f"{s.label(k)} has num_timesteps={s.window.num_timesteps} but alphas_cumprod has {T} entries; "
-                "all stages must share one schedule"
-            )
-    order = sorted(range(len(stages)), key=lambda k: stages[k].window.t_min)
-    for lo, hi in zip(order, order[1:]):
-        if stages[hi].window.t_min < stages[lo].window.t_max:
-            raise ValueError(
-                f"overlapping stage windows: {stages[lo].label(lo)} and {stages[hi].label(hi)}; "
-                "which expert handles the shared timesteps would be ambiguous"
-            )
-
-
-def _assign_stages(
-    stages: Sequence[Stage], grid: list[int], allow_outside_window: bool
-) -> list[int]:
-    """Index of the stage whose window contains each grid t (nearest window if allowed)."""
-    windows = [s.window for s in stages]
-    assignment: list[int | None] = [
-        next((k for k, w in enumerate(windows) if w.contains(t)), None) for t in grid
-    ]
-    uncovered = [t for t, k in zip(grid, assignment) if k is None]
-    if not uncovered:
-        return assignment  # type: ignore[return-value]
-
-    lo = min(w.t_min for w in windows)
-    hi = max(w.t_max for w in windows)
-    ordered = sorted(windows, key=lambda w: w.t_min)
-    problems = []
-    above = [t for t in uncovered if t >= hi]
-    below = [t for t in uncovered if t < lo]
-    if above:
-        problems.append(f"t={above} above the top window (t_start must be <= t_max-1 = {hi - 1})")
-    if below:
-        problems.append(f"t={below} below the bottom window (it starts at t_min={lo})")
-    for a, b in zip(ordered, ordered[1:]):
-        in_gap = [t for t in uncovered if a.t_max <= t < b.t_min]
-        if in_gap:
-            problems.append(f"t={in_gap} in the gap [{a.t_max}, {b.t_min}) between windows {a} and {b}")
-    message = (
-        f"grid timesteps not covered by any stage window: {'; '.join(problems)}. "
-        f"Windows: {', '.join(s.label(k) for k, s in enumerate(stages))}; grid: {grid}"
-    )
-    if not allow_outside_window:
-        raise ValueError(message + ". Pass allow_outside_window=True to use the nearest stage instead.")
-    warnings.warn(message + ". Using the nearest stage for those steps (allow_outside_window=True).", stacklevel=4)
-
-    def distance(w: Window, t: int) -> int:
-        return 0 if w.contains(t) else (w.t_min - t if t < w.t_min else t - (w.t_max - 1))
-
-    return [
-        k if k is not None else min(range(len(windows)), key=lambda j: (distance(windows[j], t), windows[j].t_min))
-        for t, k in zip(grid, assignment)
-    ]
-
-
-@dataclass
-class StepPlan:
-    """Which stage runs which grid step: ``timesteps`` is the grid, ``stage_of_step[i]`` the index into the
-    stages used at ``timesteps[i]``."""
-
-    timesteps: list[int]
-    stage_of_step: list[int]
-
-    @property
-    def segments(self) -> list[int]:
-        """Stage indices in run order (each stage once per contiguous run of steps)."""
-        return [k for i, k in enumerate(self.stage_of_step) if i == 0 or self.stage_of_step[i - 1] != k]
-
-
-def plan(
-    stages: Sequence[Stage],
-    t_start: int,
-    steps: int,
-    alphas_cumprod: Tensor,
-    *,
-    t_end: int = 0,
-    spacing: Spacing = "uniform",
-    eta: float = 0.0,
-    allow_outside_window: bool = False,
-) -> StepPlan:
-    """Validate a chain of stages against one grid and say which stage runs each step, without calling any model.
-
-    The checks :func:`refine` applies before any compute, and the only place they live: stage windows must not
-    overlap and must share ``T = len(alphas_cumprod)``; the grid ``timestep_grid(t_start, steps, t_end, spacing, T)``
-    must exist; ``eta`` must fit every step (:func:`check_eta`); every grid t must lie in a window (errors name
-    uncovered t, gaps and windows; ``allow_outside_window=True`` warns and uses the nearest stage instead).
-    Raises ``ValueError`` / ``TypeError``.
-    """
-    check_stages(stages, alphas_cumprod)
-    grid = timestep_grid(t_start, steps, t_end, spacing, alphas_cumprod.shape[0])
-    check_eta(eta, grid, alphas_cumprod)
-    return StepPlan(grid, _assign_stages(stages, grid, allow_outside_window))
-
-
-@torch.no_grad()
-def refine(
-    stages: Sequence[Stage],
-    z: Tensor,
-    t_start: int,
-    steps: int,
-    alphas_cumprod: Tensor,
-    eta: float = 0.0,
-    generator: Generators = None,
-    spacing: Spacing = "uniform",
-    callback: Callback | None = None,
-    allow_outside_window: bool = False,
-    return_stage_outputs: bool = False,
-    noise: Tensor | None = None,
-    t_end: int = 0,
-) -> Tensor | RefineResult:
-    """Img2img refinement of clean latents ``z`` (any shape ``(B, ...)``) with window experts.
-
-    1. :func:`plan`: build one grid ``timestep_grid(t_start, steps, t_end, spacing, T)`` and assign each t to
-       the stage whose window contains it, validating before any compute (overlap, shared T, coverage, eta).
-       ``t_end > 0`` stops the grid early (e.g. at a window's lower edge); the last step still targets ``ab[0]``.
-    2. Noise ``z`` to exactly ``t_start`` with ``q_sample`` using ``noise`` if given, else
-       ``randn`` from ``generator``.
-    3. Run DDIM(eta) over the grid, switching experts at window boundaries with no re-noising at the
-       hand-off (as diffusers' SDXL base->refiner). ``eta=1`` is the DDPM posterior sampler; ``eta`` must be
-       >= 0, and above 1 only where every step allows it (:func:`check_eta`), checked before any compute.
-
-    Noise draws from ``generator`` happen in this order: the q_sample noise (if ``noise`` is None),
-    then one tensor per step when ``eta > 0``. ``generator`` may be one generator per row of ``z``
-    (:func:`randn_like`): then every draw of row ``i`` comes from ``generator[i]`` in that order, so with any eta
-    a row's result is the same whether it is refined alone or in a batch (up to the model's own batch
-    arithmetic). Returns the final latent, or a :class:`RefineResult`
-    when ``return_stage_outputs``. See the module docstring for ``callback``.
-    """
-    step_plan = plan(stages, t_start, steps, alphas_cumprod, t_end=t_end, spacing=spacing, eta=eta,
-                     allow_outside_window=allow_outside_window)
-    return refine_with_plan(stages, z, step_plan, alphas_cumprod, eta=eta, generator=generator, callback=callback,
-                            return_stage_outputs=return_stage_outputs, noise=noise)
-
-
-@torch.no_grad()
-def refine_with_plan(
-    stages: Sequence[Stage],
-    z: Tensor,
-    step_plan: StepPlan,
-    alphas_cumprod: Tensor,
-    eta: float = 0.0,
-    generator: Generators = None,
-    callback: Callback | None = None,
-    return_stage_outputs: bool = False,
-    noise: Tensor | None = None,
-) -> Tensor | RefineResult:
-    """Steps 2-3 of :func:`refine` over a ``step_plan`` that :func:`plan` made for these ``stages``, ``eta`` and
-    ``alphas_cumprod`` (so a caller that has validated once, like :meth:`refiner.inference.chain.Chain.refine`,
-    does not plan twice). The grid starts at ``t_start = step_plan.timesteps[0]``."""
-    grid, stage_of_step = step_plan.timesteps, step_plan.stage_of_step
-    t_start = grid[0]
-    if noise is None:
-        noise = randn_like(z, generator)
-    elif noise.shape != z.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)} but z has shape {tuple(z.shape)}")
-
-    x = q_sample(z, _t_batch(t_start, z), alphas_cumprod, noise.to(device=z.device, dtype=z.dtype))
-    stage_latents: list[Tensor] = []
-    stage_x0: list[Tensor] = []
-    for i, t in enumerate(grid):
-        stage = stages[stage_of_step[i]]
-        t_prev = grid[i + 1] if i + 1 < len(grid) else -1
-        out = stage.model(x, _t_batch(t, x))
-        step_noise = randn_like(x, generator) if eta > 0 else None
-        x, x0 = ddim_step(x, t, t_prev, out, alphas_cumprod, stage.parameterization, eta, step_noise)
-        x = _run_callback(callback, i, t, x, out, x0)
-        if return_stage_outputs and (i + 1 == len(grid) or stage_of_step[i + 1] != stage_of_step[i]):
-            stage_latents.append(x.clone())
-            stage_x0.append(x0.clone())
-    if not return_stage_outputs:
-        return x
-    return RefineResult(latent=x, stage_latents=stage_latents, timesteps=grid, stage_of_step=stage_of_step,
-                        stage_x0=stage_x0)
+def steps_for(t_start: int, t_per_step: int = T_PER_STEP) -> int:
+    """The equal-compute rule of the benchmark, whole-chain validation and the presets: DDIM grid points in [0, t_start]: one per ``t_per_step`` timesteps, at least 1 (so t_start 499 gets
+    25 steps at the default 20, and the compute of two methods at equal t_start is equal)."""
+    return max(1, min(t_start + 1, round((t_start + 1) / t_per_step)))

@@ -1,13 +1,17 @@
-"""Checks of setting values shared by the entry points: each raises :class:`~refiner.errors.SettingError` with a
-one-line message naming the setting, the value and what is expected."""
+"""Checks of setting values (each raises :class:`~refiner.errors.SettingError` with a one-line message naming the
+setting, the value and what is expected), and the typed-settings boundary: :func:`from_config` builds a settings
+dataclass from an app's plain config, once."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 import tempfile
+import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 from refiner.errors import SettingError
 
@@ -82,3 +86,74 @@ def check_writable_dir(path: str | os.PathLike, name: str = "output_dir") -> Pat
     elif not os.access(ancestor, os.W_OK | os.X_OK):
         raise SettingError(f"{name} {path} cannot be created: {ancestor} is not writable")
     return path
+
+
+# ---------------------------------------------------------------------------------- typed settings
+T = TypeVar("T")
+
+
+def _dataclass_type(hint: Any) -> type | None:
+    """The dataclass a type hint names (``X``, ``X | None``, ``Optional[X]``), or None."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    for arg in typing.get_args(hint):
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+            return arg
+    return None
+
+
+def _is_tuple(hint: Any) -> bool:
+    return hint is tuple or typing.get_origin(hint) is tuple or any(
+        typing.get_origin(a) is tuple for a in typing.get_args(hint))
+
+
+def unknown_key_error(where: str, key: str, valid: Sequence[str]) -> SettingError:
+    """The one-line error for a key that is not a setting, naming the closest valid one when there is one."""
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+    hint = f"; did you mean {where}{close[0]}?" if close else f"; the settings here are {', '.join(sorted(valid))}"
+    return SettingError(f"unknown setting {where}{key}{hint}")
+
+
+def from_config(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """A settings dataclass ``cls`` from a plain mapping (an app's resolved config block, or a dict).
+
+    Nested dataclass fields are built from nested mappings, lists become tuples where the field is a tuple, and
+    missing keys take the field's default. A key that is not a field is a :class:`SettingError` naming the closest
+    field (``where`` prefixes the names, e.g. ``"tiling."``); the dataclass's own ``__post_init__`` checks the values.
+    Written here rather than with Hydra's structured configs so that the library never imports Hydra, and so that
+    every problem is one line."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise SettingError(f"{where.rstrip('.') or cls.__name__} must be a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise unknown_key_error(where, key, names)
+        hint = hints.get(key)
+        nested = _dataclass_type(hint)
+        if nested is not None and not isinstance(value, nested) and not (
+                value is None and type(None) in typing.get_args(hint)):
+            value = from_config(nested, value, f"{where}{key}.")
+        elif isinstance(value, list) and _is_tuple(hint):
+            value = tuple(value)
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise SettingError(f"{where.rstrip('.') or cls.__name__}: {err}") from err
+
+
+def to_plain(settings: Any) -> Any:
+    """Settings (dataclasses, tuples) as plain dicts and lists: for digests, records and JSON."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        return {f.name: to_plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+    if isinstance(settings, (list, tuple)):
+        return [to_plain(v) for v in settings]
+    if isinstance(settings, Mapping):
+        return {k: to_plain(v) for k, v in settings.items()}
+    return settings

@@ -79,7 +79,7 @@ if [[ "$DEMO" == photos ]]; then
   step 6 "refine the held-out photos' f8-degraded crops from t=299 through both windows and evaluate"
   # t_start=299 (not the blog's 499): models this small, trained on 7 photos, repaint the input with training
   # content from higher noise levels; see the README's photo section for the numbers.
-  python sample.py mode=evaluate "$P" inputs="$DATA/val" t_start=299 output_dir="$OUT/eval" hydra.run.dir="$OUT/eval"
+  python refine.py mode=evaluate "$P" inputs="$DATA/val" t_start=299 output_dir="$OUT/eval" hydra.run.dir="$OUT/eval"
   echo; echo "demo finished in $(( $(date +%s) - start )) s; comparison grid: $OUT/eval/comparison_grid.png"
   exit 0
 fi

@@ -9,7 +9,7 @@ Heads come from ``refiner.data.synthetic`` (seed s, images 0..n-1); the round tr
 
 ``--mosaic SIDE ...``: tiled against whole VQ, measured against the clean image (issue #10). For each seed, a
 ``SIDE x SIDE`` mosaic of ``(SIDE / size)^2`` heads (images 0.., row-major) goes through the round trip whole and
-on the overlapping, feathered tiles ``sample.py`` uses (``Tiling().f4_tile`` / ``f4_overlap``, 256 / 32 px), and
+on the overlapping, feathered tiles ``refine.py`` uses (``Tiling().f4_tile`` / ``f4_overlap``, 256 / 32 px), and
 each cell of the result is cut out again. Reported per variant: PSNR to the clean mosaic, the checker's pass rate
 per cell, and for the tiled variants the PSNR to the whole-image round trip. Two references: every head round-tripped
 alone (the default mode's measurement) and ``tiled, whole-image GroupNorm statistics``: the tiles normalised with
@@ -72,7 +72,7 @@ def psnr(images, references) -> float:
 
 
 def heads_alone(vq, args) -> int:
-    from refiner.bench.checker import check_batch
+    from refiner.data.checker import check_batch
     from refiner.data.synthetic import render_head
     from refiner.inference.pipeline import vq_round_trip
 
@@ -139,7 +139,7 @@ def whole_image_groupnorm(vq, x):
 
 
 def mosaics(vq, args) -> int:
-    from refiner.bench.checker import check_batch
+    from refiner.data.checker import check_batch
     from refiner.data.synthetic import render_head
     from refiner.inference.pipeline import Tiling, padded_batch, vq_round_trip
 

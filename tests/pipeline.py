@@ -47,15 +47,15 @@ class World:
         return [f"experiment={experiment}", *TINY_TRAINER, *self.paths(), *TINY_UNET, *extra]
 
     def train_refiner(self, experiment: str, out: Path, *extra: str) -> dict:
-        from refiner.train import run
+        from refiner.apps.train import run
 
         return run(compose_config("train", self.refiner_overrides(experiment, *extra), out))
 
 
 def build_world(root: Path) -> World:
     from refiner.data.demo import build_demo_images
-    from refiner.prepare import run as prepare
-    from refiner.train import run as train
+    from refiner.apps.build_shards import run as prepare
+    from refiner.apps.train import run as train
 
     demo = root / "demo"
     build_demo_images(demo, crop_size=CROP, crops_per_photo=3, photos=["astronaut", "coffee", "rocket", "chelsea"],

@@ -17,7 +17,8 @@ from refiner.artifacts.detect import (PixelChangeConfig, asced_paper_mask, laten
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks, eps_from_output, weighted_score
 from refiner.diffusion import ScheduleConfig, Window, q_sample, to_x0_eps
 from refiner.errors import SettingError
-from refiner.sampling import Stage, refine, sample_ddim, timestep_grid
+from refiner.experts import Expert, refine
+from refiner.sampling import sample_ddim, timestep_grid
 
 AB = ScheduleConfig().alphas_cumprod()
 
@@ -181,8 +182,8 @@ def test_ttc_correction_is_the_closed_form_renoising():
 
 # ------------------------------------------------------------------------------------------- strength map
 def _chain_stages():
-    return [Stage(GaussianDenoiser(0.3, 0.7, AB), Window(250, 1000, 1000)),
-            Stage(GaussianDenoiser(-0.2, 0.5, AB), Window(0, 250, 1000))]
+    return [Expert(GaussianDenoiser(0.3, 0.7, AB), Window(250, 1000, 1000)),
+            Expert(GaussianDenoiser(-0.2, 0.5, AB), Window(0, 250, 1000))]
 
 
 def test_strength_map_pins_each_pixel_until_its_own_start_across_windows():
@@ -228,12 +229,12 @@ def test_starts_from_strength():
 def test_auto_start_is_a_monotone_fit_that_round_trips(tmp_path):
     severity = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     needed = [99, 299, 199, 399, 499, 499]          # one inversion: isotonic pools 299 and 199 to 249
-    auto = fit_auto_start(severity, needed, 99, 499, chain={"stages": ["a", "b"]})
+    auto = fit_auto_start(severity, needed, 99, 499, chain={"experts": ["a", "b"]})
     assert auto([0.0, 0.1, 0.15, 0.2, 0.3, 1.0]) == [99, 249, 249, 249, 399, 499]
     assert auto([-1.0]) == [99]
     auto.save(tmp_path / "auto.json")
     again = AutoStart.load(tmp_path / "auto.json")
-    assert again.knots == auto.knots and again.chain == {"stages": ["a", "b"]}
+    assert again.knots == auto.knots and again.chain == {"experts": ["a", "b"]}
     (tmp_path / "bad.json").write_text(json.dumps({"knots": [[0.1, 400], [0.2, 300]]}))
     with pytest.raises(SettingError, match="non-decreasing"):
         AutoStart.load(tmp_path / "bad.json")
@@ -249,7 +250,7 @@ def test_pipeline_starts_pin_pixels_and_uniform_starts_change_nothing():
 
     torch.manual_seed(3)
     f4 = VQModel(tiny_ddconfig(4), 64, 3).eval()
-    chain = Chain.from_stages([_loaded(_unet(1), (250, 500)), _loaded(_unet(2), (0, 250))])
+    chain = Chain.from_experts([_loaded(_unet(1), (250, 500)), _loaded(_unet(2), (0, 250))])
     pipeline = Pipeline(f4, chain)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from refiner.bench.methods import BenchError, methods_from_config, score, steps_for, unsharp
+from refiner.bench.methods import BenchError, methods_from_config, score, unsharp
+from refiner.sampling import steps_for
 from refiner.bench.report import efficiency, first_step_at_or_below, markdown, read_logged
 from refiner.bench.run import check_output_dir, grid_setting
 from refiner.bench.sources import clean_heads, injected_defects
@@ -21,23 +22,23 @@ def test_steps_for_gives_equal_density_and_stays_in_range():
 
 
 def test_methods_from_config_reads_both_kinds_and_rejects_bad_specs():
-    ms = methods_from_config({"chain": {"stages": ["a.ckpt", "b.ckpt"], "t_starts": [99, 499]},
-                              "alone": {"stages": ["a.ckpt"], "t_starts": [299], "allow_outside_window": True},
+    ms = methods_from_config({"chain": {"experts": ["a.ckpt", "b.ckpt"], "t_starts": [99, 499]},
+                              "alone": {"experts": ["a.ckpt"], "t_starts": [299], "allow_outside_window": True},
                               "usm": {"unsharp": {"radius": 2.0, "amounts": [50, 100]}}})
     assert [(m.name, m.kind, m.settings) for m in ms] == [("chain", "diffusion", (99, 499)),
                                                           ("alone", "diffusion", (299,)), ("usm", "unsharp", (50, 100))]
     assert ms[1].allow_outside_window and not ms[0].allow_outside_window and ms[2].radius == 2.0
-    for bad, words in [({}, "empty"), ({"c": {"stages": "a.ckpt", "t_starts": [9]}}, "non-empty list"),
-                       ({"c": {"stages": ["a"], "t_starts": [1000]}}, "[1, 999]"),
-                       ({"c": {"stages": ["a"], "t_starts": [9.5]}}, "ints"),
-                       ({"c": {"stages": ["a"], "t_starts": [9], "t_stop": 3}}, "unknown keys"),
+    for bad, words in [({}, "empty"), ({"c": {"experts": "a.ckpt", "t_starts": [9]}}, "non-empty list"),
+                       ({"c": {"experts": ["a"], "t_starts": [1000]}}, "[1, 999]"),
+                       ({"c": {"experts": ["a"], "t_starts": [9.5]}}, "ints"),
+                       ({"c": {"experts": ["a"], "t_starts": [9], "t_stop": 3}}, "unknown keys"),
                        ({"u": {"unsharp": {"amounts": [0]}}}, "> 0")]:
         with pytest.raises(BenchError, match=words.replace("[", r"\[")):
             methods_from_config(bad)
 
 
 def test_grid_setting_is_nearest_sweep_point():
-    (m,) = methods_from_config({"c": {"stages": ["a"], "t_starts": [99, 299, 699]}})
+    (m,) = methods_from_config({"c": {"experts": ["a"], "t_starts": [99, 299, 699]}})
     assert grid_setting(m, 399) == 299 and grid_setting(m, 500) == 699 and grid_setting(m, 99) == 99
     (u,) = methods_from_config({"u": {"unsharp": {"amounts": [50, 100, 200]}}})
     assert grid_setting(u, 399) == 100

@@ -34,12 +34,12 @@ def trained(tmp_path_factory) -> tuple[World, dict[str, Path]]:
 
 def _overrides(world: World, runs: dict[str, Path], *extra: str) -> list[str]:
     return [*world.paths(), "n=5", f"size={CROP}", "grid_images=2", "split=tune",
-            f"generator.stages=[{runs['full']}]", "generator.steps=3", "t_per_step=100", "recommended_t_start=299",
-            f"methods.chain.stages=[{runs['shape']},{runs['detail']}]", "methods.chain.t_starts=[99,299]",
-            f"methods.shape_window.stages=[{runs['shape']}]", "methods.shape_window.t_starts=[199]",
-            f"methods.detail_window.stages=[{runs['detail']}]", "methods.detail_window.t_starts=[199]",
-            f"methods.full_range.stages=[{runs['full']}]", "methods.full_range.t_starts=[299,699]",
-            f"methods.paired.stages=[{runs['paired']}]", "methods.paired.t_starts=[999]",
+            f"generator.experts=[{runs['full']}]", "generator.steps=3", "t_per_step=100", "recommended_t_start=299",
+            f"methods.chain.experts=[{runs['shape']},{runs['detail']}]", "methods.chain.t_starts=[99,299]",
+            f"methods.shape_window.experts=[{runs['shape']}]", "methods.shape_window.t_starts=[199]",
+            f"methods.detail_window.experts=[{runs['detail']}]", "methods.detail_window.t_starts=[199]",
+            f"methods.full_range.experts=[{runs['full']}]", "methods.full_range.t_starts=[299,699]",
+            f"methods.paired.experts=[{runs['paired']}]", "methods.paired.t_starts=[999]",
             "methods.unsharp.unsharp.amounts=[100]", *extra]
 
 
@@ -92,14 +92,14 @@ def test_bench_refuses_before_compute(trained, tmp_path, monkeypatch):
     world, runs = trained
     monkeypatch.setattr(bench_run, "build_sources", lambda *a, **k: pytest.fail("compute started"))
     cases = [
-        (["methods.chain.stages=[missing.ckpt]"], "missing.ckpt not found"),
-        ([f"methods.chain.stages=[{runs['shape']},{runs['full']}]"], "overlap"),
+        (["methods.chain.experts=[missing.ckpt]"], "missing.ckpt not found"),
+        ([f"methods.chain.experts=[{runs['shape']},{runs['full']}]"], "overlap"),
         (["methods.chain.t_starts=[699]"], "699"),  # above the chain's top window
         (["split=test"], "split must be one of"),  # tune, report and holdout exist
         (["n=0"], "n must be a positive int"),
         (["size=36"], "multiple of 8"),
         (["sources=[photos]"], "sources must be"),
-        ([f"generator.stages=[{runs['shape']}]"], "full-range"),
+        ([f"generator.experts=[{runs['shape']}]"], "full-range"),
         # the f8 as the f4: its 4-channel latent does not fit the windows' 3 channels
         ([f"first_stage.f4.ckpt_path={world.f8_ckpt}", "first_stage.f4.params=${first_stage.f8.params}"], "channel"),
     ]
@@ -113,7 +113,7 @@ def test_bench_refuses_a_first_stage_the_windows_were_not_trained_with(trained, 
     from refiner.bench import run as bench_run
     from refiner.bench.run import run
     from refiner.formats.fingerprint import FirstStageMismatch
-    from refiner.train import run as train
+    from refiner.apps.train import run as train
 
     world, runs = trained
     other = train(compose_config("train", [
@@ -169,7 +169,7 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     assert 0 <= res["detection"]["defects"]["residual"]["clean_images_flagged"] <= 1
     assert "clean_images_flagged" not in res["detection"]["generator"]["residual"]
     calibration = json.loads((tune / "t_start_auto.json").read_text())
-    assert calibration["chain"]["stages"] == [str(runs["shape"]), str(runs["detail"])]
+    assert calibration["chain"]["experts"] == [str(runs["shape"]), str(runs["detail"])]
     assert [k[1] for k in calibration["knots"]] == sorted(k[1] for k in calibration["knots"])
     rows = {r["point"]: r for r in res["adaptive"]["defects"]["rows"]}
     grown = "grow 4, feather 4"

@@ -36,7 +36,7 @@ def _tree(d: Path) -> dict:
 
 
 def test_every_split_is_checked_before_any_is_written(tmp_path):
-    from refiner.prepare import run
+    from refiner.apps.build_shards import run
 
     train, val = _images(tmp_path / "train"), _images(tmp_path / "val")
     taken = tmp_path / "shards" / "val"

@@ -1,6 +1,6 @@
 """Bulk refinement across processes (refiner.inference.distributed): sharding, merged summaries, resume after a kill.
 
-The end-to-end tests launch ``torchrun --standalone --nproc_per_node=2 sample.py`` (gloo on CPU) with the tiny
+The end-to-end tests launch ``torchrun --standalone --nproc_per_node=2 refine.py`` (gloo on CPU) with the tiny
 models of test_sample and compare with a one-process run in this process.
 """
 
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, compose_config
-from refiner.apps.sample import run
+from refiner.apps.refine import run
 from refiner.errors import SettingError
 from refiner.inference.distributed import Ranks, merge_summaries
 from refiner.inference.outputs import pixels_match_record, read_png_record, remove_stale_temps
@@ -99,8 +99,8 @@ def test_stale_temporary_files_of_a_killed_write_are_removed_and_nothing_else(tm
 def test_two_ranks_refine_every_image_once_exactly_like_one_process(models, tmp_path):
     d = _images(tmp_path, 5)
     extra = ("batch_size=1", "seed=11")
-    single = run(compose_config("sample", _overrides(models, d, tmp_path / "one", *extra), tmp_path / "one"))
-    proc = _torchrun("sample.py", _overrides(models, d, tmp_path / "two", *extra), tmp_path / "run")
+    single = run(compose_config("refine", _overrides(models, d, tmp_path / "one", *extra), tmp_path / "one"))
+    proc = _torchrun("refine.py", _overrides(models, d, tmp_path / "two", *extra), tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
     summary = json.loads((two / "summary.json").read_text())
@@ -134,7 +134,7 @@ def replace(src, dst):  # SIGKILL this rank just before its write of {name} beco
 
 
 refiner.io.os.replace = replace
-from refiner.apps.sample import main
+from refiner.apps.refine import main
 
 main()
 """
@@ -155,7 +155,7 @@ def test_a_killed_bulk_run_leaves_no_partial_png_and_the_rerun_does_only_the_mis
     assert done == {p.name for p in out.glob("*.png")} - {"grid.png"}  # every PNG there is complete
     assert not (out / "summary.json").exists()
 
-    proc = _torchrun("sample.py", overrides, tmp_path / "run2")
+    proc = _torchrun("refine.py", overrides, tmp_path / "run2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     everything = {f"im{i}.png" for i in range(6)}

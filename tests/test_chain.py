@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from refiner.diffusion import ScheduleConfig, Window, q_sample
-from refiner.errors import SampleError
+from refiner.errors import RefineError
 from refiner.formats.window_files import WindowWeights
-from refiner.inference.chain import Chain, ChainError, LoadedStage
+from refiner.inference.chain import Chain, ChainError, LoadedExpert
 from refiner.inference.pipeline import Pipeline
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
 from refiner.data.images import to_tensor, to_uint8
-from refiner.sampling import Stage, ddim_step, refine, sample_ddim, timestep_grid
+from refiner.experts import Expert, refine
+from refiner.sampling import ddim_step, sample_ddim, timestep_grid
 
 SCHEDULE = ScheduleConfig("linear", 1000, 0.0015, 0.0195)
 AB = SCHEDULE.alphas_cumprod()
@@ -40,11 +41,11 @@ def _weights(window: tuple[int, int], params: dict | None = None, name: str = "w
 
 def _unplannable_chain(*windows) -> Chain:
     """A chain built directly (no overlap check at construction) whose UNets raise if called."""
-    return Chain([LoadedStage(_weights(w, name=f"s{k}"), MustNotRun()) for k, w in enumerate(windows)], AB, 1.0)
+    return Chain([LoadedExpert(_weights(w, name=f"s{k}"), MustNotRun()) for k, w in enumerate(windows)], AB, 1.0)
 
 
 @pytest.mark.parametrize("windows, kwargs, message", [
-    (((200, 500), (0, 250)), dict(t_start=499, steps=10), "overlapping stage windows"),
+    (((200, 500), (0, 250)), dict(t_start=499, steps=10), "overlapping expert windows"),
     (((300, 500), (0, 250)), dict(t_start=499, steps=50), r"in the gap \[250, 300\)"),
     (((250, 500), (0, 250)), dict(t_start=700, steps=8), "above the top window"),
     (((0, 500),), dict(t_start=299, steps=4, eta=1.05), "eta=1.05 is too large"),
@@ -57,31 +58,31 @@ def test_plan_rejects_what_refine_rejects_without_running_a_model(windows, kwarg
         chain.plan(t_start, steps, **kwargs)
     with pytest.raises(ChainError, match=message):  # refine applies the same checks, also before any model call
         chain.refine(torch.zeros(1, 3, 8, 8), t_start, steps, noise=torch.zeros(1, 3, 8, 8), **kwargs)
-    stages = [Stage(lambda x, t: torch.zeros_like(x), Window(*w, 1000)) for w in windows]
+    experts = [Expert(lambda x, t: torch.zeros_like(x), Window(*w, 1000)) for w in windows]
     with pytest.raises(ValueError, match=message):  # and the sampler itself refuses it with the same words
-        refine(stages, torch.zeros(1, 3, 8, 8), t_start, steps, AB, noise=torch.zeros(1, 3, 8, 8), **kwargs)
-    assert issubclass(ChainError, SampleError)
+        refine(experts, torch.zeros(1, 3, 8, 8), t_start, steps, AB, noise=torch.zeros(1, 3, 8, 8), **kwargs)
+    assert issubclass(ChainError, RefineError)
 
 
 def test_plan_assigns_stages_without_running_a_model():
     chain = _unplannable_chain((250, 500), (0, 250))
     plan = chain.plan(499, 4)
     assert plan.timesteps == [499, 333, 167, 1]
-    assert plan.stage_of_step == [0, 0, 1, 1] and plan.segments == [0, 1]
+    assert plan.expert_of_step == [0, 0, 1, 1] and plan.segments == [0, 1]
 
 
-def test_from_stages_checks_overlap_schedule_and_scale():
-    with pytest.raises(ChainError, match="overlapping stage windows"):
-        Chain.from_stages([LoadedStage(_weights((200, 500)), None), LoadedStage(_weights((0, 250)), None)])
+def test_from_experts_checks_overlap_schedule_and_scale():
+    with pytest.raises(ChainError, match="overlapping expert windows"):
+        Chain.from_experts([LoadedExpert(_weights((200, 500)), None), LoadedExpert(_weights((0, 250)), None)])
     other = _weights((0, 250))
     other.schedule = ScheduleConfig("linear", 1000, 0.0015, 0.012)
     with pytest.raises(ChainError, match="share a noise schedule"):
-        Chain.from_stages([LoadedStage(_weights((250, 500)), None), LoadedStage(other, None)])
+        Chain.from_experts([LoadedExpert(_weights((250, 500)), None), LoadedExpert(other, None)])
     with pytest.raises(ChainError, match="share scale_factor"):
-        Chain.from_stages([LoadedStage(_weights((250, 500)), None),
-                           LoadedStage(_weights((0, 250), scale_factor=0.5), None)])
-    chain = Chain.from_stages([LoadedStage(_weights((250, 500), first_stage_fingerprint="abc"), None),
-                               LoadedStage(_weights((0, 250)), None)])
+        Chain.from_experts([LoadedExpert(_weights((250, 500)), None),
+                           LoadedExpert(_weights((0, 250), scale_factor=0.5), None)])
+    chain = Chain.from_experts([LoadedExpert(_weights((250, 500), first_stage_fingerprint="abc"), None),
+                               LoadedExpert(_weights((0, 250)), None)])
     assert chain.first_stage_fingerprint == "abc" and torch.equal(chain.alphas_cumprod, AB)
 
 
@@ -93,20 +94,20 @@ def _unet(seed: int, **params) -> UNetModel:
     return unet
 
 
-def _loaded(unet: UNetModel, window, **kw) -> LoadedStage:
-    return LoadedStage(_weights(window, **kw), unet)
+def _loaded(unet: UNetModel, window, **kw) -> LoadedExpert:
+    return LoadedExpert(_weights(window, **kw), unet)
 
 
 def test_pipeline_refine_images_is_bit_identical_to_the_hand_written_pipeline():
     torch.manual_seed(3)
     f4 = VQModel(tiny_ddconfig(4), 64, 3).eval()
     hi, lo = _unet(1), _unet(2)
-    chain = Chain.from_stages([_loaded(hi, (250, 500), scale_factor=0.7), _loaded(lo, (0, 250), scale_factor=0.7)])
+    chain = Chain.from_experts([_loaded(hi, (250, 500), scale_factor=0.7), _loaded(lo, (0, 250), scale_factor=0.7)])
     pipeline = Pipeline(f4, chain)
     assert pipeline.multiple == 4 * 4
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (13, 21, 3), dtype=np.uint8) for _ in range(2)]
-    got, stages = pipeline.refine_images(images, 499, 3, seed=7, indices=[4, 9], with_stages=True)
+    got, experts = pipeline.refine_images(images, 499, 3, seed=7, indices=[4, 9], with_stages=True)
 
     with torch.no_grad():  # pad -> encode -> scale -> q_sample + DDIM per window -> unscale -> decode -> crop
         x = torch.stack([to_tensor(i) for i in images])
@@ -120,17 +121,17 @@ def test_pipeline_refine_images_is_bit_identical_to_the_hand_written_pipeline():
             unet = hi if t >= 250 else lo
             t_prev = grid[i + 1] if i + 1 < len(grid) else -1
             out, x0 = ddim_step(out, t, t_prev, unet(out, torch.full((2,), t)), AB)
-            if i in (1, 2):  # the last step of each stage
+            if i in (1, 2):  # the last step of each expert
                 x0s.append(x0)
         want = [to_uint8(img) for img in f4.decode(out / 0.7)[..., :13, :21]]
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
-    assert len(stages) == 2 and all(len(s) == 2 for s in stages)
+    assert len(experts) == 2 and all(len(s) == 2 for s in experts)
     for k, x0 in enumerate(x0s):
         decoded = f4.decode(x0 / 0.7)[..., :13, :21].clamp(-1, 1)
         for j in range(2):
-            assert torch.equal(stages[j][k], decoded[j])
-    # without stages: the same refined images, no stage pictures
+            assert torch.equal(experts[j][k], decoded[j])
+    # without experts: the same refined images, no expert pictures
     again, none = pipeline.refine_images(images, 499, 3, seed=7, indices=[4, 9])
     assert all(np.array_equal(a, g) for a, g in zip(again, got)) and none == [[], []]
 
@@ -138,7 +139,7 @@ def test_pipeline_refine_images_is_bit_identical_to_the_hand_written_pipeline():
 def test_pipeline_degrade_and_refusals():
     torch.manual_seed(0)
     f4, f8 = VQModel(tiny_ddconfig(4), 64, 3).eval(), VQModel(tiny_ddconfig(8), 64, 4).eval()
-    chain = Chain.from_stages([_loaded(_unet(1), (0, 500))])
+    chain = Chain.from_experts([_loaded(_unet(1), (0, 500))])
     img = np.random.default_rng(1).integers(0, 256, (12, 20, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="needs the VQ-f8"):
         Pipeline(f4, chain).degrade([img])
@@ -178,20 +179,20 @@ def test_training_grid_goes_through_chain_and_matches_the_old_loop(conditioning)
 
 def test_chain_reaches_multidiffusion_and_progressive_refinement():
     from refiner.inference.progressive import progressive_refine
-    from refiner.inference.tiling import tile_stages
+    from refiner.inference.tiling import tile_experts
 
     hi, lo = _unet(1), _unet(2)
-    chain = Chain.from_stages([_loaded(hi, (250, 500)), _loaded(lo, (0, 250))])
+    chain = Chain.from_experts([_loaded(hi, (250, 500)), _loaded(lo, (0, 250))])
     z, noise = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
-    stages = [Stage(lambda x, t: hi(x, t), Window(250, 500, 1000)), Stage(lambda x, t: lo(x, t), Window(0, 250, 1000))]
+    experts = [Expert(lambda x, t: hi(x, t), Window(250, 500, 1000)), Expert(lambda x, t: lo(x, t), Window(0, 250, 1000))]
     tiles = dict(tile=8, stride=6, jitter=True, view_batch_size=4)
-    want = refine(tile_stages(stages, **tiles), z, 499, 3, AB, noise=noise)
+    want = refine(tile_experts(experts, **tiles), z, 499, 3, AB, noise=noise)
     assert torch.equal(chain.refine(z, 499, 3, noise=noise, tiles=tiles).latent, want)
     assert not torch.allclose(chain.refine(z, 499, 3, noise=noise).latent, want, atol=1e-4)  # tiling mattered
     z_small = z[..., :8, :8]
     got = chain.refine_progressive(z_small, 499, 2, upscale=2, tile=8, generator=torch.Generator().manual_seed(0))
-    want = progressive_refine(stages, z_small, 499, 2, AB, upscale=2, tile=8, generator=torch.Generator().manual_seed(0))
+    want = progressive_refine(experts, z_small, 499, 2, AB, upscale=2, tile=8, generator=torch.Generator().manual_seed(0))
     assert got.shape == (1, 3, 16, 16) and torch.equal(got, want)
-    concat = Chain.from_stages([_loaded(_unet(3, in_channels=6), (0, 500), conditioning="concat")])
+    concat = Chain.from_experts([_loaded(_unet(3, in_channels=6), (0, 500), conditioning="concat")])
     with pytest.raises(ChainError, match="concat-conditioned"):
         concat.refine_progressive(z_small, 499, 2)

@@ -16,7 +16,7 @@ from conftest import compose_config
 from pipeline import World
 
 from refiner.errors import SettingError
-from refiner.train import ConfigError, run
+from refiner.apps.train import ConfigError, run
 
 
 def detail_overrides(world: World, shape: dict, *extra: str) -> list[str]:
@@ -33,7 +33,7 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def test_chain_validation_logs_swd_and_artifact_rate_and_writes_a_grid(world, shape_window, tmp_path):
     from refiner.data.images import to_uint8
-    from refiner.bench.checker import artifact_rate
+    from refiner.data.checker import artifact_rate
     from refiner.formats.compvis import first_stage_from_config
     from refiner.inference.chain import Chain
     from refiner.lit.window_module import step_seed

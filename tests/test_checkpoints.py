@@ -204,7 +204,7 @@ def test_safetensors_export_round_trip(window, tmp_path):
 
 def test_export_cli(window, tmp_path):
     out = tmp_path / "cli.safetensors"
-    res = subprocess.run([sys.executable, "-m", "refiner.apps.checkpoint", "export", str(window["path"]), str(out),
+    res = subprocess.run([sys.executable, "-m", "refiner", "export", "safetensors", str(window["path"]), str(out),
                           "--raw"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert_state_equal(load_window_weights(out).unet_state, window["raw"])

@@ -49,7 +49,7 @@ def test_run_cli_maps_errors_to_exit_codes(capsys):
 
 def test_sample_output_dir_that_is_a_file_exits_2(tmp_path):
     (tmp_path / "taken").write_text("not a folder")
-    code, err = _cli(["sample.py", f"inputs={tmp_path}", f"output_dir={tmp_path / 'taken'}"], tmp_path)
+    code, err = _cli(["refine.py", f"inputs={tmp_path}", f"output_dir={tmp_path / 'taken'}"], tmp_path)
     assert code == 2
     _assert_one_error_line(err, "output_dir", "is an existing file")
 
@@ -59,16 +59,16 @@ def test_sample_output_dir_that_is_a_file_exits_2(tmp_path):
 def test_sample_unusable_device_is_a_setting_error(tmp_path, device, message):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    from refiner.apps.sample import run
+    from refiner.apps.refine import run
 
-    cfg = compose_config("sample", [f"inputs={tmp_path}", f"device={device}", f"output_dir={tmp_path / 'o'}"], tmp_path)
+    cfg = compose_config("refine", [f"inputs={tmp_path}", f"device={device}", f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert run_cli(lambda: run(cfg)) == 2
     with pytest.raises(SettingError, match=message):
         run(cfg)
 
 
 def test_sample_device_bogus_cli_exits_2(tmp_path):
-    code, err = _cli(["sample.py", f"inputs={tmp_path}", "device=bogus", f"output_dir={tmp_path / 'o'}"], tmp_path)
+    code, err = _cli(["refine.py", f"inputs={tmp_path}", "device=bogus", f"output_dir={tmp_path / 'o'}"], tmp_path)
     assert code == 2
     _assert_one_error_line(err, "device='bogus'")
 
@@ -99,10 +99,10 @@ def test_sample_unwritable_output_folder_exits_2(tmp_path):
     out = tmp_path / "readonly"
     out.mkdir(mode=0o555)
     try:
-        code, err = _cli(["sample.py", f"inputs={tmp_path}", f"output_dir={out}"], tmp_path, prefix)
+        code, err = _cli(["refine.py", f"inputs={tmp_path}", f"output_dir={out}"], tmp_path, prefix)
         assert code == 2
         _assert_one_error_line(err, str(out), "is not writable")
-        code, err = _cli(["sample.py", f"inputs={tmp_path}", f"output_dir={out / 'new' / 'deeper'}"], tmp_path, prefix)
+        code, err = _cli(["refine.py", f"inputs={tmp_path}", f"output_dir={out / 'new' / 'deeper'}"], tmp_path, prefix)
         assert code == 2
         _assert_one_error_line(err, "cannot be created", "is not writable")
     finally:
@@ -116,7 +116,7 @@ def test_train_setting_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_train_empty_shard_folder_is_a_setting_error(tmp_path, capsys):
-    from refiner.train import run
+    from refiner.apps.train import run
 
     (tmp_path / "empty").mkdir()
     cfg = compose_config("train", ["logger=none", f"data.train_shards={tmp_path / 'empty'}", "model.first_stage=null"],

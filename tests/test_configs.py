@@ -58,25 +58,25 @@ def test_bench_method_presets_compose_and_parse(preset, tmp_path):
     # the demo preset names the full preset's checkpoints and thins the sweeps
     full = compose_config("bench", ["methods=full"], tmp_path).methods
     for name, m in methods.items():
-        assert m.stages == tuple(full[name].get("stages", ()))
+        assert m.experts == tuple(full[name].get("experts", ()))
         if preset == "demo":
             assert len(m.settings) == 1
-    assert methods["chain"].stages == (cfg.checkpoints.shape, cfg.checkpoints.detail)
+    assert methods["chain"].experts == (cfg.checkpoints.shape, cfg.checkpoints.detail)
 
 
 def test_sample_artifact_settings_compose_and_parse(tmp_path):
-    """conf/sample.yaml's detect/correct/mask/t_start=auto settings: defaults off, every override composes and
+    """conf/refine.yaml's detect/correct/mask/t_start=auto settings: defaults off, every override composes and
     reaches ArtifactOptions (a calibration file is only read with t_start=auto)."""
     from refiner.artifacts.correct import AutoStart
     from refiner.inference.artifact_options import ArtifactOptions
 
-    defaults = compose_config("sample", [], tmp_path)
+    defaults = compose_config("refine", [], tmp_path)
     opts = ArtifactOptions.from_settings(defaults)
     assert (defaults.detect, defaults.correct, defaults.mask) == ("none", "none", None) and not opts.active
     assert defaults.auto_calibration.endswith("bench_tune/t_start_auto.json") and not defaults.allow_calibration_mismatch
     calib = tmp_path / "auto.json"
-    AutoStart([(0.1, 199.0), (0.3, 399.0)], chain={"stages": list(defaults.stages)}).save(calib)
-    cfg = compose_config("sample", ["detect=residual", "correct=strength_map", f"mask={tmp_path}", "t_start=auto",
+    AutoStart([(0.1, 199.0), (0.3, 399.0)], chain={"experts": list(defaults.experts)}).save(calib)
+    cfg = compose_config("refine", ["detect=residual", "correct=strength_map", f"mask={tmp_path}", "t_start=auto",
                                     f"auto_calibration={calib}", "strength.t_low=49", "mask_dilate_px=2",
                                     "ttc.t_correct=400", "ttc.gamma=0.1", "ttc.correction_eta=0.5",
                                     "allow_calibration_mismatch=false"], tmp_path)
@@ -85,10 +85,10 @@ def test_sample_artifact_settings_compose_and_parse(tmp_path):
                                                                                    str(tmp_path), 49, 2)
     assert (opts.t_correct, opts.gamma, opts.correction_eta) == (400, 0.1, 0.5)
     assert opts.start_range(cfg.t_start) == (199, 399) and opts.auto([0.2]) == [299]
-    ttc = ArtifactOptions.from_settings(compose_config("sample", ["detect=asced_code", "correct=ttc"], tmp_path))
+    ttc = ArtifactOptions.from_settings(compose_config("refine", ["detect=asced_code", "correct=ttc"], tmp_path))
     assert ttc.active and ttc.start_range(499) == (499, 499)
     assert defaults.composite == "none" and opts.composite == "none" and "composite" not in opts.digest()
-    pasted = ArtifactOptions.from_settings(compose_config("sample", [
+    pasted = ArtifactOptions.from_settings(compose_config("refine", [
         "detect=output_residual", "composite=paste_back", "paste_back.feather_px=6", "paste_back.whole_above=0.12"],
         tmp_path))
     assert (pasted.detect, pasted.composite, pasted.feather_px, pasted.whole_above) == ("output_residual",

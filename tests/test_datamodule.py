@@ -8,7 +8,6 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from refiner.data.shards import expand_shards
 from refiner.lit.datamodule import DeterministicBatches, LatentDataModule, epoch_permutation
 
 

@@ -1,6 +1,6 @@
 """Issue 12 items 4 and 6 under DDP (2 processes, gloo on CPU): a LoRA detail window trained with whole-chain
 validation. Training changes only the adapters, identically on both ranks, and the adapter checkpoint loads
-(merged onto its base, and as a chain stage). Whole-chain validation splits the samples between the ranks and its
+(merged onto its base, and as a chain expert). Whole-chain validation splits the samples between the ranks and its
 logged metrics cover all of them: they are recomputed here from the saved checkpoints over every validation
 sample, and differ from what rank 0's share alone would score."""
 
@@ -29,14 +29,14 @@ def _env() -> dict:
     return env
 
 
-def _chain_outputs(cfg, stages: list, n: int):
+def _chain_outputs(cfg, experts: list, n: int):
     """The chain's outputs for the first ``n`` validation samples, as one process computes them (whole batches,
     the batch's noise from (val.seed=0, batch index)), and the clean images."""
     from refiner.formats.compvis import first_stage_from_config
     from refiner.inference.chain import Chain
     from refiner.lit.window_module import step_seed
 
-    chain = Chain.from_paths(stages)
+    chain = Chain.from_paths(experts)
     f4 = first_stage_from_config(cfg.model.first_stage, "f4")
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")

@@ -29,7 +29,8 @@ from refiner.formats.diffusers import (  # noqa: E402
 )
 from refiner.models.unet import UNetModel, tiny_unet_params  # noqa: E402
 from refiner.models.vq import VQModel, tiny_ddconfig  # noqa: E402
-from refiner.sampling import Stage, refine, timestep_grid  # noqa: E402
+from refiner.experts import Expert, refine  # noqa: E402
+from refiner.sampling import timestep_grid  # noqa: E402
 
 TOL = 1e-5
 # the ldm_vq4_ffhq preset's layout (mult [1,2,3,4], attention at ds 8/4/2, 2 res blocks, 32-wide heads)
@@ -206,12 +207,12 @@ def test_export_import_round_trip_bit_identical(chain):
 def _our_stages(chain):
     from refiner.formats.window_files import load_window_checkpoint
 
-    stages = []
+    experts = []
     for p in (chain["shape"], chain["detail"]):
         ww = load_window_checkpoint(p)
         unet = ww.build_unet()
-        stages.append(Stage(lambda x, t, u=unet: u(x, t), ww.window, ww.parameterization))
-    return stages, ww.schedule.alphas_cumprod()
+        experts.append(Expert(lambda x, t, u=unet: u(x, t), ww.window, ww.parameterization))
+    return experts, ww.schedule.alphas_cumprod()
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -219,7 +220,7 @@ def test_diffusers_ddim_loop_reproduces_refine(chain, eta):
     out = chain["out"]
     scheduler = diffusers.DDIMScheduler.from_pretrained(out, subfolder="scheduler")
     unets = [diffusers.UNet2DModel.from_pretrained(out, subfolder=s).eval() for s in ("unet", "unet_2")]
-    stages, ac = _our_stages(chain)
+    experts, ac = _our_stages(chain)
     assert (scheduler.alphas_cumprod.double() - ac).abs().max() < 1e-6  # float32 vs our float64
     t_start, steps = 481, 25
     scheduler.set_timesteps(50)
@@ -227,7 +228,7 @@ def test_diffusers_ddim_loop_reproduces_refine(chain, eta):
     assert grid == timestep_grid(t_start, steps) == list(range(481, 0, -20))
 
     z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    ours = refine(stages, z, t_start, steps, ac, eta=eta, generator=torch.Generator().manual_seed(0))
+    ours = refine(experts, z, t_start, steps, ac, eta=eta, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)  # same draws as refine: q_sample noise, then one per step
     x = scheduler.add_noise(z, torch.randn(z.shape, generator=g), torch.tensor([t_start]))
     for t in grid:
@@ -313,7 +314,7 @@ def test_unsupported_diffusers_configs_are_named():
 def test_export_refusals(chain, tmp_path):
     with pytest.raises(DiffusersFormatError, match="already exists; pass --force"):
         export_diffusers([chain["shape"]], chain["out"])
-    with pytest.raises(DiffusersFormatError, match="overlapping stage windows"):
+    with pytest.raises(DiffusersFormatError, match="overlapping expert windows"):
         export_diffusers([chain["shape"], chain["shape"]], tmp_path / "x")
     inside = tmp_path / "host"
     inside.mkdir()
@@ -337,7 +338,7 @@ def test_cli_force_replaces_atomically(chain, tmp_path):
     out = tmp_path / "cli_out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    cmd = [sys.executable, "-m", "refiner.export", "diffusers", str(chain["shape"]), str(out)]
+    cmd = [sys.executable, "-m", "refiner", "export", "diffusers", str(chain["shape"]), str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "already exists; pass --force" in res.stderr
     res = subprocess.run(cmd + ["--force", "--raw"], capture_output=True, text=True, timeout=120)
@@ -353,7 +354,7 @@ def test_finetune_config_takes_diffusers_folder(chain, compose_train):
     """init_from=<folder> and first_stage.f4.ckpt_path=<folder>/vqvae pass validation and load strictly."""
     from hydra.utils import instantiate
 
-    from refiner.train import apply_init_from, read_init_from, validate
+    from refiner.apps.train import apply_init_from, read_init_from, validate
 
     out = chain["out"]
     cfg = compose_train(f"init_from={out}", f"first_stage.f4.ckpt_path={out}/vqvae",

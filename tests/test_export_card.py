@@ -11,8 +11,7 @@ import torch
 from safetensors import safe_open
 
 from helpers_compvis import make_window_checkpoint
-from refiner.apps.checkpoint import main as checkpoint_main
-from refiner.export import main as export_main
+from refiner.apps.export import main as export_main
 from refiner.formats.model_card import card_entry, export_card_path
 from refiner.formats.window_files import export_safetensors, load_window_weights
 from refiner.io import OutputPathError
@@ -107,9 +106,9 @@ def test_an_existing_card_is_never_replaced_without_force(run_ckpt, tmp_path):
     with pytest.raises(OutputPathError, match=r"model card .*detail.README.md already exists"):
         export_safetensors(run_ckpt, out)
     assert mine.read_text() == "a README the user wrote\n" and not out.exists()  # nothing written
-    assert checkpoint_main(["export", str(run_ckpt), str(out)]) == 2  # the CLI: a one-line error, exit 2
+    assert export_main(["safetensors", str(run_ckpt), str(out)]) == 2  # the CLI: a one-line error, exit 2
     assert mine.read_text() == "a README the user wrote\n" and not out.exists()
-    assert checkpoint_main(["export", str(run_ckpt), str(out), "--force"]) == 0
+    assert export_main(["safetensors", str(run_ckpt), str(out), "--force"]) == 0
     assert card_fields(mine.read_text())["steps"] == "600"
 
 

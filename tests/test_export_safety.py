@@ -19,14 +19,14 @@ def ckpt(tmp_path):
 
 def test_cli_export_onto_its_input_is_refused_and_the_input_survives(ckpt):
     before = ckpt.read_bytes()
-    res = subprocess.run([sys.executable, "-m", "refiner.apps.checkpoint", "export", str(ckpt), str(ckpt)],
+    res = subprocess.run([sys.executable, "-m", "refiner", "export", "safetensors", str(ckpt), str(ckpt)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("error: ") and "is the input" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert ckpt.read_bytes() == before
     # --force never makes the input an acceptable output
-    res = subprocess.run([sys.executable, "-m", "refiner.apps.checkpoint", "export", str(ckpt), str(ckpt), "--force"],
+    res = subprocess.run([sys.executable, "-m", "refiner", "export", "safetensors", str(ckpt), str(ckpt), "--force"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and ckpt.read_bytes() == before
 

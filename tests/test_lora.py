@@ -24,7 +24,7 @@ from refiner.lit.window_module import WindowRefiner
 from refiner.models.lora import LoraSettings, base_state, inject_lora, is_adapter_key, load_adapter_state, \
     load_base_state
 from refiner.models.unet import UNetModel
-from refiner.train import ConfigError, run
+from refiner.apps.train import ConfigError, run
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
 
@@ -220,7 +220,7 @@ def test_lora_without_a_base_is_refused(world, tmp_path):
 
 
 def test_chain_with_a_lora_detail_stage_runs_the_unmerged_adapters(base_window, lora_window):
-    """Chain.from_paths accepts the adapter checkpoint as a stage; its output equals a chain whose detail UNet is
+    """Chain.from_paths accepts the adapter checkpoint as a expert; its output equals a chain whose detail UNet is
     the peft-wrapped (unmerged) base + adapters."""
     from refiner.inference.chain import Chain
 
@@ -230,13 +230,13 @@ def test_chain_with_a_lora_detail_stage_runs_the_unmerged_adapters(base_window, 
     wrapped = inject_lora(UNetModel(**base.unet_params), LoraSettings.from_config(ckpt["hyper_parameters"]["lora"]))
     load_base_state(wrapped, base.unet_state, "base")
     load_adapter_state(wrapped, {k[len("unet."):]: v for k, v in ckpt["state_dict"].items()}, "adapters")
-    reference = Chain.from_unets([base.build_unet(), wrapped.eval()], [s.weights.window for s in chain.stages],
+    reference = Chain.from_unets([base.build_unet(), wrapped.eval()], [s.weights.window for s in chain.experts],
                                  base.schedule, unet_params=base.unet_params, scale_factor=chain.scale_factor)
     z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     out = chain.refine(z, 399, 8, noise=noise).latent
     ref = reference.refine(z, 399, 8, noise=noise).latent
-    assert [s.weights.window.t_max for s in chain.stages] == [500, 250]
+    assert [s.weights.window.t_max for s in chain.experts] == [500, 250]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -245,12 +245,12 @@ def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, ba
                                                                  monkeypatch):
     from peft import PeftModel
 
-    from refiner.apps.checkpoint import main as checkpoint_main
-    from refiner.export import main as export_main
+    from refiner.apps.export import inspect_main
+    from refiner.apps.export import main as export_main
 
     merged = load_window_weights(lora_window["last_ckpt"])
-    assert checkpoint_main(["export", lora_window["last_ckpt"], str(tmp_path / "w.safetensors")]) == 0
-    assert checkpoint_main(["inspect", lora_window["last_ckpt"]]) == 0
+    assert export_main(["safetensors", lora_window["last_ckpt"], str(tmp_path / "w.safetensors")]) == 0
+    assert inspect_main([lora_window["last_ckpt"]]) == 0
     assert "LoRA adapters only (rank 4, alpha 8) on base " + str(Path(base_window["last_ckpt"]).resolve()) in \
         capsys.readouterr().out
     exported = load_window_weights(tmp_path / "w.safetensors")

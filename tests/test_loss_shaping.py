@@ -381,8 +381,8 @@ def test_config_overrides_reach_the_window_and_bad_ones_fail_validation(tmp_path
     from omegaconf import OmegaConf
 
     from conftest import compose_config
-    from refiner.train import ConfigError
-    from refiner.train import validate as validate_config
+    from refiner.apps.train import ConfigError
+    from refiner.apps.train import validate as validate_config
 
     cfg = compose_config("train", ["window=late_500_750", "window.distribution=piecewise",
                                    "window.piecewise=[[250,400,1.0],[400,500,3.0]]", "model.loss_weighting=min_snr",

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ROOT
 
-COMMANDS = ("refiner-train", "refiner-sample", "refiner-build-shards", "refiner-export", "refiner-checkpoint")
+COMMANDS = ("refiner", "refiner-train", "refiner-sample", "refiner-build-shards", "refiner-export", "refiner-checkpoint",
+            "refiner-bench")
 
 
 def _run(cmd, cwd, env=None, timeout=180):
@@ -45,11 +46,17 @@ def test_wheel_installs_console_commands_that_find_their_configs(tmp_path):
     elsewhere.mkdir()
     where = _run([sys.executable, "-c", "import refiner; print(refiner.__file__)"], elsewhere, env)
     assert where.strip().startswith(str(site))
-    out = _run([str(site / "bin" / "refiner-train"), "--cfg", "job", "experiment=demo_refiner_500_750"], elsewhere, env)
+    refiner = str(site / "bin" / "refiner")
+    out = _run([refiner, "train", "--cfg", "job", "experiment=demo_refiner_500_750"], elsewhere, env)
     assert "t_min: 250" in out and "t_max: 500" in out
-    out = _run([str(site / "bin" / "refiner-sample"), "--cfg", "job", "t_start=299"], elsewhere, env)
+    out = _run([refiner, "refine", "--cfg", "job", "t_start=299"], elsewhere, env)
     assert "t_start: 299" in out
-    out = _run([str(site / "bin" / "refiner-build-shards"), "--cfg", "job"], elsewhere, env)
+    out = _run([refiner, "build-shards", "--cfg", "job"], elsewhere, env)
     assert "splits:" in out
-    assert "diffusers" in _run([str(site / "bin" / "refiner-export"), "--help"], elsewhere, env)
-    assert "export" in _run([str(site / "bin" / "refiner-checkpoint"), "--help"], elsewhere, env)
+    assert "diffusers" in _run([refiner, "export", "--help"], elsewhere, env)
+    assert "refine" in _run([refiner, "--help"], elsewhere, env)
+    # an old script still works and names the new command in one line
+    res = subprocess.run([str(site / "bin" / "refiner-sample"), "--cfg", "job", "t_start=299"], cwd=elsewhere,
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0 and "t_start: 299" in res.stdout
+    assert res.stderr.splitlines()[0] == "deprecated: refiner-sample is now `refiner refine`"

@@ -10,16 +10,8 @@ import torch
 
 from gaussian import GaussianDenoiser
 from refiner.diffusion import ScheduleConfig, Window, make_betas, q_sample
-from refiner.sampling import (
-    RefineResult,
-    Stage,
-    ddim_step,
-    ddpm_posterior_step,
-    refine,
-    sample_ddim,
-    sample_ddpm,
-    timestep_grid,
-)
+from refiner.experts import RefineResult, Expert, refine
+from refiner.sampling import ddim_step, ddpm_posterior_step, sample_ddim, sample_ddpm, timestep_grid
 
 AB = ScheduleConfig().alphas_cumprod()  # CompVis LDM linear, T=1000, float64
 
@@ -227,7 +219,7 @@ def test_refine_point_on_manifold_stays_close():
     model = GaussianDenoiser(MU, S, AB)
     z = torch.full((2000, 4), MU, dtype=torch.float64)
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    out = refine([Stage(model, Window(0, 1000))], z, 500, 100, AB, noise=noise)
+    out = refine([Expert(model, Window(0, 1000))], z, 500, 100, AB, noise=noise)
     x_500 = q_sample(z, torch.full((2000,), 500), AB, noise)
     exact = model.flow_map(x_500, float(AB[500]), float(AB[0]))
     assert (out - exact).abs().max().item() < 0.05  # first-order discretisation error, see above
@@ -241,12 +233,12 @@ def test_x0_and_v_parameterizations_match_eps(eta):
     z = torch.randn(8, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * S + MU
     results = []
     for p in ("eps", "x0", "v"):
-        stage = Stage(GaussianDenoiser(MU, S, AB, p), Window(0, 1000), parameterization=p)
-        results.append(refine([stage], z, 600, 20, AB, eta=eta, generator=torch.Generator().manual_seed(9)))
+        expert = Expert(GaussianDenoiser(MU, S, AB, p), Window(0, 1000), parameterization=p)
+        results.append(refine([expert], z, 600, 20, AB, eta=eta, generator=torch.Generator().manual_seed(9)))
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(results[2], results[0], rtol=1e-9, atol=1e-9)
     # and a wrongly declared parameterization changes the answer
-    wrong = refine([Stage(GaussianDenoiser(MU, S, AB, "x0"), Window(0, 1000), "eps")], z, 600, 20, AB, eta=eta,
+    wrong = refine([Expert(GaussianDenoiser(MU, S, AB, "x0"), Window(0, 1000), "eps")], z, 600, 20, AB, eta=eta,
                    generator=torch.Generator().manual_seed(9))
     assert not torch.allclose(wrong, results[0], atol=1e-3)
 
@@ -267,16 +259,16 @@ class TinyNet(torch.nn.Module):
 def test_chain_equals_single_stage_bit_identical(shape, eta):
     net = TinyNet()
     z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    single = refine([Stage(net, Window(0, 500))], z, 499, 20, AB, eta=eta, generator=torch.Generator().manual_seed(1))
-    chained = refine([Stage(net, Window(250, 500), name="hi"), Stage(net, Window(0, 250), name="lo")], z, 499, 20,
-                     AB, eta=eta, generator=torch.Generator().manual_seed(1), return_stage_outputs=True)
+    single = refine([Expert(net, Window(0, 500))], z, 499, 20, AB, eta=eta, generator=torch.Generator().manual_seed(1))
+    chained = refine([Expert(net, Window(250, 500), name="hi"), Expert(net, Window(0, 250), name="lo")], z, 499, 20,
+                     AB, eta=eta, generator=torch.Generator().manual_seed(1), return_expert_outputs=True)
     assert isinstance(chained, RefineResult)
     assert torch.equal(single, chained.latent)
     assert chained.timesteps == timestep_grid(499, 20)
-    assert chained.stage_of_step == [0 if t >= 250 else 1 for t in chained.timesteps]
-    assert len(chained.stage_latents) == 2 and len(chained.stage_x0) == 2
-    assert torch.equal(chained.stage_latents[-1], chained.latent)
-    assert not torch.equal(chained.stage_latents[0], chained.latent)
+    assert chained.expert_of_step == [0 if t >= 250 else 1 for t in chained.timesteps]
+    assert len(chained.expert_latents) == 2 and len(chained.expert_x0) == 2
+    assert torch.equal(chained.expert_latents[-1], chained.latent)
+    assert not torch.equal(chained.expert_latents[0], chained.latent)
 
 
 def test_stages_switch_experts_at_boundary():
@@ -284,7 +276,7 @@ def test_stages_switch_experts_at_boundary():
     lo = GaussianDenoiser(MU, S, AB)
     z = torch.zeros(3, 2, dtype=torch.float64)
     noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    refine([Stage(lo, Window(0, 250)), Stage(hi, Window(250, 500))], z, 499, 10, AB, noise=noise)
+    refine([Expert(lo, Window(0, 250)), Expert(hi, Window(250, 500))], z, 499, 10, AB, noise=noise)
     grid = timestep_grid(499, 10)
     assert [c[0] for c in hi.calls] == [t for t in grid if t >= 250]
     assert [c[0] for c in lo.calls] == [t for t in grid if t < 250]
@@ -296,7 +288,7 @@ def test_stages_switch_experts_at_boundary():
         seen.append(x.clone())
         return hi(x, t)
 
-    refine([Stage(spy, Window(0, 500))], z, 499, 10, AB, noise=noise)
+    refine([Expert(spy, Window(0, 500))], z, 499, 10, AB, noise=noise)
     torch.testing.assert_close(seen[0], q_sample(z, torch.full((3,), 499), AB, noise))
 
 
@@ -304,31 +296,31 @@ def test_refine_validation_errors():
     net = TinyNet()
     z = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match=r"gap \[250, 300\)"):
-        refine([Stage(net, Window(300, 500)), Stage(net, Window(0, 250))], z, 499, 50, AB)
+        refine([Expert(net, Window(300, 500)), Expert(net, Window(0, 250))], z, 499, 50, AB)
     with pytest.raises(ValueError, match=r"above the top window.*t_max-1 = 499"):
-        refine([Stage(net, Window(0, 500))], z, 600, 10, AB)
+        refine([Expert(net, Window(0, 500))], z, 600, 10, AB)
     with pytest.raises(ValueError, match=r"below the bottom window"):
-        refine([Stage(net, Window(250, 500))], z, 499, 10, AB)
-    with pytest.raises(ValueError, match=r"overlapping stage windows.*\[200, 500\).*\[0, 250\)|overlapping.*\[0, 250\).*\[200, 500\)"):
-        refine([Stage(net, Window(200, 500)), Stage(net, Window(0, 250))], z, 499, 10, AB)
+        refine([Expert(net, Window(250, 500))], z, 499, 10, AB)
+    with pytest.raises(ValueError, match=r"overlapping expert windows.*\[200, 500\).*\[0, 250\)|overlapping.*\[0, 250\).*\[200, 500\)"):
+        refine([Expert(net, Window(200, 500)), Expert(net, Window(0, 250))], z, 499, 10, AB)
     with pytest.raises(ValueError, match="num_timesteps"):
-        refine([Stage(net, Window(0, 500, num_timesteps=500))], z, 400, 10, AB)
+        refine([Expert(net, Window(0, 500, num_timesteps=500))], z, 400, 10, AB)
     with pytest.raises(ValueError, match="noise has shape"):
-        refine([Stage(net, Window(0, 500))], z, 400, 10, AB, noise=torch.zeros(1, 3, 4, 5))
+        refine([Expert(net, Window(0, 500))], z, 400, 10, AB, noise=torch.zeros(1, 3, 4, 5))
     # a gap the grid does not hit is fine: grid [499, 249] with steps=2... uses uniform stride 499
-    out = refine([Stage(net, Window(300, 500)), Stage(net, Window(0, 250))], z, 499, 2, AB,
-                 return_stage_outputs=True)
+    out = refine([Expert(net, Window(300, 500)), Expert(net, Window(0, 250))], z, 499, 2, AB,
+                 return_expert_outputs=True)
     assert out.timesteps == [499, 0]
 
 
 def test_allow_outside_window_warns_and_uses_nearest():
     hi, lo = GaussianDenoiser(MU, S, AB), GaussianDenoiser(MU, S, AB)
     z = torch.zeros(1, 2, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="nearest stage"):
-        res = refine([Stage(lo, Window(0, 250)), Stage(hi, Window(250, 500))], z, 700, 8, AB,
-                     allow_outside_window=True, return_stage_outputs=True, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="nearest expert"):
+        res = refine([Expert(lo, Window(0, 250)), Expert(hi, Window(250, 500))], z, 700, 8, AB,
+                     allow_outside_window=True, return_expert_outputs=True, generator=torch.Generator().manual_seed(0))
     assert res.timesteps[0] == 700
-    assert res.stage_of_step == [1 if t >= 250 else 0 for t in res.timesteps]
+    assert res.expert_of_step == [1 if t >= 250 else 0 for t in res.timesteps]
     assert hi.calls[0] == [700]
 
 
@@ -336,8 +328,8 @@ def test_allow_outside_window_warns_and_uses_nearest():
 def test_callback_protocol():
     net = TinyNet()
     z = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    stages = [Stage(net, Window(0, 500))]
-    base = refine(stages, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1))
+    experts = [Expert(net, Window(0, 500))]
+    base = refine(experts, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1))
 
     calls = []
 
@@ -345,17 +337,17 @@ def test_callback_protocol():
         calls.append((i, t, x_t.shape, out.shape, x0.shape))
         return None
 
-    same = refine(stages, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1), callback=watcher)
+    same = refine(experts, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1), callback=watcher)
     assert torch.equal(same, base)
     assert [c[0] for c in calls] == list(range(8))
     assert [c[1] for c in calls] == timestep_grid(400, 8)
     assert all(c[2] == c[3] == c[4] == z.shape for c in calls)
 
-    zeroed = refine(stages, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1),
+    zeroed = refine(experts, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1),
                     callback=lambda i, t, x, o, x0: x * 0 if i == 7 else None)
     assert torch.equal(zeroed, torch.zeros_like(z)) and not torch.equal(base, zeroed)
     # an edit mid-way propagates through the remaining steps
-    mid = refine(stages, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1),
+    mid = refine(experts, z, 400, 8, AB, eta=0.5, generator=torch.Generator().manual_seed(1),
                  callback=lambda i, t, x, o, x0: x * 0 if i == 3 else None)
     assert not torch.equal(mid, base) and mid.abs().sum() > 0
 
@@ -376,10 +368,10 @@ def test_seeded_generator_reproducible():
     net = TinyNet()
     z = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     noise = torch.randn_like(z)
-    stages = [Stage(net, Window(0, 500))]
+    experts = [Expert(net, Window(0, 500))]
 
     def run(seed, eta=0.7):
-        return refine(stages, z, 450, 10, AB, eta=eta, generator=torch.Generator().manual_seed(seed), noise=noise)
+        return refine(experts, z, 450, 10, AB, eta=eta, generator=torch.Generator().manual_seed(seed), noise=noise)
 
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2), atol=1e-4)
@@ -401,14 +393,14 @@ def test_one_generator_per_row_makes_stochastic_refinement_independent_of_batchi
     x_prev = sigma * n_step, and n_step is the second randn of row i's generator (the first is the q_sample
     noise). One generator for the whole batch couples the rows (the old rule, kept for CompVis parity)."""
     m = GaussianDenoiser(MU, S, AB)
-    stages = [Stage(m, Window(0, 500))]
+    experts = [Expert(m, Window(0, 500))]
     z = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
     def gens(*seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    batch = refine(stages, z, 450, 6, AB, eta=0.5, generator=gens(10, 11, 12))
-    alone = torch.cat([refine(stages, z[i:i + 1], 450, 6, AB, eta=0.5, generator=gens(10 + i)) for i in range(3)])
+    batch = refine(experts, z, 450, 6, AB, eta=0.5, generator=gens(10, 11, 12))
+    alone = torch.cat([refine(experts, z[i:i + 1], 450, 6, AB, eta=0.5, generator=gens(10 + i)) for i in range(3)])
     assert torch.equal(batch, alone)
     for eta in (0.0, 1.0):
         assert torch.equal(sample_ddim(m, z, [300, 200, 100], AB, eta=eta, generator=gens(1, 2, 3)),
@@ -416,10 +408,10 @@ def test_one_generator_per_row_makes_stochastic_refinement_independent_of_batchi
                                       for i in range(3)]))
     assert torch.equal(sample_ddpm(m, z, [300, 200], AB, generator=gens(4, 5, 6)),
                        torch.cat([sample_ddpm(m, z[i:i + 1], [300, 200], AB, generator=gens(4 + i)) for i in range(3)]))
-    coupled = refine(stages, z, 450, 6, AB, eta=0.5, generator=torch.Generator().manual_seed(10))
+    coupled = refine(experts, z, 450, 6, AB, eta=0.5, generator=torch.Generator().manual_seed(10))
     assert not any(torch.allclose(coupled[i], alone[i]) for i in range(3))  # one batch generator couples the rows
 
-    zero_eps = Stage(lambda x, t: torch.zeros_like(x), Window(0, 500))
+    zero_eps = Expert(lambda x, t: torch.zeros_like(x), Window(0, 500))
     t, t_prev = 400, 200
     x1 = refine([zero_eps], torch.zeros(3, 1, 2, 2, dtype=torch.float64), t, 2, AB, eta=1.0, t_end=t_prev,
                 generator=gens(7, 8, 9))
@@ -434,4 +426,4 @@ def test_one_generator_per_row_makes_stochastic_refinement_independent_of_batchi
         expected = math.sqrt(float(AB[0])) * x_mid / math.sqrt(a_prev) + sigma2 * n2
         torch.testing.assert_close(x1[row], expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one torch.Generator per batch row"):
-        refine(stages, z, 450, 6, AB, eta=0.5, generator=gens(1, 2))
+        refine(experts, z, 450, 6, AB, eta=0.5, generator=gens(1, 2))

@@ -1,4 +1,4 @@
-"""Issue 9, class 5: numeric settings are range-checked by the sampling API and by sample.py."""
+"""Issue 9, class 5: numeric settings are range-checked by the sampling API and by refine.py."""
 
 import math
 
@@ -7,7 +7,8 @@ import torch
 
 from refiner.diffusion import ScheduleConfig, Window
 from refiner.errors import SettingError
-from refiner.sampling import Stage, ddim_step, max_ddim_eta, refine, sample_ddim, timestep_grid
+from refiner.experts import Expert, refine
+from refiner.sampling import ddim_step, max_ddim_eta, sample_ddim, timestep_grid
 
 AB = ScheduleConfig("linear", 1000, 0.0015, 0.0195).alphas_cumprod()
 
@@ -24,7 +25,7 @@ def test_negative_or_non_finite_eta_is_refused_everywhere(eta):
     with pytest.raises(ValueError, match="eta must be"):
         sample_ddim(_zero, x, [500, 400], AB, eta=eta)
     with pytest.raises(ValueError, match="eta must be"):
-        refine([Stage(_zero, Window(0, 1000))], x, 499, 5, AB, eta=eta, noise=torch.zeros_like(x))
+        refine([Expert(_zero, Window(0, 1000))], x, 499, 5, AB, eta=eta, noise=torch.zeros_like(x))
 
 
 def test_eta_above_one_only_where_the_ddim_variance_fits():
@@ -43,7 +44,7 @@ def test_eta_above_one_only_where_the_ddim_variance_fits():
     assert min(max_ddim_eta(float(AB[t]), float(AB[max(p, 0)])) for t, p in zip(fine, fine[1:] + [-1])) > 1.2
     sample_ddim(_zero, torch.zeros(1, 1, 1, 1), fine, AB, eta=1.2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="too large"):
-        refine([Stage(_zero, Window(0, 1000))], torch.zeros(1, 1, 1, 1), 299, 4, AB, eta=1.05)
+        refine([Expert(_zero, Window(0, 1000))], torch.zeros(1, 1, 1, 1), 299, 4, AB, eta=1.05)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -55,9 +56,9 @@ def test_eta_above_one_only_where_the_ddim_variance_fits():
 ])
 def test_sample_settings_out_of_range_fail_before_loading_anything(tmp_path, override, message):
     from conftest import compose_config
-    from refiner.apps.sample import run
+    from refiner.apps.refine import run
 
-    cfg = compose_config("sample", [f"inputs={tmp_path}", "stages=[/nonexistent.ckpt]", override,
+    cfg = compose_config("refine", [f"inputs={tmp_path}", "experts=[/nonexistent.ckpt]", override,
                                     f"output_dir={tmp_path / 'out'}"], tmp_path / "out")
     with pytest.raises(SettingError, match=message):
         run(cfg)
@@ -65,13 +66,13 @@ def test_sample_settings_out_of_range_fail_before_loading_anything(tmp_path, ove
 
 
 def test_eta_too_large_for_the_grid_is_a_setting_error():
-    from refiner.errors import SampleError
+    from refiner.errors import RefineError
     from refiner.formats.window_files import WindowWeights
-    from refiner.inference.chain import Chain, LoadedStage
+    from refiner.inference.chain import Chain, LoadedExpert
 
     weights = WindowWeights({}, {}, Window(0, 500), ScheduleConfig("linear", 1000, 0.0015, 0.0195), "eps", None,
                             "w.ckpt", False)
-    chain = Chain([LoadedStage(weights, unet=None)], AB, 1.0)  # plan() needs only windows and parameterizations
-    with pytest.raises(SampleError, match="eta=1.05 is too large"):
+    chain = Chain([LoadedExpert(weights, unet=None)], AB, 1.0)  # plan() needs only windows and parameterizations
+    with pytest.raises(RefineError, match="eta=1.05 is too large"):
         chain.plan(299, 4, eta=1.05)
     assert chain.plan(299, 4, eta=1.0).timesteps == [299, 200, 101, 2]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refiner.bench.checker import RULES, check
+from refiner.data.checker import RULES, check
 from refiner.data.synthetic import DEFECTS, MIN_SIZE, head_for, inject_defect, main, render, render_head
 
 

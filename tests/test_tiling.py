@@ -23,12 +23,13 @@ from refiner.inference.progressive import (
 from refiner.data.images import PaddedImages, crop_to, to_uint8
 from refiner.inference.pipeline import decode_to_uint8
 from refiner.inference.tiling import (
-    MultiDiffusion, grid_views, ramp_weights, seam_ratio, tile_borders, tile_stages, tile_starts, tiled_decode,
+    MultiDiffusion, grid_views, ramp_weights, seam_ratio, tile_borders, tile_experts, tile_starts, tiled_decode,
     tiled_decode_rows, tiled_encode, view_weight,
 )
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
-from refiner.sampling import Stage, ddim_step, refine, sample_ddim, timestep_grid
+from refiner.experts import Expert, refine
+from refiner.sampling import ddim_step, sample_ddim, timestep_grid
 
 AC = ScheduleConfig().alphas_cumprod()
 
@@ -119,12 +120,12 @@ def test_tiled_vq_is_exact_when_the_image_fits_one_tile(factor):
 @pytest.mark.parametrize("weighting", ["uniform", "linear", "cosine"])
 def test_tiling_a_local_first_stage_changes_nothing(factor, weighting):
     """Placement, weights and normalisation are exact: with no receptive field, tiles = whole."""
-    stage = LocalFirstStage(factor)
+    expert = LocalFirstStage(factor)
     x = torch.randn(2, 3, 13 * factor, 21 * factor)
-    z = stage.encode(x)
+    z = expert.encode(x)
     tile, overlap = 6 * factor, 2 * factor
-    assert torch.allclose(tiled_encode(stage, x, tile, overlap, weighting), z, atol=1e-6)
-    assert torch.allclose(tiled_decode(stage, z, tile, overlap, weighting), stage.decode(z), atol=1e-6)
+    assert torch.allclose(tiled_encode(expert, x, tile, overlap, weighting), z, atol=1e-6)
+    assert torch.allclose(tiled_decode(expert, z, tile, overlap, weighting), expert.decode(z), atol=1e-6)
 
 
 def test_tiled_vq_differs_from_whole_by_a_bounded_amount_and_overlap_helps():
@@ -342,11 +343,11 @@ def test_jitter_is_seeded_bounded_and_covers_every_pixel():
 
 
 def test_tiled_stages_refine_like_the_plain_chain_for_a_pointwise_model():
-    stages = [Stage(GaussianDenoiser(0.3, 0.8, AC), Window(250, 500)), Stage(GaussianDenoiser(0.1, 1.2, AC), Window(0, 250))]
+    experts = [Expert(GaussianDenoiser(0.3, 0.8, AC), Window(250, 500)), Expert(GaussianDenoiser(0.1, 1.2, AC), Window(0, 250))]
     z = torch.randn(1, 3, 20, 28, dtype=torch.float64)
     noise = torch.randn_like(z)
-    plain = refine(stages, z, 499, 6, AC, noise=noise)
-    tiled = refine(tile_stages(stages, tile=8, stride=6, jitter=True), z, 499, 6, AC, noise=noise)
+    plain = refine(experts, z, 499, 6, AC, noise=noise)
+    tiled = refine(tile_experts(experts, tile=8, stride=6, jitter=True), z, 499, 6, AC, noise=noise)
     assert torch.allclose(tiled, plain, rtol=0, atol=1e-10)
 
 
@@ -370,15 +371,15 @@ def test_a_real_unet_chain_runs_on_jittered_tiles():
     """Two demo-shaped window UNets: every call sees tiles of the configured size (divisible by the
     UNet's downsampling) in batches of at most view_batch_size, and the result is finite."""
     nets = [Recorder(tiny_unet(1)), Recorder(tiny_unet(2))]
-    stages = [Stage(nets[0], Window(250, 500)), Stage(nets[1], Window(0, 250))]
+    experts = [Expert(nets[0], Window(250, 500)), Expert(nets[1], Window(0, 250))]
     z = torch.randn(1, 3, 40, 36)
     noise = torch.randn_like(z)
-    tiled = refine(tile_stages(stages, tile=16, stride=12, jitter=True, view_batch_size=4), z, 499, 4, AC, noise=noise)
+    tiled = refine(tile_experts(experts, tile=16, stride=12, jitter=True, view_batch_size=4), z, 499, 4, AC, noise=noise)
     assert tiled.shape == z.shape and torch.isfinite(tiled).all()
     shapes = nets[0].shapes + nets[1].shapes
     assert {s[1:] for s in shapes} == {(3, 16, 16)} and max(s[0] for s in shapes) == 4
     assert len(nets[0].shapes) == len(nets[1].shapes) == 2 * math.ceil(len(grid_views(40, 36, 16, 12)) / 4)
-    plain = refine(stages, z, 499, 4, AC, noise=noise)
+    plain = refine(experts, z, 499, 4, AC, noise=noise)
     assert 0 < float((tiled - plain).abs().mean()) < 0.1 * float(plain.abs().mean())  # close, not identical
 
 
@@ -431,7 +432,7 @@ def test_dilated_sampling_reassembles_the_lattices():
         dilated(torch.zeros(1, 3, 10, 8), torch.full((1,), 5))
 
 
-def demofusion_reference(stages, z, t_start, steps, upscale, tile, generator):
+def demofusion_reference(experts, z, t_start, steps, upscale, tile, generator):
     """DemoFusion's phase loop written out per view: skip residual, per-tile steps averaged (local),
     per-lattice steps on the unblurred lattice with the blurred one as model input (global)."""
     T = AC.shape[0]
@@ -442,7 +443,7 @@ def demofusion_reference(stages, z, t_start, steps, upscale, tile, generator):
         noise = torch.randn(z_up.shape, generator=generator, dtype=z_up.dtype)
         x = q_sample(z_up, torch.full((z.shape[0],), t_start), AC, noise)
         for i, t in enumerate(grid):
-            model = next(st.model for st in stages if st.window.contains(t))
+            model = next(st.model for st in experts if st.window.contains(t))
             t_prev = grid[i + 1] if i + 1 < len(grid) else -1
             tb = torch.full((x.shape[0],), t)
             c1, c2 = cosine_factor(t) ** 3, cosine_factor(t)
@@ -469,20 +470,20 @@ def demofusion_reference(stages, z, t_start, steps, upscale, tile, generator):
 
 @pytest.mark.parametrize("upscale", [2, 4])
 def test_progressive_refine_matches_a_direct_demofusion_loop(upscale):
-    stages = [Stage(ConvDenoiser(seed=1), Window(250, 500)), Stage(ConvDenoiser(seed=2), Window(0, 250))]
+    experts = [Expert(ConvDenoiser(seed=1), Window(250, 500)), Expert(ConvDenoiser(seed=2), Window(0, 250))]
     z = torch.randn(2, 3, 6, 8, dtype=torch.float64)
-    ours = progressive_refine(stages, z, 499, 4, AC, upscale=upscale, tile=8, jitter=False,
+    ours = progressive_refine(experts, z, 499, 4, AC, upscale=upscale, tile=8, jitter=False,
                               generator=torch.Generator().manual_seed(0))
-    ref = demofusion_reference(stages, z, 499, 4, upscale, tile=8, generator=torch.Generator().manual_seed(0))
+    ref = demofusion_reference(experts, z, 499, 4, upscale, tile=8, generator=torch.Generator().manual_seed(0))
     assert ours.shape == (2, 3, 6 * upscale, 8 * upscale)
     assert torch.allclose(ours, ref, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("upscale", [2, 4])
 def test_progressive_shapes_and_renormalisation_to_the_first_phase(upscale):
-    stages = [Stage(ConvDenoiser(seed=1), Window(250, 500)), Stage(ConvDenoiser(seed=2), Window(0, 250))]
+    experts = [Expert(ConvDenoiser(seed=1), Window(250, 500)), Expert(ConvDenoiser(seed=2), Window(0, 250))]
     z = torch.randn(2, 3, 8, 6) * torch.tensor([0.5, 2.0]).view(2, 1, 1, 1) + torch.tensor([1.0, -0.3]).view(2, 1, 1, 1)
-    phases = progressive_refine(stages, z, 499, 3, AC, upscale=upscale, tile=8, generator=torch.Generator().manual_seed(0),
+    phases = progressive_refine(experts, z, 499, 3, AC, upscale=upscale, tile=8, generator=torch.Generator().manual_seed(0),
                                 return_phases=True)
     assert [p.shape for p in phases] == [(2, 3, 8 * s, 6 * s) for s in phase_scales(upscale)]
     mean, std = latent_stats(z)
@@ -492,22 +493,22 @@ def test_progressive_shapes_and_renormalisation_to_the_first_phase(upscale):
 
 
 def test_progressive_with_real_unets_upscales_a_latent():
-    stages = [Stage(tiny_unet(1), Window(250, 500)), Stage(tiny_unet(2), Window(0, 250))]
+    experts = [Expert(tiny_unet(1), Window(250, 500)), Expert(tiny_unet(2), Window(0, 250))]
     z = torch.randn(1, 3, 16, 16)
-    out = progressive_refine(stages, z, 499, 3, AC, upscale=2, tile=16, view_batch_size=4,
+    out = progressive_refine(experts, z, 499, 3, AC, upscale=2, tile=16, view_batch_size=4,
                              generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
-    again = progressive_refine(stages, z, 499, 3, AC, upscale=2, tile=16, view_batch_size=4,
+    again = progressive_refine(experts, z, 499, 3, AC, upscale=2, tile=16, view_batch_size=4,
                                generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)  # seeded noise and jitter: deterministic
 
 
 def test_progressive_rejects_bad_upscale_and_uncovered_grids():
-    stages = [Stage(ConvDenoiser(), Window(0, 250))]
+    experts = [Expert(ConvDenoiser(), Window(0, 250))]
     z = torch.randn(1, 3, 4, 4)
     for bad in (1, 3, 6, 2.0):
         with pytest.raises(ValueError, match="power of 2"):
-            progressive_refine(stages, z, 200, 2, AC, upscale=bad)
+            progressive_refine(experts, z, 200, 2, AC, upscale=bad)
     with pytest.raises(ValueError, match="above the top window"):
-        progressive_refine(stages, z, 400, 2, AC, upscale=2)
+        progressive_refine(experts, z, 400, 2, AC, upscale=2)
     assert phase_scales(8) == [2, 4, 8]

@@ -13,7 +13,7 @@ from pipeline import World
 
 from refiner.formats.safe_load import CheckpointError
 from refiner.formats.window_files import load_window_checkpoint
-from refiner.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
+from refiner.apps.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
 
 
 def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):

@@ -1,5 +1,5 @@
-"""Bodies of the commands: the Hydra ones (``train.py``, ``sample.py``, ``build_shards.py`` at the repo root, and the
-installed console scripts ``refiner-train``, ``refiner-sample``, ``refiner-build-shards``) and the argparse
+"""Bodies of the commands: the Hydra ones (``train.py``, ``refine.py``, ``build_shards.py`` at the repo root, and the
+installed console scripts ``refiner-train``, ``refiner refine``, ``refiner-build-shards``) and the argparse
 ``refiner-checkpoint`` (:mod:`refiner.apps.checkpoint`).
 
 The configs live in the repo's ``conf/``; ``refiner/conf`` points there (a symlink in a checkout, real

@@ -10,11 +10,11 @@ import hydra
 from omegaconf import DictConfig
 
 from refiner.apps import CONFIG_DIR
+from refiner.bench.run import run
+from refiner.cli import run_cli
 
 
 def task(cfg: DictConfig) -> None:
-    from refiner.bench.run import run
-    from refiner.cli import run_cli
 
     def body() -> None:
         results = run(cfg)
@@ -36,7 +36,6 @@ def _side_task(module: str, report: str):
     def side_task(cfg: DictConfig) -> None:
         import importlib
 
-        from refiner.cli import run_cli
 
         def body() -> None:
             importlib.import_module(f"refiner.bench.{module}").run(cfg)

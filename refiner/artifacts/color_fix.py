@@ -144,7 +144,7 @@ def adain_color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray])
 
 @dataclass(frozen=True)
 class ColorFix:
-    """The checked ``color_fix`` settings of ``sample.py`` and the benchmark: ``method`` (:data:`COLOR_FIXES`),
+    """The checked ``color_fix`` settings of ``refine.py`` and the benchmark: ``method`` (:data:`COLOR_FIXES`),
     ``levels`` and ``max_shift`` (wavelet only; ``None`` = StableSR's uncapped rule). The defaults are the point
     chosen on the benchmark's ``split=tune`` (README, issue 11)."""
 

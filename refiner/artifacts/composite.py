@@ -37,10 +37,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, residual_mask
+from refiner.artifacts.detect import (
+    MAD_SCALE,
+    Detection,
+    PixelChangeConfig,
+    residual_mask,
+)
+from refiner.data.images import to_tensor
 from refiner.errors import SettingError
 
-OUTPUT_DETECTOR = "output_residual"  # the name of changed_region's detector (sample.py's detect=output_residual)
+OUTPUT_DETECTOR = "output_residual"  # the name of changed_region's detector (refine.py's detect=output_residual)
 
 
 def _check_region(region: Tensor) -> Tensor:
@@ -125,7 +131,6 @@ def changed_region(inputs: Sequence[np.ndarray], refined: Sequence[np.ndarray], 
     """Where the refinement changed the picture: the residual rule (:func:`~refiner.artifacts.detect.residual_mask`,
     by default :func:`change_config`'s relative rule) on ``[input, refined]`` for same-size uint8 images. Its
     severity is the mean absolute change (on the [0, 1] scale) from input to output."""
-    from refiner.data.images import to_tensor
 
     x = torch.stack([to_tensor(img) for img in inputs])
     y = torch.stack([to_tensor(img) for img in refined])

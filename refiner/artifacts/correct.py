@@ -33,6 +33,7 @@ from torch import Tensor
 
 from refiner.artifacts.dynamics import eps_from_output
 from refiner.errors import SettingError
+from refiner.io import atomic_write_text
 
 T_CORRECT_FRACTION = 0.48  # ASCED Fig. 8: the latest viable correction step, as a fraction of T
 
@@ -157,7 +158,6 @@ class AutoStart:
         return [int(round(v)) for v in np.atleast_1d(values)]
 
     def save(self, path: str | Path) -> None:
-        from refiner.io import atomic_write_text
 
         atomic_write_text(path, json.dumps({"kind": "refiner t_start=auto calibration", "knots": self.knots,
                                             "chain": self.chain, "source": self.source}, indent=2) + "\n")

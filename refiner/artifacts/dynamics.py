@@ -50,7 +50,7 @@ class StepRecorder:
     """A callback that records, for every step, ``t``, the weighted score (:func:`weighted_score`, if
     ``keep_scores``) and the x0 prediction (if ``keep_x0``), on CPU (or ``device``) in float32, for the steps whose ``t`` lies in ``(t_low, t_high]``.
 
-    ``parameterization`` is the models' (every stage of a chain must share it for the dynamics to be comparable;
+    ``parameterization`` is the models' (every expert of a chain must share it for the dynamics to be comparable;
     :func:`eps_from_output` explains what is supported). It never changes the latent (returns None)."""
 
     alphas_cumprod: Tensor

@@ -1,7 +1,7 @@
 """Detection and targeted correction on the composition benchmark: ``python -m refiner.bench.artifacts [overrides]``
 (``conf/bench.yaml``, its ``artifacts`` group; the same seeds, sources, checkpoints and scoring as the benchmark).
 
-1. **Detection in input images** (ASCED's setting (b), :func:`refiner.artifacts.probe.probe_detect`): every
+1. **Detection in input images** (ASCED's setting (b), :func:`refiner.inference.probe.probe_detect`): every
    detector's masks on the ``defects`` source against the injected defects' true masks, and on the ``generator``
    source against the checker's violation masks (:func:`refiner.artifacts.detect.mask_scores`).
 2. **Detection during generation** (ASCED's own setting (a)): the benchmark's weak generator sampled again from the
@@ -38,17 +38,41 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from refiner.artifacts.color_fix import ColorFix
-from refiner.artifacts.composite import change_config, changed_region, paste_back, paste_weights
-from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, fit_auto_start, starts_from_strength
-from refiner.artifacts.detect import (Detection, asced_paper_mask, dilate, mask_scores,
-                                      pixel_change_mask, pixel_from_latent)
+from refiner.artifacts.composite import (
+    change_config,
+    changed_region,
+    paste_back,
+    paste_weights,
+)
+from refiner.artifacts.correct import (
+    AutoStart,
+    TrajectoryCorrection,
+    fit_auto_start,
+    starts_from_strength,
+)
+from refiner.artifacts.detect import (
+    Detection,
+    asced_paper_mask,
+    dilate,
+    mask_scores,
+    pixel_change_mask,
+    pixel_from_latent,
+)
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
-from refiner.artifacts.probe import probe_detect, probe_t_end
-from refiner.bench.checker import check_batch
-from refiner.bench.methods import BenchError, Method, score, steps_for
-from refiner.bench.run import Models, _check_settings, build_sources, check_output_dir, refine_all
+from refiner.bench.methods import BenchError, Method, score
+from refiner.bench.report import _figure_png, _json_ready, _pyplot
+from refiner.bench.run import (
+    Models,
+    _check_settings,
+    build_sources,
+    check_output_dir,
+    refine_all,
+)
 from refiner.bench.sources import clean_heads
+from refiner.data.checker import check_batch
+from refiner.inference.probe import probe_detect, probe_t_end
 from refiner.io import atomic_write_bytes, atomic_write_text
+from refiner.sampling import steps_for
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +119,8 @@ def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
 def generate_with_ttc(models: Models, cfg, seeds, method: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The generator source again (:func:`refiner.bench.run.build_sources`: same noise, seed + i), with ``method``
     watching each batch and TTC correcting; returns the images and each image's latent mask."""
-    chain, f4 = models.pipelines[models.generator_stages].chain, models.f4
-    param, a = chain.stages[0].weights.parameterization, cfg.artifacts.ttc
+    chain, f4 = models.pipelines[models.generator_experts].chain, models.f4
+    param, a = chain.experts[0].weights.parameterization, cfg.artifacts.ttc
     side = cfg.size // f4.factor
     corrections: list[tuple[int, TrajectoryCorrection]] = []
 
@@ -266,7 +290,7 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
         sev = np.concatenate([detections[(name, "residual")].severity.numpy() for name in a.sources])
         need = np.concatenate([needed[name] for name in a.sources])
         auto = fit_auto_start(sev.tolist(), need.tolist(), min(t_starts), max(t_starts),
-                              chain={"stages": [str(s) for s in cfg.methods.chain.stages]},
+                              chain={"experts": [str(s) for s in cfg.methods.chain.experts]},
                               source={"split": cfg.split, "seeds": dict(cfg.seeds[cfg.split]), "n": cfg.n,
                                       "sources": list(a.sources), "detector": "residual"})
         auto.save(out_dir / "t_start_auto.json")
@@ -385,7 +409,6 @@ def families(rows: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def tradeoff_png(res: dict) -> bytes:
-    from refiner.bench.report import _figure_png, _pyplot
 
     plt = _pyplot()
     names = list(res["adaptive"])
@@ -419,10 +442,10 @@ def run(cfg: DictConfig) -> dict:
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
                          "t_start_auto.json), or point artifacts.calibration at one")
     paste_specs(a)  # bad paste-back points and colour fixes (paste_bases reads them): one error line before any model
-    chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
+    chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.experts))
     sources = ["generator", "defects"]
     models = Models(cfg, [chain_method], sources)
-    pipe = models.pipelines[chain_method.stages]
+    pipe = models.pipelines[chain_method.experts]
     references = clean_heads(cfg.n, seeds["references"], cfg.size)
     sets = build_sources(cfg, seeds, sources, models)
     top = int(a.probe_t_start)
@@ -449,7 +472,6 @@ def run(cfg: DictConfig) -> dict:
            "probe_t_start": top, "probe_steps": probe_steps, "settings": OmegaConf.to_container(a, resolve=True),
            "detection": detection, "generation": generation, "adaptive": adaptive, "calibration": calibration}
     out_dir.mkdir(parents=True, exist_ok=True)
-    from refiner.bench.report import _json_ready
 
     atomic_write_text(out_dir / "artifacts.json", json.dumps(_json_ready(res), indent=2) + "\n")
     atomic_write_text(out_dir / "artifacts.md", markdown(res))

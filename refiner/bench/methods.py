@@ -23,7 +23,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from refiner.data.checker import RULES, check_batch
 from refiner.errors import SettingError
+from refiner.metrics import psnr, ssim, swd
+
 
 class BenchError(SettingError):
     """A benchmark setting, checkpoint or output folder that cannot work; raised before any compute."""
@@ -36,7 +39,7 @@ class Method:
     name: str
     kind: str
     settings: tuple[int, ...]
-    stages: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
     allow_outside_window: bool = False
     radius: float = 1.0
     label: str = ""
@@ -58,7 +61,7 @@ def _int_list(value, what: str) -> tuple[int, ...]:
 
 
 def methods_from_config(spec: Mapping, num_timesteps: int = 1000) -> list[Method]:
-    """``{name: {stages: [...], t_starts: [...], allow_outside_window: bool}`` or
+    """``{name: {experts: [...], t_starts: [...], allow_outside_window: bool}`` or
     ``{name: {unsharp: {radius: r, amounts: [...]}}}`` -> methods, checked (no file is read here)."""
     if not spec:
         raise BenchError("methods is empty: name at least one method to benchmark")
@@ -74,24 +77,18 @@ def methods_from_config(spec: Mapping, num_timesteps: int = 1000) -> list[Method
                 raise BenchError(f"methods.{name}.unsharp: radius and amounts must be > 0, got {radius}, {amounts}")
             methods.append(Method(name, "unsharp", amounts, radius=radius, label=label))
         else:
-            stages = m.pop("stages", None)
-            if isinstance(stages, str) or not stages:
-                raise BenchError(f"methods.{name}.stages must be a non-empty list of window checkpoints, got {stages!r}")
+            experts = m.pop("experts", None)
+            if isinstance(experts, str) or not experts:
+                raise BenchError(f"methods.{name}.experts must be a non-empty list of window checkpoints, got {experts!r}")
             t_starts = _int_list(m.pop("t_starts", None), f"methods.{name}.t_starts")
             bad = [t for t in t_starts if not 1 <= t <= num_timesteps - 1]
             if bad:
                 raise BenchError(f"methods.{name}.t_starts must lie in [1, {num_timesteps - 1}], got {bad}")
-            methods.append(Method(name, "diffusion", t_starts, tuple(str(s) for s in stages),
+            methods.append(Method(name, "diffusion", t_starts, tuple(str(s) for s in experts),
                                   bool(m.pop("allow_outside_window", False)), label=label))
         if m:
             raise BenchError(f"methods.{name}: unknown keys {sorted(m)}")
     return methods
-
-
-def steps_for(t_start: int, t_per_step: int) -> int:
-    """DDIM grid points in [0, t_start]: one per ``t_per_step`` timesteps, at least 1 (so t_start 499 gets
-    25 steps at the default 20, and the compute of two methods at equal t_start is equal)."""
-    return max(1, min(t_start + 1, round((t_start + 1) / t_per_step)))
 
 
 def unsharp(images: Sequence[np.ndarray], amount_percent: int, radius: float = 1.0) -> list[np.ndarray]:
@@ -110,7 +107,7 @@ def score(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray], reference
           clean: Sequence[np.ndarray] | None = None, swd_kwargs: Mapping | None = None) -> dict:
     """The benchmark's numbers for one set of outputs.
 
-    * ``artifact_rate``: fraction failing any rule of :func:`refiner.bench.checker.check`, plus
+    * ``artifact_rate``: fraction failing any rule of :func:`refiner.data.checker.check`, plus
       ``rule_failure_rate`` per rule;
     * ``swd_x1e3``: SWD (Laplacian-pyramid patches, :func:`refiner.metrics.swd`) to clean ``references`` (an
       independent set of clean heads): how much the outputs look like the family;
@@ -118,8 +115,6 @@ def score(outputs: Sequence[np.ndarray], inputs: Sequence[np.ndarray], reference
       and ``ssim_to_input``;
     * with ``clean``: ``psnr_to_clean`` (dB, mean over images).
     """
-    from refiner.bench.checker import RULES, check_batch
-    from refiner.metrics import psnr, ssim, swd
 
     results = check_batch(outputs)
     out, inp, ref = _unit(outputs), _unit(inputs), _unit(references)

@@ -4,7 +4,7 @@
    any compute: a missing checkpoint, a first stage the windows were not trained with, or a t_start no
    window covers is one ``error:`` line and exit 2.
 2. Build the three artifact sources (:mod:`refiner.bench.sources`) from the split's seeds.
-3. Run every method over its sweep on every source, through the same inference pipeline as ``sample.py``.
+3. Run every method over its sweep on every source, through the same inference pipeline as ``refine.py``.
 4. Score (:func:`refiner.bench.methods.score`) and write ``results.json``, ``results.md``,
    ``comparison_grid.png``, ``tradeoff.png`` and, when the training runs logged it, ``efficiency.png``
    (:mod:`refiner.bench.report`).
@@ -22,10 +22,27 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from refiner.bench.methods import BenchError, Method, methods_from_config, score, steps_for, unsharp
-from refiner.bench.sources import SOURCES, ArtifactSet, clean_heads, f8_degraded, generator_samples, injected_defects
+from refiner.bench import report
+from refiner.bench.methods import (
+    BenchError,
+    Method,
+    methods_from_config,
+    score,
+    unsharp,
+)
+from refiner.bench.sources import (
+    SOURCES,
+    ArtifactSet,
+    clean_heads,
+    f8_degraded,
+    generator_samples,
+    injected_defects,
+)
 from refiner.data.synthetic import MIN_SIZE
-from refiner.inference.pipeline import vq_round_trip
+from refiner.formats.compvis import first_stage_from_config
+from refiner.inference.chain import Chain
+from refiner.inference.pipeline import Pipeline, vq_round_trip
+from refiner.sampling import steps_for
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +91,18 @@ class Models:
     """Every model the benchmark needs, loaded and checked up front; one pipeline per distinct chain."""
 
     def __init__(self, cfg: DictConfig, methods: list[Method], sources: list[str]):
-        from refiner.formats.compvis import first_stage_from_config
-        from refiner.inference.chain import Chain
-        from refiner.inference.pipeline import Pipeline
 
         trust, device = bool(cfg.trust_checkpoint), str(cfg.device)
         self.device = device
-        self.generator_stages = tuple(str(s) for s in cfg.generator.stages) if "generator" in sources else None
-        paths = {tuple(m.stages) for m in methods if m.kind == "diffusion"}
-        if self.generator_stages:
-            paths.add(self.generator_stages)
+        self.generator_experts = tuple(str(s) for s in cfg.generator.experts) if "generator" in sources else None
+        paths = {tuple(m.experts) for m in methods if m.kind == "diffusion"}
+        if self.generator_experts:
+            paths.add(self.generator_experts)
         for chain_paths in paths:
             for p in chain_paths:
                 if not Path(p).is_file():
                     raise BenchError(f"checkpoint {p} not found (make demo trains it; or point the benchmark's "
-                                     f"methods/generator stages at your own)")
+                                     f"methods/generator experts at your own)")
         for name in ("f4", "f8") if "f8" in sources else ("f4",):
             ckpt = cfg.first_stage[name].ckpt_path
             if not ckpt or not Path(ckpt).exists():
@@ -105,18 +119,18 @@ class Models:
             self.pipelines[chain_paths] = Pipeline(self.f4, chain, self.f8, device=device)
         for m in methods:
             if m.kind == "diffusion":
-                chain = self.pipelines[m.stages].chain
+                chain = self.pipelines[m.experts].chain
                 for t in m.settings:
                     chain.plan(t, steps_for(t, cfg.t_per_step), allow_outside_window=m.allow_outside_window)
-        if self.generator_stages:
-            gen = self.pipelines[self.generator_stages].chain
-            windows = [s.weights.window for s in gen.stages]
+        if self.generator_experts:
+            gen = self.pipelines[self.generator_experts].chain
+            windows = [s.weights.window for s in gen.experts]
             T = gen.alphas_cumprod.shape[0]
             if len(windows) != 1 or windows[0].t_min != 0 or windows[0].t_max != T:
-                raise BenchError(f"generator.stages must be one full-range model (window [0, {T})), got windows "
+                raise BenchError(f"generator.experts must be one full-range model (window [0, {T})), got windows "
                                  f"{[str(w) for w in windows]}")
-            if gen.stages[0].weights.conditioning is not None:
-                raise BenchError("generator.stages: the generator must be unconditional (conditioning=null)")
+            if gen.experts[0].weights.conditioning is not None:
+                raise BenchError("generator.experts: the generator must be unconditional (conditioning=null)")
             if not 1 <= cfg.generator.steps <= T:
                 raise BenchError(f"generator.steps must be in [1, {T}], got {cfg.generator.steps}")
 
@@ -135,13 +149,13 @@ def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: M
             built[name] = f8_degraded(n, seeds["images"], lambda imgs: vq_round_trip(models.f8, imgs, device=models.device),
                                       size, cfg.batch_size)
         else:
-            pipe = models.pipelines[models.generator_stages]
+            pipe = models.pipelines[models.generator_experts]
             chain, f4 = pipe.chain, models.f4
-            model = chain.stages[0].stage(None).model
+            model = chain.experts[0].expert(None).model
             latent = (f4.embed_dim, size // f4.factor, size // f4.factor)
             built[name] = generator_samples(
                 model, chain.alphas_cumprod, lambda z: f4.decode(z / chain.scale_factor).clamp(-1, 1), latent, n,
-                seeds["generator"], cfg.generator.steps, chain.stages[0].weights.parameterization, cfg.batch_size,
+                seeds["generator"], cfg.generator.steps, chain.experts[0].weights.parameterization, cfg.batch_size,
                 callback_for=generator_callback_for)
         log.info("source %s: %d images in %.1f s", name, n, time.perf_counter() - t0)
     return built
@@ -165,7 +179,7 @@ def apply_method(method: Method, setting: int, images: list[np.ndarray], cfg: Di
                  ) -> list[np.ndarray]:
     if method.kind == "unsharp":
         return unsharp(images, setting, method.radius)
-    return refine_all(models.pipelines[method.stages], images, setting, cfg,
+    return refine_all(models.pipelines[method.experts], images, setting, cfg,
                       allow_outside_window=method.allow_outside_window)
 
 
@@ -179,7 +193,6 @@ def grid_setting(method: Method, recommended_t_start: int) -> int:
 
 @torch.no_grad()
 def run(cfg: DictConfig) -> dict:
-    from refiner.bench import report
 
     seeds, sources = _check_settings(cfg)
     out_dir = Path(cfg.output_dir)
@@ -218,7 +231,7 @@ def run(cfg: DictConfig) -> dict:
                 if setting == shown_setting:
                     unit = "" if method.kind == "diffusion" else "%"
                     shown[f"{method.label} ({setting}{unit})"] = outputs[:cfg.grid_images]
-            entry["methods"][method.name] = {"kind": method.kind, "label": method.label, "stages": list(method.stages),
+            entry["methods"][method.name] = {"kind": method.kind, "label": method.label, "experts": list(method.experts),
                                              "allow_outside_window": method.allow_outside_window,
                                              "grid_setting": shown_setting, "sweep": rows}
         results["sources"][name] = entry

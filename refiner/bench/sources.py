@@ -21,6 +21,7 @@ import torch
 
 from refiner.data.images import to_uint8
 from refiner.data.synthetic import DEFECTS, head_for, inject_defect, render
+from refiner.sampling import sample_ddim, timestep_grid
 
 SOURCES = ("generator", "f8", "defects")
 
@@ -74,7 +75,6 @@ def generator_samples(model: Callable, alphas_cumprod: torch.Tensor, decode: Cal
     noise; noise of image ``i`` from ``torch.Generator().manual_seed(seed + i)``. ``decode`` maps scaled
     latents (B, C, h, w) to images in [-1, 1]. ``callback_for(indices, grid)``, if given, makes each batch's
     sampler step callback (e.g. an artifact detector with TTC, :mod:`refiner.bench.artifacts`)."""
-    from refiner.sampling import sample_ddim, timestep_grid
 
     T = alphas_cumprod.shape[0]
     grid = timestep_grid(T - 1, steps, 0, "uniform", T)

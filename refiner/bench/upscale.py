@@ -27,10 +27,13 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from refiner.bench.methods import BenchError, Method, score, steps_for
+from refiner.bench.methods import BenchError, Method, score
+from refiner.bench.report import _json_ready
 from refiner.bench.run import Models, _check_settings, check_output_dir, refine_all
 from refiner.bench.sources import clean_heads, injected_defects
+from refiner.inference.pipeline import Pipeline
 from refiner.io import atomic_write_text
+from refiner.sampling import steps_for
 
 WRITTEN_BY = "refiner bench.upscale"
 OUTPUT_FILES = ("upscale.json", "upscale.md")
@@ -55,7 +58,6 @@ def markdown(res: dict) -> str:
 
 @torch.no_grad()
 def run(cfg: DictConfig) -> dict:
-    from refiner.inference.pipeline import Pipeline
 
     seeds, _ = _check_settings(cfg)
     out_dir = Path(cfg.output_dir)
@@ -63,9 +65,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.size % 16:
         raise BenchError(f"upscaling from size/2 needs size to be a multiple of 16, got {cfg.size}")
     t_starts = [int(t) for t in cfg.upscale.t_starts]
-    chain_method = Method("chain", "diffusion", tuple(t_starts), tuple(str(s) for s in cfg.methods.chain.stages))
+    chain_method = Method("chain", "diffusion", tuple(t_starts), tuple(str(s) for s in cfg.methods.chain.experts))
     models = Models(cfg, [chain_method], ["defects"])
-    direct = models.pipelines[chain_method.stages]
+    direct = models.pipelines[chain_method.experts]
     progressive = Pipeline(models.f4, direct.chain, upscale=2, device=models.device)
     references = clean_heads(cfg.n, seeds["references"], cfg.size)
     clean = clean_heads(cfg.n, seeds["images"], cfg.size)
@@ -90,7 +92,6 @@ def run(cfg: DictConfig) -> dict:
             r.pop("failed", None)
         res["sources"][name] = rows
     out_dir.mkdir(parents=True, exist_ok=True)
-    from refiner.bench.report import _json_ready
 
     atomic_write_text(out_dir / OUTPUT_FILES[0], json.dumps(_json_ready(res), indent=2) + "\n")
     atomic_write_text(out_dir / "upscale.md", markdown(res))

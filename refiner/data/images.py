@@ -73,6 +73,16 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(H, W)`` from the file header (no decoding), or None if PIL cannot open it."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+        return h, w
+    except Exception:  # reported properly by load_image later
+        return None
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as ``(H, W, 3) uint8`` RGB.
 

@@ -47,11 +47,20 @@ from torch import Tensor
 from tqdm import tqdm
 
 from refiner.batching import batches_by
-from refiner.data.images import ImageError, encode_png, load_image, pad_to_multiple, scan_images, to_tensor, to_uint8
+from refiner.data.images import (
+    ImageError,
+    encode_png,
+    load_image,
+    pad_to_multiple,
+    scan_images,
+    to_tensor,
+    to_uint8,
+)
 from refiner.errors import InputsFailed, SettingError
 from refiner.formats.fingerprint import first_stage_fingerprint
 from refiner.io import atomic_write_text, same_file
 from refiner.models.vq import VQModel
+from refiner.settings import require_choice, require_int
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +157,6 @@ def check_build_settings(size: int | None, fit: str, batch_size: int, maxcount_p
                          ) -> None:
     """Raise :class:`ShardBuildError` for a ``fit``, ``size``, ``batch_size`` or ``maxcount_per_shard`` that
     cannot work (``multiple`` is the lcm of the first-stage factors)."""
-    from refiner.settings import require_choice, require_int
 
     require_choice("fit", fit, ("crop", "pad"))
     if size is not None and (require_int("size", size, minimum=1) % multiple):
@@ -417,7 +425,7 @@ class SkipCounter:
         return f"SkipCounter(skipped={self.skipped})"
 
 
-class SampleError(ValueError):
+class CorruptShardSample(ValueError):
     """A shard sample is missing an entry or holds something undecodable."""
 
 
@@ -430,7 +438,7 @@ def _decode_png(data: bytes) -> np.ndarray:
 def decode_sample(sample: dict, keys: Sequence[str] = LATENT_KEYS, images: bool = False) -> dict:
     """Raw webdataset sample -> ``{"__key__", <keys>: float32 (C,h,w), [clean, degraded: (3,H,W) in [-1,1]],
     [txt], [meta]}``. Hand-written instead of ``wds.decode`` so that only the needed entries are
-    decoded and shapes/dtypes are validated (a bad entry raises ``SampleError`` naming shard and key)."""
+    decoded and shapes/dtypes are validated (a bad entry raises ``CorruptShardSample`` naming shard and key)."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     out: dict[str, Any] = {"__key__": sample.get("__key__")}
     entry = "?"
@@ -438,27 +446,27 @@ def decode_sample(sample: dict, keys: Sequence[str] = LATENT_KEYS, images: bool 
         for k in keys:
             entry = f"{k}.pth"
             if f"{k}.pth" not in sample:
-                raise SampleError(f"{where} has no {k}.pth entry")
+                raise CorruptShardSample(f"{where} has no {k}.pth entry")
             t = torch.load(io.BytesIO(sample[f"{k}.pth"]), map_location="cpu", weights_only=True)
             if not isinstance(t, Tensor) or t.ndim != 3 or not t.is_floating_point():
-                raise SampleError(f"{where}: {k}.pth is not a float (C, h, w) tensor")
+                raise CorruptShardSample(f"{where}: {k}.pth is not a float (C, h, w) tensor")
             out[k] = t.float()
         if images:
             for k in IMAGE_KEYS:
                 entry = f"{k}.png"
                 if f"{k}.png" not in sample:
-                    raise SampleError(f"{where} has no {k}.png entry")
+                    raise CorruptShardSample(f"{where} has no {k}.png entry")
                 out[k] = to_tensor(_decode_png(sample[f"{k}.png"]))
         entry = "txt/json"
         if "txt" in sample:
             out["txt"] = sample["txt"].decode("utf-8")
         if "json" in sample:
             out["meta"] = json.loads(sample["json"])
-    except SampleError:
+    except CorruptShardSample:
         raise
     except Exception as exn:  # torch/PIL/json decoding errors of a corrupt entry
         first_line = (str(exn).strip().splitlines() or [""])[0]
-        raise SampleError(f"{where}: cannot decode {entry} ({type(exn).__name__}: {first_line})") from exn
+        raise CorruptShardSample(f"{where}: cannot decode {entry} ({type(exn).__name__}: {first_line})") from exn
     return out
 
 

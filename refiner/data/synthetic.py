@@ -5,7 +5,7 @@ colour gradient and a faint wave texture. The head carries two dark round eyes p
 about its long axis, above its centre, and one red mouth on the axis, below the eyes. Every quantity is
 drawn from a seeded generator, so image ``i`` of seed ``s`` is always the same picture, and the family is
 unlimited. Colour ranges are disjoint by construction, which is what lets
-:mod:`refiner.bench.checker` read an image without a learned model:
+:mod:`refiner.data.checker` read an image without a learned model:
 
 ==========  ===============  ===============  ===============
 part        hue (degrees)    saturation       value
@@ -36,6 +36,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from refiner.data.images import save_png_atomic
+from refiner.io import atomic_write_bytes, atomic_write_text
 
 MIN_SIZE = 32          # below this the eyes are under ~2 px across and the rules cannot be read
 SUPERSAMPLE = 4
@@ -260,7 +263,6 @@ def _save_mask(path: Path, mask: np.ndarray) -> None:
 
     from PIL import Image
 
-    from refiner.io import atomic_write_bytes
 
     buffer = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
@@ -271,8 +273,6 @@ def write_folder(out: Path, n: int, seed: int, size: int = 64, defects: float = 
     """Write ``n`` PNGs (``00000.png`` ...) and ``heads.json``; with ``defects > 0`` that fraction of the
     images carries one defect each (round-robin over :data:`DEFECTS`) and ``masks/<name>.png`` holds its
     true mask. Refuses a folder that already holds PNGs."""
-    from refiner.data.images import save_png_atomic
-    from refiner.io import atomic_write_text
 
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive int, got {n!r}")

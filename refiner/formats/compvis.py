@@ -24,8 +24,15 @@ from torch import Tensor, nn
 from refiner.diffusion import ScheduleConfig
 from refiner.formats.fingerprint import first_stage_fingerprint
 from refiner.formats.kinds import (
-    LDM_UNET_PREFIX, check_unet_state, describe_checkpoint, int_or_none, kind_text, load_strict, prefix_summary,
-    state_dict_of, strip_prefix,
+    LDM_UNET_PREFIX,
+    check_unet_state,
+    describe_checkpoint,
+    int_or_none,
+    kind_text,
+    load_strict,
+    prefix_summary,
+    state_dict_of,
+    strip_prefix,
 )
 from refiner.formats.safe_load import CheckpointError, safe_torch_load
 

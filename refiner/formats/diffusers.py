@@ -58,10 +58,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from refiner.diffusion import ScheduleConfig, Window
 from refiner.formats.compvis import build_first_stage
 from refiner.formats.safe_load import CheckpointError, safe_torch_load
 from refiner.formats.window_files import WindowWeights, load_window_weights
-from refiner.diffusion import ScheduleConfig, Window
 
 log = logging.getLogger(__name__)
 
@@ -645,7 +645,7 @@ def read_source_metadata(path: Path, trust_checkpoint: bool = False) -> dict:
 
 
 def _check_chain(experts: Sequence[Expert]) -> None:
-    from refiner.inference.chain import Chain, ChainError, LoadedStage
+    from refiner.inference.chain import Chain, ChainError, LoadedExpert
 
     for e in experts:
         if e.weights.conditioning == "concat":
@@ -653,7 +653,7 @@ def _check_chain(experts: Sequence[Expert]) -> None:
                 f"{e.path}: concat-conditioned window (in_channels={e.weights.unet_params['in_channels']}); "
                 "diffusers has no pipeline that feeds a degraded latent next to the noisy one, so it is not exported")
     try:  # schedule, scale factor, first stage and window overlap: the checks every chain gets
-        Chain.from_stages([LoadedStage(e.weights, None) for e in experts])  # type: ignore[arg-type]
+        Chain.from_experts([LoadedExpert(e.weights, None) for e in experts])  # type: ignore[arg-type]
     except ChainError as err:
         raise DiffusersFormatError(str(err)) from err
     params = {e.weights.parameterization for e in experts}
@@ -794,7 +794,7 @@ class WindowChainPipeline:
     The grid is the scheduler's own (``set_timesteps(num_inference_steps)``, "leading" with
     ``steps_offset=1``) cut to ``t <= t_start``; the latent is noised with ``add_noise`` to exactly the
     first timestep it denoises. With ``t_start`` on that grid (e.g. 481 for 50 steps) this reproduces
-    ``refiner.sampling.refine(stages, z, t_start, steps=len(grid))``.
+    ``refiner.experts.refine(experts, z, t_start, steps=len(grid))``.
     """
 
     def __init__(self, unets: Sequence, windows: Sequence[Window], scheduler, vqvae=None):

@@ -3,7 +3,7 @@
 A window denoises latents of one particular autoencoder; run with another one it turns images into
 coloured noise. Every window checkpoint therefore records ``hyper_parameters["first_stage_fingerprint"]``
 (a str, or None when training had no f4 checkpoint), every safetensors export carries it in its metadata
-under the same key, and ``sample.py`` / ``init_from`` compare it with the first stage they are given.
+under the same key, and ``refine.py`` / ``init_from`` compare it with the first stage they are given.
 
 :func:`first_stage_fingerprint` definition (version 1), so other tools can reproduce it:
 

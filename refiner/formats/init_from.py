@@ -12,7 +12,11 @@ from refiner.formats.compvis import ldm_from_checkpoint
 from refiner.formats.fingerprint import first_stage_fingerprint
 from refiner.formats.kinds import describe_checkpoint, kind_text
 from refiner.formats.safe_load import CheckpointError, is_safetensors, safe_torch_load
-from refiner.formats.window_files import WindowWeights, load_export, window_from_checkpoint
+from refiner.formats.window_files import (
+    WindowWeights,
+    load_export,
+    window_from_checkpoint,
+)
 
 
 def load_init_weights(path: str | os.PathLike, use_ema: bool = True,

@@ -11,7 +11,7 @@ A window trained with ``model.lora.rank > 0`` saves a Lightning ``.ckpt`` whose 
 
 :func:`load_base` re-reads the base and refuses it when its weights no longer match the fingerprint;
 :func:`merge_adapters` returns plain UNet weights (base + adapters, merged by peft), which is what
-:func:`refiner.formats.window_files.load_window_weights` hands to ``Chain.from_paths``, ``sample.py``, the
+:func:`refiner.formats.window_files.load_window_weights` hands to ``Chain.from_paths``, ``refine.py``, the
 safetensors and diffusers exports. :func:`export_peft_adapter` writes a peft adapter folder.
 """
 
@@ -89,7 +89,11 @@ def export_peft_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike, us
     from safetensors.torch import save_file
 
     from refiner.formats.diffusers import _check_output, _fsync_tree, _replace_dir
-    from refiner.formats.model_card import card_entry, checkpoint_extra, write_model_card
+    from refiner.formats.model_card import (
+        card_entry,
+        checkpoint_extra,
+        write_model_card,
+    )
     from refiner.formats.safe_load import safe_torch_load
     from refiner.formats.window_files import WINDOW_UNET_PREFIX, window_from_checkpoint
     from refiner.models.lora import ADAPTER_NAME, adapter_state

@@ -72,7 +72,7 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path, by_suffix=False):
         raise CheckpointError(f"{path} is a safetensors file (a refiner window export?), not a torch checkpoint; "
-                              "pass it where windows are expected (stages=, init_from=), which read it by content")
+                              "pass it where windows are expected (experts=, init_from=), which read it by content")
     try:
         if trust_checkpoint:
             return torch.load(path, map_location=map_location, weights_only=False)

@@ -22,7 +22,14 @@ from torch import Tensor
 
 from refiner.diffusion import PARAMETERIZATIONS, ScheduleConfig, Window
 from refiner.formats.fingerprint import FINGERPRINT_KEY
-from refiner.formats.kinds import check_unet_state, describe_checkpoint, int_or_none, kind_text, load_strict, strip_prefix
+from refiner.formats.kinds import (
+    check_unet_state,
+    describe_checkpoint,
+    int_or_none,
+    kind_text,
+    load_strict,
+    strip_prefix,
+)
 from refiner.formats.lora import lora_settings, merge_adapters
 from refiner.formats.safe_load import CheckpointError, is_safetensors, safe_torch_load
 from refiner.io import atomic_save, check_output_path
@@ -138,8 +145,13 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
     """
     from safetensors.torch import save_file
 
-    from refiner.formats.model_card import (card_entry, checkpoint_extra, export_card_path, export_metadata,
-                                            write_model_card)
+    from refiner.formats.model_card import (
+        card_entry,
+        checkpoint_extra,
+        export_card_path,
+        export_metadata,
+        write_model_card,
+    )
 
     out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
     card_path = check_output_path(export_card_path(out_path), inputs=[ckpt_path], force=force, what="model card")
@@ -164,7 +176,7 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
     atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     usage = "\n".join(["```python", "from refiner.formats.window_files import load_window_weights", "",
                        f"unet = load_window_weights({out_path.name!r}).build_unet()  # t in {ww.window}", "```", "",
-                       f"As a stage of a chain: `python sample.py stages=[...,{out_path.name}]`."])
+                       f"As a expert of a chain: `python refine.py experts=[...,{out_path.name}]`."])
     write_model_card(card_path, [entry], title=f"refiner window expert {ww.window}", usage=usage,
                      library_name="refiner")
     log.info("exported %s (%s weights, window %s) to %s, model card %s", ckpt_path, "EMA" if ww.has_ema else "raw",

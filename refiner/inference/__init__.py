@@ -1,3 +1,3 @@
 """Inference: the chain of window experts (:mod:`.chain`), images through it (:mod:`.pipeline`), images of any
-size (:mod:`.tiling`, :mod:`.progressive`), and sample.py's output records (:mod:`.outputs`) and metrics
+size (:mod:`.tiling`, :mod:`.progressive`), and refine.py's output records (:mod:`.outputs`) and metrics
 (:mod:`.evaluate`)."""

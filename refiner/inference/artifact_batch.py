@@ -1,9 +1,9 @@
-"""The per-batch side of ``sample.py``'s artifact options (:mod:`refiner.inference.artifact_options`): probe,
+"""The per-batch side of ``refine.py``'s artifact options (:mod:`refiner.inference.artifact_options`): probe,
 per-image starts, the TTC callback, the masks written beside the outputs and the grid's "detected" column.
 
 For one batch of same-size images, :meth:`ArtifactRun.prepare`:
 
-1. ``detect``: :func:`~refiner.artifacts.probe.probe_detect` from the batch's top start down to the lower edge of
+1. ``detect``: :func:`~refiner.inference.probe.probe_detect` from the batch's top start down to the lower edge of
    the window containing it, with as many steps as the refinement grid has in that range (at least two), the
    same noise (``seed + i``). The residual rule uses ``mad_scale`` 6 (tuned on the benchmark, README), the
    public-code rule its own 3.
@@ -36,15 +36,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refiner.artifacts.composite import OUTPUT_DETECTOR, change_config, changed_region, paste_back, paste_weights
 from refiner.artifacts.color_fix import ColorFix
+from refiner.artifacts.composite import (
+    OUTPUT_DETECTOR,
+    change_config,
+    changed_region,
+    paste_back,
+    paste_weights,
+)
 from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, dilate
-from refiner.artifacts.probe import probe_detect, probe_t_end
 from refiner.data.images import save_png_atomic, to_tensor
 from refiner.inference.artifact_options import ArtifactOptions, steps_for_start
 from refiner.inference.outputs import MASK_RECORD, mask_path, png_text
 from refiner.inference.pipeline import Pipeline
+from refiner.inference.probe import probe_detect, probe_t_end
 from refiner.sampling import timestep_grid
 
 TINT = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # red, in [-1, 1]
@@ -58,7 +64,7 @@ def grid_column(opts: ArtifactOptions) -> list[str]:
 
 
 def output_column(opts: ArtifactOptions, color: ColorFix | None = None) -> list[str]:
-    """The last column's title when the output is not the last stage's image (``color_fix``, then
+    """The last column's title when the output is not the last expert's image (``color_fix``, then
     ``composite=paste_back``)."""
     parts = [color.label()] if color is not None and color.active else []
     if opts.composite != "none":
@@ -124,7 +130,7 @@ class BatchArtifacts:
 
 @dataclass
 class ArtifactRun:
-    """Per-batch artifact work for one ``sample.py`` run: ``t_start`` is the setting (an int, or ``"auto"``),
+    """Per-batch artifact work for one ``refine.py`` run: ``t_start`` is the setting (an int, or ``"auto"``),
     ``steps``, ``spacing`` and ``seed`` the sampler's."""
 
     opts: ArtifactOptions
@@ -184,11 +190,11 @@ class ArtifactRun:
         grid = timestep_grid(t_start, steps, 0, self.spacing, chain.alphas_cumprod.shape[0])
         t_correct = min(self.opts.t_correct, t_start - 1)
         fires_at = min((t for t in grid if t > t_correct), default=grid[0])
-        stage = next((s for s in chain.stages if s.weights.window.contains(fires_at)), chain.stages[0])
+        expert = next((s for s in chain.experts if s.weights.window.contains(fires_at)), chain.experts[0])
         latent = self.pipeline.latent_map(region).to(device)
         return TrajectoryCorrection(grid, chain.alphas_cumprod, lambda: latent, t_correct, gamma=self.opts.gamma,
                                     correction_eta=self.opts.correction_eta,
-                                    parameterization=stage.weights.parameterization,
+                                    parameterization=expert.weights.parameterization,
                                     generator=torch.Generator(device=device).manual_seed(self.seed + indices[0]))
 
 

@@ -1,7 +1,7 @@
-"""``sample.py``'s artifact settings (issue #11): ``detect``, ``correct``, ``mask``, ``t_start=auto``, checked before
+"""``refine.py``'s artifact settings (issue #11): ``detect``, ``correct``, ``mask``, ``t_start=auto``, checked before
 any image is refined.
 
-* ``detect=none|asced|asced_code|residual``: a probe pass (:func:`refiner.artifacts.probe.probe_detect`) over each
+* ``detect=none|asced|asced_code|residual``: a probe pass (:func:`refiner.inference.probe.probe_detect`) over each
   batch before it is refined; its masks are written beside the outputs and its severities go in the records.
   ``detect=output_residual`` runs no probe: the residual rule on ``[input, refined output]`` after refinement
   (:func:`refiner.artifacts.composite.changed_region`). Its mask exists only once the image is refined, so it can
@@ -20,12 +20,12 @@ any image is refined.
   (:mod:`refiner.artifacts.composite`); ``paste_back.whole_above`` lets images whose detected severity exceeds it
   keep their whole refinement. Needs a region source (``detect`` or ``mask``); ``whole_above`` needs ``detect``.
 * ``t_start=auto``: each image starts at :class:`~refiner.artifacts.correct.AutoStart` of its detected severity
-  (``auto_calibration``). The calibration's recorded ``chain.stages`` must name the stages of this run, compared as
+  (``auto_calibration``). The calibration's recorded ``chain.experts`` must name the experts of this run, compared as
   a set of resolved paths (relative ones against the launch directory), unless ``allow_calibration_mismatch=true``;
   a calibration recording another detector (``source.detector``) is refused the same way, since severities of
   different detectors are in different units.
 
-Every problem is a :class:`~refiner.errors.SampleError` (one line, exit 2). The per-batch work is
+Every problem is a :class:`~refiner.errors.RefineError` (one line, exit 2). The per-batch work is
 :mod:`refiner.inference.artifact_batch`.
 """
 
@@ -42,8 +42,9 @@ from PIL import Image
 
 from refiner.artifacts.composite import OUTPUT_DETECTOR
 from refiner.artifacts.correct import AutoStart
-from refiner.artifacts.probe import DETECTORS
-from refiner.errors import SampleError, SettingError
+from refiner.data.images import image_size
+from refiner.errors import RefineError, SettingError
+from refiner.inference.probe import DETECTORS
 from refiner.settings import require_choice, require_int, require_number
 
 CORRECTIONS = ("none", "ttc", "strength_map")
@@ -89,27 +90,27 @@ class ArtifactOptions:
         composite = require_choice("composite", cfg.get("composite", "none"), COMPOSITES)
         mask = cfg.get("mask")
         if mask is not None and (not isinstance(mask, str) or not mask):
-            raise SampleError(f"mask must be a png file or a folder of <input stem>.png masks, got {mask!r}")
+            raise RefineError(f"mask must be a png file or a folder of <input stem>.png masks, got {mask!r}")
         auto = cfg.t_start == "auto"
         probe = detect not in ("none", OUTPUT_DETECTOR)
         if correct != "none" and not probe and mask is None:
             after = (f" (detect={OUTPUT_DETECTOR} finds its mask after refinement, too late to correct it)"
                      if detect == OUTPUT_DETECTOR else "")
-            raise SampleError(f"correct={correct} needs a mask source: set detect=asced|asced_code|residual or "
+            raise RefineError(f"correct={correct} needs a mask source: set detect=asced|asced_code|residual or "
                               f"mask=<png or folder>{after}")
         if auto and not probe:
             after = f" (detect={OUTPUT_DETECTOR} measures it only after refinement)" if detect == OUTPUT_DETECTOR else ""
-            raise SampleError("t_start=auto picks each image's start from its detected severity: set detect="
+            raise RefineError("t_start=auto picks each image's start from its detected severity: set detect="
                               f"asced|asced_code|residual (the calibration's detector){after}")
         paste = cfg.get("paste_back") or {}
         whole_above = paste.get("whole_above")
         if composite != "none" and detect == "none" and mask is None:
-            raise SampleError(f"composite={composite} needs a region: set detect=residual|output_residual|asced|"
+            raise RefineError(f"composite={composite} needs a region: set detect=residual|output_residual|asced|"
                               "asced_code or mask=<png or folder>")
         if whole_above is not None:
             whole_above = require_number("paste_back.whole_above", whole_above, minimum=0.0)
             if detect == "none":
-                raise SampleError("paste_back.whole_above compares each image's detected severity: set detect=...")
+                raise RefineError("paste_back.whole_above compares each image's detected severity: set detect=...")
         level = cfg.get("output_residual_level") if detect == OUTPUT_DETECTOR else None  # only its threshold
         if level is not None:
             level = require_number("output_residual_level", level, 0.0, 254.0)
@@ -126,7 +127,7 @@ class ArtifactOptions:
             opts.calibration = str(cfg.get("auto_calibration"))
             opts.auto = _load_calibration(cfg, opts.calibration, detect)
         elif correct == "strength_map" and opts.t_low > cfg.t_start:
-            raise SampleError(f"strength.t_low={opts.t_low} must not exceed t_start={cfg.t_start} (unflagged pixels "
+            raise RefineError(f"strength.t_low={opts.t_low} must not exceed t_start={cfg.t_start} (unflagged pixels "
                               "start there, flagged ones at t_start)")
         return opts
 
@@ -144,7 +145,7 @@ class ArtifactOptions:
             return
         spec = Path(self.mask)
         if not spec.exists():
-            raise SampleError(f"mask={self.mask}: no such file or folder")
+            raise RefineError(f"mask={self.mask}: no such file or folder")
         shared = _read_mask(spec) if spec.is_file() else None
         for path in paths:
             source = spec if shared is not None else _mask_file(spec, path)
@@ -187,25 +188,23 @@ def steps_for_start(steps: int, t_start: int, top: int) -> int:
 def _refuse_combinations(cfg: DictConfig) -> None:
     what = "detect/correct/mask/t_start=auto"
     if cfg.get("upscale", 1) != 1:
-        raise SampleError(f"{what} work at the input size; upscale={cfg.upscale} is not supported with them "
+        raise RefineError(f"{what} work at the input size; upscale={cfg.upscale} is not supported with them "
                           "(use upscale=1)")
     if cfg.mode == "evaluate":
-        raise SampleError(f"{what} are not supported with mode=evaluate (it measures the plain refinement); use "
-                          "mode=sample")
+        raise RefineError(f"{what} are not supported with mode=evaluate (it measures the plain refinement); use "
+                          "mode=refine")
     if (cfg.get("tiling") or {}).get("mode") == "always":
-        raise SampleError(f"{what} need whole images (the probe and the per-pixel starts do not run on tiles): "
+        raise RefineError(f"{what} need whole images (the probe and the per-pixel starts do not run on tiles): "
                           "set tiling.mode=auto or never")
 
 
 def check_whole_images(paths: Sequence[Path], pipeline) -> None:
     """Refuse inputs that ``tiling.mode=auto`` would tile (from their headers, before any image is refined)."""
-    from refiner.inference.batch_refine import image_size
-
     m = pipeline.multiple
     for path in paths:
         size = image_size(path)
         if size is not None and pipeline.tiled(-(-size[0] // m) * m, -(-size[1] // m) * m):
-            raise SampleError(f"{path} ({size[1]}x{size[0]}) would be refined on tiles (tiling.auto_above_pixels="
+            raise RefineError(f"{path} ({size[1]}x{size[0]}) would be refined on tiles (tiling.auto_above_pixels="
                               f"{pipeline.tiling.auto_above_pixels}); detect/correct/mask/t_start=auto need whole "
                               "images: set tiling.mode=never or leave such images out")
 
@@ -214,25 +213,25 @@ def _load_calibration(cfg: DictConfig, path: str, detect: str) -> AutoStart:
     try:
         auto = AutoStart.load(path)
     except SettingError as err:
-        raise SampleError(f"auto_calibration: {err}") from err
+        raise RefineError(f"auto_calibration: {err}") from err
     if cfg.get("allow_calibration_mismatch", False) is True:
         return auto
     hint = "; pass allow_calibration_mismatch=true to use it anyway"
-    recorded = (auto.chain or {}).get("stages")
-    ours = sorted(str(Path(s).resolve()) for s in cfg.stages)
+    recorded = (auto.chain or {}).get("experts")
+    ours = sorted(str(Path(s).resolve()) for s in cfg.experts)
     if not recorded or sorted(str(Path(s).resolve()) for s in recorded) != ours:
-        raise SampleError(f"auto_calibration {path} was calibrated for stages {recorded}, not for this run's "
-                          f"{list(cfg.stages)}{hint}")
+        raise RefineError(f"auto_calibration {path} was calibrated for experts {recorded}, not for this run's "
+                          f"{list(cfg.experts)}{hint}")
     calibrated_with = (auto.source or {}).get("detector")
     if calibrated_with not in (None, detect):
-        raise SampleError(f"auto_calibration {path} maps {calibrated_with} severities, but detect={detect}{hint}")
+        raise RefineError(f"auto_calibration {path} maps {calibrated_with} severities, but detect={detect}{hint}")
     return auto
 
 
 def _mask_file(folder: Path, input_path: Path) -> Path:
     path = folder / f"{input_path.stem}.png"
     if not path.is_file():
-        raise SampleError(f"mask={folder}: no mask {path.name} for input {input_path}")
+        raise RefineError(f"mask={folder}: no mask {path.name} for input {input_path}")
     return path
 
 
@@ -242,16 +241,14 @@ def _read_mask(path: Path) -> np.ndarray:
             mode = img.mode
             pixels = np.asarray(img.convert("L")) if mode in MASK_MODES else None
     except (OSError, ValueError, SyntaxError) as err:
-        raise SampleError(f"mask {path} cannot be read: {type(err).__name__}: {err}") from err
+        raise RefineError(f"mask {path} cannot be read: {type(err).__name__}: {err}") from err
     if pixels is None:
-        raise SampleError(f"mask {path} is mode {mode}; masks must be greyscale (mode L or 1)")
+        raise RefineError(f"mask {path} is mode {mode}; masks must be greyscale (mode L or 1)")
     return pixels
 
 
 def _check_mask_size(source: Path, mask: np.ndarray, input_path: Path) -> None:
-    from refiner.inference.batch_refine import image_size
-
     size = image_size(input_path)  # None: an unreadable input, reported when it is loaded
     if size is not None and tuple(mask.shape) != tuple(size):
-        raise SampleError(f"mask {source} is {mask.shape[1]}x{mask.shape[0]} but input {input_path} is "
+        raise RefineError(f"mask {source} is {mask.shape[1]}x{mask.shape[0]} but input {input_path} is "
                           f"{size[1]}x{size[0]}")

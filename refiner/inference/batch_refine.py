@@ -1,4 +1,4 @@
-"""The per-image work of ``sample.py``: read, batch by size, refine through a
+"""The per-image work of ``refine.py``: read, batch by size, refine through a
 :class:`~refiner.inference.pipeline.Pipeline`, write each PNG atomically with its record, keep grid rows.
 
 :class:`RefineJob` runs over the input indices it is given (all of them, or one rank's shard,
@@ -19,29 +19,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from PIL import Image
 from torch import Tensor
 
 from refiner.artifacts.color_fix import ColorFix
 from refiner.batching import batches_by
-from refiner.data.images import ImageError, load_image, save_png_atomic, to_tensor
+from refiner.data.grids import save_grid
+from refiner.data.images import (
+    ImageError,
+    image_size,
+    load_image,
+    save_png_atomic,
+    to_tensor,
+)
 from refiner.inference.artifact_batch import ArtifactRun
 from refiner.inference.evaluate import MIN_EVAL_SIDE
-from refiner.inference.outputs import GRID_RECORD, ExistingOutputs, output_record, png_text, sha256_file
+from refiner.inference.outputs import (
+    GRID_RECORD,
+    ExistingOutputs,
+    output_record,
+    png_text,
+    sha256_file,
+)
 from refiner.inference.pipeline import Pipeline
-from refiner.visualize import save_grid
 
 log = logging.getLogger(__name__)
-
-
-def image_size(path: Path) -> tuple[int, int] | None:
-    """``(H, W)`` from the file header (no decoding), or None if PIL cannot open it."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-        return h, w
-    except Exception:  # reported properly by load_image later
-        return None
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -154,7 +155,7 @@ class RefineJob:
         try:
             inputs = pipeline.degrade([it.image for it in batch]) if self.evaluate_mode else [it.image for it in batch]
             art = self.artifacts.prepare(inputs, [it.index for it in batch]) if self.artifacts else None
-            refined, stage_images = pipeline.refine_images(
+            refined, expert_images = pipeline.refine_images(
                 inputs, art.t_start if art else cfg.t_start, art.steps if art else cfg.steps, seed=cfg.seed,
                 indices=[it.index for it in batch], eta=cfg.eta, spacing=cfg.spacing,
                 allow_outside_window=cfg.allow_outside_window, with_stages=want_rows,
@@ -171,7 +172,7 @@ class RefineJob:
                 self._fail(got, it.path, f"{type(err).__name__}: {err}{hint}")
             return
         protect = [str(p) for p in self.paths]
-        for j, (it, src, out, stage_imgs) in enumerate(zip(batch, inputs, refined, stage_images)):
+        for j, (it, src, out, expert_imgs) in enumerate(zip(batch, inputs, refined, expert_images)):
             try:
                 if art:
                     art.save_mask(j, it.output, protect)
@@ -183,7 +184,7 @@ class RefineJob:
             record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])],
                       **(art.record(j, it.output) if art else {})}
             if want_rows:
-                row = self._grid_row(it, src, out, stage_imgs, art.overlay(j, src) if art else [],
+                row = self._grid_row(it, src, out, expert_imgs, art.overlay(j, src) if art else [],
                                      self.color_fix.active or (art is not None and art.weights is not None))
                 if grid_per_image:
                     grid_path = self.output_dir / "grids" / it.output.name
@@ -196,13 +197,13 @@ class RefineJob:
             got.processed.append(record)
             self.progress(1)
 
-    def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, stage_imgs: list[Tensor],
+    def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, expert_imgs: list[Tensor],
                   detected: list[Tensor] = (), output_differs: bool = False) -> list[Tensor]:
         """clean | degraded (evaluate) or input, then (artifact options) the detected mask over the input, then
-        each stage's x0, then (``output_differs``: color_fix, composite=paste_back) the output; with ``upscale`` > 1: the input
+        each expert's x0, then (``output_differs``: color_fix, composite=paste_back) the output; with ``upscale`` > 1: the input
         upscaled bicubically | the refined output."""
         if self.pipeline.upscale > 1:
             up = F.interpolate(to_tensor(src)[None], scale_factor=self.pipeline.upscale, mode="bicubic")
             return [up[0].clamp(-1, 1), to_tensor(out)]
         return ([to_tensor(it.image), to_tensor(src)] if self.evaluate_mode else [to_tensor(src)]) + list(detected) + \
-            stage_imgs + ([to_tensor(out)] if output_differs else [])
+            expert_imgs + ([to_tensor(out)] if output_differs else [])

@@ -1,11 +1,11 @@
 """A chain of window experts: the one object through which refiner denoises latents.
 
-A :class:`Chain` holds the loaded experts (:class:`LoadedStage`) together with what they must share: one noise
+A :class:`Chain` holds the loaded experts (:class:`LoadedExpert`) together with what they must share: one noise
 schedule (``alphas_cumprod``), one ``scale_factor`` and one first stage (the VQ-f4 fingerprint they recorded).
 It is built from checkpoint paths (:meth:`Chain.from_paths`), from in-memory UNets (:meth:`Chain.from_unets`),
 or from a training module for its validation grid (:meth:`Chain.from_module`, :meth:`Chain.preview`); it plans a
-grid without running any model (:meth:`Chain.plan`, which is :func:`refiner.sampling.plan`) and refines *scaled*
-latents (:meth:`Chain.refine`, which is :func:`refiner.sampling.refine`, optionally in MultiDiffusion tiles;
+grid without running any model (:meth:`Chain.plan`, which is :func:`refiner.experts.plan`) and refines *scaled*
+latents (:meth:`Chain.refine`, which is :func:`refiner.experts.refine`, optionally in MultiDiffusion tiles;
 :meth:`Chain.refine_progressive` for DemoFusion-style upscaling). Images around it (pad, encode, decode, crop) are
 :class:`refiner.inference.pipeline.Pipeline`'s job.
 """
@@ -22,26 +22,38 @@ import torch
 from torch import Tensor, nn
 
 from refiner.diffusion import ScheduleConfig, Window
-from refiner.errors import SampleError
-from refiner.formats.fingerprint import check_fingerprints_agree, check_first_stage_match, first_stage_fingerprint
-from refiner.formats.window_files import WindowWeights, load_window_weights
-from refiner.sampling import (
-    Callback, Generators, RefineResult, Stage, StepPlan, check_stages, plan, refine_with_plan,
+from refiner.errors import RefineError
+from refiner.experts import (
+    Expert,
+    RefineResult,
+    StepPlan,
+    check_experts,
+    plan,
+    refine_with_plan,
 )
+from refiner.formats.fingerprint import (
+    check_fingerprints_agree,
+    check_first_stage_match,
+    first_stage_fingerprint,
+)
+from refiner.formats.window_files import WindowWeights, load_window_weights
+from refiner.inference.progressive import progressive_refine
+from refiner.inference.tiling import MultiDiffusion
+from refiner.sampling import Callback, Generators
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 
 
-class ChainError(SampleError):
+class ChainError(RefineError):
     """Window experts that cannot run as one chain (schedule, scale factor, channels, windows vs the grid)."""
 
 
 @dataclass
-class LoadedStage:
+class LoadedExpert:
     """One window expert: its checkpoint contents (:class:`~refiner.formats.window_files.WindowWeights`) and
-    its built UNet; :meth:`stage` turns it into a :class:`~refiner.sampling.Stage` for the sampler."""
+    its built UNet; :meth:`expert` turns it into a :class:`~refiner.experts.Expert` for the sampler."""
 
     weights: WindowWeights
     unet: nn.Module
@@ -57,9 +69,9 @@ class LoadedStage:
         """The checkpoint's file name."""
         return Path(self.weights.source).name
 
-    def stage(self, z_cond: Tensor | None) -> Stage:
-        """A Stage whose model is ``unet(x, t)`` or, for ``conditioning == "concat"``, ``unet(x, t, concat=z_cond)``.
-        A concat stage built without ``z_cond`` can be planned with but raises if its model is called."""
+    def expert(self, z_cond: Tensor | None) -> Expert:
+        """A Expert whose model is ``unet(x, t)`` or, for ``conditioning == "concat"``, ``unet(x, t, concat=z_cond)``.
+        A concat expert built without ``z_cond`` can be planned with but raises if its model is called."""
         unet, source = self.unet, self.weights.source
         if self.weights.conditioning != "concat":
             model = lambda x, t: unet(x, t)  # noqa: E731
@@ -70,7 +82,7 @@ class LoadedStage:
             model = lambda x, t, cond=z_cond: unet(x, t, concat=cond)  # noqa: E731
         if self.precision == "bf16":  # autocast only the UNet; the sampler's update stays in fp32
             model = _bf16_autocast(model, next(unet.parameters()).device.type)
-        return Stage(model=model, window=self.weights.window, parameterization=self.weights.parameterization,
+        return Expert(model=model, window=self.weights.window, parameterization=self.weights.parameterization,
                      name=self.name)
 
 
@@ -86,12 +98,12 @@ def _bf16_autocast(model, device_type: str):
 class Chain:
     """Window experts plus their shared schedule, scale factor and first-stage fingerprint.
 
-    Build it with :meth:`from_paths`, :meth:`from_stages` or :meth:`from_unets` (all check that the experts
+    Build it with :meth:`from_paths`, :meth:`from_experts` or :meth:`from_unets` (all check that the experts
     agree), or :meth:`from_module` (a training module's one window). ``first_stage_fingerprint`` is the windows' common recorded f4 fingerprint, None when
     none of them recorded one.
     """
 
-    stages: list[LoadedStage]
+    experts: list[LoadedExpert]
     alphas_cumprod: Tensor
     scale_factor: float
     first_stage_fingerprint: str | None = None
@@ -102,60 +114,60 @@ class Chain:
                    device: str | torch.device = "cpu", precision: str = "fp32",
                    allow_first_stage_mismatch: bool = False) -> "Chain":
         """Load each window file (our ``.ckpt`` or an exported ``.safetensors``), build its UNet on ``device`` and
-        check that the windows share schedule, scale factor and first stage (:meth:`from_stages`)."""
+        check that the windows share schedule, scale factor and first stage (:meth:`from_experts`)."""
         if precision not in PRECISIONS:
             raise ChainError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if isinstance(paths, (str, Path)) or not paths:
-            raise ChainError(f"stages must be a non-empty list of window checkpoint paths, got {paths!r}")
+            raise ChainError(f"experts must be a non-empty list of window checkpoint paths, got {paths!r}")
         weights = [load_window_weights(p, use_ema=use_ema, trust_checkpoint=trust_checkpoint) for p in paths]
         for w in weights:  # before any UNet is built
             if w.conditioning not in (None, "concat"):
                 raise ChainError(f"{w.source}: conditioning={w.conditioning!r}; only null or 'concat' are supported")
-        return cls.from_stages([LoadedStage(w, w.build_unet().to(device), precision) for w in weights],
+        return cls.from_experts([LoadedExpert(w, w.build_unet().to(device), precision) for w in weights],
                                allow_first_stage_mismatch=allow_first_stage_mismatch)
 
     @classmethod
-    def from_stages(cls, stages: Sequence[LoadedStage], *, allow_first_stage_mismatch: bool = False) -> "Chain":
-        """A chain of already loaded stages. Raises :class:`ChainError` if they do not share one noise schedule
+    def from_experts(cls, experts: Sequence[LoadedExpert], *, allow_first_stage_mismatch: bool = False) -> "Chain":
+        """A chain of already loaded experts. Raises :class:`ChainError` if they do not share one noise schedule
         (``alphas_cumprod``) and one ``scale_factor`` or if their windows overlap, and
         :class:`~refiner.formats.fingerprint.FirstStageMismatch` if their recorded first stages differ (a warning
         with ``allow_first_stage_mismatch``). The UNets are not needed (``unet`` may be None)."""
-        if not stages:
+        if not experts:
             raise ChainError("a chain needs at least one window expert")
         fingerprint = check_fingerprints_agree([(s.weights.source, s.weights.first_stage_fingerprint)
-                                                for s in stages], allow_first_stage_mismatch)
-        first = stages[0].weights
+                                                for s in experts], allow_first_stage_mismatch)
+        first = experts[0].weights
         ac = first.schedule.alphas_cumprod()
-        for s in stages[1:]:
+        for s in experts[1:]:
             w = s.weights
             other = w.schedule.alphas_cumprod()
             if other.shape != ac.shape or not torch.allclose(other, ac, rtol=0, atol=1e-9):
-                raise ChainError(f"stages do not share a noise schedule: {first.source} has {first.schedule} but "
+                raise ChainError(f"experts do not share a noise schedule: {first.source} has {first.schedule} but "
                                  f"{w.source} has {w.schedule}; chain only experts trained on the same schedule")
             if not math.isclose(w.scale_factor, first.scale_factor, rel_tol=1e-6):
-                raise ChainError(f"stages do not share scale_factor: {first.source} has {first.scale_factor} but "
+                raise ChainError(f"experts do not share scale_factor: {first.source} has {first.scale_factor} but "
                                  f"{w.source} has {w.scale_factor}")
         try:
-            check_stages([s.stage(None) for s in stages], ac)
+            check_experts([s.expert(None) for s in experts], ac)
         except (ValueError, TypeError) as err:
             raise ChainError(str(err)) from err
-        return cls(list(stages), ac, float(first.scale_factor), fingerprint)
+        return cls(list(experts), ac, float(first.scale_factor), fingerprint)
 
     @classmethod
     def from_unets(cls, unets: Sequence[nn.Module], windows: Sequence[Window], schedule: ScheduleConfig, *,
                    unet_params: dict, parameterization: str = "eps", scale_factor: float = 1.0) -> "Chain":
         """A chain of in-memory UNets (``UNetModel(**unet_params)`` each, e.g. for benchmarks), one per window,
-        unconditioned, checked like :meth:`from_stages`."""
+        unconditioned, checked like :meth:`from_experts`."""
         if len(unets) != len(windows):
             raise ChainError(f"{len(unets)} UNets but {len(windows)} windows; give one window per UNet")
-        return cls.from_stages([LoadedStage(WindowWeights(
+        return cls.from_experts([LoadedExpert(WindowWeights(
             unet_state=unet.state_dict(), unet_params=dict(unet_params), window=window, schedule=schedule,
             parameterization=parameterization, global_step=None, source=f"unet {k} {window}", has_ema=False,
             scale_factor=float(scale_factor)), unet) for k, (unet, window) in enumerate(zip(unets, windows))])
 
     @classmethod
     def from_module(cls, module: Any, source: str = "the module being trained") -> "Chain":
-        """A one-stage chain around a training module (:class:`refiner.lit.window_module.WindowRefiner`): its live
+        """A one-expert chain around a training module (:class:`refiner.lit.window_module.WindowRefiner`): its live
         UNet (not a copy), window, schedule buffer, parameterization, conditioning and scale factor."""
         hp = module.hparams
         weights = WindowWeights(
@@ -163,14 +175,14 @@ class Chain:
             schedule=module.schedule, parameterization=hp.parameterization, global_step=None, source=source,
             has_ema=False, conditioning=hp.conditioning, scale_factor=float(hp.scale_factor),
             first_stage_fingerprint=hp.get("first_stage_fingerprint"))
-        return cls([LoadedStage(weights, module.unet)], module.alphas_cumprod, float(hp.scale_factor),
+        return cls([LoadedExpert(weights, module.unet)], module.alphas_cumprod, float(hp.scale_factor),
                    weights.first_stage_fingerprint)
 
     # ------------------------------------------------------------------------------------ checks
     def check_latent_channels(self, channels: int) -> None:
         """Every UNet's in/out channels must fit a ``channels``-channel latent (twice that in, for concat
-        stages); raises :class:`ChainError` naming the stage."""
-        for s in self.stages:
+        experts); raises :class:`ChainError` naming the expert."""
+        for s in self.experts:
             p, cond = s.weights.unet_params, s.weights.conditioning
             want_in = channels * (2 if cond == "concat" else 1)
             if p["in_channels"] != want_in or p["out_channels"] != channels:
@@ -181,12 +193,12 @@ class Chain:
 
     def check_first_stage(self, f4: nn.Module, f4_source: str, allow_mismatch: bool = False) -> str:
         """Check that this chain can run on ``f4`` (named ``f4_source`` in messages): its latent channels
-        (``f4.embed_dim``) fit every UNet, and every stage was trained with it (fingerprints; a stage that
+        (``f4.embed_dim``) fit every UNet, and every expert was trained with it (fingerprints; a expert that
         recorded none only warns; a mismatch raises :class:`~refiner.formats.fingerprint.FirstStageMismatch`, a
         warning with ``allow_mismatch``). Returns ``f4``'s fingerprint."""
         self.check_latent_channels(int(f4.embed_dim))
         fingerprint = first_stage_fingerprint(f4)
-        for s in self.stages:
+        for s in self.experts:
             check_first_stage_match(s.weights.first_stage_fingerprint, s.weights.source, fingerprint, f4_source,
                                     allow_mismatch)
         return fingerprint
@@ -194,84 +206,82 @@ class Chain:
     @property
     def multiple(self) -> int:
         """Latent sides must be multiples of this: the lcm of the UNets' downsampling."""
-        return math.lcm(*(s.downsample for s in self.stages))
+        return math.lcm(*(s.downsample for s in self.experts))
 
     @property
     def device(self) -> torch.device:
         """Where the UNets (of the first stage) live."""
-        return next(self.stages[0].unet.parameters()).device
+        return next(self.experts[0].unet.parameters()).device
 
-    def sampling_stages(self, z_cond: Tensor | None = None) -> list[Stage]:
-        """The stages as :class:`~refiner.sampling.Stage` objects; concat stages see ``z_cond`` (the scaled latent
-        being refined). For samplers that take a Stage list (MultiDiffusion tiles, progressive refinement)."""
-        return [s.stage(z_cond) for s in self.stages]
+    def sampling_experts(self, z_cond: Tensor | None = None) -> list[Expert]:
+        """The experts as :class:`~refiner.experts.Expert` objects; concat experts see ``z_cond`` (the scaled latent
+        being refined). For samplers that take a Expert list (MultiDiffusion tiles, progressive refinement)."""
+        return [s.expert(z_cond) for s in self.experts]
 
     # ------------------------------------------------------------------------------------ sampling
     def plan(self, t_start: int, steps: int, *, spacing: str = "uniform", eta: float = 0.0,
              allow_outside_window: bool = False, t_end: int = 0) -> StepPlan:
-        """Which stage runs which step of ``timestep_grid(t_start, steps, t_end, spacing)``, validated exactly as
-        :meth:`refine` validates it (:func:`refiner.sampling.plan`) and without running any model. Raises
+        """Which expert runs which step of ``timestep_grid(t_start, steps, t_end, spacing)``, validated exactly as
+        :meth:`refine` validates it (:func:`refiner.experts.plan`) and without running any model. Raises
         :class:`ChainError` (overlapping windows, uncovered steps, t_start above the top window, eta too large);
-        a loaded stage that gets no step is logged."""
+        a loaded expert that gets no step is logged."""
         result = self._plan(t_start, steps, spacing, eta, allow_outside_window, t_end)
-        for k, s in enumerate(self.stages):
-            if k not in result.stage_of_step:
-                log.warning("stage %d (%s, window %s) gets no step of the grid %s..%s; it is loaded but unused",
+        for k, s in enumerate(self.experts):
+            if k not in result.expert_of_step:
+                log.warning("expert %d (%s, window %s) gets no step of the grid %s..%s; it is loaded but unused",
                             k + 1, s.weights.source, s.weights.window, result.timesteps[0], result.timesteps[-1])
         return result
 
     def _plan(self, t_start: int, steps: int, spacing: str, eta: float, allow_outside_window: bool,
               t_end: int) -> StepPlan:
         try:
-            return plan(self.sampling_stages(), t_start, steps, self.alphas_cumprod, t_end=t_end, spacing=spacing,
+            return plan(self.sampling_experts(), t_start, steps, self.alphas_cumprod, t_end=t_end, spacing=spacing,
                         eta=eta, allow_outside_window=allow_outside_window)
         except (ValueError, TypeError) as err:
-            raise ChainError(f"invalid stage chain for t_start={t_start}, steps={steps}: {err}") from err
+            raise ChainError(f"invalid expert chain for t_start={t_start}, steps={steps}: {err}") from err
 
     @torch.no_grad()
     def refine(self, z: Tensor, t_start: int, steps: int, *, eta: float = 0.0, spacing: str = "uniform",
                allow_outside_window: bool = False, noise: Tensor | None = None,
                generator: Generators = None, z_cond: Tensor | None = None,
-               return_stage_outputs: bool = False, callback: Callback | None = None, t_end: int = 0,
+               return_expert_outputs: bool = False, callback: Callback | None = None, t_end: int = 0,
                tiles: dict | None = None) -> RefineResult:
         """Img2img-refine the *scaled* latents ``z`` (``f4.encode(x) * scale_factor``) with the chain:
-        :func:`refiner.sampling.refine` (q_sample to ``t_start`` with ``noise`` or ``generator``, DDIM(eta) over one
-        grid, experts switched by t; ``generator`` may be one generator per row, :func:`refiner.sampling.randn_like`). Concat stages see ``z_cond`` (default ``z``). ``tiles`` (keyword arguments
-        of :func:`refiner.inference.tiling.tile_stages`, e.g. ``{"tile": 64, "stride": 48}``) denoises in
-        MultiDiffusion tiles. The result carries the grid and stage assignment; its ``stage_latents`` and
-        ``stage_x0`` are filled when ``return_stage_outputs``. Invalid settings raise :class:`ChainError` before
+        :func:`refiner.experts.refine` (q_sample to ``t_start`` with ``noise`` or ``generator``, DDIM(eta) over one
+        grid, experts switched by t; ``generator`` may be one generator per row, :func:`refiner.sampling.randn_like`). Concat experts see ``z_cond`` (default ``z``). ``tiles`` (keyword arguments
+        of :func:`refiner.inference.tiling.tile_experts`, e.g. ``{"tile": 64, "stride": 48}``) denoises in
+        MultiDiffusion tiles. The result carries the grid and expert assignment; its ``expert_latents`` and
+        ``expert_x0`` are filled when ``return_expert_outputs``. Invalid settings raise :class:`ChainError` before
         any model runs."""
         step_plan = self._plan(t_start, steps, spacing, eta, allow_outside_window, t_end)
         cond = z if z_cond is None else z_cond
-        stages = self.sampling_stages(cond)
-        if tiles is not None:  # concat stages get their conditioning latent cropped with each tile
-            from refiner.inference.tiling import MultiDiffusion
+        experts = self.sampling_experts(cond)
+        if tiles is not None:  # concat experts get their conditioning latent cropped with each tile
 
-            stages = [replace(st, model=MultiDiffusion(st.model, **tiles, context=cond if ls.weights.conditioning
+            experts = [replace(st, model=MultiDiffusion(st.model, **tiles, context=cond if ls.weights.conditioning
                                                        == "concat" else None))
-                      for st, ls in zip(stages, self.stages)]
-        out = refine_with_plan(stages, z, step_plan, self.alphas_cumprod, eta=eta, generator=generator,
-                               callback=callback, return_stage_outputs=return_stage_outputs, noise=noise)
-        if return_stage_outputs:
+                      for st, ls in zip(experts, self.experts)]
+        out = refine_with_plan(experts, z, step_plan, self.alphas_cumprod, eta=eta, generator=generator,
+                               callback=callback, return_expert_outputs=return_expert_outputs, noise=noise)
+        if return_expert_outputs:
             return out
-        return RefineResult(latent=out, stage_latents=[], timesteps=step_plan.timesteps,
-                            stage_of_step=step_plan.stage_of_step)
+        return RefineResult(latent=out, expert_latents=[], timesteps=step_plan.timesteps,
+                            expert_of_step=step_plan.expert_of_step)
 
     @torch.no_grad()
     def refine_progressive(self, z: Tensor, t_start: int, steps: int, *, upscale: int = 2, **kwargs) -> Tensor:
         """DemoFusion-style progressive upscaling of the *scaled* latents ``z`` by ``upscale`` with this chain:
         :func:`refiner.inference.progressive.progressive_refine` (``kwargs`` are its tile, DemoFusion and sampler
-        settings). Concat stages are refused: their conditioning latent would not match the upscaled phases.
+        settings). Concat experts are refused: their conditioning latent would not match the upscaled phases.
         The grid is validated by :meth:`plan` first."""
-        from refiner.inference.progressive import progressive_refine
 
-        concat = [s.weights.source for s in self.stages if s.weights.conditioning == "concat"]
+        concat = [s.weights.source for s in self.experts if s.weights.conditioning == "concat"]
         if concat:
             raise ChainError(f"progressive refinement cannot condition on a latent of another size: {concat} "
                              "are concat-conditioned windows")
         self._plan(t_start, steps, kwargs.get("spacing", "uniform"), kwargs.get("eta", 0.0),
                    kwargs.get("allow_outside_window", False), 0)
-        return progressive_refine(self.sampling_stages(), z, t_start, steps, self.alphas_cumprod, upscale=upscale,
+        return progressive_refine(self.sampling_experts(), z, t_start, steps, self.alphas_cumprod, upscale=upscale,
                                   **kwargs)
 
     @torch.no_grad()
@@ -279,10 +289,10 @@ class Chain:
         """The validation grid's picture: noise the *unscaled* latents ``z`` to the top of the chain's windows
         (``t_max - 1`` of the highest) with noise from ``seed``, DDIM through the windows only (down to the lowest
         ``t_min``, at most ``steps`` steps), and return the x0 prediction of the last step, unscaled."""
-        windows = [s.weights.window for s in self.stages]
+        windows = [s.weights.window for s in self.experts]
         t_start, t_end = max(w.t_max for w in windows) - 1, min(w.t_min for w in windows)
         scaled = z.to(self.device) * self.scale_factor
         noise = torch.randn(scaled.shape, generator=torch.Generator().manual_seed(seed)).to(scaled)
         result = self.refine(scaled, t_start, max(1, min(steps, t_start - t_end + 1)), t_end=t_end, noise=noise,
-                             return_stage_outputs=True)
-        return result.stage_x0[-1] / self.scale_factor
+                             return_expert_outputs=True)
+        return result.expert_x0[-1] / self.scale_factor

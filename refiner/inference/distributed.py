@@ -1,4 +1,4 @@
-"""Bulk refinement across processes: ``torchrun --nproc_per_node=N sample.py inputs=... output_dir=...``.
+"""Bulk refinement across processes: ``torchrun --nproc_per_node=N refine.py inputs=... output_dir=...``.
 
 **Engine: torchrun + ``torch.distributed`` (gloo).** torchrun starts the N processes and gives each ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` (and, across nodes, ``--nnodes``/``--rdzv_endpoint``); a failed rank makes it
@@ -6,7 +6,7 @@ stop the others. The process group is only used for small Python objects (confli
 merged summary) and barriers, so it is always gloo, which runs on CPU and alongside CUDA; images never travel
 between ranks. Lightning's ``Trainer.predict`` was the other candidate, but its ``DistributedSampler`` pads the
 dataset to a multiple of the world size by repeating images (so some would be refined twice, against the
-exactly-once rule), and sample.py's per-image work (resume records, atomic PNGs, failures reported per file)
+exactly-once rule), and refine.py's per-image work (resume records, atomic PNGs, failures reported per file)
 does not fit a ``predict_step``.
 
 * **Sharding** (:meth:`Ranks.shard`): image ``i`` of the sorted input list goes to rank ``i % world_size``, so
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from refiner.errors import SampleError, SettingError
+from refiner.errors import RefineError, SettingError
 from refiner.io import atomic_write_text
 
 T = TypeVar("T")
@@ -143,14 +143,14 @@ class Ranks:
             message = str(err)
         messages = [m for m in self.all_gather(message) if m]
         if messages:
-            raise SampleError(messages[0])
+            raise RefineError(messages[0])
         return result
 
     def check_same(self, name: str, value: Any, hint: str = "") -> None:
         """Every rank must have the same ``value`` of setting ``name``."""
         values = self.all_gather(value)
         if any(v != values[0] for v in values):
-            raise SampleError(f"{name} differs between ranks ({values}); {hint}".rstrip("; "))
+            raise RefineError(f"{name} differs between ranks ({values}); {hint}".rstrip("; "))
 
 
 def merge_summaries(parts: Sequence[dict]) -> dict:

@@ -1,4 +1,4 @@
-"""``mode=evaluate`` of sample.py: metrics of degraded-vs-clean and refined-vs-clean, and their table."""
+"""``mode=evaluate`` of refine.py: metrics of degraded-vs-clean and refined-vs-clean, and their table."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from refiner.io import json_float
+from refiner.metrics import evaluate_pairs, fid_kid, psnr, ssim
 
 MIN_EVAL_SIDE = 11  # SSIM's Gaussian window (torchmetrics, kernel 11)
 
@@ -31,7 +32,6 @@ def evaluate(clean: Sequence[np.ndarray], degraded: Sequence[np.ndarray], refine
     Images of different sizes: SWD (and FID/KID) use all images center-cropped to the smallest common
     ``H x W``; PSNR/SSIM are always per image on the full image (their means are over images).
     """
-    from refiner.metrics import evaluate_pairs, fid_kid, psnr, ssim
 
     crop = (min(c.shape[0] for c in clean), min(c.shape[1] for c in clean))
     stack = lambda imgs: torch.stack([_center_crop(_unit(i), crop) for i in imgs]).float()  # noqa: E731

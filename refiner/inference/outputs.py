@@ -1,11 +1,11 @@
-"""What ``sample.py`` may write into ``output_dir``, and how a re-run into the same folder resumes.
+"""What ``refine.py`` may write into ``output_dir``, and how a re-run into the same folder resumes.
 
 1. Per-image outputs are ``<input stem>.png`` and never take a reserved name (:data:`RESERVED_NAMES`): an
    input ``grid.jpg`` is written as ``grid-2.png``, so the run's reports can never overwrite a refined image.
    With ``detect`` on, each output ``<name>.png`` gets its artifact mask ``<name>.mask.png`` beside it
    (:func:`mask_path`); no output name ends in ``.mask.png`` (an input ``a.mask.png`` is written as
    ``a.mask-2.png``), so masks and outputs never collide. Masks carry a record of kind ``mask``.
-2. Every file sample.py writes says so: a refined PNG carries a PNG text chunk ``refiner`` holding its
+2. Every file refine.py writes says so: a refined PNG carries a PNG text chunk ``refiner`` holding its
    record (input file sha256, noise seed, settings digest, sha256 of its pixels); grids carry a chunk of kind
    ``grid``; ``summary.json`` / ``metrics.json`` a top-level ``"written_by"``; ``config_resolved.yaml`` a
    first comment line.
@@ -13,7 +13,7 @@
    replaced unless ``overwrite=true``; neither is a refined PNG whose record shows another input or other
    settings. The run stops before refining anything and names them.
 4. A refined PNG whose record matches this run (same input bytes, settings and noise seed) and whose pixels
-   still hash to the recorded value is finished: ``mode=sample`` skips it and reports it under
+   still hash to the recorded value is finished: ``mode=refine`` skips it and reports it under
    ``"skipped"``; ``mode=evaluate`` refines it again (the metrics need every image) and replaces it.
 5. Reports and grids that refiner wrote describe the folder's latest run and are replaced.
 
@@ -36,8 +36,10 @@ import numpy as np
 from PIL import Image
 
 from refiner.artifacts.color_fix import ColorFix
-from refiner.errors import SampleError
+from refiner.errors import RefineError
 from refiner.formats.fingerprint import first_stage_fingerprint, weights_fingerprint
+from refiner.inference.distributed import partial_summary_name
+from refiner.inference.pipeline import Tiling
 from refiner.io import file_id
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ def read_png_record(path: Path) -> dict | None:
 
 
 def written_by_refiner(path: Path) -> bool:
-    """True if ``path`` is a file that sample.py wrote (it carries refiner's record or marker)."""
+    """True if ``path`` is a file that refine.py wrote (it carries refiner's record or marker)."""
     if not path.is_file():
         return False
     if path.suffix == ".png":
@@ -171,7 +173,7 @@ def check_existing(outputs: Sequence[Path], inputs: Sequence[Path], noise_seeds:
 def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
     """``output_dir/<stem>.png`` per input; equal stems (other folders or extensions) and the run's reserved
     names (:data:`RESERVED_NAMES`, e.g. ``grid.png``) get ``-2``, ``-3``...
-    Raises :class:`SampleError` if an output would be one of the inputs (compared by inode: links count)."""
+    Raises :class:`RefineError` if an output would be one of the inputs (compared by inode: links count)."""
     taken: set[str] = {name.casefold() for name in RESERVED_NAMES}
     outputs = []
     input_ids = {file_id(p): p for p in inputs}  # the same file by any spelling or link...
@@ -187,7 +189,7 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path) -> list[Path]:
         out = output_dir / name
         clash = input_ids.get(file_id(out)) or input_paths.get(out.resolve())
         if clash is not None:
-            raise SampleError(f"output {out} would overwrite the input image {clash}; "
+            raise RefineError(f"output {out} would overwrite the input image {clash}; "
                               "choose an output_dir that is not the input folder")
         outputs.append(out)
     return outputs
@@ -205,7 +207,6 @@ def writes_masks(cfg: DictConfig) -> bool:
 def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], world_size: int = 1) -> list[Path]:
     """The run-level files this run writes: config, summary (and, across ``world_size`` > 1 processes, the ranks'
     partial summaries), metrics (evaluate) and grids, as ``cfg`` asks."""
-    from refiner.inference.distributed import partial_summary_name
 
     evaluate_mode = cfg.mode == "evaluate"
     names = ["config_resolved.yaml", "summary.json"] + (["metrics.json"] if evaluate_mode else [])
@@ -223,7 +224,7 @@ def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], wor
 
 def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.Module | None,
                     artifacts: Mapping | None = None) -> str:
-    """16 hex chars that change with anything that changes a refined image: the stages' weights and placement,
+    """16 hex chars that change with anything that changes a refined image: the experts' weights and placement,
     the first stages, the sampler settings, the tiling settings and ``upscale`` (noise seeds are recorded per
     image), and ``artifacts`` (the detect/correct/mask/t_start=auto settings and the masks' and calibration's
     contents, :meth:`refiner.inference.artifact_options.ArtifactOptions.digest`; left out when empty, so runs
@@ -231,16 +232,15 @@ def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.M
     them up to float noise, for any eta: every image draws its noise from its own generator). With eta > 0 the
     digest also names that step-noise rule (``"step_noise": "per_image"``): outputs of versions that drew one step
     noise per batch are not taken for finished ones; eta = 0 digests are unchanged."""
-    from refiner.inference.pipeline import Tiling
 
     payload = {
         "tiling": Tiling.from_settings(cfg.get("tiling")).as_dict(), "upscale": cfg.get("upscale", 1),
         "mode": cfg.mode, "t_start": cfg.t_start, "steps": cfg.steps, "spacing": cfg.spacing, "eta": float(cfg.eta),
         "allow_outside_window": cfg.allow_outside_window, "precision": cfg.get("precision", "fp32"),
         "pad_mode": cfg.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
-        "stages": [{"weights": weights_fingerprint(s.weights.unet_state), "window": str(s.weights.window),
+        "experts": [{"weights": weights_fingerprint(s.weights.unet_state), "window": str(s.weights.window),
                     "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
-                    "scale_factor": s.weights.scale_factor} for s in chain.stages],
+                    "scale_factor": s.weights.scale_factor} for s in chain.experts],
     }
     if float(cfg.eta) > 0:
         payload["step_noise"] = "per_image"
@@ -257,13 +257,13 @@ def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], out
                   world_size: int = 1) -> ExistingOutputs:
     """What already exists where this run writes (:func:`check_existing`; the outputs at ``indices`` only when
     given, the run-level reports only when ``reports``). Files refiner did not write, or refined with other
-    settings, raise :class:`SampleError` before any image is refined, unless ``overwrite=true``. Temporary files
+    settings, raise :class:`RefineError` before any image is refined, unless ``overwrite=true``. Temporary files
     of an interrupted atomic write of these outputs are removed (:func:`remove_stale_temps`)."""
     existing = check_existing(outputs, inputs, [cfg.seed + i for i in range(len(inputs))], settings,
                               report_paths(cfg, output_dir, outputs, world_size) if reports else [], indices)
     if existing.conflicts and not cfg.get("overwrite", False):
         n = len(existing.conflicts)
-        raise SampleError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
+        raise RefineError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
                           f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
                           "Pass overwrite=true to replace them, or choose another output_dir")
     mine = [outputs[i] for i in (range(len(outputs)) if indices is None else indices)]

@@ -9,7 +9,7 @@ it) the first stages run on overlapping, feathered pixel tiles (:func:`~refiner.
 :func:`~refiner.inference.tiling.tiled_decode`) and every window expert on MultiDiffusion latent tiles
 (:class:`~refiner.inference.tiling.MultiDiffusion`: Bar-Tal et al. 2023, eq. 5, the per-pixel average of the
 overlapping tiles' outputs, with DemoFusion's per-step random jitter of the tile offsets). Each decision is taken
-on the pixels the stage sees: encode and refine on the padded input, decode on the padded output. Tiled images
+on the pixels the expert sees: encode and refine on the padded input, decode on the padded output. Tiled images
 never exist as image-sized float buffers: the input stays uint8 (:class:`~refiner.data.images.PaddedImages`,
 converted tile by tile) and the decode streams bands of rows into the uint8 output (:func:`decode_to_uint8`), with
 pixels identical to converting whole buffers.
@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from refiner.artifacts.correct import StrengthPinning
+from refiner.artifacts.dynamics import chain_callbacks
 from refiner.data.images import PaddedImages, crop_to, pad_to_multiple, to_uint8
 from refiner.errors import SettingError
 from refiner.inference.chain import Chain
@@ -63,9 +65,9 @@ AUTO_ABOVE_PIXELS = 512 * 512
 
 @dataclass(frozen=True)
 class Tiling:
-    """When and how :class:`Pipeline` tiles (sizes in pixels of the stage they apply to).
+    """When and how :class:`Pipeline` tiles (sizes in pixels of the expert they apply to).
 
-    ``mode``: ``auto`` tiles a stage whose input has more than ``auto_above_pixels`` pixels, ``always`` / ``never``
+    ``mode``: ``auto`` tiles a expert whose input has more than ``auto_above_pixels`` pixels, ``always`` / ``never``
     force it. ``f4_tile``/``f4_overlap`` and ``f8_tile``/``f8_overlap``: the first stages' pixel tiles (multiples
     of the factor, feathered over the overlap). ``latent_tile``/``latent_stride``: MultiDiffusion tiles in latent
     pixels (the tile a multiple of the UNets' downsampling; overlap ``tile - stride``), ``jitter`` DemoFusion's
@@ -85,7 +87,7 @@ class Tiling:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> "Tiling":
-        """From a config group (``conf/sample.yaml: tiling``); unknown keys are a :class:`SettingError`."""
+        """From a config group (``conf/refine.yaml: tiling``); unknown keys are a :class:`SettingError`."""
         settings = dict(settings or {})
         unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
         if unknown:
@@ -120,7 +122,7 @@ class Tiling:
         return self
 
     def applies(self, pixels: int) -> bool:
-        """Whether a stage whose input has ``pixels`` pixels runs tiled."""
+        """Whether a expert whose input has ``pixels`` pixels runs tiled."""
         return self.mode == "always" or (self.mode == "auto" and pixels > self.auto_above_pixels)
 
     def latent_tiles(self, seed: int) -> dict:
@@ -255,7 +257,7 @@ class Pipeline:
                       callback: Callback | None = None) -> tuple[list[np.ndarray], list[list[Tensor]]]:
         """Refine same-size uint8 ``(H, W, 3)`` images. ``indices`` (default ``0..n-1``) are the images' positions
         in the caller's whole input list; image ``i``'s noise is seeded with ``seed + i``. Returns the refined
-        uint8 images (``upscale`` times larger) and, per image, the decoded x0 prediction after each stage in run
+        uint8 images (``upscale`` times larger) and, per image, the decoded x0 prediction after each expert in run
         order (cropped, in [-1, 1], on CPU) when ``with_stages`` (not for ``upscale`` > 1: empty lists), else empty
         lists. Raises ``FloatingPointError`` if the refined latent is not finite.
 
@@ -284,17 +286,17 @@ class Pipeline:
             parts = [self._refine_one(self._pad([img]), seed + i, sampler, with_stages, size)
                      for img, i in zip(images, indices)]
         refined = [img for out, _ in parts for img in out]
-        stage_images = [[crop_to(x0[b], size).clamp(-1, 1).cpu() for x0 in stage_x0]
-                        for out, stage_x0 in parts for b in range(len(out))]
-        return refined, stage_images
+        expert_images = [[crop_to(x0[b], size).clamp(-1, 1).cpu() for x0 in expert_x0]
+                        for out, expert_x0 in parts for b in range(len(out))]
+        return refined, expert_images
 
-    def _finish(self, latent: Tensor, stage_x0: Sequence[Tensor],
+    def _finish(self, latent: Tensor, expert_x0: Sequence[Tensor],
                 size: tuple[int, int]) -> tuple[list[np.ndarray], list[Tensor]]:
-        """The refined uint8 images (cropped to ``size``) and the decoded stage x0s (padded, float)."""
+        """The refined uint8 images (cropped to ``size``) and the decoded expert x0s (padded, float)."""
         if not torch.isfinite(latent).all():
             raise FloatingPointError("the refined latent has NaN/inf values (the denoiser diverged)")
         scale = self.chain.scale_factor
-        return self.decode_images(latent / scale, size), [self.decode(x0 / scale) for x0 in stage_x0]
+        return self.decode_images(latent / scale, size), [self.decode(x0 / scale) for x0 in expert_x0]
 
     def _refine_batch(self, x: Tensor, indices: list[int], seed: int, sampler: dict, with_stages: bool,
                       size: tuple[int, int], starts: Tensor | None = None, callback: Callback | None = None):
@@ -306,15 +308,13 @@ class Pipeline:
         generator = image_generators(seeds)
         noise = image_noise(z.shape[1:], seeds, generator).to(z)
         if starts is not None:
-            from refiner.artifacts.dynamics import chain_callbacks
 
             callback = chain_callbacks([callback, self._pinning(z, noise, starts, sampler)])
-        result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
+        result = self.chain.refine(z, noise=noise, generator=generator, return_expert_outputs=with_stages,
                                    callback=callback, **sampler)
-        return self._finish(result.latent, result.stage_x0, size)
+        return self._finish(result.latent, result.expert_x0, size)
 
     def _pinning(self, z: Tensor, noise: Tensor, starts: Tensor, sampler: dict):
-        from refiner.artifacts.correct import StrengthPinning
 
         starts = torch.as_tensor(starts)
         if starts.ndim != 3 or starts.shape[0] != z.shape[0]:
@@ -348,6 +348,6 @@ class Pipeline:
         generator = image_generators([noise_seed])  # as in _refine_batch: q_sample noise, then the step noise
         noise = image_noise(z.shape[1:], [noise_seed], generator).to(z)
         tiles = self.tiling.latent_tiles(noise_seed) if self.tiled(*x.shape[-2:]) else None
-        result = self.chain.refine(z, noise=noise, generator=generator, return_stage_outputs=with_stages,
+        result = self.chain.refine(z, noise=noise, generator=generator, return_expert_outputs=with_stages,
                                    tiles=tiles, **sampler)
-        return self._finish(result.latent, result.stage_x0, size)
+        return self._finish(result.latent, result.expert_x0, size)

@@ -32,7 +32,7 @@ and the mix (1206-1291), the renormalisation (1303), ``get_views`` (551-601), ``
 How this differs from DemoFusion, on purpose:
 
 * Refinement, not generation: each phase runs the *staged* img2img grid of
-  :func:`refiner.sampling.refine` from ``t_start`` (SDEdit), not the full 50-step schedule from T.
+  :func:`refiner.experts.refine` from ``t_start`` (SDEdit), not the full 50-step schedule from T.
 * Phases double the resolution (``upscale`` 2 = one phase, 4 = two phases at s = 2, 4). DemoFusion's
   phases are s = 2, 3, ..., K relative to the base. The dilation factor is the total scale ``s``, as
   in DemoFusion, so every sub-lattice has the input latent's size.
@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from refiner.diffusion import q_sample
+from refiner.experts import Expert, refine
 from refiner.inference.tiling import PAD_MODES, MultiDiffusion, Weighting
-from refiner.sampling import Model, Spacing, Stage, refine, timestep_grid
+from refiner.sampling import Model, Spacing, timestep_grid
 
 
 # --------------------------------------------------------------------------------------- weights
@@ -175,7 +176,7 @@ def phase_scales(upscale: int) -> list[int]:
 
 @torch.no_grad()
 def progressive_refine(
-    stages: Sequence[Stage],
+    experts: Sequence[Expert],
     z: Tensor,
     t_start: int,
     steps: int,
@@ -198,19 +199,19 @@ def progressive_refine(
     allow_outside_window: bool = False,
     return_phases: bool = False,
 ) -> Tensor | list[Tensor]:
-    """Upscale clean latents ``z`` (B, C, h, w) by ``upscale`` in DemoFusion phases, refining with ``stages``.
+    """Upscale clean latents ``z`` (B, C, h, w) by ``upscale`` in DemoFusion phases, refining with ``experts``.
 
     Every phase (see the module docstring for the equations): bicubic x2, then
-    :func:`~refiner.sampling.refine` over ``timestep_grid(t_start, steps, 0, spacing)`` with the
-    stage chain unchanged except that each model is replaced by
+    :func:`~refiner.experts.refine` over ``timestep_grid(t_start, steps, 0, spacing)`` with the
+    expert chain unchanged except that each model is replaced by
     ``DemoFusionModel(MultiDiffusion(model), DilatedSampling(MultiDiffusion(model), s))`` and the
     skip residual ``z_t <- (1 - c1) z_t + c1 zhat_t`` is applied before every step (the first one is
     a no-op: sampling starts at ``zhat_{t_start}``); then the result is renormalised to ``z``'s
     per-sample mean and std.
 
     Args:
-        stages, t_start, steps, alphas_cumprod, eta, spacing, allow_outside_window: as in
-            :func:`~refiner.sampling.refine` (windows validated the same way).
+        experts, t_start, steps, alphas_cumprod, eta, spacing, allow_outside_window: as in
+            :func:`~refiner.experts.refine` (windows validated the same way).
         upscale: a power of 2; phases of x2.
         tile, stride, jitter, view_batch_size, weighting, pad_mode: the MultiDiffusion tiles of the
             local path and of each global sub-lattice (latent pixels; ``stride`` defaults to
@@ -250,7 +251,7 @@ def progressive_refine(
                 MultiDiffusion(st.model, seed=2 * (seed + k), **tiles),
                 DilatedSampling(MultiDiffusion(st.model, seed=2 * (seed + k) + 1, **tiles), s, sigma, alpha3, T),
                 alpha2, T))
-            for st in stages
+            for st in experts
         ]
         z = refine(wrapped, z_up, t_start, steps, alphas_cumprod, eta=eta, generator=generator, spacing=spacing,
                    callback=skip_residual, allow_outside_window=allow_outside_window, noise=noise)

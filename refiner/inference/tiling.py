@@ -28,7 +28,7 @@ pixels, and GroupNorm statistics and the mid-block self-attention span the whole
 sees different statistics than the whole image. Hence a tiled result differs from the whole one even
 away from the seams; the feathered overlap hides the seams themselves (``seam_ratio`` about 1).
 What that costs a user, measured against the clean image (``scripts/f4_round_trip.py CKPT --mosaic 512 1024``:
-the trained demo f4, mosaics of 64 px procedural heads of seeds 7 and 9, sample.py's 256 px tiles overlapping by
+the trained demo f4, mosaics of 64 px procedural heads of seeds 7 and 9, refine.py's 256 px tiles overlapping by
 32): tiled and whole round trips have the same PSNR to the clean mosaic within 0.05 dB (21.9-22.3 dB) and the
 composition checker passes as many cells (tiled 92.2 / 96.9 / 96.1 / 95.3% against whole 92.2 / 95.3 / 95.3 /
 95.3%); the two differ from each other at 32-36 dB PSNR. Normalising the tiles with the whole image's GroupNorm
@@ -48,8 +48,8 @@ of the overlapping tiles' steps). For a fixed ``x_t`` (and fixed noise), a DDIM/
 coefficients that do not depend on the tile, and the normalised weights sum to one at every pixel,
 so *averaging the model outputs and then stepping* equals *stepping every tile and averaging the
 results*. The wrapper therefore averages outputs: it is a plain ``model(x_t, t)``, so
-:mod:`refiner.sampling` stays pure and staged :func:`~refiner.sampling.refine` runs unchanged with
-each Stage's model wrapped. (With ``eta > 0`` this equals averaging per-tile steps that share one
+:mod:`refiner.sampling` stays pure and staged :func:`~refiner.experts.refine` runs unchanged with
+each Expert's model wrapped. (With ``eta > 0`` this equals averaging per-tile steps that share one
 noise tensor.)
 """
 
@@ -463,7 +463,7 @@ def tile_borders(size: int, tile: int, stride: int) -> list[int]:
     return sorted({b for s in tile_starts(size, tile, stride) for b in (s, s + min(tile, size)) if 0 < b < size})
 
 
-def tile_stages(stages: Sequence, tile: int, **kwargs) -> list:
-    """The same :class:`~refiner.sampling.Stage` chain with every model wrapped in :class:`MultiDiffusion`
-    (``kwargs`` as there; each stage gets the same settings)."""
-    return [replace(s, model=MultiDiffusion(s.model, tile, **kwargs)) for s in stages]
+def tile_experts(experts: Sequence, tile: int, **kwargs) -> list:
+    """The same :class:`~refiner.experts.Expert` chain with every model wrapped in :class:`MultiDiffusion`
+    (``kwargs`` as there; each expert gets the same settings)."""
+    return [replace(s, model=MultiDiffusion(s.model, tile, **kwargs)) for s in experts]

@@ -6,7 +6,7 @@ holds the EMA weights during validation because the EMA callback swaps them in f
 For the first ``val.samples`` validation samples (rank 0) it refines the validation latents exactly as deployment
 does, through :meth:`refiner.inference.chain.Chain.refine`: the degraded latent (``val.input=degraded``; ``clean``
 to refine clean latents) scaled, noised to ``val.t_start`` (default: the top of the chain's highest window) and
-denoised over the benchmark's grid (``val.steps``, default :func:`refiner.bench.methods.steps_for` with 20
+denoised over the benchmark's grid (``val.steps``, default :func:`refiner.sampling.steps_for` with 20
 timesteps per step), then decodes it with the f4 the module loads for its grids. It logs to the Lightning
 loggers (wandb, csv):
 
@@ -14,7 +14,7 @@ loggers (wandb, csv):
   outputs to the clean validation images, and ``val_chain/input_swd_x1e3`` for the chain's inputs;
 * with ``val.checker=true`` (the data are the procedural heads): ``val_chain/artifact_rate`` and
   ``val_chain/input_artifact_rate``, the composition checker's fraction of failing images
-  (:func:`refiner.bench.checker.artifact_rate`), the benchmark's headline number;
+  (:func:`refiner.data.checker.artifact_rate`), the benchmark's headline number;
 
 and writes ``val_grids/chain_step_<step>.png`` (input | chain output | clean) beside the window's own grids.
 Noise is a pure function of (``val.seed``, batch index), so successive validations compare like for like.
@@ -40,12 +40,19 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from refiner.data.checker import artifact_rate
+from refiner.data.images import to_uint8
 from refiner.errors import SettingError
+from refiner.inference.chain import Chain
+from refiner.lit.grids import log_grid
+from refiner.lit.window_module import step_seed
+from refiner.metrics import swd
+from refiner.sampling import steps_for
+from refiner.settings import require_choice, require_int
 
 log = logging.getLogger(__name__)
 
 INPUTS = ("degraded", "clean")
-T_PER_STEP = 20  # the benchmark's compute rule: one DDIM step per 20 timesteps of t_start
 
 
 class ChainValidation(pl.Callback):
@@ -54,7 +61,6 @@ class ChainValidation(pl.Callback):
     def __init__(self, chain: Sequence[str], t_start: int | None = None, steps: int | None = None, samples: int = 16,
                  input: str = "degraded", checker: bool = False, seed: int = 0, grid_samples: int = 8,
                  trust_checkpoint: bool = False, allow_first_stage_mismatch: bool = False):
-        from refiner.settings import require_choice, require_int
 
         if isinstance(chain, str) or not chain:
             raise SettingError(f"val.chain must be a non-empty list of window checkpoints, got {chain!r}")
@@ -74,7 +80,6 @@ class ChainValidation(pl.Callback):
 
     # -- building the chain once, before any compute ----------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from refiner.inference.chain import Chain
 
         if stage != "fit":
             return
@@ -85,28 +90,25 @@ class ChainValidation(pl.Callback):
             raise SettingError("val.chain needs model.first_stage.ckpt_path: the chain's outputs are decoded with it")
         chain = self._chain(pl_module)  # schedule, scale factor, f4 and window overlap: checked now
         if self.t_start is None:
-            self.t_start = max(s.weights.window.t_max for s in chain.stages) - 1
+            self.t_start = max(s.weights.window.t_max for s in chain.experts) - 1
         chain.plan(self.t_start, self._steps())  # every grid step in some window, t_start in the top one
         log.info("whole-chain validation: %s + this run, t_start %d, %d steps, %d samples", self.paths, self.t_start,
                  self._steps(), self.samples)
 
     def _chain(self, pl_module: pl.LightningModule):
-        from refiner.inference.chain import Chain
 
         current = Chain.from_module(pl_module, source="the window being trained (EMA)")
-        return Chain.from_stages([*self._earlier.stages, *current.stages],
+        return Chain.from_experts([*self._earlier.experts, *current.experts],
                                  allow_first_stage_mismatch=self.allow_mismatch)
 
     def _steps(self) -> int:
-        from refiner.bench.methods import steps_for
-
-        return self.steps or steps_for(self.t_start, T_PER_STEP)
+        return self.steps or steps_for(self.t_start)
 
     # -- validation: refine the first samples, then score them -------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._outputs, self._seen, self._checksum = [], 0, 0.0
-        for stage in self._earlier.stages:  # setup ran before Lightning moved the module to its device
-            stage.unet.to(pl_module.device)
+        for expert in self._earlier.experts:  # setup ran before Lightning moved the module to its device
+            expert.unet.to(pl_module.device)
         self._decoder.to(pl_module.device)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -124,7 +126,6 @@ class ChainValidation(pl.Callback):
             return
         chain = self._chain(pl_module)
         z = batch[f"z_{self.input}"][:n].float().to(chain.device) * chain.scale_factor
-        from refiner.lit.window_module import step_seed
 
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(step_seed(self.seed, batch_idx)))
         rows = torch.tensor(mine)
@@ -148,7 +149,6 @@ class ChainValidation(pl.Callback):
         for name, value in metrics.items():
             pl_module.log(f"val_chain/{name}", value, rank_zero_only=True, batch_size=len(refined))
         if self.grid_samples:
-            from refiner.visualize import log_grid
 
             k = self.grid_samples
             log_grid(pl_module, [inputs[:k], refined[:k], clean[:k]], name="val/chain_grid", stem="chain_step",
@@ -182,12 +182,9 @@ def _gather(trainer: pl.Trainer, outputs: list, seen: int, checksum: float) -> t
 def chain_metrics(images: Tensor, clean: Tensor, checker: bool) -> dict[str, float]:
     """The benchmark's numbers for ``images`` (N, 3, H, W) in [-1, 1]: SWD x1e3 to ``clean`` and, with ``checker``,
     the composition checker's artifact rate."""
-    from refiner.metrics import swd
 
     values = {"swd_x1e3": swd((images.double() + 1) / 2, (clean.double() + 1) / 2)["mean"]}
     if checker:
-        from refiner.bench.checker import artifact_rate
-        from refiner.data.images import to_uint8
 
         values["artifact_rate"] = artifact_rate([to_uint8(x) for x in images])
     return values

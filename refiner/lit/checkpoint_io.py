@@ -14,6 +14,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from refiner.formats.safe_load import safe_torch_load
 from refiner.io import atomic_save
 
 
@@ -30,7 +31,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None
     ) -> dict[str, Any]:
-        from refiner.formats.safe_load import safe_torch_load
 
         return safe_torch_load(path, trust_checkpoint=self.trust_checkpoint, map_location=map_location)
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from refiner.lit.grids import log_grid
 from refiner.lit.window_module import plain
 from refiner.models.vq import VQModel
 
@@ -87,7 +88,10 @@ class FirstStageModule(pl.LightningModule):
             self.add_module(name, child)
         self.loss = torch.nn.Module()
         if disc_weight > 0:
-            from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
+            from taming.modules.discriminator.model import (
+                NLayerDiscriminator,
+                weights_init,
+            )
 
             self.loss.discriminator = NLayerDiscriminator(input_nc=ddconfig["out_ch"], n_layers=2, ndf=32)
             self.loss.discriminator.apply(weights_init)
@@ -166,7 +170,6 @@ class FirstStageModule(pl.LightningModule):
                  batch_size=x.shape[0])
         self.log("val/l1", l1, sync_dist=True, batch_size=x.shape[0])
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            from refiner.visualize import log_grid
 
             n = min(4, x.shape[0])
             log_grid(self, [x[:n], x_rec[:n]], name="val/reconstruction", captions=["input", "reconstruction"])

@@ -17,10 +17,29 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from refiner.diffusion import (LOSS_WEIGHTINGS, ScheduleConfig, Window, loss_weight, q_sample, to_x0_eps,
-                               training_target)
+from refiner.diffusion import (
+    LOSS_WEIGHTINGS,
+    ScheduleConfig,
+    Window,
+    loss_weight,
+    q_sample,
+    to_x0_eps,
+    training_target,
+)
 from refiner.errors import SettingError
-from refiner.models.lora import LoraSettings, adapter_state, inject_lora, is_adapter_key, load_base_state
+from refiner.formats.compvis import first_stage_from_config
+from refiner.formats.kinds import load_strict, mismatch_report
+from refiner.formats.lora import BASE_KEY, load_base
+from refiner.formats.safe_load import CheckpointError
+from refiner.inference.chain import Chain
+from refiner.lit.grids import log_grid
+from refiner.models.lora import (
+    LoraSettings,
+    adapter_state,
+    inject_lora,
+    is_adapter_key,
+    load_base_state,
+)
 from refiner.models.unet import UNetModel
 from refiner.settings import require_choice, require_int, require_number
 
@@ -246,8 +265,6 @@ class WindowRefiner(pl.LightningModule):
         decoder = self.load_decoder()
         if decoder is None or "clean" not in batch:
             return
-        from refiner.inference.chain import Chain
-        from refiner.visualize import log_grid
 
         n = self.hparams.grid_samples
         z_deg = batch["z_degraded"][:n].float()
@@ -264,7 +281,6 @@ class WindowRefiner(pl.LightningModule):
         cfg = self.hparams.first_stage
         if not cfg or not cfg.get("ckpt_path"):
             return None
-        from refiner.formats.compvis import first_stage_from_config
 
         vq = first_stage_from_config(cfg, "f4", device=self.device)
         self._decoder.append(vq)
@@ -273,7 +289,6 @@ class WindowRefiner(pl.LightningModule):
     # -- LoRA: the frozen base and the adapter-only state ------------------------------------------------
     def load_base_weights(self, state: dict, source: str) -> None:
         """Plain-layout UNet weights (``init_from``) into the UNet: all of it, or the frozen base under LoRA."""
-        from refiner.formats.kinds import load_strict
 
         if self.lora:
             load_base_state(self.unet, state, source)
@@ -289,8 +304,6 @@ class WindowRefiner(pl.LightningModule):
         """Under LoRA the adapters only, strictly over them (the base was loaded by :meth:`on_load_checkpoint`)."""
         if not self.lora:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        from refiner.formats.kinds import mismatch_report
-        from refiner.formats.safe_load import CheckpointError
 
         expected = {k: v.shape for k, v in adapter_state(super().state_dict()).items()}
         report = mismatch_report(expected, state_dict)
@@ -302,8 +315,6 @@ class WindowRefiner(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume of a LoRA run: reload the frozen base the checkpoint refers to (checked by fingerprint)."""
-        from refiner.formats.lora import BASE_KEY, load_base
-        from refiner.formats.safe_load import CheckpointError
 
         if not self.lora:
             return

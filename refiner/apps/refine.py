@@ -1,10 +1,10 @@
-"""Refine artifact images with window experts: ``refiner-sample inputs=<folder|glob|list> [overrides]``
-(``python sample.py`` at the repo root).
+"""Refine artifact images with window experts: ``refiner refine inputs=<folder|glob|list> [overrides]``
+(``python refine.py`` at the repo root).
 
 Per image (SDEdit-style img2img in VQ-f4 latent space), :class:`refiner.inference.pipeline.Pipeline`:
 ``load_image`` (any mode -> RGB uint8), pad, ``z = f4.encode(x) * scale_factor``,
 :meth:`refiner.inference.chain.Chain.refine` (``q_sample`` to ``t_start``, DDIM(eta) over one grid, window
-experts switched by t; a ``conditioning: concat`` stage sees the scaled latent of the image being refined),
+experts switched by t; a ``conditioning: concat`` expert sees the scaled latent of the image being refined),
 ``f4.decode(z_ref / scale_factor)``, crop; then this module writes the PNG atomically with its record
 (:mod:`refiner.inference.outputs`).
 
@@ -16,10 +16,10 @@ Large images are tiled automatically above ``tiling.auto_above_pixels`` (VQ tile
 tiles, :class:`refiner.inference.pipeline.Tiling`); ``upscale=2|4`` refines DemoFusion-style into an image that
 many times larger (:meth:`Chain.refine_progressive`). The per-image work is :class:`refiner.inference.batch_refine.RefineJob`.
 
-Bulk: ``torchrun --nproc_per_node=N sample.py inputs=... output_dir=...`` shards the sorted inputs by rank and
+Bulk: ``torchrun --nproc_per_node=N refine.py inputs=... output_dir=...`` shards the sorted inputs by rank and
 merges the ranks' summaries (:mod:`refiner.inference.distributed`).
 
-Everything that can be checked without images is checked first (settings and tile sizes, stage files, shared
+Everything that can be checked without images is checked first (settings and tile sizes, expert files, shared
 schedule and scale factor, channel counts, window coverage of the timestep grid, first-stage files, output
 names), so a bad chain fails before any image is read. Unreadable images, and images above a ``max_pixels``
 you set, are reported (file + reason) in ``summary.json`` and on stderr; the others are still processed.
@@ -53,36 +53,58 @@ from omegaconf import DictConfig, OmegaConf
 
 from refiner.apps import CONFIG_DIR
 from refiner.artifacts.color_fix import ColorFix
+from refiner.cli import run_cli
+from refiner.data.grids import save_combined_grid
 from refiner.data.images import scan_images
-from refiner.errors import SampleError
+from refiner.errors import RefineError
+from refiner.experts import StepPlan
 from refiner.formats.compvis import first_stage_from_config
 from refiner.inference.artifact_batch import artifact_run, grid_column, output_column
-from refiner.inference.artifact_options import ArtifactOptions, check_whole_images, steps_for_start
+from refiner.inference.artifact_options import (
+    ArtifactOptions,
+    check_whole_images,
+    steps_for_start,
+)
 from refiner.inference.batch_refine import Collected, RefineJob
 from refiner.inference.chain import PRECISIONS, Chain
 from refiner.inference.distributed import (
-    Ranks, merge_summaries, partial_summary_name, read_partial_summaries, write_partial_summary,
+    Ranks,
+    merge_summaries,
+    partial_summary_name,
+    read_partial_summaries,
+    write_partial_summary,
 )
 from refiner.inference.evaluate import evaluate, format_metrics_table
 from refiner.inference.outputs import (
-    GRID_RECORD, WRITTEN_BY, YAML_MARKER, check_outputs, plan_outputs, png_text, settings_digest,
+    GRID_RECORD,
+    WRITTEN_BY,
+    YAML_MARKER,
+    check_outputs,
+    plan_outputs,
+    png_text,
+    settings_digest,
 )
 from refiner.inference.pipeline import PAD_MODES, UPSCALES, Pipeline, Tiling
 from refiner.io import atomic_write_text
-from refiner.sampling import SPACINGS, StepPlan
-from refiner.settings import check_device, check_writable_dir, require_choice, require_int, require_number
-from refiner.visualize import save_combined_grid
+from refiner.sampling import SPACINGS
+from refiner.settings import (
+    check_device,
+    check_writable_dir,
+    require_choice,
+    require_int,
+    require_number,
+)
 
 log = logging.getLogger(__name__)
 
-MODES = ("sample", "evaluate")
+MODES = ("refine", "evaluate")
 GRID_MODES = ("none", "per_image", "combined", "both")
 
 
 def _check_settings(cfg: DictConfig) -> None:
     """Every setting's type and range, the device and the output folder, before any file is loaded. (The
     grid-dependent limits, t_start below the schedule's T, steps <= t_start + 1 and eta > 1, are checked by
-    :meth:`Chain.plan` once the stages are known; tile sizes against the first-stage factors and the UNets'
+    :meth:`Chain.plan` once the experts are known; tile sizes against the first-stage factors and the UNets'
     downsampling by :class:`Pipeline`, also before any image is read.)"""
     require_choice("mode", cfg.mode, MODES)
     require_choice("grid", cfg.grid, GRID_MODES)
@@ -90,7 +112,7 @@ def _check_settings(cfg: DictConfig) -> None:
     require_choice("pad_mode", cfg.pad_mode, PAD_MODES)
     require_choice("precision", cfg.get("precision", "fp32"), PRECISIONS)
     if cfg.inputs is None or cfg.inputs == "" or (not isinstance(cfg.inputs, str) and len(cfg.inputs) == 0):
-        raise SampleError("inputs is not set: pass inputs=<folder|glob|[a.png,b.jpg]>")
+        raise RefineError("inputs is not set: pass inputs=<folder|glob|[a.png,b.jpg]>")
     if cfg.t_start != "auto":  # auto: ArtifactOptions.from_settings
         require_int("t_start", cfg.t_start, minimum=0)
     require_int("steps", cfg.steps, minimum=1)
@@ -103,27 +125,27 @@ def _check_settings(cfg: DictConfig) -> None:
         require_int("max_pixels", cfg.max_pixels, minimum=1)
     require_choice("upscale", require_int("upscale", cfg.get("upscale", 1)), UPSCALES)
     if cfg.mode == "evaluate" and cfg.get("upscale", 1) != 1:
-        raise SampleError(f"mode=evaluate compares refined with clean images of the same size; upscale="
+        raise RefineError(f"mode=evaluate compares refined with clean images of the same size; upscale="
                           f"{cfg.upscale} makes them larger (use upscale=1)")
     Tiling.from_settings(cfg.get("tiling")).check()
     if ColorFix.from_settings(cfg.get("color_fix")).active and cfg.get("upscale", 1) != 1:
-        raise SampleError(f"color_fix restores the input's colours at the input's size; upscale={cfg.upscale} makes "
+        raise RefineError(f"color_fix restores the input's colours at the input's size; upscale={cfg.upscale} makes "
                           "the output larger (use color_fix.method=none or upscale=1)")
     for flag in ("allow_outside_window", "use_ema", "trust_checkpoint", "overwrite", "allow_first_stage_mismatch",
                  "allow_calibration_mismatch"):
         if not isinstance(cfg.get(flag, False), bool):
-            raise SampleError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
+            raise RefineError(f"{flag} must be true or false, got {cfg.get(flag)!r}")
     check_device(cfg.device)
     if cfg.output_dir in (None, ""):
-        raise SampleError("output_dir is not set")
+        raise RefineError("output_dir is not set")
     check_writable_dir(cfg.output_dir, "output_dir")
     if cfg.get("inception_weights"):
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
         if not Path(cfg.inception_weights).is_file():
-            raise SampleError(f"inception_weights file not found: {cfg.inception_weights}")
+            raise RefineError(f"inception_weights file not found: {cfg.inception_weights}")
         if not _TORCH_FIDELITY_AVAILABLE:  # fid_kid would only fail after every image was processed
-            raise SampleError("inception_weights is set but FID/KID need the torch-fidelity package (see "
+            raise RefineError("inception_weights is set but FID/KID need the torch-fidelity package (see "
                               "refiner.metrics.fid_kid); unset inception_weights to evaluate without FID/KID")
 
 
@@ -132,7 +154,7 @@ def _build_pipeline(cfg: DictConfig, device: torch.device, starts: tuple[int, in
     ``starts`` are the lowest and highest t_start a batch may run from (the same unless t_start=auto); both grids
     are validated. Returns the pipeline, the plan (from the highest) and the f4 fingerprint."""
     allow_mismatch = bool(cfg.get("allow_first_stage_mismatch", False))
-    chain = Chain.from_paths(list(cfg.stages), use_ema=cfg.use_ema, trust_checkpoint=cfg.trust_checkpoint,
+    chain = Chain.from_paths(list(cfg.experts), use_ema=cfg.use_ema, trust_checkpoint=cfg.trust_checkpoint,
                              device=device, precision=cfg.get("precision", "fp32"),
                              allow_first_stage_mismatch=allow_mismatch)
     low, top = starts
@@ -154,9 +176,9 @@ def _grid_columns(cfg: DictConfig, pipeline: Pipeline, plan: StepPlan, opts: Art
                   ) -> list[str]:
     if pipeline.upscale > 1:
         return [f"input (bicubic x{pipeline.upscale})", f"refined (x{pipeline.upscale}, progressive)"]
-    stages = pipeline.chain.stages
+    experts = pipeline.chain.experts
     return (["clean", "degraded"] if cfg.mode == "evaluate" else ["input"]) + grid_column(opts) + [  # run order
-        f"after stage {j + 1} ({stages[k].name}, window {stages[k].weights.window})"
+        f"after expert {j + 1} ({experts[k].name}, window {experts[k].weights.window})"
         for j, k in enumerate(plan.segments)] + output_column(opts, color)
 
 
@@ -173,10 +195,10 @@ def _summary(cfg: DictConfig, got: Collected, ignored: list, settings: str, colu
         "settings_digest": settings,
         "grid_columns": columns,
         "timesteps": plan.timesteps,
-        "stage_of_step": plan.stage_of_step,
-        "stages": [{"path": s.weights.source, "window": str(s.weights.window), "conditioning": s.weights.conditioning,
+        "expert_of_step": plan.expert_of_step,
+        "experts": [{"path": s.weights.source, "window": str(s.weights.window), "conditioning": s.weights.conditioning,
                     "ema": s.weights.has_ema, "first_stage_fingerprint": s.weights.first_stage_fingerprint}
-                   for s in pipeline.chain.stages],
+                   for s in pipeline.chain.experts],
         "first_stage_fingerprint": f4_fingerprint,
         "padded_to_multiple_of": pipeline.multiple,
         "tiling": pipeline.tiling.as_dict(),
@@ -235,7 +257,7 @@ def run(cfg: DictConfig) -> dict:
     """Refine (or evaluate) every input image (under torchrun: this rank's shard); returns the summary also
     written to ``summary.json`` (across ranks: the merged one, on every rank).
 
-    Raises :class:`SampleError` / :class:`~refiner.formats.safe_load.CheckpointError` /
+    Raises :class:`RefineError` / :class:`~refiner.formats.safe_load.CheckpointError` /
     ``FileNotFoundError`` for problems found before processing (bad chain, settings, no inputs).
     Per-image problems are collected in ``summary["failed"]`` instead.
     """
@@ -246,7 +268,7 @@ def run(cfg: DictConfig) -> dict:
     color = ColorFix.from_settings(cfg.get("color_fix"))
     ranks = Ranks.from_env()
     if ranks.distributed and cfg.mode == "evaluate":
-        raise SampleError("mode=evaluate runs in one process (its metrics need every image together); run it "
+        raise RefineError("mode=evaluate runs in one process (its metrics need every image together); run it "
                           "without torchrun")
     # 1. Everything that can fail without looking at an image.
     pipeline, plan, f4_fingerprint = _build_pipeline(cfg, torch.device(ranks.device(cfg.device)),
@@ -255,7 +277,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         paths, ignored = scan_images(inputs_spec)
     except (FileNotFoundError, ValueError) as err:
-        raise SampleError(f"inputs={inputs_spec!r}: {err}") from err
+        raise RefineError(f"inputs={inputs_spec!r}: {err}") from err
     output_dir = Path(cfg.output_dir)
     outputs = plan_outputs(paths, output_dir)
     if opts.active:
@@ -292,12 +314,11 @@ def run(cfg: DictConfig) -> dict:
 
 def task(cfg: DictConfig) -> None:
     """The Hydra task: :func:`run` under :func:`refiner.cli.run_cli`'s exit-code contract."""
-    from refiner.cli import run_cli
 
     raise SystemExit(run_cli(lambda: 1 if run(cfg)["failed"] else 0))
 
 
-main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")(task)
+main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="refine")(task)
 
 if __name__ == "__main__":
     main()

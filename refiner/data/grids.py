@@ -1,4 +1,4 @@
-"""Image grids for validation logging and for sample.py's side-by-side comparisons."""
+"""Image grids: rows of images side by side, written as PNG (validation grids, refine.py's comparisons)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from refiner.data.images import encode_png
 from refiner.io import atomic_write_bytes
 
 
@@ -25,8 +26,6 @@ def make_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
 
 def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor], text: Mapping[str, str] | None = None) -> Path:
     """:func:`make_grid` written atomically as a PNG, with optional ``text`` chunks."""
-    from refiner.data.images import encode_png
-
     path = Path(path)
     atomic_write_bytes(path, encode_png(make_grid(rows), text))
     return path
@@ -41,14 +40,3 @@ def save_combined_grid(path: str | os.PathLike, rows: Sequence[Sequence[torch.Te
     """One row per image (its columns side by side); smaller images are padded white to the largest."""
     size = (max(c.shape[-2] for r in rows for c in r), max(c.shape[-1] for r in rows for c in r))
     return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows], text=text)
-
-
-def log_grid(module, rows: Sequence[torch.Tensor], name: str, captions: Sequence[str], stem: str = "step") -> Path:
-    """Save the grid PNG as the run's ``val_grids/<stem>_<step>.png`` and send it to wandb when that logger is on."""
-    step = module.global_step
-    out = Path(module.trainer.default_root_dir) / "val_grids" / f"{stem}_{step:07d}.png"
-    save_grid(out, rows)
-    for logger in module.trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.log_image(key=name, images=[str(out)], caption=[" | ".join(captions)], step=step)
-    return out

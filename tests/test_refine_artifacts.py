@@ -1,4 +1,4 @@
-"""sample.py's artifact options (issue #11 item 5): detect, correct, mask, t_start=auto, composite=paste_back, through
+"""refine.py's artifact options (issue #11 item 5): detect, correct, mask, t_start=auto, composite=paste_back, through
 the real entry point on the tiny checkpoints of test_sample.py."""
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from PIL import Image
 
 from conftest import ROOT
 from test_sample import _compose, _overrides, _rgb, _vq_checkpoint, _window_checkpoint, STEPS
-from refiner.apps.sample import run
+from refiner.apps.refine import run
 from refiner.artifacts.composite import changed_region, feather, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import PixelChangeConfig, dilate
-from refiner.artifacts.probe import probe_detect
+from refiner.inference.probe import probe_detect
 from refiner.cli import run_cli
 from refiner.data.images import load_image, to_tensor
-from refiner.errors import SampleError, SettingError
+from refiner.errors import RefineError, SettingError
 from refiner.formats.compvis import build_first_stage
 from refiner.inference import artifact_batch, batch_refine
 from refiner.inference.chain import Chain
@@ -86,7 +86,7 @@ def test_detect_writes_masks_severities_and_the_grid_column(models, inputs, tmp_
     assert det.pixel.any(), "the test needs a non-empty mask to check the overlay"
     assert summary["grid_columns"][1] == "detected (residual)" and summary["artifacts"]["detect"] == "residual"
     grid = _png(out / "grid.png")
-    assert grid.shape == (2 * (SIDE + 4), 4 * (SIDE + 4), 3)  # input | detected | after stage 1 | after stage 2
+    assert grid.shape == (2 * (SIDE + 4), 4 * (SIDE + 4), 3)  # input | detected | after expert 1 | after expert 2
     j = 0 if det.pixel[0].any() else 1
     cell = grid[j * (SIDE + 4) + 2:j * (SIDE + 4) + 2 + SIDE, SIDE + 6:2 * SIDE + 6]
     src = images[j].astype(int)
@@ -97,7 +97,7 @@ def test_detect_writes_masks_severities_and_the_grid_column(models, inputs, tmp_
     # a re-run resumes (the masks are ours); a mask file refiner did not write is never replaced
     assert len(run(_compose(models, inputs, out, "detect=residual"))["skipped"]) == 2
     (out / "a.mask.png").write_bytes(b"mine")
-    with pytest.raises(SampleError, match=r"1 file\(s\).*a\.mask\.png \(not written by refiner\)"):
+    with pytest.raises(RefineError, match=r"1 file\(s\).*a\.mask\.png \(not written by refiner\)"):
         run(_compose(models, inputs, out, "detect=residual"))
 
 
@@ -160,10 +160,10 @@ def test_paste_back_with_a_user_mask_keeps_the_input_outside_it_bit_for_bit(mode
     assert summary["grid_columns"][-1] == "output (pasted back, feather 3 px)"
     assert summary["artifacts"]["composite"] == "paste_back"
     grid = _png(out / "grid.png")
-    assert grid.shape == (side + 4, 5 * (side + 4), 3)  # input | detected | after stage 1 | after stage 2 | output
+    assert grid.shape == (side + 4, 5 * (side + 4), 3)  # input | detected | after expert 1 | after expert 2 | output
     assert np.array_equal(grid[2:2 + side, 4 * (side + 4) + 2:4 * (side + 4) + 2 + side], got)
     # another feather is another output: the re-run refuses to replace it without overwrite
-    with pytest.raises(SampleError, match="other settings"):
+    with pytest.raises(RefineError, match="other settings"):
         run(_compose(models, d, out, "composite=paste_back", f"mask={tmp_path / 'mask.png'}",
                      "paste_back.feather_px=1"))
 
@@ -206,8 +206,8 @@ def test_output_residual_pastes_back_what_the_refinement_changed_without_a_probe
     assert all(np.array_equal(_png(tmp_path / "whole" / n), plain[j]) for j, n in enumerate(names))
 
 
-def _calibration(path: Path, models, knots, stages=("hi", "lo")) -> Path:
-    AutoStart(knots, chain={"stages": [str(models[s]) for s in stages]}, source={"detector": "residual"}).save(path)
+def _calibration(path: Path, models, knots, experts=("hi", "lo")) -> Path:
+    AutoStart(knots, chain={"experts": [str(models[s]) for s in experts]}, source={"detector": "residual"}).save(path)
     return path
 
 
@@ -228,9 +228,9 @@ def test_t_start_auto_gives_each_image_its_own_start(models, inputs, tmp_path):
     for name, extra in ((low, ["t_start=199", "steps=2"]), (high, ["t_start=399", f"steps={STEPS}"])):
         run(_compose(models, inputs, tmp_path / name, "grid=none", *extra))
         assert np.abs(_png(out / name) - _png(tmp_path / name / name)).max() <= 1
-    # a calibration made for other stages is refused, unless allowed
-    other = _calibration(tmp_path / "other.json", models, [(sev[0], 199.0), (sev[1], 399.0)], stages=("hi",))
-    with pytest.raises(SampleError, match="calibrated for stages"):
+    # a calibration made for other experts is refused, unless allowed
+    other = _calibration(tmp_path / "other.json", models, [(sev[0], 199.0), (sev[1], 399.0)], experts=("hi",))
+    with pytest.raises(RefineError, match="calibrated for experts"):
         run(_compose(models, inputs, tmp_path / "o1", "detect=residual", "t_start=auto", f"auto_calibration={other}"))
     assert not summary["failed"] and run(_compose(
         models, inputs, tmp_path / "o2", "detect=residual", "t_start=auto", f"auto_calibration={other}",
@@ -306,7 +306,7 @@ def test_ttc_with_a_user_mask_runs_through_the_cli_and_matches_the_library(model
     mask[:, SIDE // 2:] = 255
     Image.fromarray(mask, "L").save(tmp_path / "mask.png")
     out = tmp_path / "out"
-    cmd = [sys.executable, "sample.py", *_overrides(models, inputs, out, "correct=ttc", f"mask={tmp_path / 'mask.png'}",
+    cmd = [sys.executable, "refine.py", *_overrides(models, inputs, out, "correct=ttc", f"mask={tmp_path / 'mask.png'}",
                                                     "ttc.t_correct=400", "grid=none"),
            f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
@@ -331,7 +331,7 @@ def test_ttc_with_a_user_mask_runs_through_the_cli_and_matches_the_library(model
 
 
 def test_cli_correct_without_a_mask_source_exits_2(models, inputs, tmp_path):
-    cmd = [sys.executable, "sample.py", *_overrides(models, inputs, tmp_path / "out", "correct=strength_map"),
+    cmd = [sys.executable, "refine.py", *_overrides(models, inputs, tmp_path / "out", "correct=strength_map"),
            f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -399,7 +399,7 @@ def test_color_fix_restores_the_inputs_low_band_then_pastes_back(models, inputs,
     pasted = paste_back(want, src, weights)
     assert all(np.array_equal(_png(tmp_path / "both" / n), pasted[j]) for j, n in enumerate(names))
     assert both["grid_columns"][-1] == "output (colour fix (wavelet, 2 levels, shift <= 6); pasted back, feather 0 px)"
-    with pytest.raises(SampleError, match="color_fix restores the input's colours at the input's size"):
+    with pytest.raises(RefineError, match="color_fix restores the input's colours at the input's size"):
         run(_compose(models, inputs, tmp_path / "up", "color_fix.method=adain", "upscale=2"))
     with pytest.raises(SettingError, match="color_fix.method must be one of"):
         run(_compose(models, inputs, tmp_path / "bad", "color_fix.method=histogram"))

@@ -3,7 +3,7 @@
 The windows cover only t < 500, so the generation-time detector of ASCED (which watches a sampler from pure noise
 and corrects at ``T_c ~ 480``) has nothing to watch when an existing picture is refined. The probe gives it a
 trajectory: encode the images, noise them to ``t_start`` (the top of the chain, with the same per-image noise as
-the refinement would use: seed + i), run the top stage's steps down to its window's lower edge while a
+the refinement would use: seed + i), run the top expert's steps down to its window's lower edge while a
 :class:`~refiner.artifacts.dynamics.StepRecorder` watches, and read a mask from what it saw:
 
 * ``asced``: the paper's rule on the recorded weighted scores (:func:`~refiner.artifacts.detect.asced_paper_mask`),
@@ -23,7 +23,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from refiner.artifacts.detect import Detection, PixelChangeConfig, asced_paper_mask, pixel_change_mask, residual_mask
+from refiner.artifacts.detect import (
+    Detection,
+    PixelChangeConfig,
+    asced_paper_mask,
+    pixel_change_mask,
+    residual_mask,
+)
 from refiner.artifacts.dynamics import StepRecorder
 from refiner.inference.pipeline import Pipeline, image_noise, padded_batch
 
@@ -37,7 +43,7 @@ def _crop_detection(det: Detection, size: tuple[int, int], factor: int) -> Detec
 
 def probe_t_end(chain, t_start: int) -> int:
     """Where a probe from ``t_start`` stops by default: the lower edge of the window that contains ``t_start``."""
-    return next((s.weights.window.t_min for s in chain.stages if s.weights.window.contains(t_start)), 0)
+    return next((s.weights.window.t_min for s in chain.experts if s.weights.window.contains(t_start)), 0)
 
 
 @torch.no_grad()
@@ -53,13 +59,13 @@ def probe_detect(pipeline: Pipeline, images: Sequence[np.ndarray], method: str, 
     indices = list(range(len(images))) if indices is None else [int(i) for i in indices]
     if t_end is None:
         t_end = probe_t_end(chain, t_start)
-    parameterizations = {s.weights.parameterization for s in chain.stages}
+    parameterizations = {s.weights.parameterization for s in chain.experts}
     size, factor = images[0].shape[:2], int(f4.factor)
     x = padded_batch(images, pipeline.multiple, pipeline.pad_mode, pipeline.device)
     z = f4.encode(x) * chain.scale_factor
     noise = image_noise(z.shape[1:], [seed + i for i in indices]).to(z)
     if method == "asced" and len(parameterizations) != 1:
-        raise ValueError("detect=asced needs every stage of the chain to share one parameterization")
+        raise ValueError("detect=asced needs every expert of the chain to share one parameterization")
     recorder = StepRecorder(chain.alphas_cumprod, next(iter(parameterizations)), keep_scores=method == "asced",
                             keep_x0=method != "asced")
     chain.refine(z, t_start, steps, t_end=t_end, noise=noise, callback=recorder)

@@ -1,4 +1,4 @@
-"""sample.py / refiner.apps.sample (Chain, Pipeline): tiny VQ and window checkpoints in the real layouts, tiny images."""
+"""refine.py / refiner.apps.refine (Chain, Pipeline): tiny VQ and window checkpoints in the real layouts, tiny images."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from refiner.formats.window_files import load_window_weights
 from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
-from refiner.apps.sample import run
-from refiner.errors import SampleError, SettingError
+from refiner.apps.refine import run
+from refiner.errors import RefineError, SettingError
 from refiner.inference.chain import Chain
 from refiner.inference.pipeline import Pipeline, Tiling
 from refiner.inference.outputs import plan_outputs
-from refiner.sampling import Stage, refine
+from refiner.experts import Expert, refine
 
 STEPS = 4
 
@@ -82,10 +82,10 @@ def models(tmp_path_factory):
     )
 
 
-def _overrides(models, inputs, output_dir, *extra, stages=("hi", "lo")):
+def _overrides(models, inputs, output_dir, *extra, experts=("hi", "lo")):
     return [
         f"inputs={inputs}",
-        f"stages=[{','.join(str(models[s]) for s in stages)}]",
+        f"experts=[{','.join(str(models[s]) for s in experts)}]",
         f"first_stage.f4.ckpt_path={models['f4']}",
         f"first_stage.f8.ckpt_path={models['f8']}",
         f"output_dir={output_dir}",
@@ -93,8 +93,8 @@ def _overrides(models, inputs, output_dir, *extra, stages=("hi", "lo")):
     ]
 
 
-def _compose(models, inputs, output_dir, *extra, stages=("hi", "lo")):
-    return compose_config("sample", _overrides(models, inputs, output_dir, *extra, stages=stages), output_dir)
+def _compose(models, inputs, output_dir, *extra, experts=("hi", "lo")):
+    return compose_config("refine", _overrides(models, inputs, output_dir, *extra, experts=experts), output_dir)
 
 
 def _rgb(h, w, seed):
@@ -128,7 +128,7 @@ def test_folder_with_bad_and_odd_images(models, mixed_inputs, tmp_path):
     assert on_disk["failed"] == summary["failed"] and len(on_disk["processed"]) == 3
     assert sorted(on_disk["outputs"]) == sorted(str(out / n) for n in ("rgba.png", "gray.png", "odd.png"))
     assert (out / "config_resolved.yaml").is_file()
-    # per-image grid: 1 row, input | after stage 1 | after stage 2, each padded by 2 px
+    # per-image grid: 1 row, input | after expert 1 | after expert 2, each padded by 2 px
     grid = np.asarray(Image.open(out / "grids" / "odd.png"))
     assert grid.shape == (53 + 4, 3 * (37 + 4), 3)
     first = grid[2:55, 2:39]
@@ -138,22 +138,22 @@ def test_folder_with_bad_and_odd_images(models, mixed_inputs, tmp_path):
 def _manual_refine(models, keys, image: np.ndarray, noise_seed: int, scale: float = 1.0, stages_out: list | None = None
                    ) -> np.ndarray:
     """The pipeline written out by hand: pad to 16 (f4 factor 4 x UNet downsampling 4), encode, scale,
-    refine from t=499 with noise from ``noise_seed`` (concat stages get the scaled latent), unscale,
-    decode, crop. ``stages_out`` receives each stage's decoded x0 (uint8) in run order."""
+    refine from t=499 with noise from ``noise_seed`` (concat experts get the scaled latent), unscale,
+    decode, crop. ``stages_out`` receives each expert's decoded x0 (uint8) in run order."""
     f4 = build_first_stage(models["f4"], dict(ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)).eval()
     x, size = pad_to_multiple(to_tensor(image)[None], 16)
     with torch.no_grad():
         z = f4.encode(x) * scale
-        stages = []
+        experts = []
         for key in keys:
             ww = load_window_weights(models[key])
             unet, cond = ww.build_unet(), (z if ww.conditioning == "concat" else None)
-            stages.append(Stage(lambda x, t, unet=unet, cond=cond: unet(x, t, concat=cond), ww.window,
+            experts.append(Expert(lambda x, t, unet=unet, cond=cond: unet(x, t, concat=cond), ww.window,
                                 ww.parameterization))
         noise = torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(noise_seed))[None]
-        res = refine(stages, z, 499, STEPS, ww.schedule.alphas_cumprod(), noise=noise, return_stage_outputs=True)
+        res = refine(experts, z, 499, STEPS, ww.schedule.alphas_cumprod(), noise=noise, return_expert_outputs=True)
         if stages_out is not None:
-            stages_out += [to_uint8(crop_to(f4.decode(x0 / scale), size)[0]) for x0 in res.stage_x0]
+            stages_out += [to_uint8(crop_to(f4.decode(x0 / scale), size)[0]) for x0 in res.expert_x0]
         return to_uint8(crop_to(f4.decode(res.latent / scale), size)[0])
 
 
@@ -194,9 +194,9 @@ def test_bf16_precision_is_close_to_fp32_but_not_identical(models, tmp_path):
     a = np.asarray(Image.open(tmp_path / "fp32" / "a.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "bf16" / "a.png")).astype(int)
     assert np.abs(a - b).mean() < 8
-    (fp32,), (bf16,) = (Chain.from_paths([str(models["hi"])], precision=p).stages for p in ("fp32", "bf16"))
+    (fp32,), (bf16,) = (Chain.from_paths([str(models["hi"])], precision=p).experts for p in ("fp32", "bf16"))
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([300])
-    out32, out16 = fp32.stage(None).model(x, t), bf16.stage(None).model(x, t)
+    out32, out16 = fp32.expert(None).model(x, t), bf16.expert(None).model(x, t)
     assert out16.dtype == torch.float32 and not torch.equal(out32, out16)  # autocast really ran
     torch.testing.assert_close(out16, out32, rtol=0.05, atol=0.05)
     with pytest.raises(Exception, match="precision"):
@@ -205,7 +205,7 @@ def test_bf16_precision_is_close_to_fp32_but_not_identical(models, tmp_path):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_batching_does_not_change_results(models, tmp_path, eta):
-    """sample.py with batch_size 1 and 3 (any eta: the step noise is per image too): within one uint8 level."""
+    """refine.py with batch_size 1 and 3 (any eta: the step noise is per image too): within one uint8 level."""
     d = tmp_path / "in"
     d.mkdir()
     for i in range(3):
@@ -224,7 +224,7 @@ def test_batching_does_not_change_results(models, tmp_path, eta):
 def test_stochastic_refinement_of_a_batch_equals_one_image_at_a_time(models, tiling):
     """eta = 0.5: every draw of image i (q_sample noise, then each DDIM step's noise) comes from its own generator
     seed + i, so a batch of 3 equals the three images refined one at a time. Whole images: same noise, but the
-    UNets' and the VQ's batched convolutions round differently from batch 1, so the decoded stage x0s agree to float
+    UNets' and the VQ's batched convolutions round differently from batch 1, so the decoded expert x0s agree to float
     tolerance (measured max 5.2e-6; bound 1e-4) and the uint8 outputs within one level (measured: identical).
     Tiled images run one at a time anyway: bit for bit. With one step-noise generator per batch (the old rule)
     images 1 and 2 got other noise and differed by far more."""
@@ -253,7 +253,7 @@ def test_output_dir_equal_to_input_folder_is_refused(models, tmp_path):
     Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
     Image.fromarray(_rgb(16, 16, 1)).save(d / "b.jpg")
     before = {p.name: p.read_bytes() for p in d.iterdir()}
-    with pytest.raises(SampleError, match="would overwrite the input image"):
+    with pytest.raises(RefineError, match="would overwrite the input image"):
         run(_compose(models, d, d))
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # nothing written, nothing changed
 
@@ -263,23 +263,23 @@ def test_plan_outputs_deduplicates_stems(tmp_path):
     c = tmp_path / "x" / "im.JPG"
     outs = plan_outputs([a, b, c], tmp_path / "out")
     assert [o.name for o in outs] == ["im.png", "im-2.png", "im-3.png"]
-    with pytest.raises(SampleError, match="would overwrite"):
+    with pytest.raises(RefineError, match="would overwrite"):
         plan_outputs([a, b], tmp_path / "x")
 
 
-@pytest.mark.parametrize("stages, extra, message", [
+@pytest.mark.parametrize("experts, extra, message", [
     (("hi", "gap_lo"), ["steps=50"], r"gap \[200, 250\)"),
     (("hi", "lo"), ["t_start=700"], "above the top window"),
 ])
-def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, stages, extra, message):
+def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, experts, extra, message):
     def no_images(*a, **k):
         raise AssertionError("an image was loaded before the chain was validated")
 
     monkeypatch.setattr(batch_refine, "load_image", no_images)
     monkeypatch.setattr(sample_app, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
-                   "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", stages=stages)
-    with pytest.raises(SampleError, match=message):
+                   "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", experts=experts)
+    with pytest.raises(RefineError, match=message):
         run(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -292,7 +292,7 @@ def test_stages_must_share_schedule_and_scale_factor(models, tmp_path):
         hp[field] = {**hp[field], **value} if isinstance(value, dict) else value
         path = tmp_path / f"lo_{field}.ckpt"
         torch.save(ckpt, path)
-        with pytest.raises(SampleError, match=message):
+        with pytest.raises(RefineError, match=message):
             Chain.from_paths([str(models["hi"]), str(path)])
 
 
@@ -303,16 +303,16 @@ def test_concat_stage_gets_the_degraded_latent(models, tmp_path):
     d.mkdir()
     Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
     models = {**models, "concat": concat}
-    summary = run(_compose(models, d, tmp_path / "out", stages=("concat", "lo")))
+    summary = run(_compose(models, d, tmp_path / "out", experts=("concat", "lo")))
     assert not summary["failed"]
     got = np.asarray(Image.open(tmp_path / "out" / "a.png"))
     assert _max_diff(got, _manual_refine(models, ("concat", "lo"), _rgb(16, 16, 0), 0)) <= 1
     # and a concat UNet whose channels do not fit the f4 latent is refused up front
     chain = Chain.from_paths([str(concat)])
-    with pytest.raises(SampleError, match="in/out channels"):
+    with pytest.raises(RefineError, match="in/out channels"):
         chain.check_latent_channels(4)
     f8 = build_first_stage(models["f8"], dict(ddconfig=tiny_ddconfig(8), n_embed=256, embed_dim=4))
-    with pytest.raises(SampleError, match="in/out channels"):  # check_first_stage checks the channels first
+    with pytest.raises(RefineError, match="in/out channels"):  # check_first_stage checks the channels first
         chain.check_first_stage(f8, "the f8")
 
 
@@ -349,7 +349,7 @@ def test_evaluate_mode_writes_metrics_and_grid(models, tmp_path, capsys):
     hand = 10 * np.log10(1.0 / np.mean((refined - clean) ** 2))
     assert metrics["refined_vs_clean"]["psnr_per_image"][1] == pytest.approx(hand, abs=1e-6)
     assert metrics["degraded_vs_clean"]["psnr"] != metrics["refined_vs_clean"]["psnr"]
-    # comparison grid: one row per image, clean | degraded | after stage 1 | after stage 2, padded to 32x48
+    # comparison grid: one row per image, clean | degraded | after expert 1 | after expert 2, padded to 32x48
     grid = np.asarray(Image.open(summary["grid"]))
     assert grid.shape == (2 * (32 + 4), 4 * (48 + 4), 3)
     assert _max_diff(grid[2:34, 2:34], astro) <= 1
@@ -372,7 +372,7 @@ def test_evaluate_mode_writes_metrics_and_grid(models, tmp_path, capsys):
 
 def test_cli_exit_code_and_stderr(models, mixed_inputs, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "sample.py", *_overrides(models, mixed_inputs, out), f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "refine.py", *_overrides(models, mixed_inputs, out), f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -383,12 +383,12 @@ def test_cli_exit_code_and_stderr(models, mixed_inputs, tmp_path):
 
 def test_cli_bad_chain_exits_2_before_processing(models, mixed_inputs, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "sample.py", *_overrides(models, mixed_inputs, out, "steps=50", stages=("hi", "gap_lo")),
+    cmd = [sys.executable, "refine.py", *_overrides(models, mixed_inputs, out, "steps=50", experts=("hi", "gap_lo")),
            f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: invalid stage chain" in proc.stderr and "gap [200, 250)" in proc.stderr
+    assert "error: invalid expert chain" in proc.stderr and "gap [200, 250)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
 
@@ -463,7 +463,7 @@ def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkey
 
     with monkeypatch.context() as m:
         m.setattr(batch_refine, "load_image", no_images)
-        with pytest.raises(SampleError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
+        with pytest.raises(RefineError, match=r"(?s)2 file\(s\).*photo\.png \(not written by refiner\).*summary\.json.*"
                                               r"overwrite=true"):
             run(_compose(models, f"'{d}/*.jpg'", d))
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
@@ -498,7 +498,7 @@ def test_rerun_skips_finished_outputs_and_refuses_to_replace_other_settings(mode
     assert json.loads((out / "summary.json").read_text())["skipped"] == second["skipped"]
     # other settings: nothing is replaced without overwrite=true
     before = {p.name: p.read_bytes() for p in out.glob("im*.png")}
-    with pytest.raises(SampleError, match="other settings"):
+    with pytest.raises(RefineError, match="other settings"):
         run(_compose(models, d, out, "steps=3"))
     assert {p.name: p.read_bytes() for p in out.glob("im*.png")} == before
     third = run(_compose(models, d, out, "steps=3", "overwrite=true"))
@@ -540,15 +540,15 @@ def test_an_output_that_is_a_link_to_an_input_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     os.link(src / "b.png", out / "a.png")  # the output of a.jpg would be written through onto input b.png
-    with pytest.raises(SampleError, match=r"out/a\.png would overwrite the input image .*src/b\.png"):
+    with pytest.raises(RefineError, match=r"out/a\.png would overwrite the input image .*src/b\.png"):
         plan_outputs([src / "a.jpg", src / "b.png"], out)
     (out / "a.png").unlink()
     (out / "a.png").symlink_to(src / "b.png")
-    with pytest.raises(SampleError, match="would overwrite the input image"):
+    with pytest.raises(RefineError, match="would overwrite the input image"):
         plan_outputs([src / "a.jpg", src / "b.png"], out)
 
 
-# -- issue 10: large images (tiling) and progressive upscaling in sample.py ----------------------------------
+# -- issue 10: large images (tiling) and progressive upscaling in refine.py ----------------------------------
 SMALL_TILES = ["tiling.f4_tile=32", "tiling.f4_overlap=16", "tiling.latent_tile=8", "tiling.latent_stride=4"]
 
 
@@ -637,7 +637,7 @@ def test_tiling_and_upscale_are_part_of_the_resume_record(models, tmp_path):
     run(_compose(models, d, out, "grid=none"))
     assert run(_compose(models, d, out, "grid=none"))["skipped"]
     for changed in ("tiling.latent_tile=68", "tiling.jitter=false", "upscale=2"):
-        with pytest.raises(SampleError, match="other settings"):
+        with pytest.raises(RefineError, match="other settings"):
             run(_compose(models, d, out, "grid=none", changed))
 
 
@@ -665,7 +665,7 @@ def test_bad_tiling_settings_fail_before_any_image(models, tmp_path, monkeypatch
 
 def test_cli_bad_tile_is_one_error_line_and_exit_2(models, tmp_path):
     d = _one_image(tmp_path, 16, 16, 7)
-    cmd = [sys.executable, "sample.py", *_overrides(models, d, tmp_path / "out", "tiling.latent_tile=50"),
+    cmd = [sys.executable, "refine.py", *_overrides(models, d, tmp_path / "out", "tiling.latent_tile=50"),
            f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -677,7 +677,7 @@ def test_cli_bad_tile_is_one_error_line_and_exit_2(models, tmp_path):
 
 
 def test_evaluate_with_upscale_is_refused(models, tmp_path):
-    with pytest.raises(SampleError, match="mode=evaluate .* upscale=2"):
+    with pytest.raises(RefineError, match="mode=evaluate .* upscale=2"):
         run(_compose(models, tmp_path / "in", tmp_path / "out", "mode=evaluate", "upscale=2"))
 
 
@@ -693,5 +693,5 @@ def test_a_concat_window_runs_on_latent_tiles_with_its_conditioning_cropped(mode
     concat = _window_checkpoint(tmp_path, (250, 500), "c.ckpt", tiny_unet_params(in_channels=6), conditioning="concat")
     d = _one_image(tmp_path, 48, 48, 9)
     summary = run(_compose({**models, "concat": concat}, d, tmp_path / "out", "tiling.mode=always",
-                           *SMALL_TILES, stages=("concat", "lo")))
+                           *SMALL_TILES, experts=("concat", "lo")))
     assert not summary["failed"] and _sizes(tmp_path / "out")["a.png"] == (48, 48)
