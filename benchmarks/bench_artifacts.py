@@ -16,10 +16,9 @@ Variants, timed round-robin:
 
 from __future__ import annotations
 
+import common as C
 import numpy as np
 import torch
-
-import common as C
 from bench_sampler import build_chain
 
 
@@ -28,8 +27,8 @@ def main() -> None:
     C.set_threads(args.threads)
     from refiner.artifacts.color_fix import ColorFix
     from refiner.artifacts.dynamics import StepRecorder
-    from refiner.inference.probe import probe_detect
     from refiner.inference.pipeline import Pipeline, padded_batch
+    from refiner.inference.probe import probe_detect
 
     torch.manual_seed(0)
     f4 = C.build_vq(C.demo_vq_params(4))

@@ -8,10 +8,9 @@ matmul in fp32 and in bf16, timed interleaved with the fp32 and bf16-autocast tr
 
 from __future__ import annotations
 
+import common as C
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-import common as C
 
 BATCH = 16
 N = 2048

@@ -24,9 +24,8 @@ import warnings
 from functools import partial
 from pathlib import Path
 
-import torch
-
 import common as C
+import torch
 
 BATCH = 16
 WINDOW = dict(t_min=250, t_max=500, num_timesteps=1000)
@@ -48,7 +47,8 @@ class BareLoop:
     """The same training step written as plain PyTorch, over the same deterministic batches."""
 
     def __init__(self, shard_dir: Path, same_work: bool):
-        from refiner.data.shards import LATENT_KEYS, expand_shards, read_all_samples
+        from refiner.data.latents import expand_shards, read_all_samples
+        from refiner.data.shards import LATENT_KEYS
         from refiner.lit.datamodule import DeterministicBatches
 
         samples = read_all_samples(expand_shards(str(shard_dir)))

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 import common as C
+import torch
 
 BATCH = 16
 SAMPLER_LATENT = (1, 3, 64, 64)

@@ -10,9 +10,8 @@ unless --quick, a CompVis-sized f4 encoder (ch 128, ch_mult [1,2,4], 2 res block
 
 from __future__ import annotations
 
-import torch
-
 import common as C
+import torch
 
 BATCH = 16
 

@@ -12,9 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import common as C
+import torch
 
 BATCH = 16
 

@@ -10,9 +10,8 @@ AdamW, on fixed inputs, timed interleaved (ours, diffusers, ours, ...).
 
 from __future__ import annotations
 
-import torch
-
 import common as C
+import torch
 
 
 def diffusers_unet(layers: int):

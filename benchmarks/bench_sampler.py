@@ -11,17 +11,16 @@ spacing, no clipping) with ``set_timesteps(2S)``; its timesteps below 500 are S 
 
 from __future__ import annotations
 
-import torch
-
 import common as C
+import torch
 
 STEPS = 20
 
 
 def build_experts():
     from refiner.diffusion import Window
-    from refiner.models.unet import UNetModel
     from refiner.experts import Expert
+    from refiner.models.unet import UNetModel
 
     torch.manual_seed(0)
     nets = [UNetModel(**C.demo_unet_params()).eval() for _ in range(2)]

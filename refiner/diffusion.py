@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -246,6 +246,22 @@ class Window:
         elif self.piecewise is not None:
             raise SettingError(f"window.piecewise={self.piecewise!r} is set but window.distribution="
                                f"{self.distribution!r}; set window.distribution=piecewise or window.piecewise=null")
+
+    @classmethod
+    def from_config(cls, window: Mapping[str, Any], num_timesteps: int) -> "Window":
+        """A window from its config block on a schedule of ``num_timesteps``: the block need not name ``T``
+        (``conf/window/*.yaml`` do not: the window does not read the model), ``t_max: null`` means ``T``, and a
+        ``num_timesteps`` it does name must be the schedule's."""
+        values = dict(window)
+        given = values.pop("num_timesteps", None)
+        if given is not None and given != num_timesteps:
+            raise SettingError(f"window.num_timesteps={given} differs from the schedule's num_timesteps={num_timesteps}")
+        if values.get("t_max") is None:
+            values["t_max"] = num_timesteps
+        try:
+            return cls(num_timesteps=num_timesteps, **values)
+        except TypeError as err:
+            raise SettingError(f"window: {err}") from err
 
     def _checked_pieces(self) -> tuple:
         """``piecewise`` as sorted ``(lo, hi, weight)`` tuples that tile [t_min, t_max) with weights >= 0."""

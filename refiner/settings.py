@@ -149,11 +149,12 @@ def from_config(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -
 
 
 def to_plain(settings: Any) -> Any:
-    """Settings (dataclasses, tuples) as plain dicts and lists: for digests, records and JSON."""
+    """Settings as plain dicts and lists (dataclasses, tuples and any mapping or sequence, config containers
+    included): for digests, records, JSON and checkpoint hyperparameters that load with ``weights_only=True``."""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
         return {f.name: to_plain(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
-    if isinstance(settings, (list, tuple)):
-        return [to_plain(v) for v in settings]
     if isinstance(settings, Mapping):
         return {k: to_plain(v) for k, v in settings.items()}
+    if isinstance(settings, Sequence) and not isinstance(settings, (str, bytes)):
+        return [to_plain(v) for v in settings]
     return settings

@@ -53,9 +53,9 @@ class World:
 
 
 def build_world(root: Path) -> World:
-    from refiner.data.demo import build_demo_images
     from refiner.apps.build_shards import run as prepare
     from refiner.apps.train import run as train
+    from refiner.data.demo import build_demo_images
 
     demo = root / "demo"
     build_demo_images(demo, crop_size=CROP, crops_per_photo=3, photos=["astronaut", "coffee", "rocket", "chelsea"],

@@ -8,12 +8,23 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from gaussian import GaussianDenoiser
-from refiner.artifacts.correct import (AutoStart, StrengthPinning, TrajectoryCorrection, fit_auto_start,
-                                       starts_from_strength)
-from refiner.artifacts.detect import (PixelChangeConfig, asced_paper_mask, latent_from_pixel, mask_scores,
-                                      pixel_change_mask, pixel_from_latent)
+
+from refiner.artifacts.correct import (
+    AutoStart,
+    StrengthPinning,
+    TrajectoryCorrection,
+    fit_auto_start,
+    starts_from_strength,
+)
+from refiner.artifacts.detect import (
+    PixelChangeConfig,
+    asced_paper_mask,
+    latent_from_pixel,
+    mask_scores,
+    pixel_change_mask,
+    pixel_from_latent,
+)
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks, eps_from_output, weighted_score
 from refiner.diffusion import ScheduleConfig, Window, q_sample, to_x0_eps
 from refiner.errors import SettingError
@@ -243,9 +254,10 @@ def test_auto_start_is_a_monotone_fit_that_round_trips(tmp_path):
 
 
 def test_pipeline_starts_pin_pixels_and_uniform_starts_change_nothing():
+    from test_chain import _loaded, _unet
+
     from refiner.inference.chain import Chain
     from refiner.inference.pipeline import Pipeline, Tiling
-    from test_chain import _loaded, _unet
     from refiner.models.vq import VQModel, tiny_ddconfig
 
     torch.manual_seed(3)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from refiner.bench.methods import BenchError, methods_from_config, score, unsharp
-from refiner.sampling import steps_for
 from refiner.bench.report import efficiency, first_step_at_or_below, markdown, read_logged
 from refiner.bench.run import check_output_dir, grid_setting
 from refiner.bench.sources import clean_heads, injected_defects
 from refiner.data.synthetic import DEFECTS
+from refiner.sampling import steps_for
 
 
 def test_steps_for_gives_equal_density_and_stays_in_range():

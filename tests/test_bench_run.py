@@ -110,10 +110,10 @@ def test_bench_refuses_before_compute(trained, tmp_path, monkeypatch):
 
 
 def test_bench_refuses_a_first_stage_the_windows_were_not_trained_with(trained, tmp_path, monkeypatch):
+    from refiner.apps.train import run as train
     from refiner.bench import run as bench_run
     from refiner.bench.run import run
     from refiner.formats.fingerprint import FirstStageMismatch
-    from refiner.apps.train import run as train
 
     world, runs = trained
     other = train(compose_config("train", [

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from PIL import Image
 
-from conftest import compose_config
 from refiner.data import shards as shards_mod
 from refiner.data.shards import NoReadableImages, ShardBuildError, build_shards, load_manifest
 from refiner.models.vq import VQModel, tiny_ddconfig
@@ -127,7 +127,7 @@ def test_every_pil_format_is_sharded_and_other_files_are_reported(tmp_path, vqs,
 def test_validation_warning_reports_only_its_own_skips(tmp_path, caplog):
     from test_shards import write_latent_shards
 
-    from refiner.data.shards import SkipCounter, read_all_samples
+    from refiner.data.latents import SkipCounter, read_all_samples
 
     train = write_latent_shards(tmp_path / "train", 1, 3, corrupt_key="000001")
     val = write_latent_shards(tmp_path / "val", 1, 2)

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, compose_config
+from PIL import Image
+from test_refine import _overrides, _rgb, models  # noqa: F401  (module fixture)
+
 from refiner.apps.refine import run
 from refiner.errors import SettingError
 from refiner.inference.distributed import Ranks, merge_summaries
 from refiner.inference.outputs import pixels_match_record, read_png_record, remove_stale_temps
-from test_sample import _overrides, _rgb, models  # noqa: F401  (module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

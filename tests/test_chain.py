@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from refiner.data.images import to_tensor, to_uint8
 from refiner.diffusion import ScheduleConfig, Window, q_sample
 from refiner.errors import RefineError
+from refiner.experts import Expert, refine
 from refiner.formats.window_files import WindowWeights
 from refiner.inference.chain import Chain, ChainError, LoadedExpert
 from refiner.inference.pipeline import Pipeline
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
-from refiner.data.images import to_tensor, to_uint8
-from refiner.experts import Expert, refine
 from refiner.sampling import ddim_step, sample_ddim, timestep_grid
 
 SCHEDULE = ScheduleConfig("linear", 1000, 0.0015, 0.0195)

@@ -11,12 +11,11 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-
 from conftest import compose_config
 from pipeline import World
 
-from refiner.errors import SettingError
 from refiner.apps.train import ConfigError, run
+from refiner.errors import SettingError
 
 
 def detail_overrides(world: World, shape: dict, *extra: str) -> list[str]:
@@ -32,8 +31,8 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 
 def test_chain_validation_logs_swd_and_artifact_rate_and_writes_a_grid(world, shape_window, tmp_path):
-    from refiner.data.images import to_uint8
     from refiner.data.checker import artifact_rate
+    from refiner.data.images import to_uint8
     from refiner.formats.compvis import first_stage_from_config
     from refiner.inference.chain import Chain
     from refiner.lit.window_module import step_seed

@@ -7,20 +7,20 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from helpers_compvis import (
     ArbitraryObject,
     make_compvis_ldm_checkpoint,
     make_first_stage_checkpoint,
     make_window_checkpoint,
 )
+from safetensors import safe_open
+
+from refiner.diffusion import ScheduleConfig, Window
 from refiner.formats.compvis import build_first_stage, ema_key, load_compvis_ldm, load_first_stage
 from refiner.formats.init_from import load_init_weights
 from refiner.formats.kinds import load_strict
 from refiner.formats.safe_load import CheckpointError, safe_torch_load
 from refiner.formats.window_files import export_safetensors, load_window_checkpoint, load_window_weights
-from refiner.diffusion import ScheduleConfig, Window
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, compose_config
+
 from refiner.cli import run_cli
 from refiner.errors import InputsFailed, SettingError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from refiner.artifacts.color_fix import (adain_color_fix, atrous_lowpass, color_fix, wavelet_color_fix)
+from refiner.artifacts.color_fix import adain_color_fix, atrous_lowpass, color_fix, wavelet_color_fix
 from refiner.errors import SettingError
 
 
@@ -112,20 +112,21 @@ def test_bands_equal_the_whole_image(levels):
 
 def test_settings_object_checks_labels_and_digests():
     from refiner.artifacts.color_fix import ColorFix
+    from refiner.settings import from_config
 
-    default = ColorFix.from_settings(None)
+    default = from_config(ColorFix, None, "color_fix.")
     assert (default.method, default.levels, default.max_shift, default.active) == ("none", 3, 8.0, False)
     assert default.digest() == {}  # off: digests of runs without it stay as they were
-    fix = ColorFix.from_settings({"method": "wavelet", "levels": 4, "max_shift": None})
+    fix = from_config(ColorFix, {"method": "wavelet", "levels": 4, "max_shift": None}, "color_fix.")
     assert fix.label() == "colour fix (wavelet, 4 levels, uncapped)"
     assert fix.digest() == {"method": "wavelet", "levels": 4, "max_shift": None}
-    assert ColorFix.from_settings({"method": "adain", "levels": 9}).digest() == {"method": "adain"}
+    assert from_config(ColorFix, {"method": "adain", "levels": 9}, "color_fix.").digest() == {"method": "adain"}
     rng = np.random.default_rng(6)
     a, b = (rng.integers(0, 256, (12, 12, 3)).astype(np.uint8) for _ in range(2))
     assert np.array_equal(fix([a], [b])[0], wavelet_color_fix([a], [b], levels=4)[0])
     for bad, message in [({"method": "hsv"}, "color_fix.method must be one of"),
                          ({"levels": 0}, "color_fix.levels must be in"), ({"levels": 2.5}, "must be an integer"),
                          ({"max_shift": 0}, "max_shift must be > 0"), ({"max_shift": 300}, "max_shift must be in"),
-                         ({"strength": 1}, "unknown keys")]:
+                         ({"strength": 1}, "unknown setting color_fix.strength")]:
         with pytest.raises(SettingError, match=message):
-            ColorFix.from_settings(bad)
+            from_config(ColorFix, bad, "color_fix.")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from conftest import CONF, compose_config
+from hydra import compose, initialize_config_dir
 
 # blog's sampling-step names -> diffusion timestep windows [t_min, t_max)
 WINDOWS = {"late_500_750": (250, 500), "late_751_1000": (0, 250), "late_500_1000": (0, 500), "full": (0, 1000)}
@@ -14,8 +13,14 @@ WINDOWS = {"late_500_750": (250, 500), "late_751_1000": (0, 250), "late_500_1000
 @pytest.mark.parametrize("name,expected", WINDOWS.items())
 def test_window_presets_map_blog_steps_to_timesteps(name, expected, tmp_path):
     cfg = compose_config("train", [f"window={name}"], tmp_path)
-    assert (cfg.model.window.t_min, cfg.model.window.t_max) == expected
-    assert cfg.model.window.num_timesteps == cfg.model.schedule.num_timesteps == 1000
+    from omegaconf import OmegaConf
+
+    from refiner.diffusion import Window
+
+    # the window does not read the model (no interpolation cycle); the model reads the window and its schedule
+    assert "num_timesteps" not in cfg.window and cfg.model.schedule.num_timesteps == 1000
+    window = Window.from_config(OmegaConf.to_container(cfg.model.window, resolve=True), 1000)
+    assert (window.t_min, window.t_max, window.num_timesteps) == (*expected, 1000)
 
 
 @pytest.mark.parametrize("preset,accelerator,precision,backend", [
@@ -67,30 +72,32 @@ def test_bench_method_presets_compose_and_parse(preset, tmp_path):
 def test_sample_artifact_settings_compose_and_parse(tmp_path):
     """conf/refine.yaml's detect/correct/mask/t_start=auto settings: defaults off, every override composes and
     reaches ArtifactOptions (a calibration file is only read with t_start=auto)."""
+    from refiner.apps.refine import settings
     from refiner.artifacts.correct import AutoStart
     from refiner.inference.artifact_options import ArtifactOptions
 
     defaults = compose_config("refine", [], tmp_path)
-    opts = ArtifactOptions.from_settings(defaults)
+    opts = ArtifactOptions.from_settings(settings(compose_config("refine", ["inputs=x"], tmp_path)))
     assert (defaults.detect, defaults.correct, defaults.mask) == ("none", "none", None) and not opts.active
     assert defaults.auto_calibration.endswith("bench_tune/t_start_auto.json") and not defaults.allow_calibration_mismatch
     calib = tmp_path / "auto.json"
     AutoStart([(0.1, 199.0), (0.3, 399.0)], chain={"experts": list(defaults.experts)}).save(calib)
-    cfg = compose_config("refine", ["detect=residual", "correct=strength_map", f"mask={tmp_path}", "t_start=auto",
+    cfg = compose_config("refine", ["inputs=x", "detect=residual", "correct=strength_map", f"mask={tmp_path}", "t_start=auto",
                                     f"auto_calibration={calib}", "strength.t_low=49", "mask_dilate_px=2",
                                     "ttc.t_correct=400", "ttc.gamma=0.1", "ttc.correction_eta=0.5",
                                     "allow_calibration_mismatch=false"], tmp_path)
-    opts = ArtifactOptions.from_settings(cfg)
+    opts = ArtifactOptions.from_settings(settings(cfg))
     assert (opts.detect, opts.correct, opts.mask, opts.t_low, opts.dilate_px) == ("residual", "strength_map",
                                                                                    str(tmp_path), 49, 2)
     assert (opts.t_correct, opts.gamma, opts.correction_eta) == (400, 0.1, 0.5)
     assert opts.start_range(cfg.t_start) == (199, 399) and opts.auto([0.2]) == [299]
-    ttc = ArtifactOptions.from_settings(compose_config("refine", ["detect=asced_code", "correct=ttc"], tmp_path))
+    ttc = ArtifactOptions.from_settings(settings(compose_config("refine", ["detect=asced_code", "correct=ttc",
+                                                                         "inputs=x"], tmp_path)))
     assert ttc.active and ttc.start_range(499) == (499, 499)
     assert defaults.composite == "none" and opts.composite == "none" and "composite" not in opts.digest()
-    pasted = ArtifactOptions.from_settings(compose_config("refine", [
-        "detect=output_residual", "composite=paste_back", "paste_back.feather_px=6", "paste_back.whole_above=0.12"],
-        tmp_path))
+    pasted = ArtifactOptions.from_settings(settings(compose_config("refine", [
+        "detect=output_residual", "composite=paste_back", "paste_back.feather_px=6", "paste_back.whole_above=0.12",
+        "inputs=x"], tmp_path)))
     assert (pasted.detect, pasted.composite, pasted.feather_px, pasted.whole_above) == ("output_residual",
                                                                                       "paste_back", 6, 0.12)
     assert pasted.active and not pasted.probes and pasted.digest()["composite"] == ["paste_back", 6, 0.12]

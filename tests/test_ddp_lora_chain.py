@@ -15,7 +15,6 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-
 from conftest import ROOT, TINY_TRAINER, compose_config
 from pipeline import TINY_UNET
 from test_chain_validation import read_metrics

@@ -18,18 +18,28 @@ import torch
 diffusers = pytest.importorskip("diffusers")  # a guard only: `make test` installs diffusers (the test extra)
 
 from helpers_compvis import make_first_stage_checkpoint, make_window_checkpoint, randomized  # noqa: E402
+
+from refiner.diffusion import ScheduleConfig, Window  # noqa: E402
+from refiner.experts import Expert, refine  # noqa: E402
 from refiner.formats.compvis import build_first_stage  # noqa: E402
+from refiner.formats.diffusers import (  # noqa: E402
+    DiffusersFormatError,
+    WindowChainPipeline,
+    export_diffusers,
+    load_diffusers_unet,
+    load_diffusers_vq,
+    unet2d_config,
+    unet_from_diffusers,
+    unet_params_from_unet2d_config,
+    unet_to_diffusers,
+    vq_config,
+    vq_params_from_config,
+    vq_to_diffusers,
+)
 from refiner.formats.init_from import load_init_weights  # noqa: E402
 from refiner.formats.safe_load import CheckpointError  # noqa: E402
-from refiner.diffusion import ScheduleConfig, Window  # noqa: E402
-from refiner.formats.diffusers import (  # noqa: E402
-    DiffusersFormatError, WindowChainPipeline, export_diffusers, load_diffusers_unet, load_diffusers_vq,
-    unet2d_config, unet_from_diffusers, unet_params_from_unet2d_config, unet_to_diffusers, vq_config,
-    vq_params_from_config, vq_to_diffusers,
-)
 from refiner.models.unet import UNetModel, tiny_unet_params  # noqa: E402
 from refiner.models.vq import VQModel, tiny_ddconfig  # noqa: E402
-from refiner.experts import Expert, refine  # noqa: E402
 from refiner.sampling import timestep_grid  # noqa: E402
 
 TOL = 1e-5

@@ -7,8 +7,18 @@ import math
 import pytest
 import torch
 
-from refiner.diffusion import (ScheduleConfig, Window, eps_from_x0, make_betas, q_sample, to_x0_eps,
-                               training_target, v_from_x0_eps, x0_eps_from_v, x0_from_eps)
+from refiner.diffusion import (
+    ScheduleConfig,
+    Window,
+    eps_from_x0,
+    make_betas,
+    q_sample,
+    to_x0_eps,
+    training_target,
+    v_from_x0_eps,
+    x0_eps_from_v,
+    x0_from_eps,
+)
 
 
 def test_compvis_linear_schedule_is_linear_in_sqrt_beta():

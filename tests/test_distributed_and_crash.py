@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY_TRAINER
 from pipeline import TINY_UNET, World, build_world
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_compvis import make_window_checkpoint
 from safetensors import safe_open
 
-from helpers_compvis import make_window_checkpoint
 from refiner.apps.export import main as export_main
 from refiner.formats.model_card import card_entry, export_card_path
 from refiner.formats.window_files import export_safetensors, load_window_weights

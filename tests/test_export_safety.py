@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers_compvis import make_window_checkpoint
+
 from refiner.formats.window_files import export_safetensors, load_window_weights
 from refiner.io import OutputPathError
 from refiner.models.unet import tiny_unet_params

@@ -29,7 +29,8 @@ PACKAGE = ROOT / "refiner"
 MAX_LINES = 500
 
 LAYERS = [
-    ("core", ("refiner", "refiner.errors", "refiner.settings", "refiner.io", "refiner.batching", "refiner.cli")),
+    ("core", ("refiner", "refiner.errors", "refiner.settings", "refiner.io", "refiner.batching", "refiner.cli",
+              "refiner.progress")),
     ("math", ("refiner.diffusion", "refiner.sampling", "refiner.experts", "refiner.metrics")),
     ("models", ("refiner.models",)),
     ("formats", ("refiner.formats",)),

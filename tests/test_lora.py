@@ -10,21 +10,26 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
-
 from conftest import compose_config
 from test_window_module import RandomLatents
+from torch.utils.data import DataLoader
 
+from refiner.apps.train import ConfigError, run
 from refiner.diffusion import ScheduleConfig
 from refiner.errors import SettingError
 from refiner.formats.safe_load import CheckpointError
 from refiner.formats.window_files import load_window_checkpoint, load_window_weights
 from refiner.lit.ema import TrainableEMA
 from refiner.lit.window_module import WindowRefiner
-from refiner.models.lora import LoraSettings, base_state, inject_lora, is_adapter_key, load_adapter_state, \
-    load_base_state
+from refiner.models.lora import (
+    LoraSettings,
+    base_state,
+    inject_lora,
+    is_adapter_key,
+    load_adapter_state,
+    load_base_state,
+)
 from refiner.models.unet import UNetModel
-from refiner.apps.train import ConfigError, run
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
 
@@ -83,9 +88,8 @@ def lora_module(unet_params: dict, rank=4, **kw) -> WindowRefiner:
 
 
 def test_training_changes_only_adapters_and_ema_tracks_only_them(tmp_path):
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     from helpers_compvis import randomized
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     params = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2],
                   num_res_blocks=1, attention_resolutions=[2], num_head_channels=16)

@@ -340,9 +340,9 @@ def test_bad_module_settings_are_refused(kw, match):
 
 
 def test_checkpoints_keep_the_distribution_and_old_ones_load_as_uniform(tmp_path):
+    from helpers_compvis import make_window_checkpoint
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from helpers_compvis import make_window_checkpoint
     from refiner.formats.window_files import load_window_checkpoint
 
     module = make_module(250, 500, window_kw=dict(distribution="piecewise", piecewise=PIECES),
@@ -378,9 +378,9 @@ def test_config_defaults(model, tmp_path):
 
 
 def test_config_overrides_reach_the_window_and_bad_ones_fail_validation(tmp_path):
+    from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from conftest import compose_config
     from refiner.apps.train import ConfigError
     from refiner.apps.train import validate as validate_config
 

@@ -9,7 +9,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import ROOT
 
 COMMANDS = ("refiner", "refiner-train", "refiner-sample", "refiner-build-shards", "refiner-export", "refiner-checkpoint",

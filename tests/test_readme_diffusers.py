@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, TINY_TRAINER
 from pipeline import TINY_UNET, build_world
 

@@ -11,23 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, compose_config
+from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
 from PIL import Image
 
-from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
-from conftest import ROOT, compose_config
-from refiner.apps import sample as sample_app
-from refiner.inference import batch_refine
+from refiner.apps import refine as refine_app
+from refiner.apps.refine import run
+from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
+from refiner.errors import RefineError, SettingError
+from refiner.experts import Expert, refine
 from refiner.formats.compvis import build_first_stage
 from refiner.formats.window_files import load_window_weights
-from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
+from refiner.inference import batch_refine, refine_run
+from refiner.inference.chain import Chain
+from refiner.inference.outputs import plan_outputs
+from refiner.inference.pipeline import Pipeline, Tiling
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
-from refiner.apps.refine import run
-from refiner.errors import RefineError, SettingError
-from refiner.inference.chain import Chain
-from refiner.inference.pipeline import Pipeline, Tiling
-from refiner.inference.outputs import plan_outputs
-from refiner.experts import Expert, refine
+from refiner.settings import from_config
 
 STEPS = 4
 
@@ -276,7 +277,7 @@ def test_bad_chain_fails_before_any_image(models, tmp_path, monkeypatch, experts
         raise AssertionError("an image was loaded before the chain was validated")
 
     monkeypatch.setattr(batch_refine, "load_image", no_images)
-    monkeypatch.setattr(sample_app, "scan_images", no_images)
+    monkeypatch.setattr(refine_run, "scan_images", no_images)
     cfg = _compose(models, tmp_path / "does_not_exist", tmp_path / "out", *extra,
                    "first_stage.f4.ckpt_path=/nonexistent/vq.ckpt", experts=experts)
     with pytest.raises(RefineError, match=message):
@@ -407,8 +408,8 @@ def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monk
     import warnings
 
     from refiner.formats.compvis import first_stage_file_fingerprint
-    from refiner.formats.window_files import export_safetensors
     from refiner.formats.fingerprint import FirstStageMismatch
+    from refiner.formats.window_files import export_safetensors
 
     fp = first_stage_file_fingerprint(models["f4"])
     other = _other_f4(models, tmp_path)
@@ -473,8 +474,8 @@ def test_unrelated_file_in_output_dir_is_never_replaced(models, tmp_path, monkey
 
 
 def test_rerun_skips_finished_outputs_and_refuses_to_replace_other_settings(models, tmp_path):
-    from refiner.inference.outputs import png_text, read_png_record
     from refiner.data.images import save_png_atomic
+    from refiner.inference.outputs import png_text, read_png_record
 
     d = tmp_path / "in"
     d.mkdir()
@@ -564,7 +565,7 @@ def test_defaults_tile_automatically_and_set_no_pixel_limit(models, tmp_path):
     assert cfg.max_pixels is None and cfg.upscale == 1 and cfg.tiling.mode == "auto"
     from refiner.inference.pipeline import AUTO_ABOVE_PIXELS, Tiling
 
-    assert Tiling.from_settings(cfg.tiling) == Tiling() and cfg.tiling.auto_above_pixels == AUTO_ABOVE_PIXELS
+    assert from_config(Tiling, dict(cfg.tiling)) == Tiling() and cfg.tiling.auto_above_pixels == AUTO_ABOVE_PIXELS
 
 
 def test_tiling_with_tiles_covering_the_image_is_exactly_the_whole_pipeline(models, tmp_path):
@@ -657,7 +658,7 @@ def test_bad_tiling_settings_fail_before_any_image(models, tmp_path, monkeypatch
         raise AssertionError("an image was looked at before the tiling settings were checked")
 
     monkeypatch.setattr(batch_refine, "load_image", no_images)
-    monkeypatch.setattr(sample_app, "scan_images", no_images)
+    monkeypatch.setattr(refine_run, "scan_images", no_images)
     with pytest.raises(SettingError, match=message):
         run(_compose(models, tmp_path / "in", tmp_path / "out", override))
     assert not (tmp_path / "out").exists()

@@ -12,15 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT
-from test_sample import _compose, _overrides, _rgb, _vq_checkpoint, _window_checkpoint, STEPS
+from PIL import Image
+from test_refine import STEPS, _compose, _overrides, _rgb, _vq_checkpoint, _window_checkpoint
+
 from refiner.apps.refine import run
 from refiner.artifacts.composite import changed_region, feather, paste_back, paste_weights
 from refiner.artifacts.correct import AutoStart, TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import PixelChangeConfig, dilate
-from refiner.inference.probe import probe_detect
 from refiner.cli import run_cli
 from refiner.data.images import load_image, to_tensor
 from refiner.errors import RefineError, SettingError
@@ -28,6 +27,7 @@ from refiner.formats.compvis import build_first_stage
 from refiner.inference import artifact_batch, batch_refine
 from refiner.inference.chain import Chain
 from refiner.inference.pipeline import Pipeline, Tiling
+from refiner.inference.probe import probe_detect
 from refiner.models.vq import tiny_ddconfig
 from refiner.sampling import timestep_grid
 
@@ -408,7 +408,7 @@ def test_color_fix_restores_the_inputs_low_band_then_pastes_back(models, inputs,
 def test_color_fix_on_tiled_odd_sized_images_is_the_library_on_the_tiled_output(models, tmp_path):
     """Tiled images (tiling.mode=always) and a side that is not a multiple of the factor: the colour fix acts on the
     cropped uint8 output, as the library does on the plain tiled run's output (and nothing else changes)."""
-    from test_sample import SMALL_TILES
+    from test_refine import SMALL_TILES
 
     from refiner.artifacts.color_fix import adain_color_fix
 

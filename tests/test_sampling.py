@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from gaussian import GaussianDenoiser
+
 from refiner.diffusion import ScheduleConfig, Window, make_betas, q_sample
-from refiner.experts import RefineResult, Expert, refine
+from refiner.experts import Expert, RefineResult, refine
 from refiner.sampling import ddim_step, ddpm_posterior_step, sample_ddim, sample_ddpm, timestep_grid
 
 AB = ScheduleConfig().alphas_cumprod()  # CompVis LDM linear, T=1000, float64

@@ -56,6 +56,7 @@ def test_eta_above_one_only_where_the_ddim_variance_fits():
 ])
 def test_sample_settings_out_of_range_fail_before_loading_anything(tmp_path, override, message):
     from conftest import compose_config
+
     from refiner.apps.refine import run
 
     cfg = compose_config("refine", [f"inputs={tmp_path}", "experts=[/nonexistent.ckpt]", override,

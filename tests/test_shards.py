@@ -9,15 +9,8 @@ import webdataset as wds
 from PIL import Image
 
 from refiner.data.images import load_image, to_tensor
-from refiner.data.shards import (
-    SkipCounter,
-    build_shards,
-    check_enough_shards,
-    expand_shards,
-    latent_dataset,
-    load_manifest,
-    read_all_samples,
-)
+from refiner.data.latents import SkipCounter, check_enough_shards, expand_shards, latent_dataset, read_all_samples
+from refiner.data.shards import build_shards, load_manifest
 from refiner.models.vq import VQModel, tiny_ddconfig
 
 

@@ -13,22 +13,38 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from gaussian import GaussianDenoiser
-from refiner.diffusion import ScheduleConfig, Window, q_sample
-from refiner.inference.progressive import (
-    DilatedSampling, blur_factor, cosine_factor, gaussian_blur, global_weight, latent_stats, phase_scales,
-    progressive_refine, skip_weight,
-)
+
 from refiner.data.images import PaddedImages, crop_to, to_uint8
+from refiner.diffusion import ScheduleConfig, Window, q_sample
+from refiner.experts import Expert, refine
 from refiner.inference.pipeline import decode_to_uint8
+from refiner.inference.progressive import (
+    DilatedSampling,
+    blur_factor,
+    cosine_factor,
+    gaussian_blur,
+    global_weight,
+    latent_stats,
+    phase_scales,
+    progressive_refine,
+    skip_weight,
+)
 from refiner.inference.tiling import (
-    MultiDiffusion, grid_views, ramp_weights, seam_ratio, tile_borders, tile_experts, tile_starts, tiled_decode,
-    tiled_decode_rows, tiled_encode, view_weight,
+    MultiDiffusion,
+    grid_views,
+    ramp_weights,
+    seam_ratio,
+    tile_borders,
+    tile_experts,
+    tile_starts,
+    tiled_decode,
+    tiled_decode_rows,
+    tiled_encode,
+    view_weight,
 )
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig
-from refiner.experts import Expert, refine
 from refiner.sampling import ddim_step, sample_ddim, timestep_grid
 
 AC = ScheduleConfig().alphas_cumprod()

@@ -7,13 +7,12 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-
 from conftest import CONF, TINY_TRAINER, compose_config
 from pipeline import World
 
+from refiner.apps.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
 from refiner.formats.safe_load import CheckpointError
 from refiner.formats.window_files import load_window_checkpoint
-from refiner.apps.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
 
 
 def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):
@@ -48,7 +47,7 @@ def test_detail_window_finetunes_from_the_shape_window(world, shape_window, tmp_
 
 
 def test_auto_scale_factor_is_one_over_the_latent_std(world, shape_window):
-    from refiner.data.shards import expand_shards, read_all_samples
+    from refiner.data.latents import expand_shards, read_all_samples
 
     samples = read_all_samples(expand_shards(world.shards_dir / "demo/train"), keys=("z_clean",))
     std = torch.cat([s["z_clean"].double().flatten() for s in samples]).std().item()
@@ -265,8 +264,8 @@ def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
 
 # -- issue 9, class 2: the f4 identity is recorded by training and checked by init_from -------------------
 def test_window_records_the_fingerprint_of_its_first_stage(world, shape_window):
-    from refiner.formats.compvis import first_stage_file_fingerprint
     from refiner.data.shards import load_manifest
+    from refiner.formats.compvis import first_stage_file_fingerprint
 
     fp = first_stage_file_fingerprint(world.f4_ckpt)
     assert load_manifest(world.shards_dir / "demo/train")["first_stage_fingerprints"]["f4"] == fp

@@ -13,18 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from refiner.apps import CONFIG_DIR
+from refiner.apps.hydra_app import hydra_command
 from refiner.cli import run_cli
 from refiner.data.images import scan_images
-from refiner.data.shards import (
-    ShardBuildError,
-    build_shards,
-    check_build_settings,
-    check_shard_output,
-)
+from refiner.data.shards import ShardBuildError, build_shards, check_build_settings, check_shard_output
 from refiner.formats.compvis import first_stage_from_config
 from refiner.io import same_file
 from refiner.settings import check_device
@@ -102,7 +96,7 @@ def task(cfg: DictConfig) -> None:
     raise SystemExit(run_cli(lambda: exit_code(run(cfg))))
 
 
-main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="build_shards")(task)
+main = hydra_command("build_shards", task)
 
 if __name__ == "__main__":
     main()

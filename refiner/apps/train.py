@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from refiner.apps import CONFIG_DIR
+from refiner.apps.hydra_app import hydra_command
 from refiner.cli import run_cli
-from refiner.data.shards import MANIFEST, expand_shards, load_manifest, read_all_samples
+from refiner.data.latents import expand_shards, read_all_samples
+from refiner.data.shards import MANIFEST, load_manifest
 from refiner.diffusion import Window
 from refiner.errors import SettingError
 from refiner.formats.compvis import first_stage_file_fingerprint
@@ -59,7 +60,8 @@ def validate(cfg: DictConfig) -> None:
         _require_file(value, f"paths.{name}")
     if "window" in cfg.model:
         try:
-            Window(**OmegaConf.to_container(cfg.model.window, resolve=True))
+            Window.from_config(OmegaConf.to_container(cfg.model.window, resolve=True),
+                               int(cfg.model.schedule.num_timesteps))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"window: {err}") from err
     _require_file(cfg.get("ckpt_path"), "ckpt_path (checkpoint to resume from)")
@@ -98,6 +100,26 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def loggers_from(cfg: DictConfig | None, env: Mapping[str, str] | None = None) -> list[Any]:
+    """The run's loggers. ``WANDB_MODE`` in the environment decides wandb's mode when it is set (the config's
+    ``offline: true`` would otherwise override it): ``disabled`` drops the wandb logger, any other mode is passed on."""
+    env = os.environ if env is None else env
+    if not cfg:
+        return []
+    mode = env.get("WANDB_MODE")
+    entries = []
+    for name, c in cfg.items():
+        if c is None or "_target_" not in c:
+            continue
+        if mode and str(c["_target_"]).endswith("WandbLogger"):
+            if mode == "disabled":
+                log.info("WANDB_MODE=disabled: no wandb logger for %s", name)
+                continue
+            c = OmegaConf.merge(c, {"offline": mode in ("offline", "dryrun")})
+        entries.append(hydra.utils.instantiate(c))
+    return entries
 
 
 def read_resume_info(cfg: DictConfig) -> dict | None:
@@ -218,12 +240,13 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    # _convert_=all: the library gets plain dicts and lists, never config objects
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
     if init_state is not None:
         apply_init_from(model, cfg, init_state, init_info)
 
-    loggers = instantiate_dict(cfg.get("logger"))
+    loggers = loggers_from(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
@@ -258,7 +281,7 @@ def task(cfg: DictConfig) -> None:
     raise SystemExit(run_cli(lambda: run(cfg) and 0))
 
 
-main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task)
+main = hydra_command("train", task)
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ rather than taken from a library: StableSR's script is not a package, and its wa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -152,15 +152,10 @@ class ColorFix:
     levels: int = 3
     max_shift: float | None = 8.0
 
-    @classmethod
-    def from_settings(cls, cfg: Mapping[str, Any] | None) -> "ColorFix":
-        cfg = cfg or {}
-        unknown = sorted(set(cfg) - {"method", "levels", "max_shift"})
-        if unknown:
-            raise SettingError(f"color_fix has unknown keys {unknown} (method, levels, max_shift)")
-        method = require_choice("color_fix.method", cfg.get("method", cls.method), COLOR_FIXES)
-        levels = require_int("color_fix.levels", cfg.get("levels", cls.levels), 1, 12)
-        return cls(method, levels, _check_max_shift("color_fix.max_shift", cfg.get("max_shift", cls.max_shift)))
+    def __post_init__(self):
+        require_choice("color_fix.method", self.method, COLOR_FIXES)
+        require_int("color_fix.levels", self.levels, 1, 12)
+        _check_max_shift("color_fix.max_shift", self.max_shift)
 
     @property
     def active(self) -> bool:

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from refiner.data.images import save_png_atomic
+from refiner.progress import progress as progress_bar
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 SKLEARN_PHOTOS = ("china", "flower")
@@ -125,7 +125,7 @@ def build_demo_images(
 
     images = demo_photos(names)
     counts = {"train": 0, "val": 0}
-    for name in tqdm(names, desc="demo photos", disable=not progress):
+    for name in progress_bar(names, desc="demo photos", enabled=progress):
         photo = images[name]
         rng = np.random.default_rng([seed, PHOTO_NAMES.index(name)])
         if name in val_photos:

@@ -51,6 +51,7 @@ from refiner.inference.artifact_options import ArtifactOptions, steps_for_start
 from refiner.inference.outputs import MASK_RECORD, mask_path, png_text
 from refiner.inference.pipeline import Pipeline
 from refiner.inference.probe import probe_detect, probe_t_end
+from refiner.inference.settings import RefineSettings
 from refiner.sampling import timestep_grid
 
 TINT = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # red, in [-1, 1]
@@ -198,8 +199,8 @@ class ArtifactRun:
                                     generator=torch.Generator(device=device).manual_seed(self.seed + indices[0]))
 
 
-def artifact_run(opts: ArtifactOptions, pipeline: Pipeline, cfg) -> ArtifactRun | None:
+def artifact_run(opts: ArtifactOptions, pipeline: Pipeline, settings: RefineSettings) -> ArtifactRun | None:
     """The run's per-batch artifact work, or None when no artifact option is on."""
     if not opts.active:
         return None
-    return ArtifactRun(opts, pipeline, cfg.t_start, int(cfg.steps), cfg.spacing, int(cfg.seed))
+    return ArtifactRun(opts, pipeline, settings.t_start, int(settings.steps), settings.spacing, int(settings.seed))

@@ -1,5 +1,6 @@
-"""``refine.py``'s artifact settings (issue #11): ``detect``, ``correct``, ``mask``, ``t_start=auto``, checked before
-any image is refined.
+"""A refine run's artifact options (issue #11): ``detect``, ``correct``, ``mask``, ``t_start=auto``, ``composite``;
+their values are checked by :class:`~refiner.inference.settings.RefineSettings`, the files they name (calibration,
+masks) here, before any image is refined.
 
 * ``detect=none|asced|asced_code|residual``: a probe pass (:func:`refiner.inference.probe.probe_detect`) over each
   batch before it is refined; its masks are written beside the outputs and its severities go in the records.
@@ -37,18 +38,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from omegaconf import DictConfig
 from PIL import Image
 
 from refiner.artifacts.composite import OUTPUT_DETECTOR
 from refiner.artifacts.correct import AutoStart
 from refiner.data.images import image_size
 from refiner.errors import RefineError, SettingError
-from refiner.inference.probe import DETECTORS
-from refiner.settings import require_choice, require_int, require_number
+from refiner.inference.settings import RefineSettings
 
-CORRECTIONS = ("none", "ttc", "strength_map")
-COMPOSITES = ("none", "paste_back")
 MASK_MODES = ("L", "1")
 
 
@@ -83,52 +80,18 @@ class ArtifactOptions:
         return self.detect not in ("none", OUTPUT_DETECTOR)
 
     @classmethod
-    def from_settings(cls, cfg: DictConfig) -> "ArtifactOptions":
-        """Types, ranges and combinations; with ``t_start=auto`` the calibration file too (no checkpoint loaded)."""
-        detect = require_choice("detect", cfg.get("detect", "none"), ("none", *DETECTORS, OUTPUT_DETECTOR))
-        correct = require_choice("correct", cfg.get("correct", "none"), CORRECTIONS)
-        composite = require_choice("composite", cfg.get("composite", "none"), COMPOSITES)
-        mask = cfg.get("mask")
-        if mask is not None and (not isinstance(mask, str) or not mask):
-            raise RefineError(f"mask must be a png file or a folder of <input stem>.png masks, got {mask!r}")
-        auto = cfg.t_start == "auto"
-        probe = detect not in ("none", OUTPUT_DETECTOR)
-        if correct != "none" and not probe and mask is None:
-            after = (f" (detect={OUTPUT_DETECTOR} finds its mask after refinement, too late to correct it)"
-                     if detect == OUTPUT_DETECTOR else "")
-            raise RefineError(f"correct={correct} needs a mask source: set detect=asced|asced_code|residual or "
-                              f"mask=<png or folder>{after}")
-        if auto and not probe:
-            after = f" (detect={OUTPUT_DETECTOR} measures it only after refinement)" if detect == OUTPUT_DETECTOR else ""
-            raise RefineError("t_start=auto picks each image's start from its detected severity: set detect="
-                              f"asced|asced_code|residual (the calibration's detector){after}")
-        paste = cfg.get("paste_back") or {}
-        whole_above = paste.get("whole_above")
-        if composite != "none" and detect == "none" and mask is None:
-            raise RefineError(f"composite={composite} needs a region: set detect=residual|output_residual|asced|"
-                              "asced_code or mask=<png or folder>")
-        if whole_above is not None:
-            whole_above = require_number("paste_back.whole_above", whole_above, minimum=0.0)
-            if detect == "none":
-                raise RefineError("paste_back.whole_above compares each image's detected severity: set detect=...")
-        level = cfg.get("output_residual_level") if detect == OUTPUT_DETECTOR else None  # only its threshold
-        if level is not None:
-            level = require_number("output_residual_level", level, 0.0, 254.0)
-        strength, ttc = cfg.get("strength") or {}, cfg.get("ttc") or {}
-        opts = cls(detect, correct, mask, None, None, require_int("strength.t_low", strength.get("t_low", 99), 0),
-                   require_int("mask_dilate_px", cfg.get("mask_dilate_px", 4), 0),
-                   require_int("ttc.t_correct", ttc.get("t_correct", 480), 1),
-                   require_number("ttc.gamma", ttc.get("gamma", 0.0), minimum=0.0),
-                   require_number("ttc.correction_eta", ttc.get("correction_eta", 1.0), 0.0, 1.0), composite,
-                   require_int("paste_back.feather_px", paste.get("feather_px", 4), 0), whole_above, level)
-        if opts.active:
-            _refuse_combinations(cfg)
-        if auto:
-            opts.calibration = str(cfg.get("auto_calibration"))
-            opts.auto = _load_calibration(cfg, opts.calibration, detect)
-        elif correct == "strength_map" and opts.t_low > cfg.t_start:
-            raise RefineError(f"strength.t_low={opts.t_low} must not exceed t_start={cfg.t_start} (unflagged pixels "
-                              "start there, flagged ones at t_start)")
+    def from_settings(cls, settings: RefineSettings) -> "ArtifactOptions":
+        """The run's artifact options from its checked settings (:class:`~refiner.inference.settings.RefineSettings`
+        checks every value and combination); with ``t_start=auto`` the calibration file is read and checked here."""
+        s = settings
+        level = s.output_residual_level if s.detect == OUTPUT_DETECTOR else None  # only its threshold
+        opts = cls(s.detect, s.correct, s.mask, None, None, s.strength.t_low, s.mask_dilate_px, s.ttc.t_correct,
+                   float(s.ttc.gamma), float(s.ttc.correction_eta), s.composite, s.paste_back.feather_px,
+                   None if s.paste_back.whole_above is None else float(s.paste_back.whole_above),
+                   None if level is None else float(level))
+        if s.t_start == "auto":
+            opts.calibration = str(s.auto_calibration)
+            opts.auto = _load_calibration(s, opts.calibration)
         return opts
 
     def start_range(self, t_start) -> tuple[int, int]:
@@ -185,19 +148,6 @@ def steps_for_start(steps: int, t_start: int, top: int) -> int:
     return max(1, min(t_start + 1, round(steps * (t_start + 1) / (top + 1))))
 
 
-def _refuse_combinations(cfg: DictConfig) -> None:
-    what = "detect/correct/mask/t_start=auto"
-    if cfg.get("upscale", 1) != 1:
-        raise RefineError(f"{what} work at the input size; upscale={cfg.upscale} is not supported with them "
-                          "(use upscale=1)")
-    if cfg.mode == "evaluate":
-        raise RefineError(f"{what} are not supported with mode=evaluate (it measures the plain refinement); use "
-                          "mode=refine")
-    if (cfg.get("tiling") or {}).get("mode") == "always":
-        raise RefineError(f"{what} need whole images (the probe and the per-pixel starts do not run on tiles): "
-                          "set tiling.mode=auto or never")
-
-
 def check_whole_images(paths: Sequence[Path], pipeline) -> None:
     """Refuse inputs that ``tiling.mode=auto`` would tile (from their headers, before any image is refined)."""
     m = pipeline.multiple
@@ -209,22 +159,24 @@ def check_whole_images(paths: Sequence[Path], pipeline) -> None:
                               "images: set tiling.mode=never or leave such images out")
 
 
-def _load_calibration(cfg: DictConfig, path: str, detect: str) -> AutoStart:
+def _load_calibration(settings: RefineSettings, path: str) -> AutoStart:
     try:
         auto = AutoStart.load(path)
     except SettingError as err:
         raise RefineError(f"auto_calibration: {err}") from err
-    if cfg.get("allow_calibration_mismatch", False) is True:
+    if settings.allow_calibration_mismatch:
         return auto
     hint = "; pass allow_calibration_mismatch=true to use it anyway"
-    recorded = (auto.chain or {}).get("experts")
-    ours = sorted(str(Path(s).resolve()) for s in cfg.experts)
+    chain = auto.chain or {}
+    recorded = chain.get("experts", chain.get("stages"))  # "stages": files written before the word was "experts"
+    ours = sorted(str(Path(s).resolve()) for s in settings.experts)
     if not recorded or sorted(str(Path(s).resolve()) for s in recorded) != ours:
         raise RefineError(f"auto_calibration {path} was calibrated for experts {recorded}, not for this run's "
-                          f"{list(cfg.experts)}{hint}")
+                          f"{list(settings.experts)}{hint}")
     calibrated_with = (auto.source or {}).get("detector")
-    if calibrated_with not in (None, detect):
-        raise RefineError(f"auto_calibration {path} maps {calibrated_with} severities, but detect={detect}{hint}")
+    if calibrated_with not in (None, settings.detect):
+        raise RefineError(f"auto_calibration {path} maps {calibrated_with} severities, but detect={settings.detect}"
+                          f"{hint}")
     return auto
 
 

@@ -18,10 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor
 
-from refiner.artifacts.color_fix import ColorFix
 from refiner.batching import batches_by
 from refiner.data.grids import save_grid
 from refiner.data.images import (
@@ -41,6 +39,7 @@ from refiner.inference.outputs import (
     sha256_file,
 )
 from refiner.inference.pipeline import Pipeline
+from refiner.inference.settings import RefineSettings
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +88,29 @@ class RefineJob:
     """Refine (or, ``mode=evaluate``, degrade then refine) the inputs at the given indices; see the module
     docstring. ``existing`` says which outputs are finished (skipped in sample mode) or damaged (redone).
     ``artifacts`` (detect/correct/mask/t_start=auto, :mod:`refiner.inference.artifact_batch`) probes each batch
-    first, sets its starts and TTC callback, and writes each image's mask before its output. ``color_fix``
+    first, sets its starts and TTC callback, and writes each image's mask before its output. ``settings.color_fix``
     (:class:`~refiner.artifacts.color_fix.ColorFix`) runs on each batch's decoded outputs, before the paste-back."""
 
-    cfg: DictConfig
+    settings: RefineSettings
     pipeline: Pipeline
     paths: Sequence[Path]
     outputs: Sequence[Path]
-    settings: str
+    digest: str
     existing: ExistingOutputs
     output_dir: Path
     progress: Callable[[int], object] = lambda n: None
     artifacts: ArtifactRun | None = None
-    color_fix: ColorFix = ColorFix()
 
     @property
     def evaluate_mode(self) -> bool:
-        return self.cfg.mode == "evaluate"
+        return self.settings.mode == "evaluate"
 
     def run(self, indices: Sequence[int]) -> Collected:
         got = Collected()
         sizes = {i: image_size(self.paths[i]) for i in indices}
         order = sorted(indices, key=lambda i: (sizes[i] is None, sizes[i] or (0, 0), i))
         loaded = (it for it in (self._load(i, sizes[i], got) for i in order) if it is not None)
-        for batch in batches_by(loaded, self.cfg.batch_size, key=lambda it: it.size):
+        for batch in batches_by(loaded, self.settings.batch_size, key=lambda it: it.size):
             self._refine_batch(batch, got)
         return got
 
@@ -122,7 +120,7 @@ class RefineJob:
         self.progress(1)
 
     def _load(self, i: int, size: tuple[int, int] | None, got: Collected) -> Item | None:
-        path, cfg = self.paths[i], self.cfg
+        path, cfg = self.paths[i], self.settings
         if i in self.existing.finished and not self.evaluate_mode:
             got.skipped.append({"input": str(path), "output": str(self.outputs[i]),
                                 "reason": "already refined from this input with these settings (pixels verified)"})
@@ -147,7 +145,7 @@ class RefineJob:
         return Item(i, path, self.outputs[i], image, input_sha256)
 
     def _refine_batch(self, batch: list[Item], got: Collected) -> None:
-        cfg, pipeline = self.cfg, self.pipeline
+        cfg, pipeline = self.settings, self.pipeline
         grid_per_image = cfg.grid in ("per_image", "both")
         grid_combined = cfg.grid in ("combined", "both")
         want_rows = grid_per_image or (grid_combined and got.wants_row([it.index for it in batch],
@@ -160,8 +158,8 @@ class RefineJob:
                 indices=[it.index for it in batch], eta=cfg.eta, spacing=cfg.spacing,
                 allow_outside_window=cfg.allow_outside_window, with_stages=want_rows,
                 **(art.refine_kwargs() if art else {}))
-            if self.color_fix.active:
-                refined = self.color_fix(refined, inputs)
+            if self.settings.color_fix.active:
+                refined = self.settings.color_fix(refined, inputs)
             if art:
                 refined = self.artifacts.finish(art, inputs, refined)
         except (FloatingPointError, RuntimeError, MemoryError) as err:
@@ -176,7 +174,7 @@ class RefineJob:
             try:
                 if art:
                     art.save_mask(j, it.output, protect)
-                record = output_record(it.input_sha256, cfg.seed + it.index, self.settings, out)
+                record = output_record(it.input_sha256, cfg.seed + it.index, self.digest, out)
                 save_png_atomic(it.output, out, protect=protect, text=png_text(record))
             except (OSError, ValueError) as err:
                 self._fail(got, it.path, f"cannot write {it.output}: {err}")
@@ -185,7 +183,7 @@ class RefineJob:
                       **(art.record(j, it.output) if art else {})}
             if want_rows:
                 row = self._grid_row(it, src, out, expert_imgs, art.overlay(j, src) if art else [],
-                                     self.color_fix.active or (art is not None and art.weights is not None))
+                                     self.settings.color_fix.active or (art is not None and art.weights is not None))
                 if grid_per_image:
                     grid_path = self.output_dir / "grids" / it.output.name
                     save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))

@@ -35,15 +35,13 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from refiner.artifacts.color_fix import ColorFix
 from refiner.errors import RefineError
 from refiner.formats.fingerprint import first_stage_fingerprint, weights_fingerprint
 from refiner.inference.distributed import partial_summary_name
-from refiner.inference.pipeline import Tiling
+from refiner.inference.settings import RefineSettings
 from refiner.io import file_id
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
     from torch import nn
 
     from refiner.inference.chain import Chain
@@ -200,14 +198,15 @@ def mask_path(output: Path) -> Path:
     return output.with_name(output.stem + MASK_SUFFIX)
 
 
-def writes_masks(cfg: DictConfig) -> bool:
-    return cfg.get("detect", "none") not in (None, "none")
+def writes_masks(settings: RefineSettings) -> bool:
+    return settings.detect != "none"
 
 
-def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], world_size: int = 1) -> list[Path]:
+def report_paths(settings: RefineSettings, output_dir: Path, outputs: Sequence[Path], world_size: int = 1
+                 ) -> list[Path]:
     """The run-level files this run writes: config, summary (and, across ``world_size`` > 1 processes, the ranks'
-    partial summaries), metrics (evaluate) and grids, as ``cfg`` asks."""
-
+    partial summaries), metrics (evaluate) and grids, as the settings ask."""
+    cfg = settings
     evaluate_mode = cfg.mode == "evaluate"
     names = ["config_resolved.yaml", "summary.json"] + (["metrics.json"] if evaluate_mode else [])
     if world_size > 1:
@@ -217,57 +216,61 @@ def report_paths(cfg: DictConfig, output_dir: Path, outputs: Sequence[Path], wor
     paths = [output_dir / name for name in names]
     if cfg.grid in ("per_image", "both"):
         paths += [output_dir / "grids" / out.name for out in outputs]
-    if writes_masks(cfg):
+    if writes_masks(settings):
         paths += [mask_path(out) for out in outputs]
     return paths
 
 
-def settings_digest(cfg: DictConfig, chain: Chain, f4_fingerprint: str, f8: nn.Module | None,
+def settings_digest(settings: RefineSettings, chain: Chain, f4_fingerprint: str, f8: nn.Module | None,
                     artifacts: Mapping | None = None) -> str:
     """16 hex chars that change with anything that changes a refined image: the experts' weights and placement,
     the first stages, the sampler settings, the tiling settings and ``upscale`` (noise seeds are recorded per
     image), and ``artifacts`` (the detect/correct/mask/t_start=auto settings and the masks' and calibration's
     contents, :meth:`refiner.inference.artifact_options.ArtifactOptions.digest`; left out when empty, so runs
-    without them keep their digest), and ``color_fix`` when it is on (likewise). Device, batch size and the number of processes are left out (results agree across
-    them up to float noise, for any eta: every image draws its noise from its own generator). With eta > 0 the
-    digest also names that step-noise rule (``"step_noise": "per_image"``): outputs of versions that drew one step
-    noise per batch are not taken for finished ones; eta = 0 digests are unchanged."""
+    without them keep their digest), and ``color_fix`` when it is on (likewise). Device, batch size and the number
+    of processes are left out (results agree across them up to float noise, for any eta: every image draws its noise
+    from its own generator). With eta > 0 the digest also names that step-noise rule (``"step_noise": "per_image"``):
+    outputs of versions that drew one step noise per batch are not taken for finished ones; eta = 0 digests are
+    unchanged.
 
+    The payload's keys and values are a file format (every output records the digest, and a re-run resumes by it), so
+    they keep their historic spelling: ``"stages"`` for the experts and ``"mode": "sample"`` for ``mode=refine``."""
+    s = settings
     payload = {
-        "tiling": Tiling.from_settings(cfg.get("tiling")).as_dict(), "upscale": cfg.get("upscale", 1),
-        "mode": cfg.mode, "t_start": cfg.t_start, "steps": cfg.steps, "spacing": cfg.spacing, "eta": float(cfg.eta),
-        "allow_outside_window": cfg.allow_outside_window, "precision": cfg.get("precision", "fp32"),
-        "pad_mode": cfg.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
-        "experts": [{"weights": weights_fingerprint(s.weights.unet_state), "window": str(s.weights.window),
-                    "parameterization": s.weights.parameterization, "conditioning": s.weights.conditioning,
-                    "scale_factor": s.weights.scale_factor} for s in chain.experts],
+        "tiling": s.tiling.as_dict(), "upscale": s.upscale, "mode": "sample" if s.mode == "refine" else s.mode,
+        "t_start": s.t_start, "steps": s.steps, "spacing": s.spacing, "eta": float(s.eta),
+        "allow_outside_window": s.allow_outside_window, "precision": s.precision,
+        "pad_mode": s.pad_mode, "f4": f4_fingerprint, "f8": first_stage_fingerprint(f8) if f8 is not None else None,
+        "stages": [{"weights": weights_fingerprint(e.weights.unet_state), "window": str(e.weights.window),
+                    "parameterization": e.weights.parameterization, "conditioning": e.weights.conditioning,
+                    "scale_factor": e.weights.scale_factor} for e in chain.experts],
     }
-    if float(cfg.eta) > 0:
+    if float(s.eta) > 0:
         payload["step_noise"] = "per_image"
     if artifacts:
         payload["artifacts"] = dict(artifacts)
-    color = ColorFix.from_settings(cfg.get("color_fix")).digest()
+    color = s.color_fix.digest()
     if color:
         payload["color_fix"] = color
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_outputs(cfg: DictConfig, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
-                  settings: str, indices: Sequence[int] | None = None, reports: bool = True,
+def check_outputs(settings: RefineSettings, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
+                  digest: str, indices: Sequence[int] | None = None, reports: bool = True,
                   world_size: int = 1) -> ExistingOutputs:
     """What already exists where this run writes (:func:`check_existing`; the outputs at ``indices`` only when
     given, the run-level reports only when ``reports``). Files refiner did not write, or refined with other
     settings, raise :class:`RefineError` before any image is refined, unless ``overwrite=true``. Temporary files
     of an interrupted atomic write of these outputs are removed (:func:`remove_stale_temps`)."""
-    existing = check_existing(outputs, inputs, [cfg.seed + i for i in range(len(inputs))], settings,
-                              report_paths(cfg, output_dir, outputs, world_size) if reports else [], indices)
-    if existing.conflicts and not cfg.get("overwrite", False):
+    existing = check_existing(outputs, inputs, [settings.seed + i for i in range(len(inputs))], digest,
+                              report_paths(settings, output_dir, outputs, world_size) if reports else [], indices)
+    if existing.conflicts and not settings.overwrite:
         n = len(existing.conflicts)
         raise RefineError(f"output_dir {output_dir}: {n} file(s) this run would replace were not written by refiner "
                           f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
                           "Pass overwrite=true to replace them, or choose another output_dir")
     mine = [outputs[i] for i in (range(len(outputs)) if indices is None else indices)]
-    remove_stale_temps(mine + ([mask_path(out) for out in mine] if writes_masks(cfg) else []))
+    remove_stale_temps(mine + ([mask_path(out) for out in mine] if writes_masks(settings) else []))
     if existing.conflicts:
         log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
                     len(existing.conflicts), existing.conflicts[0])

@@ -34,7 +34,7 @@ jitter offsets, eta noise, DemoFusion's phase noise) from ``seed + i`` as well.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -85,40 +85,36 @@ class Tiling:
     jitter: bool = True
     view_batch_size: int = 4
 
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any] | None) -> "Tiling":
-        """From a config group (``conf/refine.yaml: tiling``); unknown keys are a :class:`SettingError`."""
-        settings = dict(settings or {})
-        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise SettingError(f"tiling: unknown setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**settings)
-
-    def check(self, f4_factor: int | None = None, f8_factor: int | None = None,
-              latent_multiple: int | None = None) -> "Tiling":
-        """Every value's type and range, and (when given) the tile sizes against the first stages' factors and
-        the UNets' downsampling. Raises :class:`SettingError` naming the setting."""
+    def __post_init__(self):
+        """Every value's type and range (the relations to the models are :meth:`check`'s)."""
         require_choice("tiling.mode", self.mode, TILING_MODES)
         require_int("tiling.auto_above_pixels", self.auto_above_pixels, minimum=0)
         require_int("tiling.view_batch_size", self.view_batch_size, minimum=1)
         if not isinstance(self.jitter, bool):
             raise SettingError(f"tiling.jitter must be true or false, got {self.jitter!r}")
-        for name, factor in (("f4", f4_factor), ("f8", f8_factor)):
+        for name in ("f4", "f8"):
             tile = require_int(f"tiling.{name}_tile", getattr(self, f"{name}_tile"), minimum=1)
             overlap = require_int(f"tiling.{name}_overlap", getattr(self, f"{name}_overlap"), minimum=0)
             if overlap >= tile:
                 raise SettingError(f"tiling.{name}_overlap={overlap} must be smaller than tiling.{name}_tile={tile}")
-            if factor is not None and (tile % factor or overlap % factor):
-                raise SettingError(f"tiling.{name}_tile={tile} and tiling.{name}_overlap={overlap} must be multiples "
-                                   f"of the {name} first stage's downsampling factor {factor}")
         tile = require_int("tiling.latent_tile", self.latent_tile, minimum=1)
         stride = require_int("tiling.latent_stride", self.latent_stride, minimum=1)
         if stride > tile:
             raise SettingError(f"tiling.latent_stride={stride} must not exceed tiling.latent_tile={tile} (the "
                                "overlap is tile - stride; a larger stride leaves gaps)")
-        if latent_multiple is not None and tile % latent_multiple:
-            raise SettingError(f"tiling.latent_tile={tile} must be a multiple of the window UNets' downsampling "
-                               f"{latent_multiple} (latent pixels)")
+
+    def check(self, f4_factor: int | None = None, f8_factor: int | None = None,
+              latent_multiple: int | None = None) -> "Tiling":
+        """The tile sizes against the first stages' factors and the UNets' downsampling (when given). Raises
+        :class:`SettingError` naming the setting."""
+        for name, factor in (("f4", f4_factor), ("f8", f8_factor)):
+            tile, overlap = getattr(self, f"{name}_tile"), getattr(self, f"{name}_overlap")
+            if factor is not None and (tile % factor or overlap % factor):
+                raise SettingError(f"tiling.{name}_tile={tile} and tiling.{name}_overlap={overlap} must be multiples "
+                                   f"of the {name} first stage's downsampling factor {factor}")
+        if latent_multiple is not None and self.latent_tile % latent_multiple:
+            raise SettingError(f"tiling.latent_tile={self.latent_tile} must be a multiple of the window UNets' "
+                               f"downsampling {latent_multiple} (latent pixels)")
         return self
 
     def applies(self, pixels: int) -> bool:

@@ -42,17 +42,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from refiner.batching import batches_by
-from refiner.data.shards import (
-    IMAGE_KEYS,
-    LATENT_KEYS,
+from refiner.data.latents import (
     SkipCounter,
     check_enough_shards,
     collate_samples,
     expand_shards,
     latent_dataset,
-    load_manifest,
     read_all_samples,
 )
+from refiner.data.shards import IMAGE_KEYS, LATENT_KEYS, load_manifest
 from refiner.errors import InputsFailed
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from refiner.lit.grids import log_grid
-from refiner.lit.window_module import plain
 from refiner.models.vq import VQModel
+from refiner.settings import to_plain
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -70,7 +70,7 @@ class FirstStageModule(pl.LightningModule):
         warmup_steps: int = 0,
     ):
         super().__init__()
-        ddconfig = plain(ddconfig)
+        ddconfig = to_plain(ddconfig)
         self.save_hyperparameters(dict(ddconfig=ddconfig, n_embed=n_embed, embed_dim=embed_dim, lr=lr,
                                        codebook_weight=codebook_weight, disc_weight=disc_weight,
                                        disc_start=disc_start, restart_every=restart_every,

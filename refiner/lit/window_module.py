@@ -15,7 +15,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from refiner.diffusion import (
     LOSS_WEIGHTINGS,
@@ -41,16 +40,9 @@ from refiner.models.lora import (
     load_base_state,
 )
 from refiner.models.unet import UNetModel
-from refiner.settings import require_choice, require_int, require_number
+from refiner.settings import require_choice, require_int, require_number, to_plain
 
 log = logging.getLogger(__name__)
-
-
-def plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists, so hyperparameters load with ``weights_only=True``."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def step_seed(*parts: int) -> int:
@@ -141,9 +133,9 @@ class WindowRefiner(pl.LightningModule):
     ):
         super().__init__()
         unet, window, schedule, first_stage, val_windows, lora, lora_base = (
-            plain(v) for v in (unet, window, schedule, first_stage, val_windows, lora, lora_base))
+            to_plain(v) for v in (unet, window, schedule, first_stage, val_windows, lora, lora_base))
         self.lora = LoraSettings.from_config(lora)
-        self.window = Window(**window)
+        self.window = Window.from_config(window, int(schedule["num_timesteps"]))
         self.save_hyperparameters(  # the window as Window.to_dict(): a uniform one is stored as before
             dict(unet=unet, window=self.window.to_dict(), schedule=schedule, parameterization=parameterization,
                  conditioning=conditioning, scale_factor=float(scale_factor), base_lr=base_lr, scale_lr=scale_lr,
