@@ -650,7 +650,7 @@ def test_tiling_and_upscale_are_part_of_the_resume_record(models, tmp_path):
     ("tiling.latent_tile=50", r"tiling.latent_tile=50 must be a multiple of the window UNets' downsampling 4"),
     ("tiling.latent_stride=100", r"tiling.latent_stride=100 must not exceed tiling.latent_tile=64"),
     ("tiling.mode=sometimes", r"tiling.mode must be one of \('auto', 'always', 'never'\)"),
-    ("+tiling.tile=64", r"tiling: unknown setting\(s\) \['tile'\]"),
+    ("+tiling.tile=64", r"unknown setting tiling.tile; did you mean tiling\.(f4|f8|latent)_tile\?"),
     ("upscale=3", r"upscale must be one of \(1, 2, 4\), got 3"),
 ])
 def test_bad_tiling_settings_fail_before_any_image(models, tmp_path, monkeypatch, override, message):

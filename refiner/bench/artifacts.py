@@ -72,6 +72,7 @@ from refiner.bench.sources import clean_heads
 from refiner.data.checker import check_batch
 from refiner.inference.probe import probe_detect, probe_t_end
 from refiner.io import atomic_write_bytes, atomic_write_text
+from refiner.settings import from_config
 from refiner.sampling import steps_for
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def strength_maps(a) -> list[tuple[int, int, str]]:
 
 def color_fixes(a) -> list[ColorFix]:
     """The colour fixes of ``artifacts.color_fix`` (a list of ``{method, levels, max_shift}``), checked."""
-    fixes = [ColorFix.from_settings(dict(c)) for c in (a.get("color_fix") or [])]
+    fixes = [from_config(ColorFix, dict(c), "artifacts.color_fix.") for c in (a.get("color_fix") or [])]
     if any(not f.active for f in fixes):
         raise BenchError("artifacts.color_fix lists method: none; list only the colour fixes to measure")
     return fixes
