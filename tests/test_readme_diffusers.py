@@ -1,4 +1,4 @@
-"""The README's "diffusers bridge" recipe runs as written, on tiny demo-shaped windows.
+"""The diffusers bridge recipe of docs/reference/diffusers.md runs as written, on tiny demo-shaped windows.
 
 The bash block's commands run in a folder laid out like the repo after `make demo` (train.py, conf/ and
 outputs/heads/refiner_*/checkpoints/last.ckpt); the training command gets the tiny-world overrides appended
@@ -19,9 +19,9 @@ from pipeline import TINY_UNET, build_world
 
 
 def _blocks(lang: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## diffusers bridge"):]
-    section = section[:section.index("\n## ", 5)]
+    text = (ROOT / "docs" / "reference" / "diffusers.md").read_text()
+    section = text[text.index("## Recipe"):]
+    section = section[:section.index("\n## ", 5)] if "\n## " in section[5:] else section
     return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
 
 
@@ -47,8 +47,8 @@ def test_readme_diffusers_recipe_runs(tmp_path):
     tiny = [*TINY_TRAINER, *[p for p in world.paths() if not p.startswith("first_stage.f4.ckpt_path")], *TINY_UNET,
             f"hydra.run.dir={repo / 'outputs/finetune'}"]
     commands = _commands(bash)
-    assert [c[:3] for c in commands] == [["python", "-m", "refiner.export"], ["python", "train.py",
-                                                                              "experiment=demo_refiner_751_1000"]]
+    assert [c[:4] for c in commands] == [["python", "-m", "refiner", "export"],
+                                         ["python", "train.py", "experiment=demo_refiner_751_1000", c[3]]]
     for cmd in commands:
         cmd = [sys.executable, *cmd[1:], *(tiny if cmd[1] == "train.py" else [])]
         res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=300)
