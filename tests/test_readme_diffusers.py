@@ -47,8 +47,8 @@ def test_readme_diffusers_recipe_runs(tmp_path):
     tiny = [*TINY_TRAINER, *[p for p in world.paths() if not p.startswith("first_stage.f4.ckpt_path")], *TINY_UNET,
             f"hydra.run.dir={repo / 'outputs/finetune'}"]
     commands = _commands(bash)
-    assert [c[:4] for c in commands] == [["python", "-m", "refiner", "export"],
-                                         ["python", "train.py", "experiment=demo_refiner_751_1000", c[3]]]
+    assert len(commands) == 2 and commands[0][:4] == ["python", "-m", "refiner", "export"]
+    assert commands[1][:3] == ["python", "train.py", "experiment=demo_refiner_751_1000"]
     for cmd in commands:
         cmd = [sys.executable, *cmd[1:], *(tiny if cmd[1] == "train.py" else [])]
         res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=300)
