@@ -33,7 +33,7 @@ test-fast: setup
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash scripts/demo.sh
 
-# demo + the paired baseline + the benchmark's whole sweep on both seed splits: the README's numbers
+# demo + the paired baseline + the benchmark's whole sweep on both seed splits: the numbers of docs/experiments/
 demo-full: setup
 	PATH="$(abspath $(BIN)):$$PATH" FULL=1 bash scripts/demo.sh
 

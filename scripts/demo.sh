@@ -6,7 +6,7 @@
 # FULL=1 (`make demo-full`, heads only): also trains the paired img2img baseline, runs the artifact-detection
 # benchmark (python -m refiner.bench.artifacts) on both splits and the upscaling comparison
 # (python -m refiner.bench.upscale), and runs the benchmark's whole
-# sweep on both seed splits (tune, then report): the README's numbers. Plain `make demo` shows the chain against
+# sweep on both seed splits (tune, then report): the numbers of docs/experiments/. Plain `make demo` shows the chain against
 # full-range SDEdit at equal compute and the unsharp mask, at t_start 499, in under 15 minutes.
 # Each step is skipped when its result already exists; FORCE=1 rebuilds this demo from scratch.
 set -euo pipefail
@@ -78,7 +78,7 @@ if [[ "$DEMO" == photos ]]; then
   train refiner_751_1000 experiment=demo_refiner_751_1000
   step 6 "refine the held-out photos' f8-degraded crops from t=299 through both windows and evaluate"
   # t_start=299 (not the blog's 499): models this small, trained on 7 photos, repaint the input with training
-  # content from higher noise levels; see the README's photo section for the numbers.
+  # content from higher noise levels; see docs/experiments/photos.md for the numbers.
   python refine.py mode=evaluate "$P" inputs="$DATA/val" t_start=299 output_dir="$OUT/eval" hydra.run.dir="$OUT/eval"
   echo; echo "demo finished in $(( $(date +%s) - start )) s; comparison grid: $OUT/eval/comparison_grid.png"
   exit 0
@@ -97,7 +97,7 @@ wait_lanes
 if [[ "$FULL" == 1 ]]; then
   step 6 "benchmark, split=tune (the seeds recommended_t_start was chosen on): every method over its sweep"
   python -m refiner.bench split=tune "$P" output_dir="$OUT/bench_tune" hydra.run.dir="$OUT/bench_tune"
-  step 7 "benchmark, split=report (the README's numbers): every method over its sweep"
+  step 7 "benchmark, split=report (the numbers of docs/experiments/): every method over its sweep"
   python -m refiner.bench split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
   step 8 "artifact detection, adaptive strength, paste-back and colour fix, split=tune (fits t_start=auto: bench_tune/t_start_auto.json)"
   python -m refiner.bench.artifacts split=tune "$P" output_dir="$OUT/bench_tune" hydra.run.dir="$OUT/bench_tune"

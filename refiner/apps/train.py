@@ -55,7 +55,7 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.paths.get(name)
         if not value:
             raise ConfigError(
-                f"this experiment needs paths.{name}=<file>; see the README's 'Finetuning from CompVis' section"
+                f"this experiment needs paths.{name}=<file>; see docs/reference/training.md, 'Finetuning from CompVis'"
             )
         _require_file(value, f"paths.{name}")
     if "window" in cfg.model:

@@ -2,7 +2,7 @@
 refinement's high frequencies (its shapes and edges).
 
 Every refined pixel goes through the VQ-f4. The demo's tiny f4 pulls backgrounds and skins toward a few colours
-(README, "Faithfulness is limited by the f4"), so a refinement repaints the colours of regions that had nothing
+(docs/experiments/demo-benchmark.md, "Faithfulness is limited by the f4"), so a refinement repaints the colours of regions that had nothing
 wrong with them, and the RMSE to the input never drops below that drift. Diffusion super-resolution has the same
 problem with its VAE and fixes it after decoding; StableSR (Wang et al., "Exploiting Diffusion Prior for Real-World
 Image Super-Resolution", IJCV 2024; ``scripts/wavelet_color_fix.py`` in IceClear/StableSR, after Li Yi's
@@ -23,7 +23,7 @@ sd-webui-stablesr ``colorfix.py``) offers two rules, both here:
 Ours on top: ``max_shift`` caps how far the wavelet rule moves any pixel (levels of 0..255). A cap of 8 removes much
 of the f4's colour drift (RMSE 0.015-0.019 lower at every t_start on the benchmark), while the low band of a blob or a
 melted outline, which the refinement removed, mostly stays out; uncapped, the rule brings it back and re-breaks
-images (README, issue-11 section).
+images (docs/experiments/artifacts.md).
 
 Both work on [0, 1] floats in float64 and return uint8 (rounded, clipped). Neither calls a model. Written here
 rather than taken from a library: StableSR's script is not a package, and its wavelet form builds both cascades.
@@ -105,7 +105,7 @@ def wavelet_color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray
     ``levels``: StableSR's wavelet reconstruction (the refined high band, the input's low band) when ``max_shift``
     is None. ``max_shift`` (levels of the 0..255 scale) caps how far a pixel moves toward the input's low band: the
     f4's colour drift is small, the low band of an artifact (a blob, a melted outline) is not, so a cap restores the
-    first and leaves most of the second (ours; measured in the README's issue-11 section).
+    first and leaves most of the second (ours; measured in docs/experiments/artifacts.md).
 
     Large images go through in bands of ``band_rows`` rows plus a halo of ``2^levels - 1`` rows on each side (the
     cascade's reach), so the result equals the whole-image one while memory stays a band's."""
@@ -146,7 +146,7 @@ def adain_color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray])
 class ColorFix:
     """The checked ``color_fix`` settings of ``refine.py`` and the benchmark: ``method`` (:data:`COLOR_FIXES`),
     ``levels`` and ``max_shift`` (wavelet only; ``None`` = StableSR's uncapped rule). The defaults are the point
-    chosen on the benchmark's ``split=tune`` (README, issue 11)."""
+    chosen on the benchmark's ``split=tune`` (docs/experiments/artifacts.md)."""
 
     method: str = "none"
     levels: int = 3

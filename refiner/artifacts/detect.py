@@ -197,7 +197,7 @@ def pixel_change_mask(frames: Sequence[Tensor], *, factor: int, cfg: PixelChange
 
 
 # The threshold's k in median + k * 1.4826 * MAD: the public code's 3, and for the residual 6, chosen on the
-# benchmark's split=tune (the README's artifact section). refine.py and the benchmark both read it from here.
+# benchmark's split=tune (docs/experiments/artifacts.md). refine.py and the benchmark both read it from here.
 MAD_SCALE = {"asced_code": 3.0, "residual": 6.0}
 
 

@@ -5,7 +5,7 @@ For one batch of same-size images, :meth:`ArtifactRun.prepare`:
 
 1. ``detect``: :func:`~refiner.inference.probe.probe_detect` from the batch's top start down to the lower edge of
    the window containing it, with as many steps as the refinement grid has in that range (at least two), the
-   same noise (``seed + i``). The residual rule uses ``mad_scale`` 6 (tuned on the benchmark, README), the
+   same noise (``seed + i``). The residual rule uses ``mad_scale`` 6 (tuned on the benchmark, docs/experiments/artifacts.md), the
    public-code rule its own 3.
 2. Starts: each image's start ``s_i`` is ``t_start``, or with ``t_start=auto`` ``AutoStart(severity_i)``; the batch
    runs from ``max(s_i)`` with ``steps`` scaled by ``(max(s_i) + 1) / (top + 1)`` (top: the calibration's highest

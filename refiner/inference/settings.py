@@ -9,7 +9,7 @@ before any image is refined: the calibration and user masks (:class:`~refiner.in
 against the first stages' factors (:meth:`refiner.inference.pipeline.Tiling.check`).
 
 Options that the project's own benchmark measured not to help are marked **experimental** in their field's comment
-(and in ``conf/refine.yaml``, the README's reference and ``--help``): they stay available for experiments, with the
+(and in ``conf/refine.yaml``, ``docs/reference/refine.md`` and ``--help``): they stay available for experiments, with the
 number that put them there.
 """
 

@@ -71,7 +71,7 @@ class VQModel(nn.Module):
             ch 32 model with 32 groups has 1, i.e. instance norm, which erases each channel's mean over the
             image, and (as in StyleGAN2's "droplet" analysis, Karras et al. 2020, sec. 2) the decoder answers
             with local blobs that carry the colour. ``norm_groups: 8`` restores 4 channels per group (measured on
-            the demo: a better round trip, but worse refiners trained in its latent space; README, "Choosing the
+            the demo: a better round trip, but worse refiners trained in its latent space; docs/experiments/vq-f4-choice.md, "Choosing the
             demo's VQ-f4").
         n_embed: codebook size (vq-f4: 8192, vq-f8: 16384).
         embed_dim: codebook vector size = latent channels (vq-f4: 3, vq-f8: 4).
