@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(cmd, cwd=ROOT, check=True)
         refined = [load_image(outputs / f"sample_{i:02d}.png") for i in range(args.n)]
     before = [not r.passed for r in check_batch(samples)]
-    after = [not r.passed for r in check_batch(refined)]
-    print(f"broken before: {sum(before)}/{args.n}, after: {sum(after)}/{args.n}")
+    checked = check_batch(refined)
+    print(f"broken before: {sum(before)}/{args.n}, after: {sum(not r.passed for r in checked)}/{args.n}")
+    for i, r in enumerate(checked):
+        print(f"  after, image {i}: {'passes' if r.passed else 'fails ' + ', '.join(k for k, ok in r.rules.items() if not ok)}")
     pad = 2
     rows = []
     for images in (samples, refined):
