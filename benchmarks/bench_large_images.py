@@ -35,7 +35,7 @@ PSNR to the photo, whole and tiled, which says whether the f4 can represent the 
 only cartoon heads: ``scripts/f4_round_trip.py --mosaic`` measures tiled against whole on its own domain).
 With random weights the differences are pessimistic (a trained autoencoder's GroupNorm statistics
 vary less between tiles); ``--vq-ckpt`` measures the seams with a trained f4 of the demo.yaml shape
-instead (loaded by ``refiner.formats.compvis.build_first_stage``, e.g. the demo's
+instead (loaded by ``refiner.formats.first_stage.build_first_stage``, e.g. the demo's
 ``outputs/demo/vq_f4/checkpoints/last.ckpt``).
 """
 
@@ -119,7 +119,7 @@ def build_models(vq_ckpt: str = ""):
     from bench_sampler import build_chain
 
     if vq_ckpt:  # the project's loader: our Lightning first-stage checkpoints or CompVis/taming layouts
-        from refiner.formats.compvis import build_first_stage
+        from refiner.formats.first_stage import build_first_stage
 
         vq = build_first_stage(vq_ckpt, C.demo_vq_params(4)).eval()
     else:

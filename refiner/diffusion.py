@@ -72,10 +72,6 @@ class ScheduleConfig:
         return asdict(self)
 
 
-def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
-    return torch.cumprod(1.0 - betas.double(), dim=0)
-
-
 def gather(values: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """``values[t]`` broadcast to ``like``'s rank, in ``like``'s dtype and device."""
     t = torch.as_tensor(t, device=values.device).long()

@@ -1,5 +1,5 @@
 """The two kinds of error every entry point (``refine.py``, ``train.py``, ``build_shards.py``,
-``refiner-checkpoint``) reports as one line, ``error: <message>`` on stderr.
+``refiner export``/``refiner inspect``) reports as one line, ``error: <message>`` on stderr.
 
 * :class:`SettingError`: a setting, or a file or folder named by a setting, that cannot work (bad range,
   missing checkpoint, output that would replace something). Found before or instead of the work; exit 2.

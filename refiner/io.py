@@ -1,4 +1,5 @@
-"""Atomic file writes (temp file in the target directory, fsync, ``os.replace``), output-path checks, and
+"""Atomic file writes (temp file in the target directory, fsync, ``os.replace``), output-path checks, export
+folders that ``--force`` replaces only when they are a previous export (:func:`write_export_folder`), and
 non-finite floats in JSON (:func:`json_float`).
 
 A kill mid-write leaves the old file (or nothing), never a truncated one. Hand-written because
@@ -13,7 +14,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import secrets
+import shutil
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -103,3 +109,148 @@ def json_float(x: float) -> float | str:
     if math.isfinite(x):
         return x
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+# ------------------------------------------------------------------------------------------ export folders
+@dataclass(frozen=True)
+class ExportLayout:
+    """What one kind of export folder holds, so that ``--force`` replaces only a previous export of that kind.
+
+    ``marker``: the manifest file whose presence says "an export of ours" (``refiner_chain.json`` for the diffusers
+    export, ``adapter_config.json`` for the peft export). ``patterns``: regular expressions (full match, relative
+    POSIX paths) of every entry the export writes, folders included. A folder holding the marker and only entries
+    that match is a previous export; anything else in it is *foreign*, and the folder is never replaced.
+    """
+
+    marker: str
+    patterns: tuple[str, ...]
+
+    def foreign_entry(self, folder: Path) -> str | None:
+        """An entry of ``folder`` this export does not write (relative path), or None: the first foreign file in a
+        sorted walk (files before subfolders, symlinks not followed), else the first foreign (empty) folder. A
+        symlink is always foreign: no export writes one."""
+        first_folder = None
+        for root, dirs, files in os.walk(folder, followlinks=False):
+            dirs.sort()
+            here = Path(root)
+            for name in sorted(files):
+                rel = (here / name).relative_to(folder).as_posix()
+                if (here / name).is_symlink() or not self._writes(rel):
+                    return rel
+            for name in dirs:
+                rel = (here / name).relative_to(folder).as_posix()
+                if (here / name).is_symlink():
+                    return rel
+                if first_folder is None and not self._writes(rel):
+                    first_folder = rel
+        return first_folder
+
+    def _writes(self, rel: str) -> bool:
+        return any(re.fullmatch(p, rel) for p in self.patterns)
+
+
+def check_export_folder(out: str | os.PathLike, layout: ExportLayout, inputs: Iterable[str | os.PathLike] = (),
+                        force: bool = False, what: str = "refiner export") -> Path:
+    """The folder an export to ``out`` will write: ``out`` itself, or, when ``out`` is a symlink, the folder it points
+    to (the link is kept and keeps pointing there). Raises :class:`OutputPathError` (exit 2), before anything is
+    written, when:
+
+    * ``out`` exists and ``force`` is not given;
+    * ``out`` is a file, or a symlink to nothing;
+    * ``out`` (resolved) contains one of ``inputs``, or lies inside one;
+    * with ``force``, the existing folder is not a previous export of this kind: it lacks ``layout.marker`` or holds
+      an entry the export does not write (the message names it). An empty folder may be replaced.
+    """
+    out = Path(out)
+    target = out.resolve()
+    shown = f"{out} (a symlink to {target})" if out.is_symlink() else str(out)
+    if out.is_symlink() and not target.exists():
+        raise OutputPathError(f"output {shown}: the symlink points to nothing; remove it or make the folder it names")
+    for source in inputs:
+        src = Path(source).resolve()
+        if src == target or target in src.parents:
+            raise OutputPathError(f"output {shown} contains the input {source}; choose another output folder")
+        if src in target.parents:
+            raise OutputPathError(f"output {shown} lies inside the input {source}; choose another output folder")
+    if not target.exists():
+        blocking = next((p for p in target.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise OutputPathError(f"output {shown}: {blocking} is a file, not a folder")
+        return target
+    if not force:
+        raise OutputPathError(f"{shown} already exists; pass --force to replace it")
+    if not target.is_dir():
+        raise OutputPathError(f"{shown} exists and is not a folder; refusing to replace a file")
+    if not any(target.iterdir()):
+        return target
+    foreign = layout.foreign_entry(target)
+    if not (target / layout.marker).is_file():
+        held = foreign or min(p.name for p in target.iterdir())
+        raise OutputPathError(f"{shown} is not a {what} (it has no {layout.marker}; it holds {held}); --force "
+                              "replaces only a previous export: choose another output folder")
+    if foreign is not None:
+        raise OutputPathError(f"{shown} holds {foreign}, which a {what} does not write; --force replaces only a "
+                              "previous export with nothing added: move that file or choose another output folder")
+    return target
+
+
+def write_export_folder(out: str | os.PathLike, layout: ExportLayout, write: Callable[[Path], None], *,
+                        inputs: Iterable[str | os.PathLike] = (), force: bool = False,
+                        what: str = "refiner export") -> Path:
+    """Write an export folder atomically: ``write(tmp)`` fills a fresh folder beside the target, which is checked
+    first (:func:`check_export_folder`); its files are fsynced and it is renamed into place. A previous export is
+    moved aside, the new one moved in, then the old one deleted; if the move-in fails the old one is put back. On
+    any error nothing of the attempt is left behind (no ``.NAME.*.tmp`` / ``.old`` folders) and the old export is
+    untouched. New folders follow the umask (no ``mkdtemp``, which makes them 0700). Returns ``Path(out)``."""
+    target = check_export_folder(out, layout, inputs, force, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_sibling(target, "tmp", create=True)
+    try:
+        write(tmp)
+        if not (tmp / layout.marker).is_file():
+            raise RuntimeError(f"the {what} writer did not write its manifest {layout.marker}")
+        _fsync_files(tmp)
+        _move_into_place(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Path(out)
+
+
+def _fresh_sibling(path: Path, suffix: str, create: bool = False) -> Path:
+    """An unused name ``.<name>.<random>.<suffix>`` beside ``path`` (made as a folder when ``create``)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{suffix}")
+        if not create:
+            if not candidate.exists() and not candidate.is_symlink():
+                return candidate
+            continue
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _fsync_files(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = _fresh_sibling(target, "old")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as err:  # the new export is in place; say what is left over rather than fail the export
+        warnings.warn(f"replaced {target}, but could not delete the previous export moved to {old}: {err}")

@@ -27,7 +27,7 @@ import yaml
 from refiner.bench.sources import generator_samples
 from refiner.data.checker import check_batch
 from refiner.data.images import encode_png, load_image, save_png_atomic
-from refiner.formats.compvis import first_stage_from_config
+from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.inference.chain import Chain
 from refiner.io import atomic_write_bytes
 
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     chain = Chain.from_paths([DEMO / "full_range" / "checkpoints" / "last.ckpt"])
     params = yaml.safe_load((ROOT / "conf" / "first_stage" / "demo.yaml").read_text())["f4"]["params"]
-    f4 = first_stage_from_config({"ckpt_path": str(DEMO / "vq_f4" / "checkpoints" / "last.ckpt"), "params": params},
-                                 "f4").eval()
+    f4 = first_stage_from_mapping({"ckpt_path": str(DEMO / "vq_f4" / "checkpoints" / "last.ckpt"), "params": params},
+                                  "f4").eval()
     expert = chain.experts[0]
     with torch.no_grad():
         samples = generator_samples(expert.expert(None).model, chain.alphas_cumprod,

@@ -53,12 +53,12 @@ def main() -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from refiner.formats.compvis import first_stage_from_config
+    from refiner.formats.first_stage import first_stage_from_mapping
 
     torch.set_num_threads(args.threads)
     block = OmegaConf.load(ROOT / "conf/first_stage/demo.yaml")[args.which]
     block.ckpt_path = str(args.ckpt)
-    vq = first_stage_from_config(block, args.which)
+    vq = first_stage_from_mapping(OmegaConf.to_container(block, resolve=True), args.which)
     if args.mosaic:
         return mosaics(vq, args)
     return heads_alone(vq, args)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+from omegaconf import OmegaConf
 import torch
 from conftest import compose_config
 from pipeline import World
@@ -33,7 +34,7 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def test_chain_validation_logs_swd_and_artifact_rate_and_writes_a_grid(world, shape_window, tmp_path):
     from refiner.data.checker import artifact_rate
     from refiner.data.images import to_uint8
-    from refiner.formats.compvis import first_stage_from_config
+    from refiner.formats.first_stage import first_stage_from_mapping
     from refiner.inference.chain import Chain
     from refiner.lit.window_module import step_seed
     from refiner.metrics import swd
@@ -57,7 +58,7 @@ def test_chain_validation_logs_swd_and_artifact_rate_and_writes_a_grid(world, sh
     z = batch["z_degraded"][:3].float() * chain.scale_factor
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(step_seed(0, 0)))
     latent = chain.refine(z, 399, 6, noise=noise).latent / chain.scale_factor
-    f4 = first_stage_from_config(cfg.model.first_stage, "f4")
+    f4 = first_stage_from_mapping(OmegaConf.to_container(cfg.model.first_stage, resolve=True), "f4")
     with torch.no_grad():
         images = f4.decode(latent).clamp(-1, 1)
     clean = batch["clean"][:3].float()

@@ -16,11 +16,12 @@ from helpers_compvis import (
 from safetensors import safe_open
 
 from refiner.diffusion import ScheduleConfig, Window
-from refiner.formats.compvis import build_first_stage, ema_key, load_compvis_ldm, load_first_stage
-from refiner.formats.init_from import load_init_weights
+from refiner.formats.compvis import ema_key, load_compvis_ldm
+from refiner.formats.exports import export_safetensors
+from refiner.formats.first_stage import build_first_stage, load_first_stage
 from refiner.formats.kinds import load_strict
 from refiner.formats.safe_load import CheckpointError, safe_torch_load
-from refiner.formats.window_files import export_safetensors, load_window_checkpoint, load_window_weights
+from refiner.formats.loading import load_init_weights, load_window_checkpoint, load_window_weights
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel
 

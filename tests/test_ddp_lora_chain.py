@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from omegaconf import OmegaConf
 import pytest
 import torch
 from conftest import ROOT, TINY_TRAINER, compose_config
@@ -31,12 +32,12 @@ def _env() -> dict:
 def _chain_outputs(cfg, experts: list, n: int):
     """The chain's outputs for the first ``n`` validation samples, as one process computes them (whole batches,
     the batch's noise from (val.seed=0, batch index)), and the clean images."""
-    from refiner.formats.compvis import first_stage_from_config
+    from refiner.formats.first_stage import first_stage_from_mapping
     from refiner.inference.chain import Chain
     from refiner.lit.window_module import step_seed
 
     chain = Chain.from_paths(experts)
-    f4 = first_stage_from_config(cfg.model.first_stage, "f4")
+    f4 = first_stage_from_mapping(OmegaConf.to_container(cfg.model.first_stage, resolve=True), "f4")
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     images, clean = [], []
@@ -53,7 +54,7 @@ def _chain_outputs(cfg, experts: list, n: int):
 
 
 def test_lora_window_with_chain_validation_under_two_process_ddp(world, shape_window, tmp_path):
-    from refiner.formats.window_files import load_window_checkpoint, load_window_weights
+    from refiner.formats.loading import load_window_checkpoint, load_window_weights
     from refiner.lit.chain_validation import chain_metrics
     from refiner.models.lora import is_adapter_key
 

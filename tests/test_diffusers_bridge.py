@@ -21,13 +21,9 @@ from helpers_compvis import make_first_stage_checkpoint, make_window_checkpoint,
 
 from refiner.diffusion import ScheduleConfig, Window  # noqa: E402
 from refiner.experts import Expert, refine  # noqa: E402
-from refiner.formats.compvis import build_first_stage  # noqa: E402
-from refiner.formats.diffusers import (  # noqa: E402
-    DiffusersFormatError,
-    WindowChainPipeline,
-    export_diffusers,
-    load_diffusers_unet,
-    load_diffusers_vq,
+from refiner.formats.first_stage import build_first_stage  # noqa: E402
+from refiner.formats.diffusers import DiffusersFormatError  # noqa: E402
+from refiner.formats.diffusers.config import (  # noqa: E402
     unet2d_config,
     unet_from_diffusers,
     unet_params_from_unet2d_config,
@@ -36,8 +32,12 @@ from refiner.formats.diffusers import (  # noqa: E402
     vq_params_from_config,
     vq_to_diffusers,
 )
-from refiner.formats.init_from import load_init_weights  # noqa: E402
+from refiner.formats.diffusers.folders import load_diffusers_unet, load_diffusers_vq  # noqa: E402
+from refiner.formats.exports import export_diffusers  # noqa: E402
+from refiner.formats.loading import load_init_weights  # noqa: E402
 from refiner.formats.safe_load import CheckpointError  # noqa: E402
+from refiner.inference.diffusers_pipeline import WindowChainPipeline  # noqa: E402
+from refiner.io import OutputPathError  # noqa: E402
 from refiner.models.unet import UNetModel, tiny_unet_params  # noqa: E402
 from refiner.models.vq import VQModel, tiny_ddconfig  # noqa: E402
 from refiner.sampling import timestep_grid  # noqa: E402
@@ -198,7 +198,7 @@ def test_model_card(chain):
 
 
 def test_export_import_round_trip_bit_identical(chain):
-    from refiner.formats.window_files import load_window_checkpoint
+    from refiner.formats.loading import load_window_checkpoint
 
     for path, sub in ((chain["shape"], "unet"), (chain["detail"], "unet_2")):
         want = load_window_checkpoint(path).unet_state
@@ -215,7 +215,7 @@ def test_export_import_round_trip_bit_identical(chain):
 
 
 def _our_stages(chain):
-    from refiner.formats.window_files import load_window_checkpoint
+    from refiner.formats.loading import load_window_checkpoint
 
     experts = []
     for p in (chain["shape"], chain["detail"]):
@@ -267,7 +267,7 @@ def test_full_range_window_is_a_standard_ldm_pipeline(tmp_path):
     images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     # the same two DDIM steps ([501, 1]) with our sampler and VQ, decoding latents / scale_factor
-    from refiner.formats.window_files import load_window_checkpoint
+    from refiner.formats.loading import load_window_checkpoint
     from refiner.sampling import sample_ddim
 
     ww = load_window_checkpoint(path)
@@ -322,7 +322,7 @@ def test_unsupported_diffusers_configs_are_named():
 
 
 def test_export_refusals(chain, tmp_path):
-    with pytest.raises(DiffusersFormatError, match="already exists; pass --force"):
+    with pytest.raises(OutputPathError, match="already exists; pass --force"):  # an output problem, not a format one
         export_diffusers([chain["shape"]], chain["out"])
     with pytest.raises(DiffusersFormatError, match="overlapping expert windows"):
         export_diffusers([chain["shape"], chain["shape"]], tmp_path / "x")
@@ -330,7 +330,7 @@ def test_export_refusals(chain, tmp_path):
     inside.mkdir()
     copy = inside / "shape.ckpt"
     copy.write_bytes(Path(chain["shape"]).read_bytes())
-    with pytest.raises(DiffusersFormatError, match="contains the input"):
+    with pytest.raises(OutputPathError, match="contains the input"):
         export_diffusers([copy], inside, force=True)
     assert copy.is_file()
     fs = {"ckpt_path": str(chain["vq"]["path"]), "params": chain["vq"]["params"]}
@@ -344,19 +344,22 @@ def test_export_refusals(chain, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "x").exists()
 
 
-def test_cli_force_replaces_atomically(chain, tmp_path):
+def test_cli_force_replaces_a_previous_export_atomically(chain, tmp_path):
+    """--force replaces a previous export (issue 21: and only that; tests/test_export_folders.py has the rest)."""
     out = tmp_path / "cli_out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     cmd = [sys.executable, "-m", "refiner", "export", "diffusers", str(chain["shape"]), str(out)]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=120).returncode == 0
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "already exists; pass --force" in res.stderr
     res = subprocess.run(cmd + ["--force", "--raw"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert not (out / "stale.txt").exists() and (out / "unet" / "config.json").is_file()
+    assert (out / "unet" / "config.json").is_file()
     state, _ = load_diffusers_unet(out)
     raw = torch.load(chain["shape"], weights_only=True)["current_model_state"]
     assert torch.equal(state["out.2.weight"], raw["unet.out.2.weight"])
+    (out / "stale.txt").write_text("old")  # something the export did not write: no longer an export of ours alone
+    res = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "stale.txt" in res.stderr and (out / "stale.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli_out"]
 
 
@@ -381,7 +384,7 @@ def test_finetune_config_takes_diffusers_folder(chain, compose_train):
 
 def test_schedules_map_to_diffusers_betas():
     """Each of our schedules against the DDIMScheduler built from the exported config."""
-    from refiner.formats.diffusers import schedule_from_scheduler_config, scheduler_config
+    from refiner.formats.diffusers.config import schedule_from_scheduler_config, scheduler_config
 
     for sched in (ScheduleConfig(), ScheduleConfig("linear_beta", 1000, 1e-4, 2e-2), ScheduleConfig("cosine")):
         cfg = scheduler_config(sched, "v")

@@ -13,7 +13,8 @@ from safetensors import safe_open
 
 from refiner.apps.export import main as export_main
 from refiner.formats.model_card import card_entry, export_card_path
-from refiner.formats.window_files import export_safetensors, load_window_weights
+from refiner.formats.exports import export_safetensors
+from refiner.formats.loading import load_window_weights
 from refiner.io import OutputPathError
 from refiner.models.unet import tiny_unet_params
 

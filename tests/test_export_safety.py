@@ -7,7 +7,8 @@ import sys
 import pytest
 from helpers_compvis import make_window_checkpoint
 
-from refiner.formats.window_files import export_safetensors, load_window_weights
+from refiner.formats.exports import export_safetensors
+from refiner.formats.loading import load_window_weights
 from refiner.io import OutputPathError
 from refiner.models.unet import tiny_unet_params
 

@@ -7,10 +7,10 @@ import torch
 from helpers_compvis import make_first_stage_checkpoint, make_window_checkpoint
 from safetensors import safe_open
 
-from refiner.formats.compvis import first_stage_file_fingerprint
+from refiner.formats.exports import export_safetensors
+from refiner.formats.first_stage import first_stage_file_fingerprint
 from refiner.formats.fingerprint import first_stage_fingerprint
-from refiner.formats.init_from import load_init_weights
-from refiner.formats.window_files import export_safetensors, load_window_weights
+from refiner.formats.loading import load_init_weights, load_window_weights
 from refiner.models.unet import tiny_unet_params
 from refiner.models.vq import VQModel
 

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from refiner.formats.compvis import load_first_stage
+from refiner.formats.first_stage import load_first_stage
 from refiner.formats.kinds import load_strict
 from refiner.lit.first_stage import FirstStageModule
 from refiner.models.vq import VQModel, tiny_ddconfig
@@ -174,7 +174,7 @@ def test_norm_groups_sets_every_groupnorm_and_keeps_the_state_dict():
 def test_a_first_stage_config_that_describes_another_network_is_refused(tmp_path):
     """Our first-stage checkpoints record their params; the norm groups do not show in the state dict, so a config
     with other groups would load strictly and decode garbage: it is refused, naming both values."""
-    from refiner.formats.compvis import build_first_stage
+    from refiner.formats.first_stage import build_first_stage
     from refiner.formats.safe_load import CheckpointError
 
     dd = {**tiny_ddconfig(4, resolution=32), "norm_groups": 8}

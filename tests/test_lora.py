@@ -18,7 +18,8 @@ from refiner.apps.train import ConfigError, run
 from refiner.diffusion import ScheduleConfig
 from refiner.errors import SettingError
 from refiner.formats.safe_load import CheckpointError
-from refiner.formats.window_files import load_window_checkpoint, load_window_weights
+from refiner.formats.loading import load_window_checkpoint, load_window_weights
+from refiner.formats.lora import load_adapter_state, load_base_state
 from refiner.lit.ema import TrainableEMA
 from refiner.lit.window_module import WindowRefiner
 from refiner.models.lora import (
@@ -26,8 +27,6 @@ from refiner.models.lora import (
     base_state,
     inject_lora,
     is_adapter_key,
-    load_adapter_state,
-    load_base_state,
 )
 from refiner.models.unet import UNetModel
 
@@ -138,7 +137,7 @@ def test_lora_settings_and_targets_are_checked():
 def test_merge_matches_the_hand_computed_update_and_the_unmerged_forward():
     from helpers_compvis import randomized
 
-    from refiner.models.lora import merged_unet_state
+    from refiner.formats.lora import merged_unet_state
 
     params = demo_unet_params()
     settings = LoraSettings(rank=4, alpha=8.0)
@@ -282,7 +281,7 @@ def test_safetensors_export_merges_and_peft_folder_loads_in_peft(lora_window, ba
     assert not (tmp_path / "p2").exists()
 
     # the diffusers export merges too: its unet/ reads back as the merged weights
-    from refiner.formats.diffusers import load_diffusers_unet
+    from refiner.formats.diffusers.folders import load_diffusers_unet
 
     assert export_main(["diffusers", lora_window["last_ckpt"], str(tmp_path / "hf")]) == 0
     state, _ = load_diffusers_unet(tmp_path / "hf" / "unet")

@@ -343,7 +343,7 @@ def test_checkpoints_keep_the_distribution_and_old_ones_load_as_uniform(tmp_path
     from helpers_compvis import make_window_checkpoint
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from refiner.formats.window_files import load_window_checkpoint
+    from refiner.formats.loading import load_window_checkpoint
 
     module = make_module(250, 500, window_kw=dict(distribution="piecewise", piecewise=PIECES),
                          loss_weighting="min_snr", val_windows=[[250, 500]])

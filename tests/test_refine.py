@@ -20,8 +20,8 @@ from refiner.apps.refine import run
 from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
 from refiner.errors import RefineError, SettingError
 from refiner.experts import Expert, refine
-from refiner.formats.compvis import build_first_stage
-from refiner.formats.window_files import load_window_weights
+from refiner.formats.first_stage import build_first_stage
+from refiner.formats.loading import load_window_weights
 from refiner.inference import batch_refine, refine_run
 from refiner.inference.chain import Chain
 from refiner.inference.outputs import plan_outputs
@@ -407,9 +407,9 @@ def _other_f4(models, tmp_path) -> Path:
 def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monkeypatch):
     import warnings
 
-    from refiner.formats.compvis import first_stage_file_fingerprint
+    from refiner.formats.first_stage import first_stage_file_fingerprint
     from refiner.formats.fingerprint import FirstStageMismatch
-    from refiner.formats.window_files import export_safetensors
+    from refiner.formats.exports import export_safetensors
 
     fp = first_stage_file_fingerprint(models["f4"])
     other = _other_f4(models, tmp_path)

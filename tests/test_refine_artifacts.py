@@ -23,7 +23,7 @@ from refiner.artifacts.detect import PixelChangeConfig, dilate
 from refiner.cli import run_cli
 from refiner.data.images import load_image, to_tensor
 from refiner.errors import RefineError, SettingError
-from refiner.formats.compvis import build_first_stage
+from refiner.formats.first_stage import build_first_stage
 from refiner.inference import artifact_batch, batch_refine
 from refiner.inference.chain import Chain
 from refiner.inference.pipeline import Pipeline, Tiling

@@ -12,7 +12,7 @@ from pipeline import World
 
 from refiner.apps.train import ConfigError, apply_init_from, read_init_from, resolve_scale_factor, run
 from refiner.formats.safe_load import CheckpointError
-from refiner.formats.window_files import load_window_checkpoint
+from refiner.formats.loading import load_window_checkpoint
 
 
 def test_shape_window_checkpoint_records_window_schedule_and_ema(shape_window):
@@ -232,7 +232,7 @@ def test_finetune_from_compvis_ldm_takes_its_ema_weights(world, compvis_files, t
 def test_lora_on_a_compvis_ldm_keeps_its_weights_and_loads_merged(world, compvis_files, tmp_path):
     """LoRA on the ffhq preset's CompVis LDM: the checkpoint refers to the LDM file and loading merges onto its
     EMA UNet weights; the adapters' zero-initialised B after training moved off zero."""
-    from refiner.formats.window_files import load_window_weights
+    from refiner.formats.loading import load_window_weights
 
     overrides = ["experiment=ffhq_500_750", *TINY_TRAINER, *_ffhq_overrides(world, compvis_files),
                  "model.lora.rank=4", "model.scale_lr=false", "model.base_lr=1e-2", "model.warmup_steps=1"]
@@ -250,7 +250,8 @@ def test_lora_on_a_compvis_ldm_keeps_its_weights_and_loads_merged(world, compvis
 
 
 def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
-    from refiner.formats.window_files import export_safetensors, load_window_weights
+    from refiner.formats.exports import export_safetensors
+    from refiner.formats.loading import load_window_weights
 
     out = tmp_path / "shape.safetensors"
     export_safetensors(shape_window["last_ckpt"], out)
@@ -265,7 +266,7 @@ def test_trained_window_exports_to_safetensors_and_back(shape_window, tmp_path):
 # -- issue 9, class 2: the f4 identity is recorded by training and checked by init_from -------------------
 def test_window_records_the_fingerprint_of_its_first_stage(world, shape_window):
     from refiner.data.shards import load_manifest
-    from refiner.formats.compvis import first_stage_file_fingerprint
+    from refiner.formats.first_stage import first_stage_file_fingerprint
 
     fp = first_stage_file_fingerprint(world.f4_ckpt)
     assert load_manifest(world.shards_dir / "demo/train")["first_stage_fingerprints"]["f4"] == fp

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from refiner.apps.hydra_app import hydra_command
+from refiner.apps.hydra_app import hydra_command, resolved
 from refiner.cli import run_cli
 from refiner.data.images import scan_images
 from refiner.data.shards import ShardBuildError, build_shards, check_build_settings, check_shard_output
-from refiner.formats.compvis import first_stage_from_config
+from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.io import same_file
 from refiner.settings import check_device
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def load_first_stages(cfg: DictConfig):
-    experts = {name: first_stage_from_config(cfg.first_stage.get(name), name, cfg.trust_checkpoint, cfg.device)
-              for name in ("f4", "f8")}
+    experts = {name: first_stage_from_mapping(resolved(cfg.first_stage.get(name)), name, cfg.trust_checkpoint,
+                                              cfg.device) for name in ("f4", "f8")}
     if experts["f4"].factor != 4 or experts["f8"].factor != 8:
         raise ShardBuildError(f"first_stage.f4/f8 have factors {experts['f4'].factor}/{experts['f8'].factor}, "
                               "expected 4/8")

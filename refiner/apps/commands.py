@@ -15,7 +15,8 @@
 
 The Hydra commands take the same flags as the scripts (``--cfg job``, ``-m`` for sweeps, ``hydra/launcher=...``). The
 hyphenated console scripts of earlier versions (``refiner-train``, ``refiner-sample``, ...) still work and print one
-deprecation line naming the new command.
+deprecation line naming the new command; ``refiner-checkpoint export CKPT OUT`` is ``refiner export safetensors CKPT
+OUT`` and ``refiner-checkpoint inspect PATH`` is ``refiner inspect PATH``.
 
 Each command's module is imported only when it runs (with ``importlib``): importing every app would load Lightning,
 peft and diffusers for a ``--help``.
@@ -85,11 +86,12 @@ def _deprecated_script(old: str) -> Callable[[], int]:
     def alias() -> int:
         new = OLD_SCRIPTS[old]
         argv = sys.argv[1:]
+        shown = new
         if old == "refiner-checkpoint" and argv[:1] == ["inspect"]:
-            new, argv = "inspect", argv[1:]
+            new, shown, argv = "inspect", "inspect", argv[1:]
         elif old == "refiner-checkpoint" and argv[:1] == ["export"]:
-            argv = ["safetensors", *argv[1:]]
-        print(f"deprecated: {old} is now `refiner {new}`", file=sys.stderr)
+            shown, argv = "export safetensors", ["safetensors", *argv[1:]]
+        print(f"deprecated: {old} is now `refiner {shown}`", file=sys.stderr)
         result = run(new, argv, f"refiner {new}")
         return int(result) if isinstance(result, int) else 0
 

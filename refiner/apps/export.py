@@ -3,16 +3,22 @@
 ``refiner export diffusers CHAIN... OUT``: one or more window checkpoints (our ``.ckpt`` or an
 exported ``.safetensors``) -> a diffusers folder (``unet/``, ``unet_2/``..., ``vqvae/``, ``scheduler/``,
 ``refiner_chain.json``, ``README.md``; a single full-range window is also a standard ``LDMPipeline``
-folder). See :mod:`refiner.formats.diffusers`. A LoRA window (adapters + base reference) is exported merged.
+folder). See :func:`refiner.formats.exports.export_diffusers`. A LoRA window (adapters + base reference) is exported merged.
 
 ``refiner export peft LORA_CKPT OUT``: the adapters of a LoRA window as a peft adapter folder
-(``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``); see :mod:`refiner.formats.lora`.
+(``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``); see
+:func:`refiner.formats.exports.export_peft_adapter`.
 
 ``refiner export safetensors CKPT OUT.safetensors``: one window
 (a LoRA window merged) as our ``.safetensors``, with its model card beside it (``OUT.README.md``); see
-:func:`refiner.formats.window_files.export_safetensors`.
+:func:`refiner.formats.exports.export_safetensors`.
 
-Every export writes a model card (:mod:`refiner.formats.model_card`).
+Every export writes a model card (:mod:`refiner.formats.model_card`). A folder export (diffusers, peft) never
+replaces a folder it did not write: ``--force`` replaces only a previous export of the same kind, marked by its
+manifest (``refiner_chain.json``, ``adapter_config.json``) and holding nothing else
+(:func:`refiner.io.write_export_folder`); a symlinked output is resolved and the export it points to replaced.
+
+The old ``refiner-checkpoint export|inspect`` and ``python -m refiner.export`` are deprecated aliases of these.
 
 Exit code 2 on a bad input, with a one-line message.
 """
@@ -24,11 +30,11 @@ import logging
 from pathlib import Path
 
 from refiner.cli import run_cli
-from refiner.formats.diffusers import export_diffusers
+from refiner.formats.exports import export_diffusers, export_peft_adapter, export_safetensors
 from refiner.formats.kinds import kind_text, prefix_summary, state_dict_of
-from refiner.formats.lora import BASE_KEY, export_peft_adapter, lora_settings
+from refiner.formats.lora import BASE_KEY, lora_settings
 from refiner.formats.safe_load import CheckpointError, is_safetensors, safe_torch_load
-from refiner.formats.window_files import export_safetensors, load_export
+from refiner.formats.window_files import load_export
 
 
 def _load_params(path: str | None) -> dict | None:
@@ -62,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("paths", nargs="+", metavar="CHAIN... OUT", help="window checkpoints, then the output folder")
     d.add_argument("--first-stage", help="VQ-f4 checkpoint (default: first_stage.ckpt_path recorded in the windows)")
     d.add_argument("--first-stage-params", help="YAML/JSON with the VQ params (default: recorded in the windows)")
-    _switches(d, "export the raw (non-EMA) weights of .ckpt windows", "replace an existing output folder")
+    _switches(d, "export the raw (non-EMA) weights of .ckpt windows",
+              "replace an existing output folder if it is a previous diffusers export (refiner_chain.json, nothing else)")
     p = sub.add_parser("peft", help="LoRA window checkpoint -> a peft adapter folder (adapters only, not merged)")
     p.add_argument("ckpt", help="a LoRA window .ckpt (trained with model.lora.rank > 0)")
     p.add_argument("out", help="the output folder")
-    _switches(p, "export the raw (non-EMA) adapters", "replace an existing output folder")
+    _switches(p, "export the raw (non-EMA) adapters",
+              "replace an existing output folder if it is a previous peft export (adapter_config.json, nothing else)")
     st = sub.add_parser("safetensors", help="window checkpoint -> our .safetensors plus a model card beside it")
     st.add_argument("ckpt", help="a window .ckpt (a LoRA window is merged into its base)")
     st.add_argument("out", help="the .safetensors file; the card goes to <name>.README.md beside it")

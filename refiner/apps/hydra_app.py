@@ -148,3 +148,10 @@ def settings_from(cls: type[T], cfg: DictConfig, drop: Sequence[str] = PLUMBING)
     for key in drop:
         plain.pop(key, None)
     return from_config(cls, plain)
+
+
+def resolved(block: Any) -> Any:
+    """A config block as plain, resolved containers (``OmegaConf.to_container(block, resolve=True)``; None stays
+    None): what an app hands to the library, which never sees a ``DictConfig`` (e.g. a ``first_stage.<name>`` block
+    for :func:`refiner.formats.first_stage.first_stage_from_mapping`)."""
+    return None if block is None else OmegaConf.to_container(block, resolve=True)

@@ -23,12 +23,12 @@ from refiner.data.latents import expand_shards, read_all_samples
 from refiner.data.shards import MANIFEST, load_manifest
 from refiner.diffusion import Window
 from refiner.errors import SettingError
-from refiner.formats.compvis import first_stage_file_fingerprint
+from refiner.formats.first_stage import first_stage_file_fingerprint
 from refiner.formats.fingerprint import (
     check_fingerprints_agree,
     check_first_stage_match,
 )
-from refiner.formats.init_from import load_init_weights
+from refiner.formats.loading import load_init_weights
 from refiner.formats.lora import base_reference
 from refiner.formats.safe_load import safe_torch_load
 from refiner.io import atomic_write_text

@@ -39,7 +39,7 @@ from refiner.bench.sources import (
     injected_defects,
 )
 from refiner.data.synthetic import MIN_SIZE
-from refiner.formats.compvis import first_stage_from_config
+from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.inference.chain import Chain
 from refiner.inference.pipeline import Pipeline, vq_round_trip
 from refiner.sampling import steps_for
@@ -107,8 +107,8 @@ class Models:
             ckpt = cfg.first_stage[name].ckpt_path
             if not ckpt or not Path(ckpt).exists():
                 raise BenchError(f"first_stage.{name}.ckpt_path {ckpt} not found")
-        self.f4 = first_stage_from_config(cfg.first_stage.f4, "f4", trust_checkpoint=trust, device=device).eval()
-        self.f8 = (first_stage_from_config(cfg.first_stage.f8, "f8", trust_checkpoint=trust, device=device).eval()
+        self.f4 = first_stage_from_mapping(cfg.first_stage.f4, "f4", trust_checkpoint=trust, device=device).eval()
+        self.f8 = (first_stage_from_mapping(cfg.first_stage.f8, "f8", trust_checkpoint=trust, device=device).eval()
                    if "f8" in sources else None)
         self.pipelines = {}
         for chain_paths in sorted(paths):

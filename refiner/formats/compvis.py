@@ -1,8 +1,9 @@
 """CompVis and taming layouts: latent-diffusion ``model.ckpt`` (+ ``config.yaml``) and VQ first stages.
 
 * :func:`load_compvis_ldm`: a CompVis latent-diffusion checkpoint -> UNet (EMA or raw), first stage, schedule buffers.
-* :func:`load_first_stage` / :func:`build_first_stage` / :func:`first_stage_from_config`: CompVis vq-f4/vq-f8 or
-  taming VQGAN weights (or a diffusers ``VQModel`` folder) -> ``VQModel``.
+* :func:`read_first_stage_checkpoint`: CompVis vq-f4/vq-f8 or taming VQGAN weights (also ours, and the first stage
+  inside an LDM checkpoint) from one file. Any first stage (a diffusers folder too) -> ``VQModel``:
+  :mod:`refiner.formats.first_stage`.
 
 CompVis LDM checkpoint layout (Lightning ``state_dict``): ``model.diffusion_model.*`` (UNet),
 ``model_ema.<name without dots>`` (LitEma copies of each parameter of ``model``) plus ``model_ema.decay``
@@ -13,23 +14,23 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import Tensor, nn
+import yaml
+from torch import Tensor
 
 from refiner.diffusion import ScheduleConfig
-from refiner.formats.fingerprint import first_stage_fingerprint
 from refiner.formats.kinds import (
     LDM_UNET_PREFIX,
     check_unet_state,
     describe_checkpoint,
     int_or_none,
     kind_text,
-    load_strict,
     prefix_summary,
     state_dict_of,
     strip_prefix,
@@ -51,6 +52,7 @@ LDM_SCHEDULE_BUFFERS = (
 LDM_OTHER_BUFFERS = ("scale_factor", "cond_ids")
 # VQModel constructor arguments; the rest of a CompVis first_stage_config.params is training-only.
 VQ_ARGS = ("ddconfig", "n_embed", "embed_dim", "beta", "remap", "sane_index_shape")
+VQ_REQUIRED_ARGS = ("ddconfig", "n_embed", "embed_dim")
 VQ_TRAINING_ONLY_ARGS = (
     "lossconfig", "ckpt_path", "ignore_keys", "image_key", "colorize_nlabels", "monitor", "batch_resize_range",
     "scheduler_config", "lr_g_factor", "use_ema",
@@ -88,27 +90,48 @@ def ema_key(unet_key: str) -> str:
     return LDM_EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
 
 
-def load_compvis_config(config_path: str | os.PathLike) -> dict:
-    """Read a CompVis ``config.yaml`` into plain containers."""
-    from omegaconf import OmegaConf
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as OmegaConf reads it for plain values: ``1e-4`` (no dot) is a float, as in YAML 1.2."""
 
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
+
+
+def load_compvis_config(config_path: str | os.PathLike) -> dict:
+    """Read a CompVis ``config.yaml`` into plain containers. OmegaConf interpolations (``${...}``) are refused:
+    CompVis's released configs have none, and the library reads no Hydra/OmegaConf config (docs/design.md)."""
     path = Path(config_path)
     if not path.is_file():
         raise CheckpointError(f"config not found: {path}")
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable YAML config ({err})") from err
+        cfg = yaml.load(path.read_text(), Loader=_ConfigLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable YAML config ({str(err).splitlines()[0]})") from err
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{path}: expected a CompVis config with a top-level 'model' block")
+    interpolated = _first_interpolation(cfg)
+    if interpolated is not None:
+        raise CheckpointError(f"{path}: {interpolated} is an OmegaConf interpolation; write the value out")
     return cfg
 
 
-def _vq_params(params: Mapping, source: str) -> dict:
+def _first_interpolation(value: Any, where: str = "") -> str | None:
+    if isinstance(value, str):
+        return f"{where.lstrip('.')}={value!r}" if "${" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for k, v in items if (found := _first_interpolation(v, f"{where}.{k}")) is not None), None)
+
+
+def vq_params(params: Mapping, source: str) -> dict:
+    """The ``VQModel`` arguments of a CompVis ``first_stage_config.params`` (training-only entries such as
+    ``lossconfig`` dropped); unknown entries or missing ddconfig/n_embed/embed_dim raise ``CheckpointError``."""
     unknown = sorted(set(params) - set(VQ_ARGS) - set(VQ_TRAINING_ONLY_ARGS))
     if unknown:
         raise CheckpointError(f"{source}: unknown first-stage parameters {unknown}; VQModel takes {list(VQ_ARGS)}")
-    missing = [k for k in ("ddconfig", "n_embed", "embed_dim") if k not in params]
+    missing = [k for k in VQ_REQUIRED_ARGS if k not in params]
     if missing:
         raise CheckpointError(f"{source}: first-stage parameters lack {missing}")
     return {k: params[k] for k in VQ_ARGS if k in params}
@@ -209,7 +232,7 @@ def _apply_ldm_config(result: LDMCheckpoint, cfg: dict, cfg_source: str) -> None
     result.unet_params = dict(unet_cfg["params"])
     check_unet_state(result.unet, result.unet_params, f"{result.source} (with {cfg_source})")
     if isinstance(fs_cfg, dict) and "params" in fs_cfg:
-        result.first_stage_params = _vq_params(fs_cfg["params"], cfg_source)
+        result.first_stage_params = vq_params(fs_cfg["params"], cfg_source)
     result.conditioning_key = params.get("conditioning_key")
     if result.scale_factor is None and "scale_factor" in params:
         result.scale_factor = float(params["scale_factor"])
@@ -221,22 +244,14 @@ def _apply_ldm_config(result: LDMCheckpoint, cfg: dict, cfg_source: str) -> None
                           f"alphas_cumprod stored in {result.source}; the stored buffer is authoritative")
 
 
-def load_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False) -> dict[str, Tensor]:
-    """VQModel weights from a CompVis vq-f4/vq-f8 or taming VQGAN checkpoint (Lightning or raw state
-    dict), or the ``first_stage_model.*`` part of an LDM checkpoint. Training-only ``loss.*`` keys
-    (discriminator, LPIPS, logvar) are dropped and reported through ``logging``. A folder is read as a
-    diffusers ``VQModel`` (e.g. ``<pipeline>/vqvae``) and returned in our layout."""
-    return _read_first_stage(ckpt_path, trust_checkpoint)[0]
-
-
-def _read_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool) -> tuple[dict[str, Tensor], dict | None]:
-    """(weights as :func:`load_first_stage` returns them, the VQ params a first-stage training run of ours saved in
-    ``hyper_parameters``, or None for any other checkpoint)."""
+def read_first_stage_checkpoint(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False
+                                ) -> tuple[dict[str, Tensor], dict | None]:
+    """VQModel weights from a CompVis vq-f4/vq-f8 or taming VQGAN checkpoint file (Lightning or raw state dict), or
+    the ``first_stage_model.*`` part of an LDM checkpoint, and the VQ params a first-stage training run of ours saved
+    in ``hyper_parameters`` (None for any other checkpoint). Training-only ``loss.*`` keys (discriminator, LPIPS,
+    logvar) are dropped and reported through ``logging``. Any first-stage file or folder:
+    :func:`refiner.formats.first_stage.load_first_stage`."""
     source = str(ckpt_path)
-    if Path(ckpt_path).is_dir():
-        from refiner.formats.diffusers import load_diffusers_vq
-
-        return load_diffusers_vq(ckpt_path).state_dict(), None
     obj = safe_torch_load(ckpt_path, trust_checkpoint)
     kind = describe_checkpoint(obj)
     sd = state_dict_of(obj)
@@ -250,61 +265,6 @@ def _read_first_stage(ckpt_path: str | os.PathLike, trust_checkpoint: bool) -> t
     if dropped:
         log.info("%s: dropped %d training-only keys: %s", source, len(dropped), prefix_summary(dropped))
     hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
-    saved = ({k: hp[k] for k in ("ddconfig", "n_embed", "embed_dim")}
-             if isinstance(hp, Mapping) and all(k in hp for k in ("ddconfig", "n_embed", "embed_dim")) else None)
+    saved = ({k: hp[k] for k in VQ_REQUIRED_ARGS}
+             if isinstance(hp, Mapping) and all(k in hp for k in VQ_REQUIRED_ARGS) else None)
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}, saved
-
-
-def first_stage_file_fingerprint(ckpt_path: str | os.PathLike, trust_checkpoint: bool = False) -> str:
-    """:func:`refiner.formats.fingerprint.first_stage_fingerprint` of a first-stage checkpoint file (any layout
-    :func:`load_first_stage` reads; its ``loss.*`` keys do not count)."""
-    return first_stage_fingerprint(load_first_stage(ckpt_path, trust_checkpoint))
-
-
-def build_first_stage(ckpt_path: str | os.PathLike | None = None, config: Mapping | None = None,
-                      trust_checkpoint: bool = False):
-    """``VQModel(**config)`` loaded strictly from ``ckpt_path`` (random init if no path).
-
-    ``config`` is a CompVis ``first_stage_config.params`` (ddconfig, n_embed, embed_dim; training-only
-    entries such as ``lossconfig`` are ignored) or a ``{target, params}`` block around it. A folder
-    ``ckpt_path`` is read as a diffusers ``VQModel`` (its config.json decides the architecture). A checkpoint of
-    our own first-stage training records its params, and a config that describes another network is refused
-    (:func:`refiner.models.vq.architecture_differences`).
-    """
-    from refiner.models.vq import VQModel, architecture_differences
-
-    if config is None:
-        raise CheckpointError("build_first_stage needs config (ddconfig, n_embed, embed_dim)")
-    config = dict(config)
-    if "params" in config and "ddconfig" not in config:
-        config = dict(config["params"])
-    if ckpt_path is not None and Path(ckpt_path).is_dir():  # a diffusers VQModel folder (e.g. <pipeline>/vqvae)
-        from refiner.formats.diffusers import load_diffusers_vq
-
-        return load_diffusers_vq(ckpt_path, expected_params=config)
-    params = _vq_params(config, f"first-stage config for {ckpt_path}")
-    model = VQModel(**params)
-    if ckpt_path is not None:
-        state, saved = _read_first_stage(ckpt_path, trust_checkpoint)
-        diffs = architecture_differences(saved, params) if saved is not None else []
-        if diffs:  # e.g. norm_groups: the weights load strictly either way, and the wrong network decodes garbage
-            raise CheckpointError(f"{ckpt_path} was trained as a different first stage than the config describes "
-                                  f"(checkpoint vs config: {'; '.join(diffs)}); make first_stage.*.params match it")
-        load_strict(model, state, source=str(ckpt_path))
-    return model
-
-
-def first_stage_from_config(block: Any, name: str, trust_checkpoint: bool = False, device="cpu") -> nn.Module:
-    """The trained ``VQModel`` of a ``first_stage.<name>`` config block ``{ckpt_path, params}``, in eval mode.
-
-    A missing ``ckpt_path`` is refused: a randomly initialised autoencoder would silently produce noise.
-    """
-    from omegaconf import DictConfig, OmegaConf
-
-    if block is None or block.get("ckpt_path") in (None, ""):
-        raise CheckpointError(f"first_stage.{name}.ckpt_path is not set: point it at a VQ-{name} checkpoint "
-                              f"(e.g. first_stage=compvis paths.vq_{name}=/path/to/vq-{name}/model.ckpt)")
-    params = block["params"]
-    params = OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params)
-    return build_first_stage(block["ckpt_path"], params, trust_checkpoint=trust_checkpoint).to(device).eval()
-

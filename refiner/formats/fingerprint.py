@@ -13,6 +13,13 @@ under the same key, and ``refine.py`` / ``init_from`` compare it with the first 
   ``<key> <dtype> <shape>`` followed by the tensor's bytes, where floating tensors are first converted to
   float32 on CPU (dtype ``float32``) and other tensors keep their dtype (C-contiguous, native byte order);
 * the first 16 hex characters of the digest.
+
+The fingerprint covers the weights, not the network that reads them: a GroupNorm's weights do not depend on its group
+count, so the same f4 weights built with 8 groups instead of 32 keep the fingerprint and decode wrongly. Beside it,
+windows record their f4's architecture (``{ddconfig, n_embed, embed_dim}``: channels, ``ch_mult`` and so the factor,
+``z_channels``, ``embed_dim``, norm groups, ...), and :func:`check_first_stage_architecture` compares it with the
+first stage they are run with, whatever file that came from (CompVis/taming ``.ckpt``, our own, a diffusers
+folder). The fingerprint's value is unchanged by this (existing checkpoints record it).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from refiner.errors import SettingError
+from refiner.models.vq import architecture_differences
 
 FINGERPRINT_KEY = "first_stage_fingerprint"
 FINGERPRINT_VERSION = "refiner-first-stage-fingerprint/1"
@@ -96,3 +104,32 @@ def check_fingerprints_agree(named: Iterable[tuple[str, str | None]], allow_mism
                       f"{why}", allow_mismatch)
             break
     return known[0][1] if known else None
+
+
+def check_first_stage_architecture(expected: Mapping | None, expected_source: str, actual: Mapping | None,
+                                   actual_source: str, allow_mismatch: bool = False) -> bool:
+    """Check that ``expected_source`` (a window) was trained with a first stage of the architecture ``actual``
+    (``{ddconfig, n_embed, embed_dim}`` of ``actual_source``, e.g. ``VQModel.config``), the parameters that change
+    how the same weights are read (:func:`refiner.models.vq.architecture_differences`). Returns True if both are
+    known and equal; an unknown side (a checkpoint that records no architecture) passes silently, since the
+    fingerprint check already warns about older checkpoints. A difference raises :class:`FirstStageMismatch` naming
+    both and every differing entry, or warns with ``allow_mismatch``."""
+    if expected is None or actual is None:
+        return False
+    diffs = architecture_differences(expected, actual)
+    if diffs:
+        _mismatch(f"first stage mismatch: {expected_source} was trained with another first-stage architecture than "
+                  f"{actual_source} ({'; '.join(diffs)}; the window's vs the first stage's): the same weights read by "
+                  "another network decode wrongly", allow_mismatch)
+        return False
+    return True
+
+
+def check_architectures_agree(named: Iterable[tuple[str, Mapping | None]], allow_mismatch: bool = False) -> dict | None:
+    """The common first-stage architecture of ``(source, params)`` pairs (unknown ones are skipped), or None if none
+    is known. Two that differ raise :class:`FirstStageMismatch` naming both (or warn with ``allow_mismatch``)."""
+    known = [(source, params) for source, params in named if params is not None]
+    for source, params in known[1:]:
+        if not check_first_stage_architecture(params, source, known[0][1], known[0][0], allow_mismatch):
+            break
+    return dict(known[0][1]) if known else None

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from refiner.formats.safe_load import CheckpointError
+from refiner.models.unet import UNetModel
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 
@@ -43,8 +44,6 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, Tensor], source: str
 
 def check_unet_state(state_dict: Mapping[str, Tensor], unet_params: dict, source: str) -> None:
     """Check keys and shapes against ``UNetModel(**unet_params)`` built on the meta device (no memory)."""
-    from refiner.models.unet import UNetModel
-
     try:
         with torch.device("meta"):
             model = UNetModel(**unet_params)

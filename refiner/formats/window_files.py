@@ -1,27 +1,32 @@
-"""Our window experts on disk: the Lightning ``.ckpt`` a training run writes and the ``.safetensors`` export.
+"""Our window experts on disk, read without following anything: the Lightning ``.ckpt`` a training run writes and the
+``.safetensors`` export, and the checks a set of windows must pass to be used together.
 
-* :func:`load_window_weights`: either file -> :class:`WindowWeights` (UNet weights plus window, schedule,
-  parameterization, conditioning, scale factor and first-stage fingerprint). A LoRA window's ``.ckpt`` comes back
-  with its adapters merged into its base (:mod:`refiner.formats.lora`).
-* :func:`export_safetensors`: ``.ckpt`` -> one ``.safetensors`` file with that metadata, written atomically and
-  never onto its input.
+* :class:`WindowWeights`: UNet weights plus window, schedule, parameterization, conditioning, scale factor and the
+  first stage they were trained with (fingerprint and architecture). Its numbers are checked when it is made: a
+  non-finite or out-of-range scale factor or schedule is refused there, not later as a diverged denoiser.
+* :func:`stored_window`: a loaded ``.ckpt`` -> :class:`WindowWeights` with the UNet weights as stored (a LoRA window
+  stores only adapters; :mod:`refiner.formats.loading` merges them onto their base).
+* :func:`load_export` / :func:`window_metadata`: the ``.safetensors`` export, read and its metadata written.
+* :func:`check_window_set`: one noise schedule, one scale factor, non-overlapping windows and one first stage; what
+  :meth:`refiner.inference.chain.Chain.from_experts` and the diffusers export both require.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
+import math
 import warnings
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from refiner.diffusion import PARAMETERIZATIONS, ScheduleConfig, Window
-from refiner.formats.fingerprint import FINGERPRINT_KEY
+from refiner.experts import Expert, check_experts
+from refiner.formats.fingerprint import FINGERPRINT_KEY, check_architectures_agree, check_fingerprints_agree
 from refiner.formats.kinds import (
     check_unet_state,
     describe_checkpoint,
@@ -30,19 +35,24 @@ from refiner.formats.kinds import (
     load_strict,
     strip_prefix,
 )
-from refiner.formats.lora import lora_settings, merge_adapters
-from refiner.formats.safe_load import CheckpointError, is_safetensors, safe_torch_load
-from refiner.io import atomic_save, check_output_path
-
-log = logging.getLogger(__name__)
+from refiner.formats.safe_load import CheckpointError
+from refiner.models.unet import UNetModel
+from refiner.settings import to_plain
 
 WINDOW_UNET_PREFIX = "unet."
 EXPORT_FORMAT = "refiner-window"
+FIRST_STAGE_PARAMS_KEY = "first_stage_params"  # export metadata: the f4's {ddconfig, n_embed, embed_dim} as JSON
+VQ_PARAM_KEYS = ("ddconfig", "n_embed", "embed_dim")
 
 
 @dataclass
 class WindowWeights:
-    """A trained window expert: UNet weights and everything needed to rebuild and place it."""
+    """A trained window expert: UNet weights and everything needed to rebuild and place it.
+
+    ``first_stage_fingerprint`` (:mod:`refiner.formats.fingerprint`) and ``first_stage_params`` (``{ddconfig,
+    n_embed, embed_dim}``) identify the VQ-f4 the window was trained with; None when the checkpoint does not record
+    them. ``scale_factor`` and ``schedule`` are checked finite and in range on construction
+    (:class:`~refiner.formats.safe_load.CheckpointError` naming ``source``)."""
 
     unet_state: dict[str, Tensor]
     unet_params: dict
@@ -54,16 +64,46 @@ class WindowWeights:
     has_ema: bool
     conditioning: str | None = None
     scale_factor: float = 1.0
-    # refiner.formats.fingerprint of the VQ-f4 the window was trained with; None for older checkpoints
     first_stage_fingerprint: str | None = None
+    first_stage_params: dict | None = None
 
-    def build_unet(self):
+    def __post_init__(self) -> None:
+        check_scale_factor(self.scale_factor, self.source)
+        check_schedule(self.schedule, self.source)
+
+    def build_unet(self) -> UNetModel:
         """``UNetModel(**unet_params)`` with these weights loaded strictly, in eval mode."""
-        from refiner.models.unet import UNetModel
-
         model = UNetModel(**self.unet_params)
         load_strict(model, self.unet_state, self.source)
         return model.eval()
+
+
+def check_scale_factor(value: Any, source: str) -> None:
+    """Latents are multiplied by the scale factor before diffusion: it must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{source}: scale_factor={value!r} is not a finite number > 0; the checkpoint's "
+                              "metadata is damaged (latents would be scaled by it)")
+
+
+def check_schedule(schedule: ScheduleConfig, source: str) -> None:
+    """A schedule refinement can run on: a known kind, ``num_timesteps >= 2``, finite betas in (0, 1), and
+    ``alphas_cumprod`` finite, in (0, 1] and strictly decreasing (more noise at every later t)."""
+    s = schedule
+    numbers = {"linear_start": s.linear_start, "linear_end": s.linear_end, "cosine_s": s.cosine_s}
+    bad = {k: v for k, v in numbers.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+    if bad or isinstance(s.num_timesteps, bool) or not isinstance(s.num_timesteps, int) or s.num_timesteps < 2:
+        raise CheckpointError(f"{source}: schedule {s} has non-finite or non-numeric entries "
+                              f"({bad or {'num_timesteps': s.num_timesteps}}); expected finite numbers and an integer "
+                              "num_timesteps >= 2")
+    if s.kind in ("linear", "linear_beta") and not (0 < s.linear_start < 1 and 0 < s.linear_end < 1):
+        raise CheckpointError(f"{source}: schedule {s}: linear_start and linear_end must lie in (0, 1)")
+    try:
+        ab = s.alphas_cumprod()
+    except ValueError as err:
+        raise CheckpointError(f"{source}: schedule {s}: {err}") from err
+    if not (torch.isfinite(ab).all() and (ab > 0).all() and (ab <= 1).all() and (ab[1:] < ab[:-1]).all()):
+        raise CheckpointError(f"{source}: schedule {s} gives alphas_cumprod outside (0, 1] or not decreasing in t")
 
 
 def _dataclass_from(cls, values: Any, what: str, source: str):
@@ -79,10 +119,27 @@ def _dataclass_from(cls, values: Any, what: str, source: str):
         raise CheckpointError(f"{source}: invalid hyper_parameters['{what}']: {err}") from err
 
 
-def window_from_checkpoint(obj: Any, source: str, use_ema: bool, trust_checkpoint: bool = False) -> WindowWeights:
-    """A window expert from a loaded Lightning checkpoint. A LoRA window (``hyper_parameters['lora']``) holds only
-    adapters: its base is loaded (``trust_checkpoint`` applies to it) and the merged weights are returned
-    (:mod:`refiner.formats.lora`)."""
+def recorded_first_stage_params(hp: Mapping[str, Any]) -> dict | None:
+    """The VQ params of the f4 a window was trained with, from its ``hyper_parameters['first_stage']``
+    (``{ckpt_path, params}``; params may be wrapped as ``{target, params}``). None unless a checkpoint path and
+    complete params (ddconfig, n_embed, embed_dim) are recorded: params without a checkpoint describe no trained
+    f4."""
+    block = hp.get("first_stage")
+    if not isinstance(block, Mapping) or not block.get("ckpt_path"):
+        return None
+    params = block.get("params")
+    if isinstance(params, Mapping) and "ddconfig" not in params and isinstance(params.get("params"), Mapping):
+        params = params["params"]
+    if not isinstance(params, Mapping) or not all(k in params for k in VQ_PARAM_KEYS):
+        return None
+    return to_plain({k: params[k] for k in VQ_PARAM_KEYS})
+
+
+def stored_window(obj: Any, source: str, use_ema: bool) -> WindowWeights:
+    """A window expert from a loaded Lightning checkpoint, its UNet weights as stored and not yet checked against
+    the UNet: EMA (``state_dict``) by default, raw (``current_model_state``) with ``use_ema=False``. A LoRA window
+    stores only its adapters; :func:`refiner.formats.loading.window_from_checkpoint` merges them onto their base and
+    checks the result."""
     if describe_checkpoint(obj) != "window":
         raise CheckpointError(f"{source} is {kind_text(obj)}, not a refiner window checkpoint "
                               "(expected hyper_parameters with 'unet' and 'window')")
@@ -100,19 +157,23 @@ def window_from_checkpoint(obj: Any, source: str, use_ema: bool, trust_checkpoin
     unet_state = strip_prefix(states or {}, WINDOW_UNET_PREFIX)
     if not unet_state:
         raise CheckpointError(f"{source}: no '{WINDOW_UNET_PREFIX}*' weights in the checkpoint")
-    unet_params = dict(hp["unet"])
-    if lora_settings(hp) is not None:
-        unet_state = merge_adapters(unet_state, hp, source, trust_checkpoint)
-    check_unet_state(unet_state, unet_params, source)
     return WindowWeights(
-        unet_state=unet_state, unet_params=unet_params,
+        unet_state=unet_state, unet_params=dict(hp["unet"]),
         window=_dataclass_from(Window, hp["window"], "window", source),
         schedule=_dataclass_from(ScheduleConfig, hp["schedule"], "schedule", source),
         parameterization=hp["parameterization"], global_step=int_or_none(obj.get("global_step")),
         source=source, has_ema=has_ema and use_ema, conditioning=hp.get("conditioning"),
-        scale_factor=float(hp.get("scale_factor", 1.0)), first_stage_fingerprint=_fingerprint_or_none(
-            hp.get(FINGERPRINT_KEY), source),
+        scale_factor=_number(hp.get("scale_factor", 1.0), "scale_factor", source),
+        first_stage_fingerprint=_fingerprint_or_none(hp.get(FINGERPRINT_KEY), source),
+        first_stage_params=recorded_first_stage_params(hp),
     )
+
+
+def _number(value: Any, what: str, source: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: {what}={value!r} is not a number") from None
 
 
 def _fingerprint_or_none(value: Any, source: str) -> str | None:
@@ -123,43 +184,12 @@ def _fingerprint_or_none(value: Any, source: str) -> str | None:
     return value
 
 
-def load_window_checkpoint(path: str | os.PathLike, use_ema: bool = True,
-                           trust_checkpoint: bool = False) -> WindowWeights:
-    """A window expert from our Lightning ``.ckpt``: EMA weights (``state_dict``) by default, raw ones
-    (``current_model_state``) with ``use_ema=False``."""
-    return window_from_checkpoint(safe_torch_load(path, trust_checkpoint), str(path), use_ema, trust_checkpoint)
-
-
-def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, use_ema: bool = True,
-                       trust_checkpoint: bool = False, force: bool = False) -> Path:
-    """Write a window expert's UNet weights (EMA by default) to one ``.safetensors`` file, atomically, and its
-    model card beside it (:func:`refiner.formats.model_card.export_card_path`: ``w.safetensors`` ->
-    ``w.README.md``; window, schedule, parameterization, first-stage fingerprint, training data, steps, validation).
-
-    Neither output may be ``ckpt_path`` (compared by inode: any spelling, symlink or hard link), and neither may
-    exist unless ``force`` (:func:`refiner.io.check_output_path`); all of this is checked before reading.
-
-    Metadata (all strings): format, window, schedule, unet_params (JSON), parameterization,
-    conditioning, scale_factor, global_step, ema, first_stage_fingerprint ("" when unknown), and the card's
-    validation_metrics (JSON) and data_description (:func:`refiner.formats.model_card.export_metadata`).
-    """
-    from safetensors.torch import save_file
-
-    from refiner.formats.model_card import (
-        card_entry,
-        checkpoint_extra,
-        export_card_path,
-        export_metadata,
-        write_model_card,
-    )
-
-    out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
-    card_path = check_output_path(export_card_path(out_path), inputs=[ckpt_path], force=force, what="model card")
-    obj = safe_torch_load(ckpt_path, trust_checkpoint)
-    ww = window_from_checkpoint(obj, str(ckpt_path), use_ema, trust_checkpoint)
-    entry = card_entry(ckpt_path, ww, checkpoint_extra(obj), name=out_path.name)
-    tensors = {k: v.detach().contiguous().clone() for k, v in ww.unet_state.items()}
-    metadata = {
+# ------------------------------------------------------------------------------------------ .safetensors export
+def window_metadata(ww: WindowWeights) -> dict[str, str]:
+    """The metadata (all strings) an exported ``.safetensors`` carries, read back by :func:`load_export`: format,
+    format_version, window, schedule, unet_params (JSON), parameterization, conditioning, scale_factor,
+    global_step, ema, first_stage_fingerprint ("" when unknown) and first_stage_params (JSON, "" when unknown)."""
+    return {
         "format": EXPORT_FORMAT,
         "format_version": "1",
         "window": json.dumps(ww.window.to_dict()),
@@ -171,22 +201,15 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
         "global_step": "" if ww.global_step is None else str(ww.global_step),
         "ema": "true" if ww.has_ema else "false",
         FINGERPRINT_KEY: ww.first_stage_fingerprint or "",
-        **export_metadata(entry),
+        FIRST_STAGE_PARAMS_KEY: json.dumps(ww.first_stage_params) if ww.first_stage_params else "",
     }
-    atomic_save(out_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    usage = "\n".join(["```python", "from refiner.formats.window_files import load_window_weights", "",
-                       f"unet = load_window_weights({out_path.name!r}).build_unet()  # t in {ww.window}", "```", "",
-                       f"As a expert of a chain: `python refine.py experts=[...,{out_path.name}]`."])
-    write_model_card(card_path, [entry], title=f"refiner window expert {ww.window}", usage=usage,
-                     library_name="refiner")
-    log.info("exported %s (%s weights, window %s) to %s, model card %s", ckpt_path, "EMA" if ww.has_ema else "raw",
-             ww.window, out_path, card_path)
-    return out_path
 
 
 def load_export(path: Path) -> WindowWeights:
+    """A window expert from our ``.safetensors`` export (its weights and :func:`window_metadata`)."""
     from safetensors import SafetensorError, safe_open
 
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -200,9 +223,10 @@ def load_export(path: Path) -> WindowWeights:
         raise CheckpointError(f"{path} is truncated or corrupt (not a readable safetensors file: {err})") from err
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{path}: safetensors metadata format={meta.get('format')!r}, "
-                              f"expected {EXPORT_FORMAT!r} (written by refiner.formats.window_files.export_safetensors)")
+                              f"expected {EXPORT_FORMAT!r} (written by refiner export safetensors)")
     try:
         unet_params = json.loads(meta["unet_params"])
+        fs_params = json.loads(meta[FIRST_STAGE_PARAMS_KEY]) if meta.get(FIRST_STAGE_PARAMS_KEY) else None
         ww = WindowWeights(
             unet_state=tensors, unet_params=unet_params,
             window=Window(**json.loads(meta["window"])), schedule=ScheduleConfig(**json.loads(meta["schedule"])),
@@ -211,20 +235,59 @@ def load_export(path: Path) -> WindowWeights:
             source=str(path), has_ema=meta.get("ema") == "true",
             conditioning=json.loads(meta.get("conditioning", "null")), scale_factor=float(meta.get("scale_factor", 1)),
             first_stage_fingerprint=_fingerprint_or_none(meta.get(FINGERPRINT_KEY), str(path)),
+            first_stage_params=fs_params if isinstance(fs_params, dict) else None,
         )
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: broken refiner-window metadata ({type(err).__name__}: {err})") from err
     check_unet_state(tensors, unet_params, str(path))
     return ww
 
 
-def load_window_weights(path: str | os.PathLike, use_ema: bool = True, trust_checkpoint: bool = False) -> WindowWeights:
-    """A window expert from an exported ``.safetensors`` file or our Lightning ``.ckpt``.
+# ------------------------------------------------------------------------------------------ windows used together
+class WindowSetError(CheckpointError):
+    """Window experts that cannot be used together: another schedule, scale factor or overlapping windows."""
 
-    ``use_ema`` only applies to ``.ckpt`` files (an export holds the weights it was written with).
-    """
-    path = Path(path)
-    if is_safetensors(path):
-        return load_export(path)
-    return load_window_checkpoint(path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
 
+@dataclass(frozen=True)
+class WindowSet:
+    """What a set of window experts shares (:func:`check_window_set`)."""
+
+    alphas_cumprod: Tensor
+    scale_factor: float
+    first_stage_fingerprint: str | None  # the common recorded f4 fingerprint, None when none is recorded
+    first_stage_params: dict | None  # the common recorded f4 architecture, None when none is recorded
+
+
+def _not_run(x: Tensor, t: Tensor) -> Tensor:
+    raise AssertionError("check_window_set runs no model")
+
+
+def check_window_set(weights: Sequence[WindowWeights], allow_first_stage_mismatch: bool = False) -> WindowSet:
+    """Check that window experts can be used together and return what they share. Raises :class:`WindowSetError`
+    when there are none, when they do not share one noise schedule (``alphas_cumprod``) and one ``scale_factor``,
+    or when their windows overlap or sit on another T (:func:`refiner.experts.check_experts`); and
+    :class:`~refiner.formats.fingerprint.FirstStageMismatch` when the first stages they recorded (fingerprint or
+    architecture) differ (a warning with ``allow_first_stage_mismatch``)."""
+    if not weights:
+        raise WindowSetError("a chain needs at least one window expert")
+    fingerprint = check_fingerprints_agree([(w.source, w.first_stage_fingerprint) for w in weights],
+                                           allow_first_stage_mismatch)
+    architecture = check_architectures_agree([(w.source, w.first_stage_params) for w in weights],
+                                             allow_first_stage_mismatch)
+    first = weights[0]
+    ac = first.schedule.alphas_cumprod()
+    for w in weights[1:]:
+        other = w.schedule.alphas_cumprod()
+        if other.shape != ac.shape or not torch.allclose(other, ac, rtol=0, atol=1e-9):
+            raise WindowSetError(f"experts do not share a noise schedule: {first.source} has {first.schedule} but "
+                                 f"{w.source} has {w.schedule}; chain only experts trained on the same schedule")
+        if not math.isclose(w.scale_factor, first.scale_factor, rel_tol=1e-6):
+            raise WindowSetError(f"experts do not share scale_factor: {first.source} has {first.scale_factor} but "
+                                 f"{w.source} has {w.scale_factor}")
+    try:
+        check_experts([Expert(_not_run, w.window, w.parameterization, Path(w.source).name) for w in weights], ac)
+    except (ValueError, TypeError) as err:
+        raise WindowSetError(str(err)) from err
+    return WindowSet(ac, float(first.scale_factor), fingerprint, architecture)

@@ -27,18 +27,24 @@ from refiner.experts import (
     Expert,
     RefineResult,
     StepPlan,
-    check_experts,
     plan,
     refine_with_plan,
 )
 from refiner.formats.fingerprint import (
-    check_fingerprints_agree,
+    check_first_stage_architecture,
     check_first_stage_match,
     first_stage_fingerprint,
 )
-from refiner.formats.window_files import WindowWeights, load_window_weights
+from refiner.formats.loading import load_window_weights
+from refiner.formats.window_files import (
+    WindowSetError,
+    WindowWeights,
+    check_window_set,
+    recorded_first_stage_params,
+)
 from refiner.inference.progressive import progressive_refine
 from refiner.inference.tiling import MultiDiffusion
+from refiner.models.vq import VQModel
 from refiner.sampling import Callback, Generators
 
 log = logging.getLogger(__name__)
@@ -128,30 +134,16 @@ class Chain:
 
     @classmethod
     def from_experts(cls, experts: Sequence[LoadedExpert], *, allow_first_stage_mismatch: bool = False) -> "Chain":
-        """A chain of already loaded experts. Raises :class:`ChainError` if they do not share one noise schedule
-        (``alphas_cumprod``) and one ``scale_factor`` or if their windows overlap, and
+        """A chain of already loaded experts, checked by :func:`refiner.formats.window_files.check_window_set`
+        (the check every set of windows gets, the diffusers export's too). Raises :class:`ChainError` if they do not
+        share one noise schedule (``alphas_cumprod``) and one ``scale_factor`` or if their windows overlap, and
         :class:`~refiner.formats.fingerprint.FirstStageMismatch` if their recorded first stages differ (a warning
         with ``allow_first_stage_mismatch``). The UNets are not needed (``unet`` may be None)."""
-        if not experts:
-            raise ChainError("a chain needs at least one window expert")
-        fingerprint = check_fingerprints_agree([(s.weights.source, s.weights.first_stage_fingerprint)
-                                                for s in experts], allow_first_stage_mismatch)
-        first = experts[0].weights
-        ac = first.schedule.alphas_cumprod()
-        for s in experts[1:]:
-            w = s.weights
-            other = w.schedule.alphas_cumprod()
-            if other.shape != ac.shape or not torch.allclose(other, ac, rtol=0, atol=1e-9):
-                raise ChainError(f"experts do not share a noise schedule: {first.source} has {first.schedule} but "
-                                 f"{w.source} has {w.schedule}; chain only experts trained on the same schedule")
-            if not math.isclose(w.scale_factor, first.scale_factor, rel_tol=1e-6):
-                raise ChainError(f"experts do not share scale_factor: {first.source} has {first.scale_factor} but "
-                                 f"{w.source} has {w.scale_factor}")
         try:
-            check_experts([s.expert(None) for s in experts], ac)
-        except (ValueError, TypeError) as err:
+            shared = check_window_set([s.weights for s in experts], allow_first_stage_mismatch)
+        except WindowSetError as err:
             raise ChainError(str(err)) from err
-        return cls(list(experts), ac, float(first.scale_factor), fingerprint)
+        return cls(list(experts), shared.alphas_cumprod, shared.scale_factor, shared.first_stage_fingerprint)
 
     @classmethod
     def from_unets(cls, unets: Sequence[nn.Module], windows: Sequence[Window], schedule: ScheduleConfig, *,
@@ -174,7 +166,8 @@ class Chain:
             unet_state=module.unet.state_dict(), unet_params=dict(hp.unet), window=module.window,
             schedule=module.schedule, parameterization=hp.parameterization, global_step=None, source=source,
             has_ema=False, conditioning=hp.conditioning, scale_factor=float(hp.scale_factor),
-            first_stage_fingerprint=hp.get("first_stage_fingerprint"))
+            first_stage_fingerprint=hp.get("first_stage_fingerprint"),
+            first_stage_params=recorded_first_stage_params(hp))
         return cls([LoadedExpert(weights, module.unet)], module.alphas_cumprod, float(hp.scale_factor),
                    weights.first_stage_fingerprint)
 
@@ -191,16 +184,20 @@ class Chain:
                     f"first stage's {channels}-channel latent (conditioning={cond!r} needs "
                     f"in_channels={want_in}, out_channels={channels}); wrong first_stage.f4 for these windows?")
 
-    def check_first_stage(self, f4: nn.Module, f4_source: str, allow_mismatch: bool = False) -> str:
+    def check_first_stage(self, f4: VQModel, f4_source: str, allow_mismatch: bool = False) -> str:
         """Check that this chain can run on ``f4`` (named ``f4_source`` in messages): its latent channels
-        (``f4.embed_dim``) fit every UNet, and every expert was trained with it (fingerprints; a expert that
-        recorded none only warns; a mismatch raises :class:`~refiner.formats.fingerprint.FirstStageMismatch`, a
-        warning with ``allow_mismatch``). Returns ``f4``'s fingerprint."""
+        (``f4.embed_dim``) fit every UNet, and every expert was trained with it: the same weights (fingerprints; an
+        expert that recorded none only warns) read by the same network (the recorded architecture against
+        ``f4.config``: norm groups, channels, factor, ...). A mismatch raises
+        :class:`~refiner.formats.fingerprint.FirstStageMismatch`, a warning with ``allow_mismatch``. Returns
+        ``f4``'s fingerprint."""
         self.check_latent_channels(int(f4.embed_dim))
         fingerprint = first_stage_fingerprint(f4)
         for s in self.experts:
             check_first_stage_match(s.weights.first_stage_fingerprint, s.weights.source, fingerprint, f4_source,
                                     allow_mismatch)
+            check_first_stage_architecture(s.weights.first_stage_params, s.weights.source, f4.config, f4_source,
+                                           allow_mismatch)
         return fingerprint
 
     @property

@@ -36,7 +36,7 @@ from refiner.data.grids import save_combined_grid
 from refiner.data.images import scan_images
 from refiner.errors import RefineError
 from refiner.experts import StepPlan
-from refiner.formats.compvis import first_stage_from_config
+from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.inference.artifact_batch import artifact_run, grid_column, output_column
 from refiner.inference.artifact_options import ArtifactOptions, check_whole_images, steps_for_start
 from refiner.inference.batch_refine import Collected, RefineJob
@@ -93,10 +93,10 @@ def build_pipeline(s: RefineSettings, device: torch.device, starts: tuple[int, i
     if low != top:
         chain.plan(low, steps_for_start(s.steps, low, top), **sampler)
     f4_spec = s.first_stage.f4 or {}
-    f4 = first_stage_from_config(f4_spec, "f4", s.trust_checkpoint, device)
+    f4 = first_stage_from_mapping(f4_spec, "f4", s.trust_checkpoint, device)
     f4_fingerprint = chain.check_first_stage(f4, f"first_stage.f4.ckpt_path={f4_spec.get('ckpt_path')}",
                                              s.allow_first_stage_mismatch)
-    f8 = first_stage_from_config(s.first_stage.f8, "f8", s.trust_checkpoint, device) if s.mode == "evaluate" else None
+    f8 = first_stage_from_mapping(s.first_stage.f8, "f8", s.trust_checkpoint, device) if s.mode == "evaluate" else None
     pipeline = Pipeline(f4, chain, f8, pad_mode=s.pad_mode, device=device, tiling=s.tiling, upscale=s.upscale)
     return pipeline, plan, f4_fingerprint
 

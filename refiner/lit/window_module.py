@@ -26,9 +26,10 @@ from refiner.diffusion import (
     training_target,
 )
 from refiner.errors import SettingError
-from refiner.formats.compvis import first_stage_from_config
+from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.formats.kinds import load_strict, mismatch_report
-from refiner.formats.lora import BASE_KEY, load_base
+from refiner.formats.loading import load_base
+from refiner.formats.lora import BASE_KEY, load_base_state
 from refiner.formats.safe_load import CheckpointError
 from refiner.inference.chain import Chain
 from refiner.lit.grids import log_grid
@@ -37,7 +38,6 @@ from refiner.models.lora import (
     adapter_state,
     inject_lora,
     is_adapter_key,
-    load_base_state,
 )
 from refiner.models.unet import UNetModel
 from refiner.settings import require_choice, require_int, require_number, to_plain
@@ -274,7 +274,7 @@ class WindowRefiner(pl.LightningModule):
         if not cfg or not cfg.get("ckpt_path"):
             return None
 
-        vq = first_stage_from_config(cfg, "f4", device=self.device)
+        vq = first_stage_from_mapping(cfg, "f4", device=self.device)
         self._decoder.append(vq)
         return vq
 

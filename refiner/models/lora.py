@@ -16,8 +16,9 @@ the ResBlocks' ``emb_layers.1`` (add them to ``targets`` if wanted), and every n
 
 After :func:`inject_lora` the UNet's keys change where a layer was wrapped: ``<layer>.weight`` becomes
 ``<layer>.base_layer.weight`` and the adapters are ``<layer>.lora_A.default.weight`` and
-``<layer>.lora_B.default.weight``. :func:`load_base_state` and :func:`base_state` translate between the plain
-(CompVis) layout and the wrapped one; only adapter parameters have ``requires_grad``.
+``<layer>.lora_B.default.weight``. :func:`plain_key` and :func:`base_state` translate from the wrapped layout to the
+plain (CompVis) one; only adapter parameters have ``requires_grad``. Loading plain weights into a wrapped UNet, with
+mismatch reports, and merging adapters onto a base are :mod:`refiner.formats.lora`'s.
 """
 
 from __future__ import annotations
@@ -124,21 +125,6 @@ def base_state(unet: nn.Module) -> dict[str, Tensor]:
     return {plain_key(k): v for k, v in unet.state_dict().items() if not is_adapter_key(k)}
 
 
-def load_base_state(unet: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Load plain-layout base weights into an injected UNet, strictly over the base keys (the adapters are left
-    as they are); a mismatch raises :class:`~refiner.formats.safe_load.CheckpointError` naming ``source``."""
-    from refiner.formats.kinds import mismatch_report
-    from refiner.formats.safe_load import CheckpointError
-
-    wrapped = {plain_key(k): k for k in unet.state_dict() if not is_adapter_key(k)}
-    expected = {k: unet.state_dict()[w].shape for k, w in wrapped.items()}
-    report = mismatch_report(expected, state)
-    if report:
-        raise CheckpointError(f"{source} does not fit the base UNet of these adapters: {report}")
-    missing, unexpected = unet.load_state_dict({wrapped[k]: v for k, v in state.items()}, strict=False)
-    assert not unexpected and all(is_adapter_key(k) for k in missing), (missing, unexpected)
-
-
 def merge_lora(unet: nn.Module) -> dict[str, Tensor]:
     """Merge the adapters into their base layers (peft's ``LoraLayer.merge``) and return the merged weights in
     the plain layout; ``unet`` is left merged."""
@@ -149,27 +135,3 @@ def merge_lora(unet: nn.Module) -> dict[str, Tensor]:
             if isinstance(module, LoraLayer):
                 module.merge(safe_merge=True)
     return base_state(unet)
-
-
-def merged_unet_state(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], unet_params: Mapping,
-                      settings: LoraSettings, source: str) -> dict[str, Tensor]:
-    """Plain UNet weights = ``base`` with ``adapters`` (keys as in the injected UNet, e.g.
-    ``input_blocks.1.0.in_layers.2.lora_A.default.weight``) merged in."""
-    from refiner.models.unet import UNetModel
-
-    unet = inject_lora(UNetModel(**dict(unet_params)), settings)
-    load_base_state(unet, base, source)
-    load_adapter_state(unet, adapters, source)
-    return merge_lora(unet)
-
-
-def load_adapter_state(unet: nn.Module, adapters: Mapping[str, Tensor], source: str) -> None:
-    """Load adapter weights into an injected UNet, strictly over the adapter keys."""
-    from refiner.formats.kinds import mismatch_report
-    from refiner.formats.safe_load import CheckpointError
-
-    expected = {k: v.shape for k, v in unet.state_dict().items() if is_adapter_key(k)}
-    report = mismatch_report(expected, adapters)
-    if report:
-        raise CheckpointError(f"{source}: its LoRA adapters do not fit this UNet and model.lora settings: {report}")
-    unet.load_state_dict(dict(adapters), strict=False)

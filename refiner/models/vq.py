@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
 from einops import rearrange
 from taming.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
@@ -118,6 +117,12 @@ class VQModel(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
 
     @property
+    def config(self) -> dict:
+        """The arguments that decide this network, ``{ddconfig, n_embed, embed_dim}`` (``ddconfig`` with
+        ``norm_groups`` when it is not taming's 32): what :func:`architecture_differences` compares."""
+        return dict(ddconfig=dict(self.ddconfig), n_embed=self.n_embed, embed_dim=self.embed_dim)
+
+    @property
     def factor(self) -> int:
         """Spatial downsampling factor (f4: 4, f8: 8)."""
         return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
@@ -161,6 +166,7 @@ def architecture_differences(saved: Mapping, configured: Mapping) -> list[str]:
         dd = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in dict(p.get("ddconfig") or {}).items()}
         dd.setdefault("norm_groups", TAMING_NORM_GROUPS)
         dd.setdefault("attn_resolutions", [])
+        dd.setdefault("attn_type", "vanilla")
         dd.pop("resolution", None)
         dd.pop("dropout", None)
         return {**{f"ddconfig.{k}": v for k, v in dd.items()}, "n_embed": p.get("n_embed"), "embed_dim": p.get("embed_dim")}
@@ -179,8 +185,3 @@ def tiny_ddconfig(factor: int = 4, ch: int = 32, resolution: int = 64, attn: boo
         ch=ch, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=[resolution // factor] if attn else [],
         dropout=0.0,
     )
-
-
-@torch.no_grad()
-def encode_in_chunks(model: VQModel, x: Tensor, chunk: int = 8) -> Tensor:
-    return torch.cat([model.encode(part) for part in x.split(chunk)])
