@@ -8,12 +8,27 @@ import json
 import numpy as np
 import pytest
 
-from refiner.bench.methods import BenchError, methods_from_config, score, unsharp
+from refiner.bench.methods import BenchError, methods_from_settings, score, unsharp
 from refiner.bench.report import efficiency, first_step_at_or_below, markdown, read_logged
 from refiner.bench.run import check_output_dir, grid_setting
+from refiner.bench.settings import BenchSettings, EfficiencySettings
 from refiner.bench.sources import clean_heads, injected_defects
 from refiner.data.synthetic import DEFECTS
+from refiner.errors import SettingError
 from refiner.sampling import steps_for
+from refiner.settings import from_config
+
+
+def _settings(**blocks) -> BenchSettings:
+    """Settings as refiner.apps.bench builds them, from a small plain config (``blocks`` replace its keys)."""
+    plain = {"seeds": {"report": {"images": 3, "generator": 200000, "references": 5}}, "output_dir": "out",
+             "generator": {"experts": ["full.ckpt"]}, "first_stage": {},
+             "methods": {"chain": {"experts": ["a.ckpt", "b.ckpt"], "t_starts": [99]}}, **blocks}
+    return from_config(BenchSettings, plain)
+
+
+def _methods(spec: dict):
+    return methods_from_settings(_settings(methods=spec).methods)
 
 
 def test_steps_for_gives_equal_density_and_stays_in_range():
@@ -21,26 +36,66 @@ def test_steps_for_gives_equal_density_and_stays_in_range():
     assert steps_for(1, 20) == 1 and steps_for(5, 1) == 6  # never more points than timesteps in [0, t]
 
 
-def test_methods_from_config_reads_both_kinds_and_rejects_bad_specs():
-    ms = methods_from_config({"chain": {"experts": ["a.ckpt", "b.ckpt"], "t_starts": [99, 499]},
-                              "alone": {"experts": ["a.ckpt"], "t_starts": [299], "allow_outside_window": True},
-                              "usm": {"unsharp": {"radius": 2.0, "amounts": [50, 100]}}})
+def test_methods_read_both_kinds_and_bad_specs_are_refused_naming_the_method():
+    ms = _methods({"chain": {"experts": ["a.ckpt", "b.ckpt"], "t_starts": [99, 499]},
+                   "alone": {"experts": ["a.ckpt"], "t_starts": [299], "allow_outside_window": True, "label": "A"},
+                   "usm": {"unsharp": {"radius": 2.0, "amounts": [50, 100]}}})
     assert [(m.name, m.kind, m.settings) for m in ms] == [("chain", "diffusion", (99, 499)),
                                                           ("alone", "diffusion", (299,)), ("usm", "unsharp", (50, 100))]
     assert ms[1].allow_outside_window and not ms[0].allow_outside_window and ms[2].radius == 2.0
-    for bad, words in [({}, "empty"), ({"c": {"experts": "a.ckpt", "t_starts": [9]}}, "non-empty list"),
-                       ({"c": {"experts": ["a"], "t_starts": [1000]}}, "[1, 999]"),
-                       ({"c": {"experts": ["a"], "t_starts": [9.5]}}, "ints"),
-                       ({"c": {"experts": ["a"], "t_starts": [9], "t_stop": 3}}, "unknown keys"),
-                       ({"u": {"unsharp": {"amounts": [0]}}}, "> 0")]:
-        with pytest.raises(BenchError, match=words.replace("[", r"\[")):
-            methods_from_config(bad)
+    assert [m.label for m in ms] == ["chain", "A", "usm"] and ms[0].experts == ("a.ckpt", "b.ckpt")
+    for bad, words in [({}, "methods is empty"),
+                       ({"c": {"experts": "a.ckpt", "t_starts": [9]}}, "methods.c: experts must be a non-empty list"),
+                       ({"c": {"t_starts": [9]}}, "methods.c: experts must be a non-empty list"),  # no experts
+                       ({"c": {"experts": ["a"], "t_starts": [1000]}}, "methods.c: t_starts must be in [1, 999]"),
+                       ({"c": {"experts": ["a"], "t_starts": [9.5]}}, "methods.c: t_starts must be an integer"),
+                       ({"c": {"experts": ["a"], "t_starts": []}}, "methods.c: t_starts must be a non-empty list"),
+                       ({"c": {"experts": ["a"], "t_starts": [9], "t_start": 3}},
+                        "unknown setting methods.c.t_start; did you mean methods.c.t_starts?"),
+                       ({"c": {"experts": ["a"], "t_starts": [9], "allow_outside_window": "yes"}},
+                        "methods.c: allow_outside_window must be true or false"),
+                       ({"u": {"unsharp": {"amounts": [0]}}}, "methods.u: unsharp.amounts must be in [1"),
+                       ({"u": {"unsharp": {"amounts": [5], "radius": 0}}}, "methods.u: unsharp.radius must be > 0"),
+                       ({"u": {"unsharp": {"amounts": [5]}, "experts": ["a"]}},
+                        "methods.u: an unsharp method takes no")]:
+        with pytest.raises(SettingError, match=words.replace("[", r"\[").replace("?", r"\?")):
+            _methods(bad)
+
+
+def test_bench_settings_check_each_value_once():
+    s = _settings()
+    assert (s.split, s.n, s.size, s.split_seeds.images) == ("report", 64, 64, 3)
+    assert s.sources == ("generator", "f8", "defects")
+    for blocks, words in [({"split": "test"}, "split must be one of ['report'], got 'test'"),
+                          ({"n": -3}, "n must be a positive int, got -3"), ({"n": True}, "n must be a positive int"),
+                          ({"size": 36}, "size must be a multiple of 8"), ({"size": 24}, "size must be a multiple"),
+                          ({"sources": ["photos"]}, "sources must be a non-empty subset"),
+                          ({"sources": []}, "sources must be a non-empty subset"),
+                          ({"seed": -1}, "seed must be in [0"), ({"grid_images": -1}, "grid_images must be in [0"),
+                          ({"generator": {"experts": ["a", "b"]}}, "generator.experts must name one full-range"),
+                          ({"generator": {"experts": ["a"], "steps": 0}}, "generator.steps must be in [1"),
+                          ({"seeds": {"report": {"images": -1, "generator": 0, "references": 0}}},
+                           "seeds.report: images must be in [0"),
+                          ({"seeds": {"report": {"images": 1, "generator": 0}}}, "seeds.report: .*references"),
+                          ({"use_ema": "no"}, "use_ema must be true or false"),
+                          ({"efficiency": {"window": "w", "full_range": "", "metric": "m"}},
+                           "efficiency.full_range must be a non-empty string"),
+                          ({"swd": {"normalize": "both"}}, "swd.normalize must be per_set or joint"),
+                          ({"swd": {"patch_sze": 3}}, "unknown setting swd.patch_sze; did you mean swd.patch_size?"),
+                          ({"upscale": {"t_starts": [0]}}, "upscale.t_starts must be in [1, 999]"),
+                          ({"recommended_t_start": 1000}, "recommended_t_start must be in [1, 999]"),
+                          ({"colour": 1}, "unknown setting colour")]:
+        with pytest.raises(SettingError, match=words.replace("[", r"\[").replace("?", r"\?")):
+            _settings(**blocks)
+    # without the generator source, its experts are not needed; swd passes on only what is set
+    assert _settings(sources=["f8"], generator={}).generator.experts == ()
+    assert _settings(swd={"repeats": 2}).swd.kwargs() == {"repeats": 2} and _settings().swd.kwargs() == {}
 
 
 def test_grid_setting_is_nearest_sweep_point():
-    (m,) = methods_from_config({"c": {"experts": ["a"], "t_starts": [99, 299, 699]}})
+    (m,) = _methods({"c": {"experts": ["a"], "t_starts": [99, 299, 699]}})
     assert grid_setting(m, 399) == 299 and grid_setting(m, 500) == 699 and grid_setting(m, 99) == 99
-    (u,) = methods_from_config({"u": {"unsharp": {"amounts": [50, 100, 200]}}})
+    (u,) = _methods({"u": {"unsharp": {"amounts": [50, 100, 200]}}})
     assert grid_setting(u, 399) == 100
 
 
@@ -100,13 +155,14 @@ def test_efficiency_reads_logged_losses_and_finds_crossings(tmp_path):
     _write_csv(tmp_path / "w", [(99, 0.30), (100, None), (199, 0.20), (299, 0.15)])
     _write_csv(tmp_path / "f", [(99, 0.40), (199, 0.32), (299, 0.25), (399, 0.19)])
     assert read_logged(tmp_path / "w", "val/loss_in_250_500") == ([99, 199, 299], [0.30, 0.20, 0.15])
-    eff = efficiency({"window": tmp_path / "w", "full_range": tmp_path / "f", "metric": "val/loss_in_250_500"})
+    eff = efficiency(EfficiencySettings(str(tmp_path / "w"), str(tmp_path / "f"), "val/loss_in_250_500"))
     assert eff["available"]
     assert eff["window"]["steps_to_other_final"] == 299  # first window loss <= 0.19 (0.20 at 199 is not)
     assert eff["full_range"]["steps_to_other_final"] is None  # never reaches 0.15
     assert first_step_at_or_below([1, 2], [0.3, 0.1], 0.2) == 2
-    missing = efficiency({"window": tmp_path / "w", "full_range": tmp_path / "none", "metric": "val/loss_in_250_500"})
+    missing = efficiency(EfficiencySettings(str(tmp_path / "w"), str(tmp_path / "none"), "val/loss_in_250_500"))
     assert not missing["available"] and "none" in missing["why"]
+    assert efficiency(None) == {"available": False, "why": "no efficiency runs configured"}
 
 
 def test_markdown_lists_every_method_and_source():

@@ -14,7 +14,13 @@ import pytest
 from conftest import ROOT, TINY_TRAINER, compose_config
 from pipeline import CROP, World, build_world
 
+from refiner.apps.bench import bench_settings
 from refiner.errors import SettingError
+
+
+def _settings(world: World, runs: dict[str, Path], out: Path, *extra: str):
+    """The benchmark's settings over the tiny models, as ``refiner bench`` builds them, with ``extra`` overrides."""
+    return bench_settings(compose_config("bench", _overrides(world, runs, f"output_dir={out}", *extra), out))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,7 @@ def test_bench_reports_every_source_method_and_setting(trained, tmp_path):
 
     world, runs = trained
     out = tmp_path / "bench"
-    results = run(compose_config("bench", _overrides(world, runs, f"output_dir={out}"), out))
+    results = run(_settings(world, runs, out))
     assert set(results["sources"]) == {"generator", "f8", "defects"}
     sweeps = {"chain": [99, 299], "shape_window": [199], "detail_window": [199], "full_range": [299, 699],
               "paired": [999], "unsharp": [100]}
@@ -78,7 +84,7 @@ def test_bench_reports_every_source_method_and_setting(trained, tmp_path):
     assert results["efficiency"]["available"] is False
 
     # deterministic: a second run into the same folder replaces its own outputs with the same numbers
-    again = run(compose_config("bench", _overrides(world, runs, f"output_dir={out}"), out))
+    again = run(_settings(world, runs, out))
     assert again["sources"]["generator"]["methods"]["chain"]["sweep"][1]["artifact_rate"] == \
         results["sources"]["generator"]["methods"]["chain"]["sweep"][1]["artifact_rate"]
     assert again["sources"]["f8"]["methods"]["chain"]["sweep"][1]["rmse_to_input"] == \
@@ -105,7 +111,7 @@ def test_bench_refuses_before_compute(trained, tmp_path, monkeypatch):
     ]
     for extra, words in cases:
         with pytest.raises(SettingError, match=words.replace("[", r"\[")):
-            run(compose_config("bench", _overrides(world, runs, f"output_dir={tmp_path / 'b'}", *extra), tmp_path))
+            run(_settings(world, runs, tmp_path / "b", *extra))
     assert not (tmp_path / "b").exists()
 
 
@@ -121,8 +127,7 @@ def test_bench_refuses_a_first_stage_the_windows_were_not_trained_with(trained, 
         f"first_stage.f4.params.ddconfig.resolution={CROP}", "data.batch_size=4", "seed=7"], tmp_path / "f4b"))
     monkeypatch.setattr(bench_run, "build_sources", lambda *a, **k: pytest.fail("compute started"))
     with pytest.raises(FirstStageMismatch):
-        run(compose_config("bench", _overrides(world, runs, f"first_stage.f4.ckpt_path={other['last_ckpt']}",
-                                               f"output_dir={tmp_path / 'b'}"), tmp_path))
+        run(_settings(world, runs, tmp_path / "b", f"first_stage.f4.ckpt_path={other['last_ckpt']}"))
 
 
 def test_bench_cli_exit_code_and_one_line_error(trained, tmp_path):
@@ -148,18 +153,15 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
               "artifacts.paste_back.sweep.regions=[output,probe]", "artifacts.paste_back.sweep.whole_above=[null,0]",
               "artifacts.color_fix=[{method:wavelet,levels:2,max_shift:8},{method:adain}]"]
     with pytest.raises(BenchError, match=r"onto='strength map \(rest from 0\)' must be one of"):  # before compute
-        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
-                                                         "artifacts.paste_back.points=[{onto:'strength map (rest from "
-                                                         "0)',region:probe,grow:4,feather:4}]"), tune))
+        run_artifacts(_settings(world, runs, tune, *common[:3], "artifacts.paste_back.points=[{onto:'strength map "
+                                "(rest from 0)',region:probe,grow:4,feather:4}]"))
     with pytest.raises(BenchError, match="region must be probe, output or output>L"):
-        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:3],
-                                                         "artifacts.paste_back.points=[{onto:fixed,region:'output>x',"
-                                                         "grow:4,feather:4}]"), tune))
+        run_artifacts(_settings(world, runs, tune, *common[:3],
+                                "artifacts.paste_back.points=[{onto:fixed,region:'output>x',grow:4,feather:4}]"))
     with pytest.raises(BenchError, match="artifacts.color_fix lists method: none"):
-        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common[:4],
-                                                         "artifacts.color_fix=[{method:none}]"), tune))
+        run_artifacts(_settings(world, runs, tune, *common[:4], "artifacts.color_fix=[{method:none}]"))
     assert not tune.exists()
-    res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={tune}", *common), tune))
+    res = run_artifacts(_settings(world, runs, tune, *common))
     assert set(res["detection"]) == {"generator", "defects"}
     for per in res["detection"].values():
         assert set(per) == {"asced", "asced_code", "residual"}
@@ -209,12 +211,10 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     assert set(dominance["by_point"]) == set(rows) - {"fixed t_start 99", "fixed t_start 499"}
 
     with pytest.raises(BenchError, match="run split=tune first"):
-        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
-                                                         f"artifacts.calibration={tmp_path}/none.json", *common),
-                                     report))
-    res = run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={report}", "split=report",
-                                                           f"artifacts.calibration={tune}/t_start_auto.json",
-                                                           *common), report))
+        run_artifacts(_settings(world, runs, report, "split=report", f"artifacts.calibration={tmp_path}/none.json",
+                                *common))
+    res = run_artifacts(_settings(world, runs, report, "split=report",
+                                  f"artifacts.calibration={tune}/t_start_auto.json", *common))
     auto = next(r for r in res["adaptive"]["generator"]["rows"] if r["point"].startswith("t_start=auto"))
     assert auto["point"] == "t_start=auto (residual severity)"          # out of sample on report
     assert 99 <= auto["mean_t_start"] <= 499 and 0 <= auto["artifact_rate"] <= 1
@@ -223,7 +223,7 @@ def test_artifacts_bench_calibrates_on_tune_and_applies_on_report(trained, tmp_p
     foreign.mkdir()
     (foreign / "artifacts.md").write_text("mine")
     with pytest.raises(BenchError, match="did not write"):
-        run_artifacts(compose_config("bench", _overrides(world, runs, f"output_dir={foreign}", *common), foreign))
+        run_artifacts(_settings(world, runs, foreign, *common))
     assert (foreign / "artifacts.md").read_text() == "mine"
 
 
@@ -232,8 +232,7 @@ def test_upscale_bench_compares_progressive_with_bicubic_then_refine(trained, tm
 
     world, runs = trained
     out = tmp_path / "up"
-    res = run_upscale(compose_config("bench", _overrides(world, runs, f"output_dir={out}", "upscale.t_starts=[299]"),
-                                     out))
+    res = run_upscale(_settings(world, runs, out, "upscale.t_starts=[299]"))
     for name, rows in res["sources"].items():
         assert [r["method"] for r in rows] == ["bicubic", "bicubic + chain, t_start 299",
                                                "progressive + chain, t_start 299"]
@@ -242,4 +241,4 @@ def test_upscale_bench_compares_progressive_with_bicubic_then_refine(trained, tm
     assert res["sources"]["injected defects"][0]["artifact_rate"] == 1.0  # bicubic keeps every defect
     assert "progressive + chain" in (out / "upscale.md").read_text()
     with pytest.raises(SettingError, match="multiple of 16"):
-        run_upscale(compose_config("bench", _overrides(world, runs, f"output_dir={out}2", "size=40"), out))
+        run_upscale(_settings(world, runs, out.with_name("up2"), "size=40"))

@@ -48,12 +48,11 @@ def test_slurm_launcher_preset_composes(tmp_path):
 
 @pytest.mark.parametrize("preset", ["full", "demo"])
 def test_bench_method_presets_compose_and_parse(preset, tmp_path):
-    from omegaconf import OmegaConf
+    from refiner.apps.bench import bench_settings
+    from refiner.bench.methods import methods_from_settings
 
-    from refiner.bench.methods import methods_from_config
-
-    cfg = compose_config("bench", [f"methods={preset}"], tmp_path)
-    methods = {m.name: m for m in methods_from_config(OmegaConf.to_container(cfg.methods, resolve=True))}
+    cfg = compose_config("bench", [f"methods={preset}", f"output_dir={tmp_path}"], tmp_path)
+    methods = {m.name: m for m in methods_from_settings(bench_settings(cfg).methods)}
     every = {"chain", "shape_window", "detail_window", "full_range", "paired", "unsharp"}
     assert set(methods) == (every if preset == "full" else {"chain", "full_range", "unsharp"})
     # every diffusion method is run at the recommended t_start, so the grid and the demo's table compare there

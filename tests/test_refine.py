@@ -15,7 +15,6 @@ from conftest import ROOT, compose_config
 from helpers_compvis import first_stage_loss_keys, make_window_checkpoint
 from PIL import Image
 
-from refiner.apps import refine as refine_app
 from refiner.apps.refine import run
 from refiner.data.images import crop_to, load_image, pad_to_multiple, to_tensor, to_uint8
 from refiner.errors import RefineError, SettingError

@@ -1,52 +1,63 @@
-"""The composition benchmark: ``python -m refiner.bench [overrides]`` or ``refiner-bench`` (``conf/bench.yaml``).
+"""The quality benchmark's commands over ``conf/bench.yaml``: ``refiner bench`` (``python -m refiner.bench``),
+``refiner bench-artifacts`` (``python -m refiner.bench.artifacts``) and ``refiner bench-upscale`` (``python -m
+refiner.bench.upscale``), each with Hydra overrides.
 
-Exit codes follow :mod:`refiner.cli`: 0 done, 2 a setting, checkpoint or output folder that cannot work
-(one ``error:`` line on stderr, before any compute).
+This is the one place the benchmark's Hydra config is read: :func:`bench_settings` turns the composed config into
+:class:`~refiner.bench.settings.BenchSettings` once (:func:`refiner.apps.hydra_app.settings_from`; an unknown key, a
+bad value or an interpolation that does not resolve is one line), and the commands hand those to
+:mod:`refiner.bench`. Exit codes follow :mod:`refiner.cli`: 0 done, 2 a setting, checkpoint or output folder that
+cannot work (one ``error:`` line on stderr, before any model loads).
 """
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import Callable
 
-import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from refiner.apps import CONFIG_DIR
-from refiner.bench.run import run
+from refiner.apps.hydra_app import hydra_command, settings_from
+from refiner.bench import artifacts, run, upscale
+from refiner.bench.settings import BenchSettings
 from refiner.cli import run_cli
+from refiner.errors import SettingError
 
 
-def task(cfg: DictConfig) -> None:
-
-    def body() -> None:
-        results = run(cfg)
-        print((Path(cfg.output_dir) / "results.md").read_text())
-        print(f"results: {cfg.output_dir}/results.json (split {results['split']})")
-
-    raise SystemExit(run_cli(body))
+def bench_settings(cfg: DictConfig) -> BenchSettings:
+    """The composed ``conf/bench.yaml`` as typed settings, checked."""
+    try:
+        return settings_from(BenchSettings, cfg)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise SettingError(f"conf/bench.yaml: {err}") from err
 
 
-main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")(task)
+def _task(command: Callable[[BenchSettings], dict], report: str, summary: Callable[[BenchSettings, dict], str] | None
+          ) -> Callable[[DictConfig], None]:
+    """A Hydra task over ``conf/bench.yaml``: settings, then ``command``, then its ``report`` (a file in
+    ``output_dir``) printed, and ``summary``'s line."""
 
-if __name__ == "__main__":
-    main()
-
-
-def _side_task(module: str, report: str):
-    """A Hydra task over ``conf/bench.yaml`` that runs ``refiner.bench.<module>.run`` and prints its ``report``."""
-
-    def side_task(cfg: DictConfig) -> None:
-        import importlib
-
+    def task(cfg: DictConfig) -> None:
 
         def body() -> None:
-            importlib.import_module(f"refiner.bench.{module}").run(cfg)
-            print((Path(cfg.output_dir) / report).read_text())
+            settings = bench_settings(cfg)
+            results = command(settings)
+            print((Path(settings.output_dir) / report).read_text())
+            if summary is not None:
+                print(summary(settings, results))
 
         raise SystemExit(run_cli(body))
 
-    return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")(side_task)
+    return task
 
 
+task = _task(run.run, "results.md",
+             lambda settings, results: f"results: {settings.output_dir}/results.json (split {results['split']})")
 # python -m refiner.bench.artifacts: detection and targeted correction (refiner.bench.artifacts)
-artifacts_main = _side_task("artifacts", "artifacts.md")
+artifacts_task = _task(artifacts.run, "artifacts.md", None)
 # python -m refiner.bench.upscale: progressive vs bicubic-then-refine upscaling (refiner.bench.upscale)
-upscale_main = _side_task("upscale", "upscale.md")
+upscale_task = _task(upscale.run, "upscale.md", None)
+main, artifacts_main, upscale_main = (hydra_command("bench", t) for t in (task, artifacts_task, upscale_task))
+
+if __name__ == "__main__":
+    main()

@@ -144,9 +144,18 @@ def adain_color_fix(refined: Sequence[np.ndarray], inputs: Sequence[np.ndarray])
 
 @dataclass(frozen=True)
 class ColorFix:
-    """The checked ``color_fix`` settings of ``refine.py`` and the benchmark: ``method`` (:data:`COLOR_FIXES`),
-    ``levels`` and ``max_shift`` (wavelet only; ``None`` = StableSR's uncapped rule). The defaults are the point
-    chosen on the benchmark's ``split=tune`` (docs/experiments/artifacts.md)."""
+    """The ``color_fix`` settings of ``refine.py`` and of the benchmark (``artifacts.color_fix``, a list of them),
+    checked when made; :func:`refiner.settings.from_config` builds one from a config block, alone or as a field of a
+    larger settings class. The defaults are the point chosen on the benchmark's ``split=tune``
+    (docs/experiments/artifacts.md).
+
+    Args:
+        method: ``none`` (off), ``wavelet`` or ``adain`` (:data:`COLOR_FIXES`; module docstring).
+        levels: a-trous levels of the wavelet rule, 1..12 (wavelet only).
+        max_shift: cap on how far the wavelet rule moves a pixel, in levels of 0..255, in (0, 255]; ``None`` is
+            StableSR's uncapped rule (wavelet only). Kept as given (an int stays an int in records);
+            :meth:`digest` reads it as a float, as the settings did before they were typed.
+    """
 
     method: str = "none"
     levels: int = 3
@@ -168,8 +177,9 @@ class ColorFix:
         """What of these settings changes an output (empty when off, so other digests stay as they were)."""
         if not self.active:
             return {}
-        return {"method": self.method, **({"levels": self.levels, "max_shift": self.max_shift}
-                                          if self.method == "wavelet" else {})}
+        cap = None if self.max_shift is None else float(self.max_shift)
+        wavelet = {"levels": self.levels, "max_shift": cap} if self.method == "wavelet" else {}
+        return {"method": self.method, **wavelet}
 
     def label(self) -> str:
         if self.method == "adain":

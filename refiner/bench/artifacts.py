@@ -1,5 +1,8 @@
-"""Detection and targeted correction on the composition benchmark: ``python -m refiner.bench.artifacts [overrides]``
-(``conf/bench.yaml``, its ``artifacts`` group; the same seeds, sources, checkpoints and scoring as the benchmark).
+"""Detection and targeted correction on the composition benchmark: :func:`run` on
+:class:`~refiner.bench.settings.BenchSettings`, its ``artifacts`` block
+(:class:`~refiner.bench.artifact_settings.ArtifactsSettings`; ``python -m refiner.bench.artifacts [overrides]`` or
+``refiner bench-artifacts`` over ``conf/bench.yaml``); the same seeds, sources, checkpoints and scoring as the
+benchmark.
 
 1. **Detection in input images** (ASCED's setting (b), :func:`refiner.inference.probe.probe_detect`): every
    detector's masks on the ``defects`` source against the injected defects' true masks, and on the ``generator``
@@ -35,9 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from refiner.artifacts.color_fix import ColorFix
 from refiner.artifacts.composite import (
     change_config,
     changed_region,
@@ -59,21 +60,23 @@ from refiner.artifacts.detect import (
     pixel_from_latent,
 )
 from refiner.artifacts.dynamics import StepRecorder, chain_callbacks
-from refiner.bench.methods import BenchError, Method, score
+from refiner.bench.artifact_settings import PastePoint
+from refiner.bench.methods import BenchError, score
 from refiner.bench.report import _figure_png, _json_ready, _pyplot
 from refiner.bench.run import (
     Models,
-    _check_settings,
     build_sources,
+    chain_method,
     check_output_dir,
     refine_all,
 )
+from refiner.bench.settings import BenchSettings, SplitSeeds
 from refiner.bench.sources import clean_heads
 from refiner.data.checker import check_batch
 from refiner.inference.probe import probe_detect, probe_t_end
 from refiner.io import atomic_write_bytes, atomic_write_text
-from refiner.settings import from_config
 from refiner.sampling import steps_for
+from refiner.settings import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +88,29 @@ def _batches(n: int, size: int):
     return [list(range(k, min(n, k + size))) for k in range(0, n, size)]
 
 
-def _detect_all(pipe, images, method: str, t_start: int, steps: int, cfg) -> Detection:
-    parts = [probe_detect(pipe, [images[i] for i in idx], method, t_start, steps, seed=cfg.seed, indices=idx)
-             for idx in _batches(len(images), cfg.batch_size)]
+def _detect_all(pipe, images, method: str, t_start: int, steps: int, settings: BenchSettings) -> Detection:
+    parts = [probe_detect(pipe, [images[i] for i in idx], method, t_start, steps, seed=settings.seed, indices=idx)
+             for idx in _batches(len(images), settings.batch_size)]
     return Detection(torch.cat([p.latent for p in parts]), torch.cat([p.pixel for p in parts]),
                      torch.cat([p.severity for p in parts]), method)
 
 
 # ------------------------------------------------------------------------------------------- 1. detection
-def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
+def detection_quality(pipe, sets, settings: BenchSettings, probe_steps: int) -> tuple[dict, dict]:
     out, detections = {}, {}
     for name, art in sets.items():
         if name == "defects":
             truth = torch.from_numpy(np.stack(art.masks)).bool()
         else:
             truth = torch.from_numpy(np.stack([r.violation_mask for r in check_batch(art.inputs)]))
-        for method in cfg.artifacts.detectors:
+        for method in settings.artifacts.detectors:
             t0 = time.perf_counter()
-            det = _detect_all(pipe, art.inputs, method, cfg.artifacts.probe_t_start, probe_steps, cfg)
+            det = _detect_all(pipe, art.inputs, method, settings.artifacts.probe_t_start, probe_steps, settings)
             seconds = time.perf_counter() - t0
             out.setdefault(name, {})[method] = {**mask_scores(det.pixel, truth), "seconds": round(seconds, 2),
                                                 "truth": "injected masks" if name == "defects" else "checker"}
             if art.clean is not None:  # the same heads without their defect: image-level false alarms
-                clean = _detect_all(pipe, art.clean, method, cfg.artifacts.probe_t_start, probe_steps, cfg)
+                clean = _detect_all(pipe, art.clean, method, settings.artifacts.probe_t_start, probe_steps, settings)
                 out[name][method]["clean_images_flagged"] = float(clean.pixel.flatten(1).any(1).float().mean())
                 out[name][method]["clean_flagged_fraction"] = float(clean.area.mean())
             detections[(name, method)] = det
@@ -117,12 +120,13 @@ def detection_quality(pipe, sets, cfg, probe_steps: int) -> tuple[dict, dict]:
 
 # ------------------------------------------------------------------------------------------- 2. generation + TTC
 @torch.no_grad()
-def generate_with_ttc(models: Models, cfg, seeds, method: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def generate_with_ttc(models: Models, settings: BenchSettings, seeds: SplitSeeds, method: str
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The generator source again (:func:`refiner.bench.run.build_sources`: same noise, seed + i), with ``method``
     watching each batch and TTC correcting; returns the images and each image's latent mask."""
     chain, f4 = models.pipelines[models.generator_experts].chain, models.f4
-    param, a = chain.experts[0].weights.parameterization, cfg.artifacts.ttc
-    side = cfg.size // f4.factor
+    param, a = chain.experts[0].weights.parameterization, settings.artifacts.ttc
+    side = settings.size // f4.factor
     corrections: list[tuple[int, TrajectoryCorrection]] = []
 
     def callback_for(idx: list[int], grid: list[int]):
@@ -138,11 +142,12 @@ def generate_with_ttc(models: Models, cfg, seeds, method: str) -> tuple[list[np.
 
         ttc = TrajectoryCorrection(grid, chain.alphas_cumprod, mask_fn, a.t_correct, gamma=float(a.gamma),
                                    correction_eta=float(a.correction_eta), parameterization=param,
-                                   generator=torch.Generator().manual_seed(seeds["generator"] + idx[0] + 7))
+                                   generator=torch.Generator().manual_seed(seeds.generator + idx[0] + 7))
         corrections.append((len(idx), ttc))
         return chain_callbacks([rec, ttc])
 
-    images = build_sources(cfg, seeds, ["generator"], models, generator_callback_for=callback_for)["generator"].inputs
+    images = build_sources(settings, seeds, ["generator"], models,
+                           generator_callback_for=callback_for)["generator"].inputs
     masks = [m for count, ttc in corrections
              for m in (list(ttc.mask[:, 0].bool().cpu().numpy()) if ttc.mask is not None
                        else [np.zeros((side, side), dtype=bool)] * count)]
@@ -150,111 +155,40 @@ def generate_with_ttc(models: Models, cfg, seeds, method: str) -> tuple[list[np.
 
 
 # ------------------------------------------------------------------------------------------- 3. adaptive strength
-def _needed_t(pipe, images, t_starts, cfg) -> tuple[np.ndarray, dict]:
+def _needed_t(pipe, images, t_starts, settings: BenchSettings) -> tuple[np.ndarray, dict]:
     """Per image, the smallest swept t_start whose refinement passes the checker (the largest when none does); also
     the fixed-t outputs, reused as the sweep's points."""
-    outputs = {t: refine_all(pipe, images, t, cfg) for t in t_starts}
+    outputs = {t: refine_all(pipe, images, t, settings) for t in t_starts}
     passed = {t: [r.passed for r in check_batch(outs)] for t, outs in outputs.items()}
     needed = [next((t for t in sorted(t_starts) if passed[t][i]), max(t_starts)) for i in range(len(images))]
     return np.asarray(needed, dtype=float), outputs
 
 
-def strength_maps(a) -> list[tuple[int, int, str]]:
-    """(grow, t_low, label) of every strength map of ``artifacts`` (``strength_dilate_px`` an int or a list)."""
-    grows = list(a.strength_dilate_px) if OmegaConf.is_list(a.strength_dilate_px) else [a.strength_dilate_px]
-    return [(int(g), int(t), f"rest from {t}" if len(grows) == 1 else f"grown {g}, rest from {t}")
-            for g in grows for t in a.strength_t_low]
-
-
-def color_fixes(a) -> list[ColorFix]:
-    """The colour fixes of ``artifacts.color_fix`` (a list of ``{method, levels, max_shift}``), checked."""
-    fixes = [from_config(ColorFix, dict(c), "artifacts.color_fix.") for c in (a.get("color_fix") or [])]
-    if any(not f.active for f in fixes):
-        raise BenchError("artifacts.color_fix lists method: none; list only the colour fixes to measure")
-    return fixes
-
-
-def paste_bases(a) -> list[str]:
-    """What a paste-back point may be pasted from (its ``onto``): ``fixed`` (the fixed t_start ``probe_t_start``),
-    any ``fixed t_start T`` of ``t_starts``, a colour fix of one (``<colour fix label> on fixed t_start T``),
-    ``t_start=auto`` and the strength maps."""
-    return ["fixed", *(f"fixed t_start {t}" for t in a.t_starts),
-            *(f"{fix.label()} on fixed t_start {t}" for fix in color_fixes(a) for t in a.t_starts),
-            "t_start=auto", *(f"strength map ({label})" for _, _, label in strength_maps(a))]
-
-
-def paste_specs(a) -> list[dict]:
-    """The paste-back points of ``artifacts.paste_back``: its ``points`` (dicts of ``onto``, ``region``, ``grow``,
-    ``feather`` and optionally ``whole_above``), then every combination of its ``sweep`` lists; duplicates once.
-    Each is checked (:class:`BenchError` before any compute)."""
-    paste, bases = a.paste_back, paste_bases(a)
-    specs = [dict(p) for p in paste.points]
-    sweep = paste.sweep
-    specs += [{"onto": onto, "region": region, "grow": grow, "feather": px, "whole_above": above}
-              for onto in sweep.onto for region in sweep.regions for grow in sweep.grow for px in sweep.feather
-              for above in sweep.whole_above]
-    seen, out = set(), []
-    for spec in specs:
-        unknown = set(spec) - {"onto", "region", "grow", "feather", "whole_above"}
-        if unknown or not {"onto", "region", "grow", "feather"} <= set(spec):
-            raise BenchError(f"artifacts.paste_back point {spec}: needs onto, region, grow, feather (and optionally "
-                             "whole_above)")
-        if str(spec["onto"]) not in bases:
-            raise BenchError(f"artifacts.paste_back onto={spec['onto']!r} must be one of {bases}")
-        _region_label(str(spec["region"]))
-        for key in ("grow", "feather"):
-            if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 0:
-                raise BenchError(f"artifacts.paste_back {key} must be an int >= 0, got {spec[key]!r} in {spec}")
-        above = spec.get("whole_above")
-        if above is not None and (isinstance(above, bool) or not isinstance(above, (int, float)) or above < 0):
-            raise BenchError(f"artifacts.paste_back whole_above must be null or a number >= 0, got {above!r}")
-        key = tuple(sorted((k, str(v)) for k, v in spec.items() if v is not None))
-        if key not in seen:
-            seen.add(key)
-            out.append(spec)
-    return out
-
-
-def _region_label(region: str) -> tuple[str, float | None]:
-    """``probe`` | ``output`` | ``output>L`` -> (label, change level)."""
-    if region in ("probe", "output"):
-        return region, None
-    if region.startswith("output>"):
-        try:
-            level = float(region[len("output>"):])
-        except ValueError:
-            level = None
-        if level is not None:
-            change_config(level)
-            return f"output change > {region[len('output>'):]}", level
-    raise BenchError(f"artifacts.paste_back region must be probe, output or output>L (a change level), got {region!r}")
-
-
-def paste_rows(art, bases: dict, probe: Detection, probe_steps: int, specs: list[dict], factor: int, references
-               ) -> list[dict]:
+def paste_rows(art, bases: dict, probe: Detection, probe_steps: int, points: list[PastePoint], factor: int,
+               references) -> list[dict]:
     """Paste-back points (:mod:`refiner.artifacts.composite`): for each spec, the refinement ``bases[onto]`` (its
     outputs, UNet evaluations per image, name, and whether it ran the probe; a probe region adds ``probe_steps`` to
     a refinement that did not) kept inside its region (the probe's detection, or the
     :func:`~refiner.artifacts.composite.changed_region` of that refinement) grown by ``grow`` and feathered by
     ``feather``; images whose severity exceeds ``whole_above`` keep their whole refinement."""
     rows, changed = [], {}
-    for spec in specs:
-        onto, region = str(spec["onto"]), str(spec["region"])
+    for point in points:
+        onto, region = point.onto, point.region
         outs, evals, name, probed = bases[onto]
         if region == "probe" and not probed:
             evals += probe_steps
-        label, level = _region_label(region)
+        label, level = point.rule()
         if region == "probe":
             det = probe
         else:
             if (onto, region) not in changed:
                 changed[(onto, region)] = changed_region(art.inputs, outs, factor=factor, cfg=change_config(level))
             det = changed[(onto, region)]
-        above = spec.get("whole_above")
-        weights = paste_weights(dilate(det.pixel, int(spec["grow"])).float(), int(spec["feather"]), det.severity,
+        above = point.whole_above
+        weights = paste_weights(dilate(det.pixel, point.grow).float(), point.feather, det.severity,
                                 None if above is None else float(above))
         whole = "" if above is None else f", whole image above severity {above}"
-        rows.append({"point": f"paste back ({name}; {label} mask, grow {spec['grow']}, feather {spec['feather']}{whole})",
+        rows.append({"point": f"paste back ({name}; {label} mask, grow {point.grow}, feather {point.feather}{whole})",
                      "unet_evals": evals, "refined_fraction": float(weights.mean()),
                      "whole_images": int((weights.flatten(1) == 1).all(1).sum()),
                      **score(paste_back(outs, art.inputs, weights), art.inputs, references, art.clean)})
@@ -277,51 +211,53 @@ def dominated(rows: list[dict]) -> dict:
             "covered": sorted({f for beaten in out.values() for f in beaten}) == sorted(f["point"] for f in fixed)}
 
 
-def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int, references) -> tuple[dict, dict]:
+def adaptive_points(pipe, sets, detections, settings: BenchSettings, out_dir: Path, probe_steps: int, references
+                    ) -> tuple[dict, dict]:
     """Section 3; ``detections[(source, "residual")]`` (from :func:`detection_quality`) gives the severities and masks.
     On ``split=tune`` the ``t_start=auto`` map is fitted first (on every source's needed starts) and its points are
     in-sample; other splits load it."""
-    a, points, calibration = cfg.artifacts, {}, {}
-    t_starts, top = list(a.t_starts), int(a.probe_t_start)
-    factor, specs, fixes = int(pipe.f4.factor), paste_specs(a), color_fixes(a)
+    s, points, calibration = settings, {}, {}
+    a = s.artifacts
+    t_starts, top = list(a.t_starts), a.probe_t_start
+    factor, specs, fixes = int(pipe.f4.factor), a.paste_back.all_points(), a.color_fix
     fixed, needed = {}, {}
     for name in a.sources:
-        needed[name], fixed[name] = _needed_t(pipe, sets[name].inputs, t_starts, cfg)
-    if cfg.split == "tune":
+        needed[name], fixed[name] = _needed_t(pipe, sets[name].inputs, t_starts, s)
+    if s.split == "tune":
         sev = np.concatenate([detections[(name, "residual")].severity.numpy() for name in a.sources])
         need = np.concatenate([needed[name] for name in a.sources])
         auto = fit_auto_start(sev.tolist(), need.tolist(), min(t_starts), max(t_starts),
-                              chain={"experts": [str(s) for s in cfg.methods.chain.experts]},
-                              source={"split": cfg.split, "seeds": dict(cfg.seeds[cfg.split]), "n": cfg.n,
+                              chain={"experts": list(chain_method(s, t_starts).experts)},
+                              source={"split": s.split, "seeds": to_plain(s.split_seeds), "n": s.n,
                                       "sources": list(a.sources), "detector": "residual"})
         auto.save(out_dir / "t_start_auto.json")
     else:
         auto = AutoStart.load(a.calibration)
-    probe_cost = probe_steps + steps_for(top, cfg.t_per_step)
+    probe_cost = probe_steps + steps_for(top, s.t_per_step)
     for name in a.sources:
         art = sets[name]
-        rows = [{"point": f"fixed t_start {t}", "unet_evals": steps_for(t, cfg.t_per_step),
+        rows = [{"point": f"fixed t_start {t}", "unet_evals": steps_for(t, s.t_per_step),
                  **score(fixed[name][t], art.inputs, references, art.clean)} for t in t_starts]
         det = detections[(name, "residual")]
         starts_i = auto(det.severity.numpy())
-        starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), cfg.size, cfg.size)
-        auto_outs = refine_all(pipe, art.inputs, max(starts_i), cfg, starts=starts)
-        auto_cost = probe_steps + steps_for(max(starts_i), cfg.t_per_step)
-        rows.append({"point": "t_start=auto (residual severity)" + (" [in-sample]" if cfg.split == "tune" else ""),
+        starts = torch.tensor(starts_i)[:, None, None].expand(len(art.inputs), s.size, s.size)
+        auto_outs = refine_all(pipe, art.inputs, max(starts_i), s, starts=starts)
+        auto_cost = probe_steps + steps_for(max(starts_i), s.t_per_step)
+        rows.append({"point": "t_start=auto (residual severity)" + (" [in-sample]" if s.split == "tune" else ""),
                      "mean_t_start": float(np.mean(starts_i)), "unet_evals": auto_cost,
                      **score(auto_outs, art.inputs, references, art.clean)})
         strength_outs = {}
-        for grow, t_low, label in strength_maps(a):
+        for grow, t_low, label in a.strength_maps():
             starts = starts_from_strength(dilate(det.pixel, grow).float(), t_low, top)
-            strength_outs[label] = refine_all(pipe, art.inputs, top, cfg, starts=starts)
+            strength_outs[label] = refine_all(pipe, art.inputs, top, s, starts=starts)
             rows.append({"point": f"strength map (residual; {label})", "unet_evals": probe_cost,
                          **score(strength_outs[label], art.inputs, references, art.clean)})
-        base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, cfg)
+        base = fixed[name][top] if top in fixed[name] else refine_all(pipe, art.inputs, top, s)
         fixed_colours = {(fix, t): fix(fixed[name][t], art.inputs) for fix in fixes for t in t_starts}
-        bases = {"fixed": (base, steps_for(top, cfg.t_per_step), f"fixed t_start {top}", False),
-                 **{f"fixed t_start {t}": (outs, steps_for(t, cfg.t_per_step), f"fixed t_start {t}", False)
+        bases = {"fixed": (base, steps_for(top, s.t_per_step), f"fixed t_start {top}", False),
+                 **{f"fixed t_start {t}": (outs, steps_for(t, s.t_per_step), f"fixed t_start {t}", False)
                     for t, outs in fixed[name].items()},
-                 **{f"{fix.label()} on fixed t_start {t}": (fixed_colours[(fix, t)], steps_for(t, cfg.t_per_step),
+                 **{f"{fix.label()} on fixed t_start {t}": (fixed_colours[(fix, t)], steps_for(t, s.t_per_step),
                                                             f"{fix.label()} on fixed t_start {t}", False)
                     for fix in fixes for t in t_starts},
                  "t_start=auto": (auto_outs, auto_cost, "t_start=auto", True),
@@ -329,7 +265,7 @@ def adaptive_points(pipe, sets, detections, cfg, out_dir: Path, probe_steps: int
                     for label, outs in strength_outs.items()}}
         rows += paste_rows(art, bases, det, probe_steps, specs, factor, references)
         rows += [{"point": f"{fix.label()} on fixed t_start {t}", "family": f"{fix.label()} on fixed t_start ·",
-                  "unet_evals": steps_for(t, cfg.t_per_step),
+                  "unet_evals": steps_for(t, s.t_per_step),
                   **score(fixed_colours[(fix, t)], art.inputs, references, art.clean)}
                  for fix in fixes for t in t_starts]
         for r in rows:
@@ -434,31 +370,32 @@ def tradeoff_png(res: dict) -> bytes:
 
 
 @torch.no_grad()
-def run(cfg: DictConfig) -> dict:
-    seeds, _ = _check_settings(cfg)
-    out_dir = Path(cfg.output_dir)
-    check_output_dir(out_dir, bool(cfg.overwrite), OUTPUT_FILES, OUTPUT_FILES[0], WRITTEN_BY, "this command")
-    a = cfg.artifacts
-    if cfg.split != "tune" and not Path(a.calibration).is_file():
+def run(settings: BenchSettings) -> dict:
+    """Sections 1-5 of the module docstring on ``settings``; writes ``artifacts.json``, ``artifacts.md`` and
+    ``artifacts_tradeoff.png`` (and on ``split=tune`` ``t_start_auto.json``) into ``settings.output_dir``."""
+    s, a = settings, settings.artifacts
+    seeds = s.split_seeds
+    out_dir = Path(s.output_dir)
+    check_output_dir(out_dir, s.overwrite, OUTPUT_FILES, OUTPUT_FILES[0], WRITTEN_BY, "this command")
+    if s.split != "tune" and not Path(str(a.calibration)).is_file():
         raise BenchError(f"artifacts.calibration {a.calibration} not found: run split=tune first (it writes "
                          "t_start_auto.json), or point artifacts.calibration at one")
-    paste_specs(a)  # bad paste-back points and colour fixes (paste_bases reads them): one error line before any model
-    chain_method = Method("chain", "diffusion", tuple(a.t_starts), tuple(str(s) for s in cfg.methods.chain.experts))
+    chain = chain_method(s, a.t_starts)
     sources = ["generator", "defects"]
-    models = Models(cfg, [chain_method], sources)
-    pipe = models.pipelines[chain_method.experts]
-    references = clean_heads(cfg.n, seeds["references"], cfg.size)
-    sets = build_sources(cfg, seeds, sources, models)
-    top = int(a.probe_t_start)
-    probe_steps = steps_for(top - probe_t_end(pipe.chain, top), cfg.t_per_step)
+    models = Models(s, [chain], sources)
+    pipe = models.pipelines[chain.experts]
+    references = clean_heads(s.n, seeds.references, s.size)
+    sets = build_sources(s, seeds, sources, models)
+    top = a.probe_t_start
+    probe_steps = steps_for(top - probe_t_end(pipe.chain, top), s.t_per_step)
 
-    detection, detections = detection_quality(pipe, sets, cfg, probe_steps)
+    detection, detections = detection_quality(pipe, sets, s, probe_steps)
     generation = {}
     plain = sets["generator"].inputs
     plain_rate = np.mean([not r.passed for r in check_batch(plain)])
     for method in a.ttc.detectors:
         t0 = time.perf_counter()
-        images, masks = generate_with_ttc(models, cfg, seeds, method)
+        images, masks = generate_with_ttc(models, s, seeds, method)
         outside = ~pixel_from_latent(torch.from_numpy(np.stack(masks)).bool(), int(models.f4.factor))
         diff = torch.from_numpy(np.stack(images).astype(np.float32) - np.stack(plain).astype(np.float32)) / 255
         generation[method] = {"plain_artifact_rate": float(plain_rate),
@@ -468,9 +405,9 @@ def run(cfg: DictConfig) -> dict:
                               "ttc_artifact_rate": float(np.mean([not r.passed for r in check_batch(images)])),
                               "changed": int(sum(not np.array_equal(p, q) for p, q in zip(plain, images))),
                               "seconds": round(time.perf_counter() - t0, 2)}
-    adaptive, calibration = adaptive_points(pipe, sets, detections, cfg, out_dir, probe_steps, references)
-    res = {"written_by": WRITTEN_BY, "split": cfg.split, "seeds": dict(seeds), "n": cfg.n, "size": cfg.size,
-           "probe_t_start": top, "probe_steps": probe_steps, "settings": OmegaConf.to_container(a, resolve=True),
+    adaptive, calibration = adaptive_points(pipe, sets, detections, s, out_dir, probe_steps, references)
+    res = {"written_by": WRITTEN_BY, "split": s.split, "seeds": to_plain(seeds), "n": s.n, "size": s.size,
+           "probe_t_start": top, "probe_steps": probe_steps, "settings": to_plain(a),
            "detection": detection, "generation": generation, "adaptive": adaptive, "calibration": calibration}
     out_dir.mkdir(parents=True, exist_ok=True)
 

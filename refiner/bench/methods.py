@@ -4,7 +4,7 @@ unsharp-mask "SR-like" baseline, each over a sweep of one strength setting.
 A diffusion method is a list of window checkpoints and the t_start values to refine from. Every t_start
 gets the same DDIM step density (:func:`steps_for`), so two methods at the same t_start spend the same
 number of UNet evaluations: equal compute at inference. The methods of the default benchmark
-(``conf/bench.yaml``):
+(``conf/methods/full.yaml``; their settings: :class:`refiner.bench.settings.MethodSpec`):
 
 * ``chain``: the shape window [250, 500) and the detail window [0, 250), the product;
 * ``shape_window`` / ``detail_window``: one window alone, used outside its window with
@@ -23,13 +23,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from refiner.bench.checks import BenchError
+from refiner.bench.settings import MethodSpec
 from refiner.data.checker import RULES, check_batch
-from refiner.errors import SettingError
 from refiner.metrics import psnr, ssim, swd
 
-
-class BenchError(SettingError):
-    """A benchmark setting, checkpoint or output folder that cannot work; raised before any compute."""
+__all__ = ["BenchError", "Method", "methods_from_settings", "score", "unsharp"]
 
 
 @dataclass(frozen=True)
@@ -48,47 +47,18 @@ class Method:
     def setting_name(self) -> str:
         return "t_start" if self.kind == "diffusion" else "amount_percent"
 
-
-def _int_list(value, what: str) -> tuple[int, ...]:
-    if isinstance(value, (int, str)) or not value:
-        raise BenchError(f"{what} must be a non-empty list of ints, got {value!r}")
-    out = []
-    for v in value:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise BenchError(f"{what} must hold ints, got {v!r}")
-        out.append(v)
-    return tuple(out)
+    @classmethod
+    def from_spec(cls, name: str, spec: MethodSpec) -> "Method":
+        """The method ``methods.<name>`` of the settings (checked there)."""
+        label = name if spec.label is None else spec.label
+        if spec.unsharp is not None:
+            return cls(name, "unsharp", spec.unsharp.amounts, radius=float(spec.unsharp.radius), label=label)
+        return cls(name, "diffusion", spec.t_starts, spec.experts, spec.allow_outside_window, label=label)
 
 
-def methods_from_config(spec: Mapping, num_timesteps: int = 1000) -> list[Method]:
-    """``{name: {experts: [...], t_starts: [...], allow_outside_window: bool}`` or
-    ``{name: {unsharp: {radius: r, amounts: [...]}}}`` -> methods, checked (no file is read here)."""
-    if not spec:
-        raise BenchError("methods is empty: name at least one method to benchmark")
-    methods = []
-    for name, m in spec.items():
-        m = dict(m or {})
-        label = str(m.pop("label", name))
-        if "unsharp" in m:
-            u = dict(m.pop("unsharp") or {})
-            amounts = _int_list(u.get("amounts"), f"methods.{name}.unsharp.amounts")
-            radius = float(u.get("radius", 1.0))
-            if radius <= 0 or any(a <= 0 for a in amounts):
-                raise BenchError(f"methods.{name}.unsharp: radius and amounts must be > 0, got {radius}, {amounts}")
-            methods.append(Method(name, "unsharp", amounts, radius=radius, label=label))
-        else:
-            experts = m.pop("experts", None)
-            if isinstance(experts, str) or not experts:
-                raise BenchError(f"methods.{name}.experts must be a non-empty list of window checkpoints, got {experts!r}")
-            t_starts = _int_list(m.pop("t_starts", None), f"methods.{name}.t_starts")
-            bad = [t for t in t_starts if not 1 <= t <= num_timesteps - 1]
-            if bad:
-                raise BenchError(f"methods.{name}.t_starts must lie in [1, {num_timesteps - 1}], got {bad}")
-            methods.append(Method(name, "diffusion", t_starts, tuple(str(s) for s in experts),
-                                  bool(m.pop("allow_outside_window", False)), label=label))
-        if m:
-            raise BenchError(f"methods.{name}: unknown keys {sorted(m)}")
-    return methods
+def methods_from_settings(methods: Mapping[str, MethodSpec]) -> list[Method]:
+    """Every method of ``methods`` (name -> :class:`~refiner.bench.settings.MethodSpec`), in order."""
+    return [Method.from_spec(name, spec) for name, spec in methods.items()]
 
 
 def unsharp(images: Sequence[np.ndarray], amount_percent: int, radius: float = 1.0) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from refiner.bench.settings import EfficiencySettings
 from refiner.io import atomic_write_bytes, atomic_write_text, json_float
 
 SOURCE_TITLES = {"generator": "generator samples (real artifacts)", "f8": "VQ-f8 round trips",
@@ -179,20 +180,21 @@ def first_step_at_or_below(steps: Sequence[int], losses: Sequence[float], target
     return next((s for s, v in zip(steps, losses) if v <= target), None)
 
 
-def efficiency(spec: Mapping | None) -> dict:
+def efficiency(spec: EfficiencySettings | None) -> dict:
     """The blog's efficiency claim: the in-window validation loss of the window model and of the full-range
     model against their training steps, and the first step at which each reaches the other's final loss."""
-    if not spec:
+    if spec is None:
         return {"available": False, "why": "no efficiency runs configured"}
-    metric = str(spec["metric"])
-    curves = {key: read_logged(spec[key], metric) for key in ("window", "full_range")}
-    missing = [f"{spec[k]} ({metric})" for k, (steps, _) in curves.items() if not steps]
+    metric = str(spec.metric)
+    runs = {"window": spec.window, "full_range": spec.full_range}
+    curves = {key: read_logged(run, metric) for key, run in runs.items()}
+    missing = [f"{runs[k]} ({metric})" for k, (steps, _) in curves.items() if not steps]
     if missing:
         return {"available": False, "metric": metric, "why": f"not logged by {', '.join(missing)}"}
     out = {"available": True, "metric": metric}
     for key, other in (("window", "full_range"), ("full_range", "window")):
         steps, losses = curves[key]
-        out[key] = {"run": str(spec[key]), "steps": steps, "losses": losses,
+        out[key] = {"run": str(runs[key]), "steps": steps, "losses": losses,
                     "steps_to_other_final": first_step_at_or_below(steps, losses, curves[other][1][-1])}
     return out
 

@@ -1,8 +1,9 @@
-"""The composition benchmark, end to end: ``python -m refiner.bench [overrides]`` (``conf/bench.yaml``).
+"""The composition benchmark, end to end: :func:`run` on :class:`~refiner.bench.settings.BenchSettings`
+(``python -m refiner.bench [overrides]`` builds them from ``conf/bench.yaml``: :mod:`refiner.apps.bench`).
 
-1. Check every setting, load every checkpoint and first stage, and plan every (method, t_start) grid before
-   any compute: a missing checkpoint, a first stage the windows were not trained with, or a t_start no
-   window covers is one ``error:`` line and exit 2.
+1. The settings were checked when they were made; load every checkpoint and first stage, and plan every
+   (method, t_start) grid before any compute: a missing checkpoint, a first stage the windows were not trained
+   with, or a t_start no window covers is one ``error:`` line and exit 2.
 2. Build the three artifact sources (:mod:`refiner.bench.sources`) from the split's seeds.
 3. Run every method over its sweep on every source, through the same inference pipeline as ``refine.py``.
 4. Score (:func:`refiner.bench.methods.score`) and write ``results.json``, ``results.md``,
@@ -16,33 +17,33 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from refiner.bench import report
 from refiner.bench.methods import (
     BenchError,
     Method,
-    methods_from_config,
+    methods_from_settings,
     score,
     unsharp,
 )
+from refiner.bench.settings import BenchSettings, SplitSeeds
 from refiner.bench.sources import (
-    SOURCES,
     ArtifactSet,
     clean_heads,
     f8_degraded,
     generator_samples,
     injected_defects,
 )
-from refiner.data.synthetic import MIN_SIZE
 from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.inference.chain import Chain
 from refiner.inference.pipeline import Pipeline, vq_round_trip
 from refiner.sampling import steps_for
+from refiner.settings import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -69,32 +70,39 @@ def check_output_dir(out: Path, overwrite: bool, files: Sequence[str] = OUTPUT_F
                          f"write; choose another output_dir or set overwrite=true")
 
 
-def _check_settings(cfg: DictConfig) -> tuple[Mapping, list[str]]:
-    if cfg.split not in cfg.seeds:
-        raise BenchError(f"split must be one of {sorted(cfg.seeds)}, got {cfg.split!r}")
-    for key in ("n", "size", "t_per_step", "batch_size", "grid_images"):
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "grid_images" else 1):
-            raise BenchError(f"{key} must be a positive int, got {value!r}")
-    if cfg.size < MIN_SIZE or cfg.size % 8:
-        raise BenchError(f"size must be a multiple of 8 and >= {MIN_SIZE} px, got {cfg.size}")
-    sources = list(cfg.sources)
-    unknown = [s for s in sources if s not in SOURCES]
-    if not sources or unknown:
-        raise BenchError(f"sources must be a non-empty subset of {list(SOURCES)}, got {sources}")
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise BenchError(f"seed must be an int >= 0, got {cfg.seed!r}")
-    return cfg.seeds[cfg.split], sources
+def first_stage_checkpoint(settings: BenchSettings, name: str) -> str:
+    """The checkpoint of ``first_stage.<name>``, which must exist."""
+    ckpt = (settings.first_stage.get(name) or {}).get("ckpt_path")
+    if not ckpt or not Path(ckpt).exists():
+        raise BenchError(f"first_stage.{name}.ckpt_path {ckpt} not found")
+    return str(ckpt)
+
+
+def load_first_stage(settings: BenchSettings, name: str) -> nn.Module:
+    """The first stage ``name`` (``f4``, ``f8``) of ``settings.first_stage``, a plain ``{ckpt_path, params}`` block,
+    loaded in eval mode. (The one place that reads those blocks.)"""
+    first_stage_checkpoint(settings, name)
+    return first_stage_from_mapping(settings.first_stage[name], name, trust_checkpoint=settings.trust_checkpoint,
+                                    device=settings.device)
+
+
+def chain_method(settings: BenchSettings, t_starts) -> Method:
+    """``methods.chain`` at ``t_starts``: what ``bench-artifacts`` and ``bench-upscale`` refine through."""
+    chain = settings.methods.get("chain")
+    if chain is None or chain.unsharp is not None:
+        raise BenchError(f"bench-artifacts and bench-upscale refine through methods.chain, a diffusion method; "
+                         f"the methods are {sorted(settings.methods)}")
+    return Method("chain", "diffusion", tuple(t_starts), chain.experts)
 
 
 class Models:
     """Every model the benchmark needs, loaded and checked up front; one pipeline per distinct chain."""
 
-    def __init__(self, cfg: DictConfig, methods: list[Method], sources: list[str]):
+    def __init__(self, settings: BenchSettings, methods: list[Method], sources: list[str]):
 
-        trust, device = bool(cfg.trust_checkpoint), str(cfg.device)
+        trust, device, mismatch = settings.trust_checkpoint, settings.device, settings.allow_first_stage_mismatch
         self.device = device
-        self.generator_experts = tuple(str(s) for s in cfg.generator.experts) if "generator" in sources else None
+        self.generator_experts = settings.generator.experts if "generator" in sources else None
         paths = {tuple(m.experts) for m in methods if m.kind == "diffusion"}
         if self.generator_experts:
             paths.add(self.generator_experts)
@@ -104,24 +112,20 @@ class Models:
                     raise BenchError(f"checkpoint {p} not found (make demo trains it; or point the benchmark's "
                                      f"methods/generator experts at your own)")
         for name in ("f4", "f8") if "f8" in sources else ("f4",):
-            ckpt = cfg.first_stage[name].ckpt_path
-            if not ckpt or not Path(ckpt).exists():
-                raise BenchError(f"first_stage.{name}.ckpt_path {ckpt} not found")
-        self.f4 = first_stage_from_mapping(cfg.first_stage.f4, "f4", trust_checkpoint=trust, device=device).eval()
-        self.f8 = (first_stage_from_mapping(cfg.first_stage.f8, "f8", trust_checkpoint=trust, device=device).eval()
-                   if "f8" in sources else None)
+            first_stage_checkpoint(settings, name)
+        self.f4 = load_first_stage(settings, "f4")
+        self.f8 = load_first_stage(settings, "f8") if "f8" in sources else None
         self.pipelines = {}
         for chain_paths in sorted(paths):
-            chain = Chain.from_paths(list(chain_paths), use_ema=bool(cfg.use_ema), trust_checkpoint=trust,
-                                     device=device, allow_first_stage_mismatch=bool(cfg.allow_first_stage_mismatch))
-            chain.check_first_stage(self.f4, str(cfg.first_stage.f4.ckpt_path),
-                                    allow_mismatch=bool(cfg.allow_first_stage_mismatch))
+            chain = Chain.from_paths(list(chain_paths), use_ema=settings.use_ema, trust_checkpoint=trust,
+                                     device=device, allow_first_stage_mismatch=mismatch)
+            chain.check_first_stage(self.f4, first_stage_checkpoint(settings, "f4"), allow_mismatch=mismatch)
             self.pipelines[chain_paths] = Pipeline(self.f4, chain, self.f8, device=device)
         for m in methods:
             if m.kind == "diffusion":
                 chain = self.pipelines[m.experts].chain
                 for t in m.settings:
-                    chain.plan(t, steps_for(t, cfg.t_per_step), allow_outside_window=m.allow_outside_window)
+                    chain.plan(t, steps_for(t, settings.t_per_step), allow_outside_window=m.allow_outside_window)
         if self.generator_experts:
             gen = self.pipelines[self.generator_experts].chain
             windows = [s.weights.window for s in gen.experts]
@@ -131,23 +135,23 @@ class Models:
                                  f"{[str(w) for w in windows]}")
             if gen.experts[0].weights.conditioning is not None:
                 raise BenchError("generator.experts: the generator must be unconditional (conditioning=null)")
-            if not 1 <= cfg.generator.steps <= T:
-                raise BenchError(f"generator.steps must be in [1, {T}], got {cfg.generator.steps}")
+            if settings.generator.steps > T:
+                raise BenchError(f"generator.steps must be in [1, {T}], got {settings.generator.steps}")
 
 
-def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: Models,
+def build_sources(settings: BenchSettings, seeds: SplitSeeds, sources: list[str], models: Models,
                   generator_callback_for=None) -> dict[str, ArtifactSet]:
     """The artifact sets of ``sources`` from the split's ``seeds``; ``generator_callback_for`` is passed to
     :func:`~refiner.bench.sources.generator_samples` (``callback_for``)."""
-    n, size = cfg.n, cfg.size
+    n, size = settings.n, settings.size
     built: dict[str, ArtifactSet] = {}
     for name in sources:
         t0 = time.perf_counter()
         if name == "defects":
-            built[name] = injected_defects(n, seeds["images"], size)
+            built[name] = injected_defects(n, seeds.images, size)
         elif name == "f8":
-            built[name] = f8_degraded(n, seeds["images"], lambda imgs: vq_round_trip(models.f8, imgs, device=models.device),
-                                      size, cfg.batch_size)
+            built[name] = f8_degraded(n, seeds.images, lambda imgs: vq_round_trip(models.f8, imgs, device=models.device),
+                                      size, settings.batch_size)
         else:
             pipe = models.pipelines[models.generator_experts]
             chain, f4 = pipe.chain, models.f4
@@ -155,31 +159,32 @@ def build_sources(cfg: DictConfig, seeds: Mapping, sources: list[str], models: M
             latent = (f4.embed_dim, size // f4.factor, size // f4.factor)
             built[name] = generator_samples(
                 model, chain.alphas_cumprod, lambda z: f4.decode(z / chain.scale_factor).clamp(-1, 1), latent, n,
-                seeds["generator"], cfg.generator.steps, chain.experts[0].weights.parameterization, cfg.batch_size,
+                seeds.generator, settings.generator.steps, chain.experts[0].weights.parameterization,
+                settings.batch_size,
                 callback_for=generator_callback_for)
         log.info("source %s: %d images in %.1f s", name, n, time.perf_counter() - t0)
     return built
 
 
-def refine_all(pipe, images: list[np.ndarray], t_start: int, cfg: DictConfig, *, starts=None,
+def refine_all(pipe, images: list[np.ndarray], t_start: int, settings: BenchSettings, *, starts=None,
                allow_outside_window: bool = False) -> list[np.ndarray]:
-    """``pipe.refine_images`` over ``images`` in batches of ``cfg.batch_size`` at ``steps_for(t_start)``; image ``i``
-    keeps its index (noise ``cfg.seed + i``) and, with ``starts`` ((N, H, W)), its own per-pixel starts."""
+    """``pipe.refine_images`` over ``images`` in batches of ``settings.batch_size`` at ``steps_for(t_start)``; image
+    ``i`` keeps its index (noise ``settings.seed + i``) and, with ``starts`` ((N, H, W)), its own per-pixel starts."""
     out: list[np.ndarray] = []
-    for k in range(0, len(images), cfg.batch_size):
-        idx = list(range(k, min(len(images), k + cfg.batch_size)))
-        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps_for(t_start, cfg.t_per_step),
-                                        seed=cfg.seed, indices=idx, allow_outside_window=allow_outside_window,
+    for k in range(0, len(images), settings.batch_size):
+        idx = list(range(k, min(len(images), k + settings.batch_size)))
+        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps_for(t_start, settings.t_per_step),
+                                        seed=settings.seed, indices=idx, allow_outside_window=allow_outside_window,
                                         starts=None if starts is None else starts[idx])
         out += refined
     return out
 
 
-def apply_method(method: Method, setting: int, images: list[np.ndarray], cfg: DictConfig, models: Models
+def apply_method(method: Method, setting: int, images: list[np.ndarray], settings: BenchSettings, models: Models
                  ) -> list[np.ndarray]:
     if method.kind == "unsharp":
         return unsharp(images, setting, method.radius)
-    return refine_all(models.pipelines[method.experts], images, setting, cfg,
+    return refine_all(models.pipelines[method.experts], images, setting, settings,
                       allow_outside_window=method.allow_outside_window)
 
 
@@ -192,50 +197,52 @@ def grid_setting(method: Method, recommended_t_start: int) -> int:
 
 
 @torch.no_grad()
-def run(cfg: DictConfig) -> dict:
+def run(settings: BenchSettings) -> dict:
+    """The benchmark of ``settings``: writes its outputs into ``settings.output_dir`` and returns ``results.json``'s
+    content."""
+    s = settings
+    seeds, sources = s.split_seeds, list(s.sources)
+    out_dir = Path(s.output_dir)
+    check_output_dir(out_dir, s.overwrite)
+    methods = methods_from_settings(s.methods)
+    models = Models(s, methods, sources)  # everything loaded and checked: compute starts here
+    references = clean_heads(s.n, seeds.references, s.size)
+    swd_kwargs = s.swd.kwargs()
+    sets = build_sources(s, seeds, sources, models)
 
-    seeds, sources = _check_settings(cfg)
-    out_dir = Path(cfg.output_dir)
-    check_output_dir(out_dir, bool(cfg.overwrite))
-    methods = methods_from_config(OmegaConf.to_container(cfg.methods, resolve=True))
-    models = Models(cfg, methods, sources)  # everything loaded and checked: compute starts here
-    references = clean_heads(cfg.n, seeds["references"], cfg.size)
-    swd_kwargs = OmegaConf.to_container(cfg.swd, resolve=True) if cfg.swd else {}
-    sets = build_sources(cfg, seeds, sources, models)
-
-    results = {"written_by": WRITTEN_BY, "split": cfg.split, "seeds": dict(seeds), "n": cfg.n, "size": cfg.size,
-               "t_per_step": cfg.t_per_step, "recommended_t_start": cfg.recommended_t_start,
-               "generator_steps": cfg.generator.steps, "refine_seed": cfg.seed, "sources": {}}
+    results = {"written_by": WRITTEN_BY, "split": s.split, "seeds": to_plain(seeds), "n": s.n, "size": s.size,
+               "t_per_step": s.t_per_step, "recommended_t_start": s.recommended_t_start,
+               "generator_steps": s.generator.steps, "refine_seed": s.seed, "sources": {}}
     grid_images: dict[str, dict[str, list[np.ndarray]]] = {}
     for name, artifact_set in sets.items():
         inputs = artifact_set.inputs
         entry = {"input": score(inputs, inputs, references, artifact_set.clean, swd_kwargs), "methods": {}}
         if artifact_set.clean is not None:
             entry["clean"] = score(artifact_set.clean, inputs, references, artifact_set.clean, swd_kwargs)
-        shown = {"input": inputs[:cfg.grid_images]}
+        shown = {"input": inputs[:s.grid_images]}
         if artifact_set.clean is not None:
-            shown["clean"] = artifact_set.clean[:cfg.grid_images]
+            shown["clean"] = artifact_set.clean[:s.grid_images]
         for method in methods:
-            rows, shown_setting = [], grid_setting(method, cfg.recommended_t_start)
+            rows, shown_setting = [], grid_setting(method, s.recommended_t_start)
             for setting in method.settings:
                 t0 = time.perf_counter()
-                outputs = apply_method(method, setting, inputs, cfg, models)
+                outputs = apply_method(method, setting, inputs, s, models)
                 seconds = time.perf_counter() - t0
                 row = {method.setting_name: setting, "seconds": round(seconds, 2),
                        **score(outputs, inputs, references, artifact_set.clean, swd_kwargs)}
                 if method.kind == "diffusion":
-                    row["steps"] = steps_for(setting, cfg.t_per_step)
+                    row["steps"] = steps_for(setting, s.t_per_step)
                 rows.append(row)
                 log.info("%s / %s / %s: artifact rate %.3f, rmse to input %.4f (%.1f s)", name, method.name, setting,
                          row["artifact_rate"], row["rmse_to_input"], seconds)
                 if setting == shown_setting:
                     unit = "" if method.kind == "diffusion" else "%"
-                    shown[f"{method.label} ({setting}{unit})"] = outputs[:cfg.grid_images]
+                    shown[f"{method.label} ({setting}{unit})"] = outputs[:s.grid_images]
             entry["methods"][method.name] = {"kind": method.kind, "label": method.label, "experts": list(method.experts),
                                              "allow_outside_window": method.allow_outside_window,
                                              "grid_setting": shown_setting, "sweep": rows}
         results["sources"][name] = entry
         grid_images[name] = shown
-    results["efficiency"] = report.efficiency(cfg.efficiency)
+    results["efficiency"] = report.efficiency(s.efficiency)
     report.write_all(out_dir, results, grid_images)
     return results

@@ -1,5 +1,6 @@
 """Progressive (DemoFusion-style) against direct (bicubic, then refine) upscaling on the composition benchmark:
-``python -m refiner.bench.upscale [overrides]`` (``conf/bench.yaml``, its ``upscale`` group; issue 10).
+:func:`run` on :class:`~refiner.bench.settings.BenchSettings`, its ``upscale`` block (``python -m
+refiner.bench.upscale [overrides]`` or ``refiner bench-upscale`` over ``conf/bench.yaml``; issue 10).
 
 Inputs: the split's clean heads and its injected-defect heads, rendered at ``size`` and reduced x2 (PIL's box
 filter) to ``size / 2``. Every method returns ``size`` px pictures, scored by :func:`refiner.bench.methods.score`
@@ -24,16 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 
-from refiner.bench.methods import BenchError, Method, score
+from refiner.bench.methods import BenchError, score
 from refiner.bench.report import _json_ready
-from refiner.bench.run import Models, _check_settings, check_output_dir, refine_all
+from refiner.bench.run import Models, chain_method, check_output_dir, refine_all
+from refiner.bench.settings import BenchSettings
 from refiner.bench.sources import clean_heads, injected_defects
 from refiner.inference.pipeline import Pipeline
 from refiner.io import atomic_write_text
 from refiner.sampling import steps_for
+from refiner.settings import to_plain
 
 WRITTEN_BY = "refiner bench.upscale"
 OUTPUT_FILES = ("upscale.json", "upscale.md")
@@ -57,33 +59,35 @@ def markdown(res: dict) -> str:
 
 
 @torch.no_grad()
-def run(cfg: DictConfig) -> dict:
-
-    seeds, _ = _check_settings(cfg)
-    out_dir = Path(cfg.output_dir)
-    check_output_dir(out_dir, bool(cfg.overwrite), OUTPUT_FILES, OUTPUT_FILES[0], WRITTEN_BY, "this command")
-    if cfg.size % 16:
-        raise BenchError(f"upscaling from size/2 needs size to be a multiple of 16, got {cfg.size}")
-    t_starts = [int(t) for t in cfg.upscale.t_starts]
-    chain_method = Method("chain", "diffusion", tuple(t_starts), tuple(str(s) for s in cfg.methods.chain.experts))
-    models = Models(cfg, [chain_method], ["defects"])
-    direct = models.pipelines[chain_method.experts]
+def run(settings: BenchSettings) -> dict:
+    """The comparison of the module docstring on ``settings``; writes ``upscale.json`` and ``upscale.md`` into
+    ``settings.output_dir``."""
+    s = settings
+    seeds = s.split_seeds
+    out_dir = Path(s.output_dir)
+    check_output_dir(out_dir, s.overwrite, OUTPUT_FILES, OUTPUT_FILES[0], WRITTEN_BY, "this command")
+    if s.size % 16:
+        raise BenchError(f"upscaling from size/2 needs size to be a multiple of 16, got {s.size}")
+    t_starts = list(s.upscale.t_starts)
+    chain = chain_method(s, t_starts)
+    models = Models(s, [chain], ["defects"])
+    direct = models.pipelines[chain.experts]
     progressive = Pipeline(models.f4, direct.chain, upscale=2, device=models.device)
-    references = clean_heads(cfg.n, seeds["references"], cfg.size)
-    clean = clean_heads(cfg.n, seeds["images"], cfg.size)
-    sets = {"clean heads": (clean, clean), "injected defects": (injected_defects(cfg.n, seeds["images"], cfg.size).inputs,
+    references = clean_heads(s.n, seeds.references, s.size)
+    clean = clean_heads(s.n, seeds.images, s.size)
+    sets = {"clean heads": (clean, clean), "injected defects": (injected_defects(s.n, seeds.images, s.size).inputs,
                                                                  clean)}
-    res = {"written_by": WRITTEN_BY, "split": cfg.split, "seeds": dict(seeds), "n": cfg.n, "size": cfg.size,
+    res = {"written_by": WRITTEN_BY, "split": s.split, "seeds": to_plain(seeds), "n": s.n, "size": s.size,
            "t_starts": t_starts, "sources": {}}
     for name, (full, truth) in sets.items():
-        small = _resize(full, cfg.size // 2, Image.BOX)
-        bicubic = _resize(small, cfg.size, Image.BICUBIC)
+        small = _resize(full, s.size // 2, Image.BOX)
+        bicubic = _resize(small, s.size, Image.BICUBIC)
         rows = [{"method": "bicubic", "unet_evals": 0, "seconds": 0.0,
                  **score(bicubic, bicubic, references, truth)}]
         for t in t_starts:
-            steps = steps_for(t, cfg.t_per_step)
-            for label, fn, evals in (("bicubic + chain", lambda: refine_all(direct, bicubic, t, cfg), steps),
-                                     ("progressive + chain", lambda: refine_all(progressive, small, t, cfg), 2 * steps)):
+            steps = steps_for(t, s.t_per_step)
+            for label, fn, evals in (("bicubic + chain", lambda: refine_all(direct, bicubic, t, s), steps),
+                                     ("progressive + chain", lambda: refine_all(progressive, small, t, s), 2 * steps)):
                 t0 = time.perf_counter()
                 outs = fn()
                 rows.append({"method": f"{label}, t_start {t}", "unet_evals": evals,
