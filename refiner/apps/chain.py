@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from refiner.apps.chain_plan import RECORD, TITLES, TRAININGS, ChainSettings, Layout, Plan, check_commands
 from refiner.apps.hydra_app import hydra_command
-from refiner.apps.lanes import Job, JobFailed, Runner, duration, tail
+from refiner.apps.lanes import Job, JobFailed, Runner, Timing, duration, tail
 from refiner.cli import run_cli
 from refiner.data.folder_split import link_split, pick_val, survey_folder, write_resized
 from refiner.data.images import scan_images
@@ -66,8 +67,9 @@ def check_folder(s: ChainSettings) -> tuple[list[Path], list[Path], dict]:
     try:
         survey = survey_folder(folder, s.size)
     except ValueError:
+        sub = next((e for e in entries if e.is_dir()), None)
         raise SettingError(f"data={folder} holds no image files ({len(entries)} other entries, e.g. "
-                           f"{entries[0].name})") from None
+                           + (f"{sub.name}/: subfolders are not searched)" if sub else f"{entries[0].name})")) from None
     for _, reason in survey.unreadable[:20]:
         warn(f"unreadable (not used): {reason}")
     if len(survey.unreadable) > 20:
@@ -162,10 +164,11 @@ class Chain:
     def save(self) -> None:
         atomic_write_text(self.layout.out / RECORD, json.dumps(self.record, indent=2) + "\n")
 
-    def ran(self, times: dict[str, float]) -> None:
-        for name, seconds in times.items():
+    def ran(self, times: dict[str, Timing]) -> None:
+        for name, timing in times.items():
             self.record.setdefault("steps", {})[name] = {
-                "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "seconds": round(timing.wall, 1), "cpu_seconds": round(timing.cpu, 1),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 **({"max_steps": self.s.budget(name)} if name in TRAININGS else {})}
         self.save()
 
@@ -303,23 +306,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(cfg: DictConfig) -> int:
-    """The recipe on this config under the exit-code contract: 0 done, 1 a step failed, 2 a setting or folder that
-    cannot work (before any step), 130 interrupted."""
-    chain = None
-
-    def body() -> int:
-        nonlocal chain
-        chain = Chain(settings(cfg))
-        return chain.run()
-
+def run_chain(settings_of: Callable[[], ChainSettings]) -> int:
+    """The recipe with the settings ``settings_of()`` gives, under the exit-code contract: 0 done, 1 a step failed
+    (the end of its log on stderr), 2 a setting or folder that cannot work (before any step) or a step that refused
+    one, 130 interrupted (SIGTERM is turned into an interrupt, which stops the running steps)."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run_cli(body)
+        return run_cli(lambda: Chain(settings_of()).run())
     except JobFailed as err:
-        print(tail(err.log), file=sys.stderr)
-        print(f"error: step {err.job.name} failed (exit code {err.code}); the end of its log {err.log} is above. "
-              "Re-run the same command to continue: finished steps are skipped", file=sys.stderr, flush=True)
+        print("\n".join(f"  | {line}" for line in tail(err.log).splitlines()), file=sys.stderr)
+        print(f"error: step {err.job.name} failed (exit code {err.code}); the end of its log {err.log} is above (| "
+              "lines). Fix the cause and re-run the same command: finished steps are skipped", file=sys.stderr,
+              flush=True)
         return 2 if err.code == 2 else 1
     except KeyboardInterrupt:
         print("\ninterrupted: re-run the same command to continue (finished steps are skipped, a training resumes "
@@ -327,6 +325,11 @@ def run(cfg: DictConfig) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run(cfg: DictConfig) -> int:
+    """:func:`run_chain` on this config."""
+    return run_chain(lambda: settings(cfg))
 
 
 def task(cfg: DictConfig) -> None:

@@ -63,11 +63,6 @@ class PerTraining:
     detail: int = 600
     full_range: int | None = None
 
-    def __post_init__(self):
-        for name in TRAININGS:
-            if getattr(self, name) is not None or name != "full_range":
-                require_int(name, getattr(self, name), 1)
-
 
 @dataclass(frozen=True)
 class CommandArgs:
@@ -126,6 +121,11 @@ class ChainSettings:
             raise SettingError(f"size must be a multiple of 16 (the expert UNet halves the size/4 latent twice), "
                                f"got {self.size}; try size={max(32, self.size // 16 * 16)}")
         require_int("min_train", self.min_train, 1)
+        for group in ("max_steps", "validations"):
+            for name in TRAININGS:
+                value = getattr(getattr(self, group), name)
+                if value is not None or group == "validations" or name != "full_range":
+                    require_int(f"{group}.{name}", value, 1)
         require_number("scale", self.scale, 1e-9)
         for name in ("full_range", "parallel"):
             if not isinstance(getattr(self, name), bool):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -42,6 +43,20 @@ class JobFailed(Exception):
     def __init__(self, job: Job, code: int, log: Path):
         self.job, self.code, self.log = job, code, log
         super().__init__(f"{job.name} failed (exit code {code}); its log: {log}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A finished job's wall time and CPU time (user + system, its own and its children's), in seconds. On a machine
+    others share, the CPU time is the steadier measure of the work."""
+
+    wall: float
+    cpu: float
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def command_line(argv: Sequence[str]) -> list[str]:
@@ -98,13 +113,15 @@ class Runner:
         self.running.append(proc)
         return proc, time.monotonic()
 
-    def run_lanes(self, lanes: Sequence[Sequence[Job]], threads: int | None = None) -> dict[str, float]:
+    def run_lanes(self, lanes: Sequence[Sequence[Job]], threads: int | None = None) -> dict[str, Timing]:
         """Run each lane's jobs in order, the lanes side by side (``threads`` CPU threads per job; None: the
-        machine's default). Returns each job's wall time in seconds. When a job fails its lane stops; the other lanes
-        finish, then :class:`JobFailed` is raised for the first failure."""
+        machine's default). Returns each job's :class:`Timing` (its CPU time: the growth of this process's reaped
+        children's usage when it was reaped, which is its alone, as jobs are reaped one at a time). When a job fails
+        its lane stops; the other lanes finish, then :class:`JobFailed` is raised for the first failure."""
         queues = [deque(lane) for lane in lanes if lane]
         active: list[tuple[Job, subprocess.Popen, float] | None] = [None] * len(queues)
-        times: dict[str, float] = {}
+        times: dict[str, Timing] = {}
+        cpu = _children_cpu()
         failures: list[JobFailed] = []
         try:
             while any(queues) or any(active):
@@ -119,13 +136,16 @@ class Runner:
                         continue
                     job, proc, started = entry
                     self.running.remove(proc)
+                    now = _children_cpu()
+                    used, cpu = now - cpu, now
                     active[i] = None
                     if proc.returncode != 0:
                         failures.append(JobFailed(job, proc.returncode, self.log_of(job)))
                         queue.clear()
                         continue
-                    times[job.name] = time.monotonic() - started
-                    self.say(f"    finished: {job.name} in {duration(times[job.name])}")
+                    times[job.name] = Timing(time.monotonic() - started, used)
+                    self.say(f"    finished: {job.name} in {duration(times[job.name].wall)} (CPU time "
+                             f"{duration(used)})")
                 time.sleep(self.poll_seconds)
         except BaseException:
             self.stop_all()
