@@ -30,6 +30,9 @@ from refiner.apps.lanes import Job, JobFailed, Runner
 from refiner.apps.refine import run as refine
 from refiner.cli import run_cli
 from refiner.data.folder_split import pick_val
+from refiner.data.images import load_image, to_tensor
+from refiner.data.shards import fit_size
+from refiner.lit.image_data import ImageDataModule, ImageFolderDataset
 from refiner.settings import from_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,15 +206,29 @@ def test_command_line_spellings_compose(tmp_path):
         "out/x/last.ckpt", "'my photos'", "'123'", "'it\\'s'"]
 
 
-def test_cli_missing_folder_is_one_error_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "refiner", "chain", f"data={tmp_path / 'nope'}",
-                           f"out={tmp_path / 'o'}"], check=False, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+def test_cli_checks_every_steps_command_line_inside_its_hydra_run(tmp_path):
+    """Through ``python -m refiner chain``: the ``data=`` and ``args.*=[k=v]`` spellings, each step's command line
+    composed inside the chain's own Hydra run, one ``error:`` line, exit 2, and nothing written anywhere."""
+    data = make_images(tmp_path / "imgs", 20)
+    proc = subprocess.run([sys.executable, "-m", "refiner", "chain", f"data={data}", f"out={tmp_path / 'o'}",
+                           "args.windows=[model.unet.nope=1,trainer.max_epochs=-1]"], check=False, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == [
-        f"error: data={tmp_path / 'nope'}: no such folder (relative paths are relative to {tmp_path})"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no Hydra folder, no log beside the user's files
+        "error: unknown setting model.unet.nope (add a new key with +model.unet.nope=...)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no out, no Hydra folder, no log
+
+
+def test_vq_images_are_resized_as_the_shards_hold_them(tmp_path):
+    data = make_images(tmp_path / "imgs", 1)
+    files = sorted(data.iterdir())
+    val = ImageFolderDataset(files, crop_size=32, train=False, size=32)[0]["image"]
+    assert torch.equal(val, to_tensor(fit_size(load_image(files[0]), 32, 8, "crop")[0]))
+    assert ImageFolderDataset(files, crop_size=32, train=True)[0]["image"].shape == (3, 32, 32)  # a crop of 64x72
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ImageDataModule(str(data), str(data), crop_size=32, size=36)
 
 
 # ------------------------------------------------------------------------------------------------ the runner
