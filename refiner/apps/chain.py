@@ -243,7 +243,7 @@ class Chain:
         jobs = []
         for full_range in (False, True) if self.s.full_range else (False,):
             name = "refine_full_range" if full_range else "refine"
-            out = self.layout.refined_full_range if full_range else self.layout.refined
+            out = self.layout.refined(full_range)
             state = self.plan.refine_state(full_range)
             if state == "done":
                 self.say(f"    skipped: {out}/summary.json is newer than the experts")
@@ -283,9 +283,9 @@ class Chain:
         self.save()
         say(f"\nchain finished in {duration(seconds)}: {L.out}")
         say(f"  experts: {'  '.join(self.record['experts'])}")
-        say(f"  grid:    {L.refined / 'grid.png'} (input | after each expert, held-out images)")
+        say(f"  grid:    {L.refined() / 'grid.png'} (input | after each expert, held-out images)")
         if self.s.full_range:
-            say(f"  full-range model: {L.last('full_range')}; its grid: {L.refined_full_range / 'grid.png'}")
+            say(f"  full-range model: {L.last('full_range')}; its grid: {L.refined(True) / 'grid.png'}")
         say(f"\nrefine your own images with this chain (path/to/your/images: a folder, a glob or a file; refined: "
             f"where the outputs go):\n  {command}")
 

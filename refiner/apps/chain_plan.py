@@ -173,26 +173,42 @@ class ChainSettings:
 # ------------------------------------------------------------------------------------------------ layout
 @dataclass(frozen=True)
 class Layout:
-    """Where everything goes under ``out`` (docs/reference/chain.md)."""
+    """Where everything goes under ``out`` (docs/reference/chain.md): ``images/{train,val}`` (the split, symlinks),
+    ``images/val_resized`` (the held-out images at size x size), ``shards/{train,val}``, one run folder per training
+    (``vq_f4``, ``vq_f8``, ``shape``, ``detail``, ``full_range``), ``refined``, ``refined_full_range``, ``logs``."""
 
     out: Path
 
-    def __getattr__(self, name: str) -> Path:
-        folders = {"images": "images", "held_out": "images/val_resized", "shards": "shards", "logs": "logs",
-                   "refined": "refined",
-                   "refined_full_range": "refined_full_range", **{t: t for t in TRAININGS}}
-        if name not in folders:
-            raise AttributeError(name)
-        return self.out / folders[name]
+    @property
+    def images(self) -> Path:
+        return self.out / "images"
+
+    @property
+    def held_out(self) -> Path:
+        return self.out / "images" / "val_resized"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    def refined(self, full_range: bool = False) -> Path:
+        return self.out / ("refined_full_range" if full_range else "refined")
+
+    def run_dir(self, training: str) -> Path:
+        return self.out / training
 
     def last(self, training: str) -> Path:
-        return getattr(self, training) / "checkpoints" / "last.ckpt"
+        return self.run_dir(training) / "checkpoints" / "last.ckpt"
 
 
 def hydra_value(value: Any) -> str:
     """A path as a Hydra override value: as it is when Hydra reads it back as that string, else quoted."""
     text = str(value)
-    if re.fullmatch(r"[\w./@:+-]+", text) and not re.fullmatch(r"[-+]?[\d_.]+([eE][-+]?\d+)?|true|false|null|"
+    if re.fullmatch(r"[A-Za-z0-9_./@:+-]+", text) and not re.fullmatch(r"[-+]?[\d_.]+([eE][-+]?\d+)?|true|false|null|"
                                                                  r"[-+]?(inf|nan)", text, re.IGNORECASE):
         return text
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -220,7 +236,7 @@ class Plan:
 
     def train(self, name: str, resume: Path | None = None) -> list[str]:
         s, L, vq = self.s, self.layout, name.startswith("vq_")
-        argv = ["train", f"experiment={EXPERIMENTS[name]}", f"hydra.run.dir={hydra_value(getattr(L, name))}",
+        argv = ["train", f"experiment={EXPERIMENTS[name]}", f"hydra.run.dir={hydra_value(L.run_dir(name))}",
                 f"trainer.max_steps={s.budget(name)}", f"trainer.val_check_interval={s.interval(name)}",
                 *self.common()]
         if vq:  # the VQs learn the images as the shards hold them
@@ -249,7 +265,7 @@ class Plan:
                 f"experts=[{experts}]", *self.first_stage(f8=False), *self.s.args.refine]
 
     def refine(self, full_range: bool = False, overwrite: bool = False) -> list[str]:
-        out = self.layout.refined_full_range if full_range else self.layout.refined
+        out = self.layout.refined(full_range)
         return [*self.refine_args(hydra_value(self.layout.held_out), hydra_value(out), full_range),
                 f"hydra.run.dir={hydra_value(out)}", *(["overwrite=true"] if overwrite else [])]
 
@@ -267,7 +283,7 @@ class Plan:
 
     def refine_state(self, full_range: bool = False) -> str:
         """``done`` (summary.json newer than every expert), ``stale`` (older) or ``start``."""
-        summary = (self.layout.refined_full_range if full_range else self.layout.refined) / "summary.json"
+        summary = self.layout.refined(full_range) / "summary.json"
         if not summary.is_file():
             return "start"
         newest = max(p.stat().st_mtime for p in self.experts(full_range))
