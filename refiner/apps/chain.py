@@ -2,12 +2,13 @@
 
 Settings: ``conf/chain.yaml`` (:class:`ChainSettings`, one field per key); reference: ``docs/reference/chain.md``.
 
-1. Everything is checked before any step runs (:func:`prepare`): the settings, the first-stage files, the output
+1. Everything is checked before any step runs (:meth:`Chain.prepare`): the settings, the first-stage files, the output
    folder (new, or one an earlier ``refiner chain`` on the same folder with the same size, split and first stage
    made; locked while this run uses it), the image folder (every image decoded once: unreadable ones are listed and
    left out, images smaller than ``size`` and too few images are refused), and every step's command line (composed
    as its command will compose it). A problem is one ``error:`` line and exit 2.
-2. The split is written as symlinks (``<out>/images/{train,val}``) and recorded in ``<out>/chain.json``.
+2. The split is written as symlinks (``<out>/images/{train,val}``), the held-out images also at ``size`` x ``size``
+   (``<out>/images/val_resized``, the refine step's inputs), and recorded in ``<out>/chain.json``.
 3. Each step then runs its command (``python -m refiner train|build-shards|refine``, :mod:`refiner.apps.lanes`) with
    overrides that point it into ``<out>``; a finished step is skipped with one line saying why, and a training whose
    ``last.ckpt`` is short of its budget resumes from it (``ckpt_path=``).
