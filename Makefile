@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-full demo-photos bench clean-demo
+.PHONY: setup test test-fast demo demo-full demo-photos chain bench clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo-full: setup
 
 demo-photos: setup
 	PATH="$(abspath $(BIN)):$$PATH" DEMO=photos bash scripts/demo.sh
+
+# train a chain on your own images (docs/reference/chain.md): make chain DATA=path/to/images [OUT=folder]
+# [ARGS="size=128 full_range=true"]; re-run the same command to continue after an interruption
+chain: setup
+	$(BIN)/python -m refiner chain $(if $(DATA),data=$(DATA)) $(if $(OUT),out=$(OUT)) $(ARGS)
 
 bench: setup
 	$(BIN)/python -m pip install -q "diffusers>=0.30"

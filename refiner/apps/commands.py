@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "refine": ("refiner.apps.refine", "main", "refine images through a chain of window experts"),
     "train": ("refiner.apps.train", "main", "train a window expert or a first-stage autoencoder"),
     "build-shards": ("refiner.apps.build_shards", "main", "image folders -> latent shards for training"),
+    "chain": ("refiner.apps.chain", "main", "train a chain of window experts on your own image folder, end to end"),
     "bench": ("refiner.apps.bench", "main", "the composition benchmark: artifact rates per method and source"),
     "bench-artifacts": ("refiner.apps.bench", "artifacts_main", "benchmark of artifact detection and targeted fixes"),
     "bench-upscale": ("refiner.apps.bench", "upscale_main", "benchmark of progressive vs bicubic-then-refine upscaling"),

@@ -15,6 +15,7 @@ conversion of the composed config into typed settings (the one place the library
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -114,8 +116,11 @@ def composition_error(err: Exception, config_name: str, overrides: Sequence[str]
 
 
 def check_composes(config_name: str, overrides: Sequence[str]) -> None:
-    """Compose ``config_name`` with ``overrides`` as Hydra will; raise a one-line :class:`SettingError` if it fails."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    """Compose ``config_name`` with ``overrides`` as Hydra will; raise a one-line :class:`SettingError` if it fails.
+    Inside a running Hydra app (``refiner chain`` checking its steps' command lines) the app's config search path,
+    which is ``conf/`` too, is used."""
+    running = GlobalHydra.instance().is_initialized()
+    with contextlib.nullcontext() if running else initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         try:
             compose(config_name, overrides=list(overrides), return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:

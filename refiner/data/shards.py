@@ -68,7 +68,7 @@ IMAGE_KEYS = ("clean", "degraded")
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _fit_size(img: np.ndarray, size: int | None, multiple: int, fit: str, source: Path | str = "image"
+def fit_size(img: np.ndarray, size: int | None, multiple: int, fit: str, source: Path | str = "image"
               ) -> tuple[np.ndarray, dict]:
     """Resize/centre-crop to ``size`` (if given), then make both sides divisible by ``multiple``; errors name
     ``source``."""
@@ -270,7 +270,7 @@ def build_shards(
         def fitted() -> Iterator[tuple[int, Path, np.ndarray, dict]]:
             for index, path in enumerate(progress_bar(files, desc="building shards", unit="img", enabled=progress)):
                 try:
-                    img, info = _fit_size(load_image(path), size, multiple, fit, source=path)
+                    img, info = fit_size(load_image(path), size, multiple, fit, source=path)
                 except ImageError as exn:
                     skipped.append({"file": str(path), "reason": str(exn)})
                     log.warning("skipping %s", exn)

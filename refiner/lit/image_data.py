@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from refiner.data.images import ImageError, list_images, load_image, to_tensor
+from refiner.data.shards import fit_size
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,20 @@ def _crop(x: torch.Tensor, size: int, random: bool) -> torch.Tensor:
 
 
 class ImageFolderDataset(Dataset):
-    def __init__(self, files: list[Path], crop_size: int, train: bool):
-        self.files, self.crop_size, self.train = files, crop_size, train
+    """``size``: each image is first resized (short side) and centre-cropped to ``size x size`` exactly as
+    ``build_shards(size=...)`` does, so that an autoencoder learns the images as the shards will hold them."""
+
+    def __init__(self, files: list[Path], crop_size: int, train: bool, size: int | None = None):
+        self.files, self.crop_size, self.train, self.size = files, crop_size, train, size
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        x = to_tensor(load_image(self.files[index]))
+        img = load_image(self.files[index])
+        if self.size is not None:
+            img, _ = fit_size(img, self.size, 8, "crop", source=self.files[index])
+        x = to_tensor(img)
         x = _crop(x, self.crop_size, random=self.train)
         if self.train and bool(torch.rand(()) < 0.5):
             x = x.flip(-1)
@@ -68,18 +75,24 @@ class ImageDataModule(pl.LightningDataModule):
     """Args:
     train_dir, val_dir: image folders (or globs).
     crop_size: training crops and validation centre crops are crop_size x crop_size.
+    size: None (images as they are) or an int, a multiple of 8: resize the short side to ``size`` and centre-crop
+        ``size x size`` before cropping, as ``build_shards(size=...)`` does (``refiner chain`` passes its ``size``).
     batch_size, num_workers: the usual (crops use torch's RNG, seeded by ``seed_everything``).
     """
 
     def __init__(self, train_dir: str, val_dir: str, crop_size: int = 64, batch_size: int = 8,
-                 num_workers: int = 0):
+                 num_workers: int = 0, size: int | None = None):
         super().__init__()
-        self.train_dir, self.val_dir = train_dir, val_dir
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8):
+            raise ValueError(f"data.size must be null or a positive multiple of 8, got {size!r}")
+        if size is not None and size < crop_size:
+            raise ValueError(f"data.size={size} is smaller than data.crop_size={crop_size}")
+        self.train_dir, self.val_dir, self.size = train_dir, val_dir, size
         self.crop_size, self.batch_size, self.num_workers = crop_size, batch_size, num_workers
 
     def setup(self, stage: Optional[str] = None) -> None:
-        self.train_set = ImageFolderDataset(readable_images(self.train_dir), self.crop_size, True)
-        self.val_set = ImageFolderDataset(readable_images(self.val_dir), self.crop_size, False)
+        self.train_set = ImageFolderDataset(readable_images(self.train_dir), self.crop_size, True, self.size)
+        self.val_set = ImageFolderDataset(readable_images(self.val_dir), self.crop_size, False, self.size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
