@@ -4,8 +4,8 @@
 # (python -m refiner.bench) measures artifact rates. DEMO=photos: crops of the photos scikit-image and
 # scikit-learn ship, evaluated by PSNR/SSIM/SWD against the clean crops.
 # FULL=1 (`make demo-full`, heads only): also trains the paired img2img baseline, runs the artifact-detection
-# benchmark (python -m refiner.bench.artifacts) on both splits and the upscaling comparison
-# (python -m refiner.bench.upscale), and runs the benchmark's whole
+# benchmark (refiner bench-artifacts) on both splits and the upscaling comparison
+# (refiner bench-upscale), and runs the benchmark's whole
 # sweep on both seed splits (tune, then report): the numbers of docs/experiments/. Plain `make demo` shows the chain against
 # full-range SDEdit at equal compute and the unsharp mask, at t_start 499, in under 15 minutes.
 # Each step is skipped when its result already exists; FORCE=1 rebuilds this demo from scratch.
@@ -100,11 +100,11 @@ if [[ "$FULL" == 1 ]]; then
   step 7 "benchmark, split=report (the numbers of docs/experiments/): every method over its sweep"
   python -m refiner.bench split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
   step 8 "artifact detection, adaptive strength, paste-back and colour fix, split=tune (fits t_start=auto: bench_tune/t_start_auto.json)"
-  python -m refiner.bench.artifacts split=tune "$P" output_dir="$OUT/bench_tune" hydra.run.dir="$OUT/bench_tune"
+  python -m refiner bench-artifacts split=tune "$P" output_dir="$OUT/bench_tune" hydra.run.dir="$OUT/bench_tune"
   step 9 "artifact detection, ASCED + TTC, adaptive strength, paste-back and colour fix, split=report"
-  python -m refiner.bench.artifacts split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
+  python -m refiner bench-artifacts split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
   step 10 "upscaling x2: DemoFusion-style progressive vs bicubic then refine, split=report"
-  python -m refiner.bench.upscale split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
+  python -m refiner bench-upscale split=report "$P" output_dir="$OUT/bench" hydra.run.dir="$OUT/bench"
 else
   step 6 "benchmark at t_start 499: artifact rate, SWD and faithfulness per artifact source and method"
   # methods=demo: the chain, full-range SDEdit and the unsharp mask at one point each (make demo-full: everything)

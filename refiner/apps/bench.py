@@ -1,6 +1,6 @@
 """The quality benchmark's commands over ``conf/bench.yaml``: ``refiner bench`` (``python -m refiner.bench``),
-``refiner bench-artifacts`` (``python -m refiner.bench.artifacts``) and ``refiner bench-upscale`` (``python -m
-refiner.bench.upscale``), each with Hydra overrides.
+``refiner bench-artifacts`` and ``refiner bench-upscale`` (also ``python -m refiner <command>``), each with Hydra
+overrides.
 
 This is the one place the benchmark's Hydra config is read: :func:`bench_settings` turns the composed config into
 :class:`~refiner.bench.settings.BenchSettings` once (:func:`refiner.apps.hydra_app.settings_from`; an unknown key, a
@@ -53,9 +53,9 @@ def _task(command: Callable[[BenchSettings], dict], report: str, summary: Callab
 
 task = _task(run.run, "results.md",
              lambda settings, results: f"results: {settings.output_dir}/results.json (split {results['split']})")
-# python -m refiner.bench.artifacts: detection and targeted correction (refiner.bench.artifacts)
+# refiner bench-artifacts: detection and targeted correction (refiner.bench.artifacts)
 artifacts_task = _task(artifacts.run, "artifacts.md", None)
-# python -m refiner.bench.upscale: progressive vs bicubic-then-refine upscaling (refiner.bench.upscale)
+# refiner bench-upscale: progressive vs bicubic-then-refine upscaling (refiner.bench.upscale)
 upscale_task = _task(upscale.run, "upscale.md", None)
 main, artifacts_main, upscale_main = (hydra_command("bench", t) for t in (task, artifacts_task, upscale_task))
 

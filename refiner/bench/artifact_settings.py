@@ -1,4 +1,4 @@
-"""The settings of ``refiner bench-artifacts`` (``python -m refiner.bench.artifacts``): the ``artifacts`` block of
+"""The settings of ``refiner bench-artifacts``: the ``artifacts`` block of
 ``conf/bench.yaml`` as :class:`ArtifactsSettings` and its blocks (:class:`PasteBack` with :class:`PastePoint` and
 :class:`PasteSweep`, :class:`TtcSettings`, and :class:`~refiner.artifacts.color_fix.ColorFix`). Like every
 benchmark settings class (:mod:`refiner.bench.settings`), each checks its values once, in ``__post_init__``.
@@ -149,7 +149,7 @@ class PasteBack:
 
 @dataclass(frozen=True)
 class ArtifactsSettings:
-    """``python -m refiner.bench.artifacts`` (``artifacts``; :mod:`refiner.bench.artifacts`): detection in input
+    """``refiner bench-artifacts`` (``artifacts``; :mod:`refiner.bench.artifacts`): detection in input
     images, ASCED + TTC during generation, adaptive strength, colour fix and paste back in refinement.
 
     Args:

@@ -1,7 +1,7 @@
 """Detection and targeted correction on the composition benchmark: :func:`run` on
 :class:`~refiner.bench.settings.BenchSettings`, its ``artifacts`` block
-(:class:`~refiner.bench.artifact_settings.ArtifactsSettings`; ``python -m refiner.bench.artifacts [overrides]`` or
-``refiner bench-artifacts`` over ``conf/bench.yaml``); the same seeds, sources, checkpoints and scoring as the
+(:class:`~refiner.bench.artifact_settings.ArtifactsSettings`; ``refiner bench-artifacts [overrides]`` (or
+``python -m refiner bench-artifacts``) over ``conf/bench.yaml``); the same seeds, sources, checkpoints and scoring as the
 benchmark.
 
 1. **Detection in input images** (ASCED's setting (b), :func:`refiner.inference.probe.probe_detect`): every
@@ -416,8 +416,3 @@ def run(settings: BenchSettings) -> dict:
     atomic_write_bytes(out_dir / "artifacts_tradeoff.png", tradeoff_png(res))
     return res
 
-
-if __name__ == "__main__":
-    from refiner.apps.bench import artifacts_main
-
-    artifacts_main()

@@ -171,7 +171,7 @@ class SwdSettings:
 
 @dataclass(frozen=True)
 class UpscaleSettings:
-    """``python -m refiner.bench.upscale`` (``upscale``): x2 from ``size / 2`` px through ``methods.chain``.
+    """``refiner bench-upscale`` (``upscale``): x2 from ``size / 2`` px through ``methods.chain``.
 
     Args:
         t_starts: the t_starts both diffusion upscalers refine from, in [1, 999].

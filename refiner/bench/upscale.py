@@ -1,6 +1,6 @@
 """Progressive (DemoFusion-style) against direct (bicubic, then refine) upscaling on the composition benchmark:
-:func:`run` on :class:`~refiner.bench.settings.BenchSettings`, its ``upscale`` block (``python -m
-refiner.bench.upscale [overrides]`` or ``refiner bench-upscale`` over ``conf/bench.yaml``; issue 10).
+:func:`run` on :class:`~refiner.bench.settings.BenchSettings`, its ``upscale`` block (``refiner
+bench-upscale [overrides]`` over ``conf/bench.yaml``; issue 10).
 
 Inputs: the split's clean heads and its injected-defect heads, rendered at ``size`` and reduced x2 (PIL's box
 filter) to ``size / 2``. Every method returns ``size`` px pictures, scored by :func:`refiner.bench.methods.score`
@@ -101,8 +101,3 @@ def run(settings: BenchSettings) -> dict:
     atomic_write_text(out_dir / "upscale.md", markdown(res))
     return res
 
-
-if __name__ == "__main__":
-    from refiner.apps.bench import upscale_main
-
-    upscale_main()
