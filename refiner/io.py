@@ -50,23 +50,39 @@ def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False,
-                      what: str = "output") -> Path:
-    """Refuse an output ``out`` that is one of ``inputs``, that exists (unless ``force``), or that is a
-    folder or lies under a file; returns ``Path(out)``. Raises :class:`OutputPathError`."""
+                      what: str = "output", ours: Callable[[Path], bool] | None = None,
+                      kind: str = "file this command writes") -> Path:
+    """The file a write to ``out`` will replace or create: ``out`` itself, or, when ``out`` is a symlink, the file it
+    points to (written there, so the link is kept and names the new file; :func:`atomic_path` on the link itself would
+    replace the link by a file). Raises :class:`OutputPathError`, before anything is written, when ``out`` is one of
+    ``inputs`` (any spelling, symlink or hard link), a folder, lies under a file, is a symlink to nothing, or exists
+    and ``force`` is not given; and, with ``force``, when the existing file is not ours: ``ours(path)`` is False
+    (e.g. not a previous export of this kind, named ``kind`` in the message). Without ``ours`` any file may be
+    replaced with ``force``."""
     out = Path(out)
     for source in inputs:
         if same_file(out, source):
             raise OutputPathError(f"{what} {out} is the input {source} (same file); refusing to overwrite the input, "
                                   "choose another output path")
-    if out.is_dir():
-        raise OutputPathError(f"{what} {out} is a folder; give a file path")
-    blocking = next((p for p in out.parents if p.exists()), None)
+    target, shown = out, str(out)
+    if out.is_symlink():
+        target = Path(os.path.realpath(out))  # never raises, also on a symlink loop
+        shown = f"{out} (a symlink to {target})"
+        if not target.exists():
+            raise OutputPathError(f"{what} {shown}: the symlink points to nothing; remove it or give another path")
+    if target.is_dir():
+        raise OutputPathError(f"{what} {shown} is a folder; give a file path")
+    blocking = next((p for p in target.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise OutputPathError(f"{what} {out}: {blocking} is a file, not a folder")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise OutputPathError(f"{what} {out} already exists; refusing to replace it (pass --force / force=True "
-                              "to replace it)")
-    return out
+        raise OutputPathError(f"{what} {shown}: {blocking} is a file, not a folder")
+    if target.exists():
+        if not force:
+            raise OutputPathError(f"{what} {shown} already exists; refusing to replace it (pass --force / "
+                                  "force=True to replace it)")
+        if ours is not None and not ours(target):
+            raise OutputPathError(f"{what} {shown} exists and is not a {kind}; --force replaces only a previous "
+                                  "one: move that file or choose another output path")
+    return target
 
 
 def _create_temp_file(path: Path) -> tuple[Path, int]:
