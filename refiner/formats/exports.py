@@ -38,6 +38,7 @@ from refiner.formats.diffusers.config import (
     vq_to_diffusers,
 )
 from refiner.formats.diffusers.folders import CHAIN_FILE, CHAIN_FORMAT, WEIGHTS_NAME, write_json, write_model
+from refiner.formats.fingerprint import warn_architecture_unknown
 from refiner.formats.first_stage import build_first_stage
 from refiner.formats.loading import load_window_weights, window_from_checkpoint
 from refiner.formats.lora import BASE_KEY, LORA_KEY, lora_settings
@@ -213,8 +214,10 @@ def _first_stage(windows: Sequence[WindowToExport], ckpt: str | None, params: Ma
         raise DiffusersFormatError(f"first stage not found: {ckpt} (relative paths are relative to {os.getcwd()})")
     vq = build_first_stage(ckpt, params, trust_checkpoint=trust_checkpoint).eval()
     for w in windows:  # the fingerprint cannot see e.g. norm groups (refiner.formats.fingerprint)
-        diffs = architecture_differences(w.weights.first_stage_params, vq.config) if w.weights.first_stage_params \
-            else []
+        if not w.weights.first_stage_params:
+            warn_architecture_unknown(str(w.path), str(ckpt))
+            continue
+        diffs = architecture_differences(w.weights.first_stage_params, vq.config)
         if diffs:
             raise DiffusersFormatError(f"{w.path} was trained with another first-stage architecture than {ckpt} "
                                        f"({'; '.join(diffs)}; the window's vs the first stage's): the exported folder "
