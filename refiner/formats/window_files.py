@@ -36,7 +36,7 @@ from refiner.formats.kinds import (
     load_strict,
     strip_prefix,
 )
-from refiner.formats.safe_load import CheckpointError, is_safetensors
+from refiner.formats.safe_load import CheckpointError, check_readable, is_safetensors
 from refiner.models.unet import UNetModel
 from refiner.settings import to_plain
 
@@ -225,6 +225,7 @@ def load_export(path: Path) -> WindowWeights:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    check_readable(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
