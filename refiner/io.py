@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,35 +50,78 @@ def file_id(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False,
-                      what: str = "output") -> Path:
-    """Refuse an output ``out`` that is one of ``inputs``, that exists (unless ``force``), or that is a
-    folder or lies under a file; returns ``Path(out)``. Raises :class:`OutputPathError`."""
+                      what: str = "output", ours: Callable[[Path], bool] | None = None,
+                      kind: str = "file this command writes") -> Path:
+    """The file a write to ``out`` will replace or create: ``out`` itself, or, when ``out`` is a symlink, the file it
+    points to (written there, so the link is kept and names the new file; :func:`atomic_path` on the link itself would
+    replace the link by a file). Raises :class:`OutputPathError`, before anything is written, when ``out`` is one of
+    ``inputs`` (any spelling, symlink or hard link), a folder, lies under a file, is a symlink to nothing, or exists
+    and ``force`` is not given; and, with ``force``, when the existing file is not ours: ``ours(path)`` is False
+    (e.g. not a previous export of this kind, named ``kind`` in the message). Without ``ours`` any file may be
+    replaced with ``force``."""
     out = Path(out)
     for source in inputs:
         if same_file(out, source):
             raise OutputPathError(f"{what} {out} is the input {source} (same file); refusing to overwrite the input, "
                                   "choose another output path")
-    if out.is_dir():
-        raise OutputPathError(f"{what} {out} is a folder; give a file path")
-    blocking = next((p for p in out.parents if p.exists()), None)
+    target, shown = out, str(out)
+    if out.is_symlink():
+        target = Path(os.path.realpath(out))  # never raises, also on a symlink loop
+        shown = f"{out} (a symlink to {target})"
+        if not target.exists():
+            raise OutputPathError(f"{what} {shown}: the symlink points to nothing; remove it or give another path")
+    if target.is_dir():
+        raise OutputPathError(f"{what} {shown} is a folder; give a file path")
+    blocking = next((p for p in target.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
-        raise OutputPathError(f"{what} {out}: {blocking} is a file, not a folder")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise OutputPathError(f"{what} {out} already exists; refusing to replace it (pass --force / force=True "
-                              "to replace it)")
-    return out
+        raise OutputPathError(f"{what} {shown}: {blocking} is a file, not a folder")
+    if target.exists():
+        if not force:
+            raise OutputPathError(f"{what} {shown} already exists; refusing to replace it (pass --force / "
+                                  "force=True to replace it)")
+        if ours is not None and not ours(target):
+            raise OutputPathError(f"{what} {shown} exists and is not a {kind}; --force replaces only a previous "
+                                  "one: move that file or choose another output path")
+    return target
+
+
+def _create_temp_file(path: Path) -> tuple[Path, int]:
+    """Create an empty, unused ``.<name>.<random>.tmp`` beside ``path``; returns it and the mode it was given.
+
+    Made with ``os.open(..., O_CREAT | O_EXCL, 0o666)`` rather than ``tempfile.mkstemp``: mkstemp creates 0600 files
+    whatever the umask, while here the kernel applies the umask (or the folder's default ACL) itself, so the mode is
+    exactly what ``open(path, "w")`` would have made. Nothing reads or changes the process umask (``os.umask`` can
+    only be read by setting it, a race with every other thread that creates files meanwhile). The name keeps the
+    pattern that :func:`refiner.inference.outputs.remove_stale_temps` clears after a kill."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+
+def _restore_mode(path: Path, mode: int) -> None:
+    """Give ``path`` ``mode`` again if a writer replaced it by a file of another mode: safetensors' ``save_file``
+    writes through its own 0600 temp file and renames it over the path it is given."""
+    if stat.S_IMODE(os.lstat(path).st_mode) != mode:
+        os.chmod(path, mode)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to ``path``; on success it is moved onto ``path`` atomically."""
+    """Yield a temp path next to ``path``; on success it is moved onto ``path`` atomically. The file gets the mode
+    a new file there gets (0644 under umask 022, whatever wrote the temp file; see :func:`_create_temp_file`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp, mode = _create_temp_file(path)
     try:
         yield tmp
+        _restore_mode(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -201,7 +244,8 @@ def write_export_folder(out: str | os.PathLike, layout: ExportLayout, write: Cal
     first (:func:`check_export_folder`); its files are fsynced and it is renamed into place. A previous export is
     moved aside, the new one moved in, then the old one deleted; if the move-in fails the old one is put back. On
     any error nothing of the attempt is left behind (no ``.NAME.*.tmp`` / ``.old`` folders) and the old export is
-    untouched. New folders follow the umask (no ``mkdtemp``, which makes them 0700). Returns ``Path(out)``."""
+    untouched. Modes follow the umask: folders are made with ``mkdir`` (not ``mkdtemp``, which makes them 0700), and
+    every file ends with the mode a new file gets there (:func:`_settle_files`). Returns ``Path(out)``."""
     target = check_export_folder(out, layout, inputs, force, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_sibling(target, "tmp", create=True)
@@ -209,7 +253,7 @@ def write_export_folder(out: str | os.PathLike, layout: ExportLayout, write: Cal
         write(tmp)
         if not (tmp / layout.marker).is_file():
             raise RuntimeError(f"the {what} writer did not write its manifest {layout.marker}")
-        _fsync_files(tmp)
+        _settle_files(tmp)
         _move_into_place(tmp, target)
     finally:
         if tmp.exists():
@@ -232,9 +276,15 @@ def _fresh_sibling(path: Path, suffix: str, create: bool = False) -> Path:
             continue
 
 
-def _fsync_files(root: Path) -> None:
+def _settle_files(root: Path) -> None:
+    """fsync every file under ``root`` and give it the mode a new file gets there: the mode ``mkdir`` gave ``root``
+    (the umask, or the parent's default ACL, applied to 0777) without the execute bits, i.e. ``0666 & ~umask``.
+    Writers that go through their own temp file (safetensors' ``save_file``: 0600) would otherwise leave files
+    nobody else in the group can read; no export writes an executable."""
+    file_mode = stat.S_IMODE(root.stat().st_mode) & 0o666
     for p in root.rglob("*"):
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
+            _restore_mode(p, file_mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
 

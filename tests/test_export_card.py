@@ -100,7 +100,7 @@ def test_card_path_beside_the_file(name, card, tmp_path):
     assert export_card_path(tmp_path / name) == tmp_path / card
 
 
-def test_an_existing_card_is_never_replaced_without_force(run_ckpt, tmp_path):
+def test_an_existing_card_is_replaced_only_if_it_is_ours(run_ckpt, tmp_path):
     mine = tmp_path / "detail.README.md"
     mine.write_text("a README the user wrote\n")
     out = tmp_path / "detail.safetensors"
@@ -109,7 +109,11 @@ def test_an_existing_card_is_never_replaced_without_force(run_ckpt, tmp_path):
     assert mine.read_text() == "a README the user wrote\n" and not out.exists()  # nothing written
     assert export_main(["safetensors", str(run_ckpt), str(out)]) == 2  # the CLI: a one-line error, exit 2
     assert mine.read_text() == "a README the user wrote\n" and not out.exists()
-    assert export_main(["safetensors", str(run_ckpt), str(out), "--force"]) == 0
+    assert export_main(["safetensors", str(run_ckpt), str(out), "--force"]) == 2  # --force: only a card of ours
+    assert mine.read_text() == "a README the user wrote\n" and not out.exists()
+    mine.unlink()
+    assert export_main(["safetensors", str(run_ckpt), str(out)]) == 0
+    assert export_main(["safetensors", str(run_ckpt), str(out), "--force"]) == 0  # our previous card is replaced
     assert card_fields(mine.read_text())["steps"] == "600"
 
 

@@ -72,9 +72,25 @@ def test_a_first_stage_with_other_norm_groups_is_refused_though_its_weights_matc
         chain.check_first_stage(f4, str(trained["groups8"]))
     with pytest.warns(UserWarning, match="norm_groups: 32 vs 8"):
         chain.check_first_stage(f4, str(trained["groups8"]), allow_mismatch=True)
+    eight = {**trained["vq"]["params"], "ddconfig": {**trained["vq"]["params"]["ddconfig"], "norm_groups": 8}}
+    f4 = first_stage_from_mapping({"ckpt_path": str(trained["vq"]["path"]), "params": eight})  # .ckpt + its config
+    with pytest.raises(FirstStageMismatch, match=r"norm_groups: 32 vs 8"):
+        chain.check_first_stage(f4, str(trained["vq"]["path"]))
     for good in (trained["groups32"], trained["vq"]["path"]):  # the right network, as a folder or the .ckpt
         f4 = first_stage_from_mapping({"ckpt_path": str(good), "params": trained["vq"]["params"]})
         assert chain.check_first_stage(f4, str(good)) == chain.first_stage_fingerprint
+
+
+def test_a_window_that_records_no_architecture_is_run_with_a_warning(trained, tmp_path):
+    """An older window (or export) records the f4's fingerprint but not its architecture: the architecture check is
+    skipped, and it says so (it used to pass silently) naming the window; the fingerprint is still checked."""
+    old = _window(tmp_path, "old.ckpt", first_stage_fingerprint=first_stage_fingerprint(trained["vq"]["state"]))
+    chain = Chain.from_paths([old])
+    f4 = first_stage_from_mapping({"ckpt_path": str(trained["groups8"]), "params": None})
+    with pytest.warns(UserWarning, match=r"old\.ckpt records no first-stage architecture.*cannot check.*norm groups"):
+        assert chain.check_first_stage(f4, str(trained["groups8"])) == chain.first_stage_fingerprint
+    with pytest.warns(UserWarning, match=r"old\.ckpt records no first-stage architecture"):
+        export_diffusers([old], tmp_path / "hf", first_stage=str(trained["groups32"]))
 
 
 def test_the_architecture_travels_through_the_safetensors_export(trained, tmp_path):

@@ -414,15 +414,18 @@ def test_windows_run_with_another_first_stage_are_refused(models, tmp_path, monk
     other = _other_f4(models, tmp_path)
     other_fp = first_stage_file_fingerprint(other)
     assert other_fp != fp
-    hi = _window_checkpoint(tmp_path, (250, 500), "hi_fp.ckpt", first_stage_fingerprint=fp)
-    lo = export_safetensors(_window_checkpoint(tmp_path, (0, 250), "lo_fp.ckpt", first_stage_fingerprint=fp),
+    # windows that record their f4 as training does (fingerprint and architecture): nothing left unchecked
+    recorded = dict(first_stage_fingerprint=fp, first_stage={"ckpt_path": str(models["f4"]), "params": dict(
+        ddconfig=tiny_ddconfig(4), n_embed=512, embed_dim=3)})
+    hi = _window_checkpoint(tmp_path, (250, 500), "hi_fp.ckpt", **recorded)
+    lo = export_safetensors(_window_checkpoint(tmp_path, (0, 250), "lo_fp.ckpt", **recorded),
                             tmp_path / "lo_fp.safetensors")
     fp_models = {**models, "hi": hi, "lo": lo}
     d = tmp_path / "in"
     d.mkdir()
     Image.fromarray(_rgb(16, 16, 0)).save(d / "a.png")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the right first stage: no fingerprint warning at all
+        warnings.simplefilter("error")  # the right first stage: no fingerprint or architecture warning at all
         summary = run(_compose(fp_models, d, tmp_path / "ok", "grid=none"))
     assert summary["first_stage_fingerprint"] == fp and not summary["failed"]
 

@@ -16,7 +16,9 @@ folder). See :func:`refiner.formats.exports.export_diffusers`. A LoRA window (ad
 Every export writes a model card (:mod:`refiner.formats.model_card`). A folder export (diffusers, peft) never
 replaces a folder it did not write: ``--force`` replaces only a previous export of the same kind, marked by its
 manifest (``refiner_chain.json``, ``adapter_config.json``) and holding nothing else
-(:func:`refiner.io.write_export_folder`); a symlinked output is resolved and the export it points to replaced.
+(:func:`refiner.io.write_export_folder`). Likewise ``refiner export safetensors --force`` replaces only a previous
+window export and its model card, never another file. A symlinked output is resolved: the export it points to is
+replaced and the link kept.
 
 The old ``refiner-checkpoint export|inspect`` and ``python -m refiner.export`` are deprecated aliases of these.
 
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("safetensors", help="window checkpoint -> our .safetensors plus a model card beside it")
     st.add_argument("ckpt", help="a window .ckpt (a LoRA window is merged into its base)")
     st.add_argument("out", help="the .safetensors file; the card goes to <name>.README.md beside it")
-    _switches(st, "export the raw (non-EMA) weights", "replace existing outputs (the file and its card; never the input)")
+    _switches(st, "export the raw (non-EMA) weights",
+              "replace a previous export (a refiner .safetensors and its card; never the input or another file)")
     args = parser.parse_args(argv)
     if args.format == "diffusers" and len(args.paths) < 2:
         parser.error("give at least one window checkpoint and the output folder")

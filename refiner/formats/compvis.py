@@ -35,7 +35,7 @@ from refiner.formats.kinds import (
     state_dict_of,
     strip_prefix,
 )
-from refiner.formats.safe_load import CheckpointError, safe_torch_load
+from refiner.formats.safe_load import CheckpointError, check_readable, safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def load_compvis_config(config_path: str | os.PathLike) -> dict:
     """Read a CompVis ``config.yaml`` into plain containers. OmegaConf interpolations (``${...}``) are refused:
     CompVis's released configs have none, and the library reads no Hydra/OmegaConf config (docs/design.md)."""
     path = Path(config_path)
+    check_readable(path)
     if not path.is_file():
         raise CheckpointError(f"config not found: {path}")
     try:

@@ -38,16 +38,25 @@ from refiner.formats.diffusers.config import (
     vq_to_diffusers,
 )
 from refiner.formats.diffusers.folders import CHAIN_FILE, CHAIN_FORMAT, WEIGHTS_NAME, write_json, write_model
+from refiner.formats.fingerprint import warn_architecture_unknown
 from refiner.formats.first_stage import build_first_stage
 from refiner.formats.loading import load_window_weights, window_from_checkpoint
 from refiner.formats.lora import BASE_KEY, LORA_KEY, lora_settings
-from refiner.formats.model_card import card_entry, checkpoint_extra, export_card_path, export_metadata, write_model_card
+from refiner.formats.model_card import (
+    card_entry,
+    checkpoint_extra,
+    export_card_path,
+    export_metadata,
+    is_model_card,
+    write_model_card,
+)
 from refiner.formats.safe_load import CheckpointError, is_safetensors, safe_torch_load
 from refiner.formats.window_files import (
     WINDOW_UNET_PREFIX,
     WindowSetError,
     WindowWeights,
     check_window_set,
+    is_window_export,
     window_metadata,
 )
 from refiner.io import ExportLayout, atomic_save, check_export_folder, check_output_path, write_export_folder
@@ -75,7 +84,10 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
     ``w.README.md``; window, schedule, parameterization, first-stage fingerprint, training data, steps, validation).
 
     Neither output may be ``ckpt_path`` (compared by inode: any spelling, symlink or hard link), and neither may
-    exist unless ``force`` (:func:`refiner.io.check_output_path`); all of this is checked before reading.
+    exist unless ``force`` (:func:`refiner.io.check_output_path`); ``force`` replaces only a previous export of ours
+    (:func:`refiner.formats.window_files.is_window_export`, :func:`refiner.formats.model_card.is_model_card`), and a
+    symlinked ``out_path`` is resolved (the export it points to is replaced, its card beside it, the link kept). All
+    of this is checked before reading. Returns ``out_path`` as given.
 
     Metadata (all strings): :func:`refiner.formats.window_files.window_metadata` (window, schedule, UNet params,
     scale factor, first-stage fingerprint and architecture, ...) and the card's validation_metrics (JSON) and
@@ -83,8 +95,11 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
     """
     from safetensors.torch import save_file
 
-    out_path = check_output_path(out_path, inputs=[ckpt_path], force=force, what="export output")
-    card_path = check_output_path(export_card_path(out_path), inputs=[ckpt_path], force=force, what="model card")
+    given = Path(out_path)
+    out_path = check_output_path(given, inputs=[ckpt_path], force=force, what="export output", ours=is_window_export,
+                                 kind="refiner window export")
+    card_path = check_output_path(export_card_path(out_path), inputs=[ckpt_path], force=force, what="model card",
+                                  ours=is_model_card, kind="refiner model card")
     obj = safe_torch_load(ckpt_path, trust_checkpoint)
     ww = window_from_checkpoint(obj, str(ckpt_path), use_ema, trust_checkpoint)
     entry = card_entry(ckpt_path, ww, checkpoint_extra(obj), name=out_path.name)
@@ -96,9 +111,9 @@ def export_safetensors(ckpt_path: str | os.PathLike, out_path: str | os.PathLike
                        f"As an expert of a chain: `refiner refine experts=[...,{out_path.name}]`."])
     write_model_card(card_path, [entry], title=f"refiner window expert {ww.window}", usage=usage,
                      library_name="refiner")
-    log.info("exported %s (%s weights, window %s) to %s, model card %s", ckpt_path, "EMA" if ww.has_ema else "raw",
-             ww.window, out_path, card_path)
-    return out_path
+    log.info("exported %s (%s weights, window %s) to %s%s, model card %s", ckpt_path, "EMA" if ww.has_ema else "raw",
+             ww.window, given, f" (-> {out_path})" if out_path != given else "", card_path)
+    return given
 
 
 def export_peft_adapter(ckpt_path: str | os.PathLike, out: str | os.PathLike, use_ema: bool = True,
@@ -199,8 +214,10 @@ def _first_stage(windows: Sequence[WindowToExport], ckpt: str | None, params: Ma
         raise DiffusersFormatError(f"first stage not found: {ckpt} (relative paths are relative to {os.getcwd()})")
     vq = build_first_stage(ckpt, params, trust_checkpoint=trust_checkpoint).eval()
     for w in windows:  # the fingerprint cannot see e.g. norm groups (refiner.formats.fingerprint)
-        diffs = architecture_differences(w.weights.first_stage_params, vq.config) if w.weights.first_stage_params \
-            else []
+        if not w.weights.first_stage_params:
+            warn_architecture_unknown(str(w.path), str(ckpt))
+            continue
+        diffs = architecture_differences(w.weights.first_stage_params, vq.config)
         if diffs:
             raise DiffusersFormatError(f"{w.path} was trained with another first-stage architecture than {ckpt} "
                                        f"({'; '.join(diffs)}; the window's vs the first stage's): the exported folder "

@@ -18,8 +18,9 @@ The fingerprint covers the weights, not the network that reads them: a GroupNorm
 count, so the same f4 weights built with 8 groups instead of 32 keep the fingerprint and decode wrongly. Beside it,
 windows record their f4's architecture (``{ddconfig, n_embed, embed_dim}``: channels, ``ch_mult`` and so the factor,
 ``z_channels``, ``embed_dim``, norm groups, ...), and :func:`check_first_stage_architecture` compares it with the
-first stage they are run with, whatever file that came from (CompVis/taming ``.ckpt``, our own, a diffusers
-folder). The fingerprint's value is unchanged by this (existing checkpoints record it).
+first stage they are run with, whatever file that came from (CompVis/taming ``.ckpt`` with its config, our own,
+a diffusers folder). The fingerprint's value is unchanged by this (existing checkpoints record it), and a window that
+records no architecture (older files) is still run, with a warning, its weights checked by the fingerprint alone.
 """
 
 from __future__ import annotations
@@ -111,10 +112,15 @@ def check_first_stage_architecture(expected: Mapping | None, expected_source: st
     """Check that ``expected_source`` (a window) was trained with a first stage of the architecture ``actual``
     (``{ddconfig, n_embed, embed_dim}`` of ``actual_source``, e.g. ``VQModel.config``), the parameters that change
     how the same weights are read (:func:`refiner.models.vq.architecture_differences`). Returns True if both are
-    known and equal; an unknown side (a checkpoint that records no architecture) passes silently, since the
-    fingerprint check already warns about older checkpoints. A difference raises :class:`FirstStageMismatch` naming
-    both and every differing entry, or warns with ``allow_mismatch``."""
-    if expected is None or actual is None:
+    known and equal. A window that records no architecture (one trained or exported before windows recorded it, or
+    trained without ``model.first_stage``) is run, with a warning (:func:`warn_architecture_unknown`): refusing it
+    would make every older window unusable, and its fingerprint is still checked. A difference raises
+    :class:`FirstStageMismatch` naming both and every differing entry, or warns with ``allow_mismatch``."""
+    if expected is None:
+        if actual is not None:
+            warn_architecture_unknown(expected_source, actual_source)
+        return False
+    if actual is None:
         return False
     diffs = architecture_differences(expected, actual)
     if diffs:
@@ -123,6 +129,14 @@ def check_first_stage_architecture(expected: Mapping | None, expected_source: st
                   "another network decode wrongly", allow_mismatch)
         return False
     return True
+
+
+def warn_architecture_unknown(window_source: str, first_stage_source: str) -> None:
+    """Say that ``window_source`` records no first-stage architecture, so that ``first_stage_source`` being the same
+    network (norm groups, channels, factor, ...) cannot be checked; only its weights (the fingerprint) can."""
+    warnings.warn(f"{window_source} records no first-stage architecture (an older checkpoint or export?); cannot "
+                  f"check that {first_stage_source} reads its latents with the same network (norm groups, channels, "
+                  "factor, ...), only that the weights match; re-export or retrain to record it", stacklevel=3)
 
 
 def check_architectures_agree(named: Iterable[tuple[str, Mapping | None]], allow_mismatch: bool = False) -> dict | None:

@@ -26,6 +26,7 @@ from refiner.io import atomic_write_text
 
 FINGERPRINT_KEY = "first_stage_fingerprint"
 UNKNOWN = "unknown"
+CARD_TAG = "- refiner"  # the first tag of every card's front matter: what marks a card as ours
 
 
 @dataclass
@@ -139,9 +140,20 @@ def _lora_text(extra: Mapping[str, Any]) -> str | None:
             f"on `{base.get('path')}` (weights fingerprint {base.get('fingerprint')})")
 
 
+def is_model_card(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a model card refiner wrote (:func:`render_model_card`'s front matter: ``library_name``,
+    then the tag ``refiner``), so that ``--force`` may replace it; any other file is someone's own."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = [f.readline().rstrip("\n") for _ in range(4)]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head[0] == "---" and head[1].startswith("library_name: ") and head[2:] == ["tags:", CARD_TAG]
+
+
 def render_model_card(entries: Sequence[CardEntry], title: str, usage: str = "",
                       first_stage: str | None = None, library_name: str = "diffusers") -> str:
-    lines = ["---", f"library_name: {library_name}", "tags:", "- refiner", "- latent-diffusion", "- timestep-window-expert",
+    lines = ["---", f"library_name: {library_name}", "tags:", CARD_TAG, "- latent-diffusion", "- timestep-window-expert",
              "---", "", f"# {title}", "",
              "Late-timestep window experts trained with refiner. Timesteps: t=0 is clean, t=T-1 is pure noise; "
              "a window [t_min, t_max) is half-open and the expert was trained only on those t.", ""]

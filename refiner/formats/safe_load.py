@@ -1,7 +1,8 @@
-"""Reading torch checkpoints safely: ``torch.load(weights_only=True)`` with clear errors (missing, corrupt,
-pickled code, plain pickles, old non-zip files), and telling a safetensors file by its content.
+"""Reading torch checkpoints safely: ``torch.load(weights_only=True)`` with clear errors (missing, unreadable,
+corrupt, pickled code, plain pickles, old non-zip files), and telling a safetensors file by its content.
 
-:class:`CheckpointError` is the error every loader in :mod:`refiner.formats` raises.
+:class:`CheckpointError` is the error every loader in :mod:`refiner.formats` raises; :func:`check_readable` is how each
+of them tells "you may not read this" (``permission denied: PATH``) from damage before reading.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def _unsafe_globals(path: Path, err: Exception) -> list[str]:
     return re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
 
 
+def check_readable(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` ``permission denied: PATH`` if ``path`` (a file or folder) exists but this
+    process may not open it for reading (or may not reach it); anything else (missing, ...) is left to the caller.
+
+    Every loader calls this before reading, so a file the user may not read is never reported as truncated or
+    corrupt: the readers themselves blur the cause (``torch.load`` fails mid-way; safetensors reports an unreadable
+    file as "No such file or directory"). It opens the path (non-blocking, so a FIFO cannot hang it) rather than ask
+    ``os.access``, which answers for the real, not the effective, user and ignores what only ``open`` meets."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except PermissionError as err:
+        raise CheckpointError(f"permission denied: {path}") from err
+    except OSError:
+        pass
+
+
 def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map_location="cpu") -> Any:
     """``torch.load`` that refuses pickled code unless ``trust_checkpoint=True``.
 
@@ -68,6 +85,7 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
     full unpickling (naming the offending globals and how to allow it).
     """
     path = Path(path)
+    check_readable(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if is_safetensors(path, by_suffix=False):
@@ -88,6 +106,8 @@ def safe_torch_load(path: str | os.PathLike, trust_checkpoint: bool = False, map
             ) from err
         _raise_if_whole_pickle(path, err, trust_checkpoint)
         raise CheckpointError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]})") from err
+    except PermissionError as err:  # made unreadable since check_readable
+        raise CheckpointError(f"permission denied: {path}") from err
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as err:
         _raise_if_whole_pickle(path, err, trust_checkpoint)
         raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__}: {str(err)[:200]})") from err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 import zipfile
 from dataclasses import dataclass, fields
@@ -35,7 +36,7 @@ from refiner.formats.kinds import (
     load_strict,
     strip_prefix,
 )
-from refiner.formats.safe_load import CheckpointError
+from refiner.formats.safe_load import CheckpointError, check_readable, is_safetensors
 from refiner.models.unet import UNetModel
 from refiner.settings import to_plain
 
@@ -205,11 +206,26 @@ def window_metadata(ww: WindowWeights) -> dict[str, str]:
     }
 
 
+def is_window_export(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a window export of ours (a safetensors file whose metadata says ``format:
+    refiner-window``), read from its header only; what ``--force`` may replace."""
+    from safetensors import SafetensorError, safe_open
+
+    if not is_safetensors(Path(path), by_suffix=False):
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format") == EXPORT_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def load_export(path: Path) -> WindowWeights:
     """A window expert from our ``.safetensors`` export (its weights and :func:`window_metadata`)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    check_readable(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

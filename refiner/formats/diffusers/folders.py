@@ -23,7 +23,7 @@ from torch import Tensor
 from refiner.formats.diffusers import DiffusersFormatError
 from refiner.formats.diffusers.config import schedule_from_scheduler_config, unet_from_diffusers, vq_from_diffusers
 from refiner.formats.kinds import load_strict
-from refiner.formats.safe_load import safe_torch_load
+from refiner.formats.safe_load import check_readable, safe_torch_load
 from refiner.models.vq import VQModel, architecture_differences
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ CHAIN_FORMAT = "refiner-diffusers-chain"
 
 def read_json(path: Path) -> dict:
     """A folder's JSON file (config.json, scheduler_config.json, refiner_chain.json); missing or invalid ->
-    :class:`DiffusersFormatError`."""
+    :class:`DiffusersFormatError`; unreadable -> ``permission denied: PATH``."""
+    check_readable(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -52,6 +53,7 @@ def read_weights(folder: Path) -> dict[str, Tensor]:
 
     st, binf = folder / WEIGHTS_NAME, folder / WEIGHTS_NAME_BIN
     if st.is_file():
+        check_readable(st)  # safetensors reports an unreadable file as "No such file or directory"
         try:
             return load_file(str(st))
         except (SafetensorError, OSError) as err:
