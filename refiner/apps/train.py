@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from refiner.apps.hydra_app import hydra_command
+from refiner.apps.instantiate import check_block, instantiate
 from refiner.cli import run_cli
 from refiner.data.latents import expand_shards, read_all_samples
 from refiner.data.shards import MANIFEST, load_manifest
@@ -35,6 +36,7 @@ from refiner.io import atomic_write_text
 from refiner.lit.chain_validation import ChainValidation
 from refiner.lit.checkpoint_io import AtomicCheckpointIO
 from refiner.models.lora import LoraSettings
+from refiner.settings import require_int
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,20 @@ def _require_file(path: str | None, what: str, folder_ok: bool = False) -> None:
         raise ConfigError(f"{what} not found: {path!r} (relative paths are relative to {os.getcwd()})")
 
 
+# Lightning's ``seed_everything`` seeds numpy, whose seeds are 32-bit unsigned
+SEED_RANGE = (0, 2**32 - 1)
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail fast, before any compute, on the inputs users most often get wrong."""
+    require_int("seed", cfg.seed, *SEED_RANGE)
+    accelerator = cfg.trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use trainer=cpu (or trainer=ddp_cpu)")
+    for key in ("data", "trainer"):  # keys and types before any compute (model: once scale_factor=auto is resolved)
+        check_block(cfg[key], key)
     for name in cfg.get("required_paths") or []:
         value = cfg.paths.get(name)
         if not value:
@@ -95,11 +109,11 @@ def record_lora_base(cfg: DictConfig, state: dict | None) -> None:
         cfg.model.lora_base = base_reference(cfg.init_from, state, cfg.init_from_ema)
 
 
-def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a name -> config mapping (callbacks, loggers)."""
+def instantiate_dict(cfg: DictConfig | None, where: str = "callbacks") -> list[Any]:
+    """Instantiate every ``_target_`` entry of a name -> config mapping (``where``: callbacks, loggers)."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    return [instantiate(c, f"{where}.{name}") for name, c in cfg.items() if c is not None and "_target_" in c]
 
 
 def loggers_from(cfg: DictConfig | None, env: Mapping[str, str] | None = None) -> list[Any]:
@@ -118,7 +132,7 @@ def loggers_from(cfg: DictConfig | None, env: Mapping[str, str] | None = None) -
                 log.info("WANDB_MODE=disabled: no wandb logger for %s", name)
                 continue
             c = OmegaConf.merge(c, {"offline": mode in ("offline", "dryrun")})
-        entries.append(hydra.utils.instantiate(c))
+        entries.append(instantiate(c, f"logger.{name}"))
     return entries
 
 
@@ -169,9 +183,6 @@ def resolve_scale_factor(cfg: DictConfig, init_info: dict | None = None, max_sam
         cfg.model.scale_factor = float(inherited)
         log.info("model.scale_factor=auto -> %.5f (from %s)", cfg.model.scale_factor, source)
         return
-    import torch
-
-
     samples = read_all_samples(expand_shards(cfg.data.train_shards), keys=("z_clean",), max_samples=max_samples)
     if not samples:
         raise ConfigError(f"model.scale_factor=auto: no readable samples in {cfg.data.train_shards}")
@@ -241,8 +252,8 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
 
     # _convert_=all: the library gets plain dicts and lists, never config objects
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.data, "data", _convert_="all")
+    model = instantiate(cfg.model, "model", _convert_="all")
     if init_state is not None:
         apply_init_from(model, cfg, init_state, init_info)
 
@@ -252,8 +263,8 @@ def run(cfg: DictConfig) -> dict:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback with bars disabled
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO(trust_checkpoint=cfg.trust_checkpoint)],
@@ -281,7 +292,7 @@ def task(cfg: DictConfig) -> None:
     raise SystemExit(run_cli(lambda: run(cfg) and 0))
 
 
-main = hydra_command("train", task)
+main = hydra_command("train", task, output_key="paths.output_dir")
 
 if __name__ == "__main__":
     main()
