@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from refiner.apps.hydra_app import hydra_command
@@ -35,6 +38,7 @@ from refiner.formats.safe_load import safe_torch_load
 from refiner.io import atomic_write_text
 from refiner.lit.chain_validation import ChainValidation
 from refiner.lit.checkpoint_io import AtomicCheckpointIO
+from refiner.lit.interrupt import InterruptCheckpoint
 from refiner.models.lora import LoraSettings
 from refiner.settings import require_int
 
@@ -258,7 +262,8 @@ def run(cfg: DictConfig) -> dict:
         apply_init_from(model, cfg, init_state, init_info)
 
     loggers = loggers_from(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg)
+    interrupt = InterruptCheckpoint()
+    callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg) + [interrupt]
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback with bars disabled
@@ -272,7 +277,13 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SystemExit:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
+        if interrupt.path is None:
+            raise
+    if interrupt.path is not None:
+        raise Interrupted(interrupt, trainer.is_global_zero)
 
     ckpt_cb = trainer.checkpoint_callback
     result = {
@@ -285,6 +296,29 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         log.info("finished at step %d; last checkpoint: %s", result["global_step"], result["last_ckpt"])
     return result
+
+
+class Interrupted(SystemExit):
+    """Training stopped by SIGTERM/SIGINT after saving ``last.ckpt``: exit 128 + signal (143, 130), after one line
+    (rank 0) naming the checkpoint and the command that resumes from it."""
+
+    def __init__(self, interrupt: InterruptCheckpoint, announce: bool = True):
+        super().__init__(128 + int(interrupt.signal))
+        if announce:
+            print(f"interrupted by {interrupt.signal.name} at step {interrupt.step}: saved {interrupt.path}; resume "
+                  f"with: {resume_command(interrupt.path)}", file=sys.stderr, flush=True)
+
+
+def resume_command(ckpt: Path) -> str:
+    """The command line of this run with ``ckpt_path=<ckpt>`` and Hydra's run dir pinned to this run's folder (so the
+    resumed run writes beside the interrupted one), as it can be pasted into a shell."""
+    prog = sys.argv[0]
+    head = ["python", prog] if prog.endswith(".py") else prog.split()
+    pinned = ("ckpt_path=", "hydra.run.dir=", "init_from=")  # resume replaces finetuning
+    args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(pinned)]
+    if HydraConfig.initialized():
+        args.append(f"hydra.run.dir={HydraConfig.get().runtime.output_dir}")
+    return shlex.join([*head, *args, f"ckpt_path={Path(ckpt).absolute()}"])
 
 
 def task(cfg: DictConfig) -> None:
