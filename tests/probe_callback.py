@@ -62,3 +62,16 @@ class RecordChainAndChanges(pl.Callback):
         out.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
                                    "refined_indices": chain.refined_indices, "changed": changed,
                                    "changed_sha256": digest.hexdigest()}))
+
+
+class MarkSteps(pl.Callback):
+    """Writes the global step after every training batch to ``<default_root_dir>/steps.txt`` (a marker a test polls
+    before signalling the run) and then sleeps, so that a signal lands during training."""
+
+    def __init__(self, seconds: float = 0.2):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        with open(Path(trainer.default_root_dir) / "steps.txt", "a") as f:
+            f.write(f"{trainer.global_step}\n")
+        time.sleep(self.seconds)

@@ -1,8 +1,13 @@
 """Issue 9, classes 7-9 for build_shards: all splits checked first, each split installed atomically, every
 PIL format accepted and every passed-over file reported, warnings that name their file."""
 
+import errno
 import json
 import logging
+import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,7 @@ import torch
 from conftest import compose_config
 from PIL import Image
 
+from refiner.cli import run_cli
 from refiner.data import shards as shards_mod
 from refiner.data.shards import NoReadableImages, ShardBuildError, build_shards, load_manifest
 from refiner.models.vq import VQModel, tiny_ddconfig
@@ -142,3 +148,69 @@ def test_validation_warning_reports_only_its_own_skips(tmp_path, caplog):
         read_all_samples(bad_val, counter=counter)
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("read ")]
     assert len(summary) == 1 and "skipped 1" in summary[0] and "val2" in summary[0] and "train" not in summary[0]
+
+
+def test_a_killed_build_leaves_a_folder_the_next_build_removes(tmp_path, vqs, caplog):
+    """Issue 21, item 5: SIGKILL mid-build leaves `.out.building-*` (its `finally` never runs); the next build of
+    the same out removes it and says so, but not a folder of a live build or one without our marker."""
+    f4, f8 = vqs
+    images, out = _images(tmp_path / "images", n=4), tmp_path / "out"
+    ready = tmp_path / "ready"
+    pid = os.fork()
+    if pid == 0:  # the child builds and stalls after its first shard, until it is killed
+        try:
+            real = shards_mod._encode_batch
+
+            def stall_after_first(*a, **k):
+                if ready.exists():
+                    time.sleep(120)
+                ready.touch()
+                return real(*a, **k)
+
+            shards_mod._encode_batch = stall_after_first
+            build_shards(images, out, f4, f8, batch_size=1, maxcount_per_shard=1, progress=False)
+        finally:
+            os._exit(0)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    killed = list(tmp_path.glob(".out.building-*"))
+    assert len(killed) == 1 and list(killed[0].glob("shard-*.tar")), "the killed build left no partial folder"
+
+    live, foreign = tmp_path / ".out.building-live", tmp_path / ".out.building-foreign"
+    live.mkdir()
+    (live / shards_mod.BUILD_MARKER).write_text(json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out.absolute()), "started": 0}))
+    foreign.mkdir()
+    (foreign / "data").write_text("not ours")
+    with caplog.at_level(logging.WARNING):
+        build_shards(images, out, f4, f8, progress=False)
+    assert not killed[0].exists()
+    removed = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert len(removed) == 1 and str(killed[0]) in removed[0] and str(pid) in removed[0]
+    assert live.is_dir() and foreign.is_dir() and load_manifest(out)["num_samples"] == 4
+
+
+def test_disk_full_is_one_line_exit_1_and_leaves_nothing(tmp_path, vqs, monkeypatch, capsys):
+    """Issue 21, item 4: ENOSPC while a shard is written: one line naming the file and how much was written,
+    exit 1, no partial output and no temporary folder."""
+    f4, f8 = vqs
+    images, out = _images(tmp_path / "images", n=4), tmp_path / "out"
+    real = shards_mod.wds.ShardWriter.write
+    calls = {"n": 0}
+
+    def fills_the_disk(self, sample):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, sample)
+
+    monkeypatch.setattr(shards_mod.wds.ShardWriter, "write", fills_the_disk)
+    assert run_cli(lambda: build_shards(images, out, f4, f8, maxcount_per_shard=1, progress=False)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: No space left on device writing "), err
+    assert ".out.building-" in err[0] and "/shard-00000" in err[0] and "KiB of shards" in err[0] and str(out) in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

@@ -322,10 +322,13 @@ def test_tiny_chain_stops_resumes_skips_and_its_refine_command_works(tmp_path, c
 def test_a_failing_step_shows_its_log_and_exits_1(tmp_path, capsys):
     data = make_images(tmp_path / "imgs", 20)
     s = ChainSettings(data_folder=str(data), out=str(tmp_path / "out"), size=32, until="vq_f4",
-                      args=CommandArgs(train=("+trainer.no_such_trainer_argument=1",)))
+                      # a step that crashes (a callback whose construction raises FileNotFoundError; a setting error
+                      # such as +trainer.no_such_argument=1 is now the step's one-line exit 2, and the chain's)
+                      args=CommandArgs(train=("+callbacks.boom._target_=builtins.open",
+                                              f"+callbacks.boom.file={tmp_path / 'missing' / 'boom.txt'}")))
     code = run_chain(lambda: s)
     err = capsys.readouterr().err
     assert code == 1, err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: step vq_f4 failed (exit code 1)"), err
-    assert "  | " in err and "no_such_trainer_argument" in err  # the end of the step's log, marked
+    assert "  | " in err and "boom.txt" in err  # the end of the step's log, marked

@@ -131,3 +131,74 @@ def test_build_shards_setting_errors_exit_2_before_anything_is_written(tmp_path)
     assert code == 2
     _assert_one_error_line(err, "splits.train.images", "does not exist")
     assert not (tmp_path / "out").exists()
+
+
+# ---- issue 21, item 6: Hydra's own failures follow the contract too
+
+
+def _fake_shards(tmp_path: Path) -> Path:
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "shard-000000.tar").write_bytes(b"")  # never read: every case fails while building the trainer
+    return folder
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["trainer.max_steps=abc"], ["trainer.max_steps='abc'", "expected int"]),
+    (["+trainer.max_step=3"], ["unknown setting trainer.max_step", "did you mean trainer.max_steps"]),
+    (["data.batch_size=0"], ["data:", "batch_size"]),
+    (["trainer.max_steps=-5"], ["trainer:", "max_steps"]),
+    (["trainer=gpu"], ["trainer.accelerator=gpu", "CUDA is not available"]),
+    (["trainer.accelerator=gpu", "trainer.devices=4"], ["trainer.accelerator=gpu", "CUDA is not available"]),
+    (["seed=99999999999999999999"], ["seed", "[0, 4294967295]"]),
+])
+def test_train_settings_rejected_while_instantiating_exit_2(tmp_path, capsys, overrides, needles):
+    if "gpu" in " ".join(overrides) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from refiner.apps.train import run
+
+    cfg = compose_config("train", ["logger=none", "model.first_stage=null", "model.scale_factor=1.0",
+                                   f"data.train_shards={_fake_shards(tmp_path)}", *overrides], tmp_path / "run")
+    assert run_cli(lambda: run(cfg)) == 2
+    _assert_one_error_line(capsys.readouterr().err, *needles)
+
+
+def test_hydra_typo_names_the_nearest_key(monkeypatch, capsys):
+    from refiner.apps import train
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "model.lr_typo=1"])
+    with pytest.raises(SystemExit) as exit_:
+        train.main()
+    assert exit_.value.code == 2
+    _assert_one_error_line(capsys.readouterr().err, "unknown setting model.lr_typo", "model.base_lr")
+
+
+def test_instantiation_error_from_the_command_line_is_one_line(tmp_path):
+    code, err = _cli(["train.py", "logger=none", "model.first_stage=null", "model.scale_factor=1.0",
+                      f"data.train_shards={_fake_shards(tmp_path)}", "trainer.max_steps=-5"], tmp_path)
+    assert code == 2
+    _assert_one_error_line(err, "max_steps")
+
+
+def test_unwritable_working_directory_moves_hydras_run_dir_or_says_permission_denied(tmp_path):
+    prefix = _drop_override_rights()
+    cwd, out = tmp_path / "readonly_cwd", tmp_path / "out"
+    cwd.mkdir(mode=0o555)
+    try:
+        def run(*args):
+            proc = subprocess.run([*prefix, sys.executable, str(ROOT / args[0]), *args[1:]], cwd=cwd,
+                                  capture_output=True, text=True, timeout=120, env=ENV)
+            return proc.returncode, proc.stderr
+
+        # output_dir writable: Hydra's files go there, the run goes on (to the missing experts: exit 2)
+        code, err = run("refine.py", f"inputs={tmp_path}", f"output_dir={out}", f"experts=[{tmp_path / 'no.ckpt'}]")
+        assert code == 2 and "Traceback" not in err and "PermissionError" not in err, err[-2000:]
+        assert "note: Hydra's run dir" in err and f"output_dir={out}" in err
+        _assert_one_error_line(err, "no.ckpt")
+        assert (out / ".hydra" / "config.yaml").is_file()
+        # nothing writable (train's output folder is Hydra's run dir): one line, exit 2
+        code, err = run("train.py", f"hydra.run.dir={cwd / 'run'}")
+        assert code == 2
+        _assert_one_error_line(err, f"permission denied: {cwd / 'run'}")
+    finally:
+        cwd.chmod(0o755)

@@ -107,3 +107,34 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(world, tmp_pa
     for i, state in a["optimizer_states"][0]["state"].items():
         for k, v in state.items():
             assert torch.equal(v, b["optimizer_states"][0]["state"][i][k]), f"optimizer {i}.{k}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_saves_last_ckpt_and_resume_continues(world, tmp_path, signum):
+    """Issue 21, item 5: a signalled run saves last.ckpt at its current step, exits 128 + signal with one line naming
+    the checkpoint and the resume command, and resuming from it continues at the saved step."""
+    out = tmp_path / "run"
+    marker = ["+callbacks.mark._target_=probe_callback.MarkSteps", "+callbacks.mark.seconds=0.3"]
+    proc = subprocess.Popen(_args(world, out, "trainer.max_steps=200", "trainer.val_check_interval=100", *marker),
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    steps = out / "steps.txt"
+    try:
+        deadline = time.time() + 300
+        while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, err[-3000:]
+    last = out / "checkpoints" / "last.ckpt"
+    saved_step = _load(last)["global_step"]
+    assert 1 <= saved_step < 200
+    lines = [line for line in err.splitlines() if line.startswith("interrupted by")]
+    assert len(lines) == 1 and str(last) in lines[0] and f"ckpt_path={last}" in lines[0], err[-2000:]
+
+    resumed = subprocess.run(_args(world, out, f"trainer.max_steps={saved_step + 1}", f"ckpt_path={last}"),
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _load(last)["global_step"] == saved_step + 1  # continued from the saved step, one more

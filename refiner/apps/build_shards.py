@@ -96,7 +96,7 @@ def task(cfg: DictConfig) -> None:
     raise SystemExit(run_cli(lambda: exit_code(run(cfg))))
 
 
-main = hydra_command("build_shards", task)
+main = hydra_command("build_shards", task, output_key=None)
 
 if __name__ == "__main__":
     main()

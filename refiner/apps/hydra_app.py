@@ -7,7 +7,9 @@ conversion of the composed config into typed settings (the one place the library
    one ``deprecated:`` line naming the new spelling;
 2. composes the config once with Hydra's compose API, so that an override Hydra cannot apply (an unknown key, an
    unknown preset or experiment) is one ``error:`` line and exit 2 (:mod:`refiner.cli`) instead of Hydra's multi-line
-   report and exit 1. Sweeps (``-m``) are left to Hydra.
+   report and exit 1. Sweeps (``-m``) are left to Hydra;
+3. checks that Hydra's run dir can be created, else moves it to the command's output folder or stops with one
+   ``error: permission denied: ...`` line (:mod:`refiner.apps.run_dir`).
 
 :func:`settings_from` turns the composed ``DictConfig`` into a settings dataclass with
 :func:`refiner.settings.from_config`, leaving out the keys that only feed interpolations (``paths``, ``task_name``).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -29,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from refiner.apps import CONFIG_DIR
+from refiner.apps.run_dir import NO_RUN_FLAGS, run_dir_overrides
 from refiner.cli import report
 from refiner.errors import SettingError
 from refiner.settings import from_config
@@ -86,6 +90,18 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+def nearest_keys(key: str, valid: Sequence[str]) -> list[str]:
+    """The valid keys to suggest for an unknown ``key``: difflib's closest (a misspelling, ``t_strat`` ->
+    ``t_start``), else the (at most two) keys sharing a word with it, closest first (``lr_typo`` -> ``base_lr``,
+    ``scale_lr``: difflib alone scores ``grid_steps`` higher for a short key)."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return close
+    words = {w for w in re.split(r"[_.]", key.lower()) if w}
+    sharing = [k for k in valid if words & set(k.lower().split("_"))]
+    return sorted(sharing, key=lambda k: -difflib.SequenceMatcher(None, key, k).ratio())[:2]
+
+
 def composition_error(err: Exception, config_name: str, overrides: Sequence[str]) -> SettingError:
     """Hydra's composition failure as one line: the unknown key with the nearest valid one, or the unknown option of
     a config group with the options there are."""
@@ -107,41 +123,47 @@ def composition_error(err: Exception, config_name: str, overrides: Sequence[str]
             valid = list(node.keys()) if isinstance(node, DictConfig) else []
         except HydraException:
             valid = []
-        close = difflib.get_close_matches(key, [str(k) for k in valid], n=1, cutoff=0.6)
+        close = nearest_keys(key, [str(k) for k in valid if not str(k).startswith("_")])
         where = f"{parent}." if parent else ""
-        hint = f"; did you mean {where}{close[0]}?" if close else ""
+        hint = f"; did you mean {' or '.join(where + k for k in close)}?" if close else ""
         return SettingError(f"unknown setting {full_key}{hint} (add a new key with +{full_key}=...)")
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return SettingError(f"cannot compose the {config_name} config: {text}")
 
 
-def check_composes(config_name: str, overrides: Sequence[str]) -> None:
-    """Compose ``config_name`` with ``overrides`` as Hydra will; raise a one-line :class:`SettingError` if it fails.
-    Inside a running Hydra app (``refiner chain`` checking its steps' command lines) the app's config search path,
-    which is ``conf/`` too, is used."""
+def check_composes(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose ``config_name`` with ``overrides`` as Hydra will (with its ``hydra`` node) and return it; raise a
+    one-line :class:`SettingError` if it fails. Inside a running Hydra app (``refiner chain`` checking its steps'
+    command lines) the app's config search path, which is ``conf/`` too, is used."""
     running = GlobalHydra.instance().is_initialized()
     with contextlib.nullcontext() if running else initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         try:
-            compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as err:
             raise composition_error(err, config_name, overrides) from None
 
 
 def hydra_command(config_name: str, task: Callable[[DictConfig], Any],
-                  aliases: Mapping[str, str] | None = None) -> Callable[[], Any]:
-    """``hydra.main`` for ``task`` over ``conf/<config_name>.yaml``, with the checks in the module docstring."""
+                  aliases: Mapping[str, str] | None = None, output_key: str | None = "output_dir") -> Callable[[], Any]:
+    """``hydra.main`` for ``task`` over ``conf/<config_name>.yaml``, with the checks in the module docstring.
+    ``output_key``: the command's output folder, where Hydra's run dir goes when the configured one cannot be
+    created (:mod:`refiner.apps.run_dir`); None when the command has none."""
     main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)
 
     def command() -> Any:
         argv = rewrite_deprecated(sys.argv[1:], aliases or {})
-        sys.argv = [sys.argv[0], *argv]
         overrides = overrides_of(argv)
         if overrides is not None:
             try:
-                check_composes(config_name, overrides)
+                cfg = check_composes(config_name, overrides)
+                if not NO_RUN_FLAGS & set(argv):
+                    fallback = run_dir_overrides(cfg, output_key)
+                    if fallback:
+                        argv = [a for a in argv if not a.startswith("hydra.run.dir=")] + fallback
             except SettingError as err:
                 report(err)
                 raise SystemExit(2) from None
+        sys.argv = [sys.argv[0], *argv]
         return main()
 
     return command

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import hydra
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from refiner.apps.hydra_app import hydra_command
+from refiner.apps.instantiate import check_block, instantiate
 from refiner.cli import run_cli
 from refiner.data.latents import expand_shards, read_all_samples
 from refiner.data.shards import MANIFEST, load_manifest
@@ -34,7 +38,9 @@ from refiner.formats.safe_load import safe_torch_load
 from refiner.io import atomic_write_text
 from refiner.lit.chain_validation import ChainValidation
 from refiner.lit.checkpoint_io import AtomicCheckpointIO
+from refiner.lit.interrupt import InterruptCheckpoint
 from refiner.models.lora import LoraSettings
+from refiner.settings import require_int
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,20 @@ def _require_file(path: str | None, what: str, folder_ok: bool = False) -> None:
         raise ConfigError(f"{what} not found: {path!r} (relative paths are relative to {os.getcwd()})")
 
 
+# Lightning's ``seed_everything`` seeds numpy, whose seeds are 32-bit unsigned
+SEED_RANGE = (0, 2**32 - 1)
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
 def validate(cfg: DictConfig) -> None:
     """Fail fast, before any compute, on the inputs users most often get wrong."""
+    require_int("seed", cfg.seed, *SEED_RANGE)
+    accelerator = cfg.trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use trainer=cpu (or trainer=ddp_cpu)")
+    for key in ("data", "trainer"):  # keys and types before any compute (model: once scale_factor=auto is resolved)
+        check_block(cfg[key], key)
     for name in cfg.get("required_paths") or []:
         value = cfg.paths.get(name)
         if not value:
@@ -95,11 +113,11 @@ def record_lora_base(cfg: DictConfig, state: dict | None) -> None:
         cfg.model.lora_base = base_reference(cfg.init_from, state, cfg.init_from_ema)
 
 
-def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a name -> config mapping (callbacks, loggers)."""
+def instantiate_dict(cfg: DictConfig | None, where: str = "callbacks") -> list[Any]:
+    """Instantiate every ``_target_`` entry of a name -> config mapping (``where``: callbacks, loggers)."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    return [instantiate(c, f"{where}.{name}") for name, c in cfg.items() if c is not None and "_target_" in c]
 
 
 def loggers_from(cfg: DictConfig | None, env: Mapping[str, str] | None = None) -> list[Any]:
@@ -118,7 +136,7 @@ def loggers_from(cfg: DictConfig | None, env: Mapping[str, str] | None = None) -
                 log.info("WANDB_MODE=disabled: no wandb logger for %s", name)
                 continue
             c = OmegaConf.merge(c, {"offline": mode in ("offline", "dryrun")})
-        entries.append(hydra.utils.instantiate(c))
+        entries.append(instantiate(c, f"logger.{name}"))
     return entries
 
 
@@ -169,9 +187,6 @@ def resolve_scale_factor(cfg: DictConfig, init_info: dict | None = None, max_sam
         cfg.model.scale_factor = float(inherited)
         log.info("model.scale_factor=auto -> %.5f (from %s)", cfg.model.scale_factor, source)
         return
-    import torch
-
-
     samples = read_all_samples(expand_shards(cfg.data.train_shards), keys=("z_clean",), max_samples=max_samples)
     if not samples:
         raise ConfigError(f"model.scale_factor=auto: no readable samples in {cfg.data.train_shards}")
@@ -241,19 +256,20 @@ def run(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
 
     # _convert_=all: the library gets plain dicts and lists, never config objects
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    datamodule = instantiate(cfg.data, "data", _convert_="all")
+    model = instantiate(cfg.model, "model", _convert_="all")
     if init_state is not None:
         apply_init_from(model, cfg, init_state, init_info)
 
     loggers = loggers_from(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg)
+    interrupt = InterruptCheckpoint()
+    callbacks = instantiate_dict(cfg.get("callbacks")) + chain_validation(cfg) + [interrupt]
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback with bars disabled
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
-    trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO(trust_checkpoint=cfg.trust_checkpoint)],
@@ -261,7 +277,13 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SystemExit:  # Lightning's SIGTERMException, or its sys.exit(1) after a KeyboardInterrupt
+        if interrupt.path is None:
+            raise
+    if interrupt.path is not None:
+        raise Interrupted(interrupt, trainer.is_global_zero)
 
     ckpt_cb = trainer.checkpoint_callback
     result = {
@@ -276,12 +298,35 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
+class Interrupted(SystemExit):
+    """Training stopped by SIGTERM/SIGINT after saving ``last.ckpt``: exit 128 + signal (143, 130), after one line
+    (rank 0) naming the checkpoint and the command that resumes from it."""
+
+    def __init__(self, interrupt: InterruptCheckpoint, announce: bool = True):
+        super().__init__(128 + int(interrupt.signal))
+        if announce:
+            print(f"interrupted by {interrupt.signal.name} at step {interrupt.step}: saved {interrupt.path}; resume "
+                  f"with: {resume_command(interrupt.path)}", file=sys.stderr, flush=True)
+
+
+def resume_command(ckpt: Path) -> str:
+    """The command line of this run with ``ckpt_path=<ckpt>`` and Hydra's run dir pinned to this run's folder (so the
+    resumed run writes beside the interrupted one), as it can be pasted into a shell."""
+    prog = sys.argv[0]
+    head = ["python", prog] if prog.endswith(".py") else prog.split()
+    pinned = ("ckpt_path=", "hydra.run.dir=", "init_from=")  # resume replaces finetuning
+    args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(pinned)]
+    if HydraConfig.initialized():
+        args.append(f"hydra.run.dir={HydraConfig.get().runtime.output_dir}")
+    return shlex.join([*head, *args, f"ckpt_path={Path(ckpt).absolute()}"])
+
+
 def task(cfg: DictConfig) -> None:
     """The Hydra task: :func:`run` under :func:`refiner.cli.run_cli`'s exit-code contract."""
     raise SystemExit(run_cli(lambda: run(cfg) and 0))
 
 
-main = hydra_command("train", task)
+main = hydra_command("train", task, output_key="paths.output_dir")
 
 if __name__ == "__main__":
     main()

@@ -22,13 +22,17 @@ Reading them for training is :mod:`refiner.data.latents`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -194,6 +198,68 @@ def check_shard_output(out_dir: str | os.PathLike, overwrite: bool, image_files:
     return f"overwrite=true: replacing {out}, which holds {what}"
 
 
+# Inside every temporary build folder: who made it (a later build removes the folder once that process is gone)
+BUILD_MARKER = ".refiner-build.json"
+
+
+class ShardDiskFull(InputsFailed):
+    """The disk filled up while a split was written (exit 1): the partial build was removed, nothing installed."""
+
+
+def _building_prefix(out: Path) -> str:
+    return f".{out.name}.building-"
+
+
+def _start_build_folder(out: Path, parent: Path) -> Path:
+    """A new temporary build folder for ``out`` in ``parent``, holding the marker that names this process."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix=_building_prefix(out), dir=parent))
+    marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out.absolute()), "started": time.time()}
+    (tmp_dir / BUILD_MARKER).write_text(json.dumps(marker))
+    return tmp_dir
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_builds(out: Path, parent: Path) -> list[Path]:
+    """Remove the temporary build folders for ``out`` in ``parent`` that an earlier build left behind when it was
+    killed (SIGKILL, power loss: its ``finally`` never ran). Only folders of ours are touched: named
+    ``.<out>.building-*``, holding :data:`BUILD_MARKER` written for ``out`` on this host by a process that no longer
+    runs (a concurrent build's folder is left alone). One warning line per folder removed; returns them."""
+    removed = []
+    for folder in sorted(parent.glob(_building_prefix(out) + "*")):
+        try:
+            marker = json.loads((folder / BUILD_MARKER).read_text())
+            pid, host, target = int(marker["pid"]), marker["host"], marker["out"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no readable marker: not provably ours
+        if host != socket.gethostname() or target != str(out.absolute()) or _process_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("removed %s, left by an earlier build of %s (process %d, no longer running)", folder, out, pid)
+        removed.append(folder)
+    return removed
+
+
+def _bytes_in(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"
+
+
 def _install_folder(built: Path, out: Path) -> None:
     """Move the complete folder ``built`` to ``out`` (same file system), replacing what was there."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +329,9 @@ def build_shards(
     counts = Counter()
     image_shapes, latent_shapes = Counter(), Counter()
     nearest = next(p for p in (out.parent, *out.parents) if p.exists())
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=nearest))
+    remove_stale_builds(out, nearest)
+    tmp_dir = _start_build_folder(out, nearest)
+    writer = None
     try:
         writer = wds.ShardWriter(str(tmp_dir / SHARD_PATTERN), maxcount=maxcount_per_shard, verbose=0)
 
@@ -330,10 +398,22 @@ def build_shards(
             "ignored": ignored,  # entries of the image folder/glob that are not images PIL can open
         }
         atomic_write_text(tmp_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        (tmp_dir / BUILD_MARKER).unlink()
         if replacing:
             log.warning("%s", replacing)
         _install_folder(tmp_dir, out)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = _bytes_in(tmp_dir)
+        where = err.filename or getattr(writer, "fname", None) or tmp_dir
+        raise ShardDiskFull(f"{err.strerror or 'no space left on device'} writing {where}: {_human(written)} of "
+                            f"shards for {out} had been written; the partial build is removed and {out} is "
+                            "unchanged") from None
     finally:
+        if writer is not None and getattr(writer, "tarstream", None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
 

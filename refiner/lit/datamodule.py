@@ -52,6 +52,7 @@ from refiner.data.latents import (
 )
 from refiner.data.shards import IMAGE_KEYS, LATENT_KEYS, load_manifest
 from refiner.errors import InputsFailed
+from refiner.settings import require_int
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ class LatentDataModule(pl.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        require_int("batch_size", batch_size, minimum=1)
+        require_int("num_workers", num_workers, minimum=0)
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.mode, self.seed = batch_size, num_workers, mode, seed
         self.shuffle_buffer = shuffle_buffer
