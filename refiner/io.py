@@ -261,6 +261,19 @@ def write_export_folder(out: str | os.PathLike, layout: ExportLayout, write: Cal
     return Path(out)
 
 
+def new_folder(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder ``<parent>/<prefix><random>``, made by ``mkdir`` with the mode a new folder gets there
+    (0777 minus the umask). ``tempfile.mkdtemp`` makes 0700, and a temporary folder renamed into place keeps it:
+    nobody else in the group could read the result."""
+    while True:
+        candidate = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
 def _fresh_sibling(path: Path, suffix: str, create: bool = False) -> Path:
     """An unused name ``.<name>.<random>.<suffix>`` beside ``path`` (made as a folder when ``create``)."""
     while True:

@@ -86,3 +86,26 @@ def test_the_exports_and_a_checkpoint_respect_the_umask(umask, tmp_path):
     assert {"w.safetensors", "w.README.md", "hf/unet/diffusion_pytorch_model.safetensors", "hf/README.md",
             "ckpt/last.ckpt"} <= {str(p.relative_to(out)) for p in out.rglob("*")}
     assert _modes(out) == _expected(out, file_mode, folder_mode)
+
+
+def test_a_shard_folder_respects_the_umask(umask, tmp_path):
+    """build_shards builds in a temporary folder and renames it into place: the folder keeps the mode it was made
+    with (``tempfile.mkdtemp`` gave 0700)."""
+    from PIL import Image
+
+    from refiner.data.shards import build_shards
+    from refiner.models.vq import VQModel, tiny_ddconfig
+
+    file_mode, folder_mode = umask
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    torch.manual_seed(0)
+    f4 = VQModel(tiny_ddconfig(4, resolution=16), n_embed=16, embed_dim=3).eval()
+    f8 = VQModel(tiny_ddconfig(8, resolution=16), n_embed=16, embed_dim=4).eval()
+    out = tmp_path / "shards" / "train"
+    for overwrite in (False, True):  # a new shard folder, then one replacing it
+        build_shards(images, out, f4, f8, overwrite=overwrite, progress=False)
+        assert _modes(out) == _expected(out, file_mode, folder_mode)

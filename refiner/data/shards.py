@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,7 +54,7 @@ from refiner.data.images import (
 )
 from refiner.errors import InputsFailed, SettingError
 from refiner.formats.fingerprint import first_stage_fingerprint
-from refiner.io import atomic_write_text, same_file
+from refiner.io import atomic_write_text, new_folder, same_file
 from refiner.models.vq import VQModel
 from refiner.progress import progress as progress_bar
 from refiner.settings import require_choice, require_int
@@ -212,7 +211,7 @@ def _building_prefix(out: Path) -> str:
 
 def _start_build_folder(out: Path, parent: Path) -> Path:
     """A new temporary build folder for ``out`` in ``parent``, holding the marker that names this process."""
-    tmp_dir = Path(tempfile.mkdtemp(prefix=_building_prefix(out), dir=parent))
+    tmp_dir = new_folder(parent, _building_prefix(out))
     marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out.absolute()), "started": time.time()}
     (tmp_dir / BUILD_MARKER).write_text(json.dumps(marker))
     return tmp_dir
@@ -266,7 +265,7 @@ def _install_folder(built: Path, out: Path) -> None:
     if not out.exists():
         os.rename(built, out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    old = new_folder(out.parent, f".{out.name}.replaced-")
     os.replace(out, old)  # onto the empty temp folder
     os.rename(built, out)
     shutil.rmtree(old, ignore_errors=True)
