@@ -118,8 +118,10 @@ class RefineJob:
     def evaluate_mode(self) -> bool:
         return self.settings.mode == "evaluate"
 
-    def run(self, indices: Sequence[int]) -> Collected:
-        got = Collected()
+    def run(self, indices: Sequence[int], stopped: OutputWriteError | None = None) -> Collected:
+        """Refine the images at ``indices``; ``stopped`` (the disk filled up before the job began) refines none and
+        reports each as not refined."""
+        got = Collected(stopped=stopped)
         sizes = {i: image_size(self.paths[i]) for i in indices}
         order = sorted(indices, key=lambda i: (sizes[i] is None, sizes[i] or (0, 0), i))
         loaded = (it for it in (self._load(i, sizes[i], got) for i in order if got.stopped is None)
@@ -133,12 +135,12 @@ class RefineJob:
             for i in order:
                 if str(self.paths[i]) not in done:
                     self._fail(got, self.paths[i], f"not refined: the run stopped when the disk filled up "
-                                                   f"({got.stopped.filename})")
+                                                   f"({got.stopped.filename})", logging.DEBUG)  # the run's one line says it
         return got
 
-    def _fail(self, got: Collected, path: Path, reason: str) -> None:
+    def _fail(self, got: Collected, path: Path, reason: str, level: int = logging.WARNING) -> None:
         got.failed.append({"input": str(path), "reason": reason})
-        log.warning("skipping %s: %s", path, reason)
+        log.log(level, "skipping %s: %s", path, reason)
         self.progress(1)
 
     def _load(self, i: int, size: tuple[int, int] | None, got: Collected) -> Item | None:

@@ -2,7 +2,9 @@
 
 :meth:`Pipeline.refine_images` does, for a batch of same-size uint8 images: pad bottom/right (``pad_mode``) to
 :attr:`Pipeline.multiple`, ``z = f4.encode(x) * scale_factor``, :meth:`Chain.refine`, ``f4.decode(z / scale_factor)``,
-crop back. :meth:`Pipeline.degrade` is the VQ-f8 round trip that makes evaluation inputs.
+crop back. :meth:`Pipeline.degrade` is the VQ-f8 round trip that makes evaluation inputs. An image too small for the
+models' group norms (one ``multiple`` block where they need two) is padded to their measured minimum
+(:meth:`Pipeline.padded_size`, :mod:`refiner.inference.min_size`), so whether an image fits never fails it.
 
 **Large images** (:class:`Tiling`): above ``auto_above_pixels`` (``mode="auto"``; ``"always"`` / ``"never"`` force
 it) the first stages run on overlapping, feathered pixel tiles (:func:`~refiner.inference.tiling.tiled_encode`,

@@ -149,25 +149,29 @@ def _summary(s: RefineSettings, got: Collected, ignored: list, digest: str, colu
     }
 
 
-def _write_report(path: Path, data: bytes, summary: dict, inputs: InputFiles) -> Path | None:
-    """One run-level file; a failure is listed in ``summary["unwritten"]`` (and, disk full, kept in
-    ``summary["_stopped"]``) instead of ending the run before the summary."""
+def _disk_full(err: BaseException | None) -> OutputWriteError | None:
+    return err if isinstance(err, OutputWriteError) and err.disk_full else None
+
+
+def _write_report(path: Path, data: bytes, unwritten: list[dict], inputs: InputFiles) -> Exception | None:
+    """One run-level file; a failure is listed in ``unwritten`` (and returned) instead of ending the run before the
+    summary is written."""
     try:
-        return write_file(path, data, inputs)
+        write_file(path, data, inputs)
     except (OSError, ValueError) as err:
-        summary.setdefault("unwritten", []).append({"file": str(path), "reason": str(err)})
-        if isinstance(err, OutputWriteError) and err.disk_full:
-            summary.setdefault("_stopped", err)
-        return None
+        unwritten.append({"file": str(path), "reason": str(err)})
+        return err
+    return None
 
 
 def _write_reports(s: RefineSettings, ranks: Ranks, output_dir: Path, summary: dict, got: Collected,
-                   inputs: InputFiles) -> dict:
+                   inputs: InputFiles) -> tuple[dict, OutputWriteError | None]:
     """summary.json, the combined grid and (evaluate) metrics.json. Across ranks: every rank writes its partial
     summary, and after a barrier rank 0 merges them with every rank's grid rows; all ranks return the merge.
     A grid or metrics file that cannot be written is listed under ``"unwritten"`` and the summary is still written;
-    a summary that cannot be written raises :class:`~refiner.inference.safe_writes.OutputWriteError`."""
-    rows = got.grid_rows
+    a summary that cannot be written raises :class:`~refiner.inference.safe_writes.OutputWriteError`. Returns the
+    summary and the disk-full error that stopped the run, if any."""
+    rows, stopped = got.grid_rows, got.stopped
     if ranks.distributed:
         write_partial_summary(ranks, output_dir, summary)
         ranks.barrier()
@@ -179,18 +183,17 @@ def _write_reports(s: RefineSettings, ranks: Ranks, output_dir: Path, summary: d
         if s.grid in ("combined", "both") and rows:
             name = "comparison_grid.png" if s.mode == "evaluate" else "grid.png"
             grid = encode_png(combined_grid([r for _, r in rows]), png_text(GRID_RECORD))
-            if _write_report(output_dir / name, grid, summary, inputs):
-                summary["grid"] = str(output_dir / name)
+            err = _write_report(output_dir / name, grid, summary["unwritten"], inputs)
+            summary.update({} if err else {"grid": str(output_dir / name)})
+            stopped = stopped or _disk_full(err)
         if s.mode == "evaluate" and got.eval_images:
-            if _write_report(output_dir / "metrics.json", _metrics_json(s, got), summary, inputs):
-                summary["metrics"] = str(output_dir / "metrics.json")
-        stopped = summary.pop("_stopped", None)
+            err = _write_report(output_dir / "metrics.json", _metrics_json(s, got), summary["unwritten"], inputs)
+            summary.update({} if err else {"metrics": str(output_dir / "metrics.json")})
+            stopped = stopped or _disk_full(err)
         write_file(output_dir / "summary.json", json.dumps(summary, indent=2).encode(), inputs)
-        if stopped is not None:
-            summary["_stopped"] = stopped
         for k in range(ranks.world_size if ranks.distributed else 0):
             (output_dir / partial_summary_name(k, ranks.world_size)).unlink()
-    return ranks.broadcast(summary)
+    return ranks.broadcast(summary), stopped
 
 
 def _metrics_json(s: RefineSettings, got: Collected) -> bytes:
@@ -260,10 +263,11 @@ def run(s: RefineSettings, config_text: str | None = None) -> dict:
                                                      reports=ranks.is_main, world_size=ranks.world_size,
                                                      protected=inputs))
         output_dir.mkdir(parents=True, exist_ok=True)
-        unwritten: dict = {}
+        unwritten: list[dict] = []
+        config_error = None
         if ranks.is_main and config_text is not None:
-            _write_report(output_dir / "config_resolved.yaml", f"{YAML_MARKER}\n{config_text}".encode(), unwritten,
-                          inputs)
+            config_error = _write_report(output_dir / "config_resolved.yaml",
+                                         f"{YAML_MARKER}\n{config_text}".encode(), unwritten, inputs)
         log.info("rank %d/%d: %d of %d images, %d steps t=%d..%d, grid columns %s; sides padded to multiples of %d",
                  ranks.rank, ranks.world_size, len(mine), len(paths), len(plan.timesteps), plan.timesteps[0],
                  plan.timesteps[-1], columns, pipeline.multiple)
@@ -271,19 +275,15 @@ def run(s: RefineSettings, config_text: str | None = None) -> dict:
         bar = progress(total=len(mine), unit="img", desc=s.mode, enabled=s.progress and ranks.is_main)
         job = RefineJob(s, pipeline, paths, outputs, digest, existing, output_dir, bar.update,
                         artifact_run(opts, pipeline, s), inputs=inputs)
-        got = job.run([] if "_stopped" in unwritten else mine)
+        got = job.run(mine, stopped=_disk_full(config_error))
         bar.close()
-        got.unwritten[:0] = unwritten.get("unwritten", [])
-        got.stopped = got.stopped or unwritten.get("_stopped")
+        got.unwritten[:0] = unwritten
         report = _summary(s, got, ignored, digest, columns, plan, pipeline, f4_fingerprint) | opts.summary() | (
             {"color_fix": s.color_fix.digest()} if s.color_fix.active else {})
-        if got.stopped is not None:
-            report["_stopped"] = got.stopped
         try:
-            summary = _write_reports(s, ranks, output_dir, report, got, inputs)
+            summary, stopped = _write_reports(s, ranks, output_dir, report, got, inputs)
         except OutputWriteError as err:
             raise _stop_error(err, report, output_dir, summary_written=False) from err
-    stopped = summary.pop("_stopped", None)
     if stopped is not None:
         raise _stop_error(stopped, summary, output_dir, summary_written=True)
     if ranks.is_main:
