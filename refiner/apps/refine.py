@@ -9,8 +9,9 @@ The app reads the Hydra config, turns it into :class:`~refiner.inference.setting
 Deprecated spellings still work and print one line naming the new one: ``stages=`` (now ``experts=``),
 ``mode=sample`` (now ``mode=refine``), ``sample.py`` / ``refiner-sample`` (now ``refine.py`` / ``refiner refine``).
 
-Exit codes follow :mod:`refiner.cli`: 0 done, 1 some inputs failed, 2 a setting that cannot work (one ``error:``
-line on stderr).
+Exit codes follow :mod:`refiner.cli`: 0 done, 1 some inputs failed or a file could not be written (a full disk:
+one ``error:`` line), 2 a setting that cannot work (one ``error:`` line on stderr; an output that would land on an
+input included).
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def run(cfg: DictConfig) -> dict:
     return refine_run.run(settings(cfg), config_text=OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def exit_code(summary: dict) -> int:
+    """1 if an image failed or a report (a grid, metrics.json) could not be written, else 0."""
+    return 1 if summary["failed"] or summary.get("unwritten") else 0
+
+
 def task(cfg: DictConfig) -> None:
     """The Hydra task: :func:`run` under :func:`refiner.cli.run_cli`'s exit-code contract."""
-    raise SystemExit(run_cli(lambda: 1 if run(cfg)["failed"] else 0))
+    raise SystemExit(run_cli(lambda: exit_code(run(cfg))))
 
 
 main = hydra_command("refine", task, ALIASES)

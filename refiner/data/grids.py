@@ -35,8 +35,15 @@ def _pad_white(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.pad(img, (0, size[1] - img.shape[-1], 0, size[0] - img.shape[-2]), value=1.0)
 
 
-def save_combined_grid(path: str | os.PathLike, rows: Sequence[Sequence[torch.Tensor]],
-                       text: Mapping[str, str] | None = None) -> Path:
+def combined_grid(rows: Sequence[Sequence[torch.Tensor]]) -> np.ndarray:
     """One row per image (its columns side by side); smaller images are padded white to the largest."""
     size = (max(c.shape[-2] for r in rows for c in r), max(c.shape[-1] for r in rows for c in r))
-    return save_grid(path, [torch.stack([_pad_white(c, size) for c in r]) for r in rows], text=text)
+    return make_grid([torch.stack([_pad_white(c, size) for c in r]) for r in rows])
+
+
+def save_combined_grid(path: str | os.PathLike, rows: Sequence[Sequence[torch.Tensor]],
+                       text: Mapping[str, str] | None = None) -> Path:
+    """:func:`combined_grid` written atomically as a PNG, with optional ``text`` chunks."""
+    path = Path(path)
+    atomic_write_bytes(path, encode_png(combined_grid(rows), text))
+    return path

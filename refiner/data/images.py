@@ -200,8 +200,11 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).contiguous().numpy()
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad the bottom/right of ``(..., C, H, W)`` so H and W are divisible by ``multiple``.
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect",
+                    min_size: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad the bottom/right of ``(..., C, H, W)`` so H and W are divisible by ``multiple`` and at least ``min_size``
+    (a ``(H, W)`` that is itself a multiple; some models cannot take a single ``multiple`` block,
+    :mod:`refiner.inference.min_size`).
 
     Returns ``(padded, (H, W))``; ``crop_to(padded, (H, W))`` restores the input exactly.
     Padding goes at the bottom/right only so that cropping back is a plain slice.
@@ -216,7 +219,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tu
     if x.ndim < 3:
         raise ValueError(f"expected a (..., C, H, W) tensor, got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
+    ph, pw = max((-h) % multiple, min_size[0] - h), max((-w) % multiple, min_size[1] - w)
     if ph == 0 and pw == 0:
         return x, (h, w)
     if mode == "reflect" and (ph >= h or pw >= w):
@@ -248,7 +251,7 @@ class PaddedImages:
     """
 
     def __init__(self, images: Sequence[np.ndarray], multiple: int, mode: str = "reflect",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", min_size: tuple[int, int] = (0, 0)):
         if not len(images):
             raise ValueError("no images given")
         for img in images:
@@ -261,7 +264,7 @@ class PaddedImages:
         views = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img))
                  .permute(2, 0, 1) for img in images]
         u8 = (views[0][None] if len(views) == 1 else torch.stack(views)).to(device)
-        self.pixels, self.size = pad_to_multiple(u8, multiple, mode=mode)
+        self.pixels, self.size = pad_to_multiple(u8, multiple, mode=mode, min_size=min_size)
         self.constant = mode == "constant"
 
     @property

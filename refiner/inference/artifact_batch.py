@@ -46,7 +46,7 @@ from refiner.artifacts.composite import (
 )
 from refiner.artifacts.correct import TrajectoryCorrection, starts_from_strength
 from refiner.artifacts.detect import MAD_SCALE, Detection, PixelChangeConfig, dilate
-from refiner.data.images import save_png_atomic, to_tensor
+from refiner.data.images import encode_png, to_tensor
 from refiner.inference.artifact_options import ArtifactOptions, steps_for_start
 from refiner.inference.outputs import MASK_RECORD, mask_path, png_text
 from refiner.inference.pipeline import Pipeline
@@ -106,10 +106,13 @@ class BatchArtifacts:
         self.weights = paste_weights(self.region, opts.feather_px, severity, opts.whole_above)
         return paste_back(refined, inputs, self.weights)
 
-    def save_mask(self, j: int, output: Path, protect: Sequence[str]) -> None:
-        if self.detection is not None:
-            pixels = self.detection.pixel[j].cpu().numpy().astype(np.uint8) * 255
-            save_png_atomic(mask_path(output), pixels, protect=protect, text=png_text(MASK_RECORD))
+    def mask_png(self, j: int) -> bytes | None:
+        """The PNG bytes of image ``j``'s artifact mask (written beside its output,
+        :func:`refiner.inference.outputs.mask_path`), None when nothing was detected."""
+        if self.detection is None:
+            return None
+        pixels = self.detection.pixel[j].cpu().numpy().astype(np.uint8) * 255
+        return encode_png(pixels, png_text(MASK_RECORD))
 
     def record(self, j: int, output: Path) -> dict:
         """The per-image summary fields: its start (t_start=auto), severity, mask file and flagged fraction."""

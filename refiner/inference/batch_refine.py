@@ -5,7 +5,11 @@
 :mod:`refiner.inference.distributed`) and returns what happened to each (:class:`Collected`); the run-level
 reports are the caller's. Images are visited in order of their header size so that equal sizes batch together
 (:func:`refiner.batching.batches_by`); a failure of one image (unreadable, too large for ``max_pixels``, out of
-memory, NaN) is recorded and the others go on.
+memory, NaN, any error the models raise on it, a failed write) is recorded with its reason and the others go on.
+A full disk (:class:`~refiner.inference.safe_writes.OutputWriteError` with ``disk_full``) stops the job instead:
+every later write would fail too. The image whose write failed is recorded with the bytes written, every image not
+reached as "not refined", and :attr:`Collected.stopped` says why; the caller writes the summary and reports it.
+Every file is written through :func:`refiner.inference.safe_writes.write_file`, which refuses an input.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from refiner.batching import batches_by
-from refiner.data.grids import save_grid
+from refiner.data.grids import make_grid
 from refiner.data.images import (
     ImageError,
+    encode_png,
     image_size,
     load_image,
-    save_png_atomic,
     to_tensor,
 )
 from refiner.inference.artifact_batch import ArtifactRun
@@ -34,11 +38,13 @@ from refiner.inference.evaluate import MIN_EVAL_SIDE
 from refiner.inference.outputs import (
     GRID_RECORD,
     ExistingOutputs,
+    mask_path,
     output_record,
     png_text,
     sha256_file,
 )
 from refiner.inference.pipeline import Pipeline
+from refiner.inference.safe_writes import InputFiles, OutputWriteError, write_file
 from refiner.inference.settings import RefineSettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +78,8 @@ class Collected:
     failed: list[dict] = field(default_factory=list)
     grid_rows: list[tuple[int, list[Tensor]]] = field(default_factory=list)
     eval_images: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    unwritten: list[dict] = field(default_factory=list)  # run-level files (grids) that failed: {"file", "reason"}
+    stopped: OutputWriteError | None = None  # the disk filled up: the job stopped at this write
 
     def wants_row(self, indices: Sequence[int], limit: int) -> bool:
         """Could a row of one of ``indices`` enter the kept rows?"""
@@ -100,23 +108,39 @@ class RefineJob:
     output_dir: Path
     progress: Callable[[int], object] = lambda n: None
     artifacts: ArtifactRun | None = None
+    inputs: InputFiles | None = None  # refused as write targets (default: ``paths``)
+
+    def __post_init__(self):
+        if self.inputs is None:
+            self.inputs = InputFiles.of(self.paths)
 
     @property
     def evaluate_mode(self) -> bool:
         return self.settings.mode == "evaluate"
 
-    def run(self, indices: Sequence[int]) -> Collected:
-        got = Collected()
+    def run(self, indices: Sequence[int], stopped: OutputWriteError | None = None) -> Collected:
+        """Refine the images at ``indices``; ``stopped`` (the disk filled up before the job began) refines none and
+        reports each as not refined."""
+        got = Collected(stopped=stopped)
         sizes = {i: image_size(self.paths[i]) for i in indices}
         order = sorted(indices, key=lambda i: (sizes[i] is None, sizes[i] or (0, 0), i))
-        loaded = (it for it in (self._load(i, sizes[i], got) for i in order) if it is not None)
+        loaded = (it for it in (self._load(i, sizes[i], got) for i in order if got.stopped is None)
+                  if it is not None)
         for batch in batches_by(loaded, self.settings.batch_size, key=lambda it: it.size):
             self._refine_batch(batch, got)
+            if got.stopped is not None:
+                break
+        if got.stopped is not None:
+            done = {r["input"] for r in got.processed + got.skipped + got.failed}
+            for i in order:
+                if str(self.paths[i]) not in done:
+                    self._fail(got, self.paths[i], f"not refined: the run stopped when the disk filled up "
+                                                   f"({got.stopped.filename})", logging.DEBUG)  # the run's one line says it
         return got
 
-    def _fail(self, got: Collected, path: Path, reason: str) -> None:
+    def _fail(self, got: Collected, path: Path, reason: str, level: int = logging.WARNING) -> None:
         got.failed.append({"input": str(path), "reason": reason})
-        log.warning("skipping %s: %s", path, reason)
+        log.log(level, "skipping %s: %s", path, reason)
         self.progress(1)
 
     def _load(self, i: int, size: tuple[int, int] | None, got: Collected) -> Item | None:
@@ -162,22 +186,27 @@ class RefineJob:
                 refined = self.settings.color_fix(refined, inputs)
             if art:
                 refined = self.artifacts.finish(art, inputs, refined)
-        except (FloatingPointError, RuntimeError, MemoryError) as err:
-            if not (is_out_of_memory(err) or isinstance(err, FloatingPointError)):
-                raise
+        except Exception as err:  # noqa: BLE001 - whatever the models raise on these images fails them, not the run
             hint = " (try batch_size=1, tiling.mode=always or smaller tiles)" if is_out_of_memory(err) else ""
+            size = f"{batch[0].size[1]}x{batch[0].size[0]}"
             for it in batch:
-                self._fail(got, it.path, f"{type(err).__name__}: {err}{hint}")
+                self._fail(got, it.path, f"{type(err).__name__} while refining this {size} image: {err}{hint}")
+            if not isinstance(err, (FloatingPointError, MemoryError, RuntimeError, ValueError)):
+                log.exception("unexpected error refining %s", [str(it.path) for it in batch])
             return
-        protect = [str(p) for p in self.paths]
         for j, (it, src, out, expert_imgs) in enumerate(zip(batch, inputs, refined, expert_images)):
             try:
-                if art:
-                    art.save_mask(j, it.output, protect)
+                mask = art.mask_png(j) if art else None
+                if mask is not None:
+                    write_file(mask_path(it.output), mask, self.inputs)
                 record = output_record(it.input_sha256, cfg.seed + it.index, self.digest, out)
-                save_png_atomic(it.output, out, protect=protect, text=png_text(record))
+                write_file(it.output, encode_png(out, png_text(record)), self.inputs)
             except (OSError, ValueError) as err:
-                self._fail(got, it.path, f"cannot write {it.output}: {err}")
+                self._fail(got, it.path, str(err) if isinstance(err, OutputWriteError) else
+                           f"cannot write {it.output}: {err}")
+                if isinstance(err, OutputWriteError) and err.disk_full:
+                    got.stopped = err
+                    return
                 continue
             record = {"input": str(it.path), "output": str(it.output), "size": [int(it.size[1]), int(it.size[0])],
                       **(art.record(j, it.output) if art else {})}
@@ -186,14 +215,22 @@ class RefineJob:
                                      self.settings.color_fix.active or (art is not None and art.weights is not None))
                 if grid_per_image:
                     grid_path = self.output_dir / "grids" / it.output.name
-                    save_grid(grid_path, [torch.stack(row)], text=png_text(GRID_RECORD))
-                    record["grid"] = str(grid_path)
+                    try:
+                        write_file(grid_path, encode_png(make_grid([torch.stack(row)]), png_text(GRID_RECORD)),
+                                   self.inputs)
+                        record["grid"] = str(grid_path)
+                    except (OSError, ValueError) as err:
+                        got.unwritten.append({"file": str(grid_path), "reason": str(err)})
+                        if isinstance(err, OutputWriteError) and err.disk_full:
+                            got.stopped = err
                 if grid_combined and got.wants_row([it.index], cfg.grid_max_images):
                     got.keep_row(it.index, row, cfg.grid_max_images)
             if self.evaluate_mode:
                 got.eval_images.append((it.index, str(it.path), it.image, src, out))
             got.processed.append(record)
             self.progress(1)
+            if got.stopped is not None:
+                return
 
     def _grid_row(self, it: Item, src: np.ndarray, out: np.ndarray, expert_imgs: list[Tensor],
                   detected: list[Tensor] = (), output_differs: bool = False) -> list[Tensor]:

@@ -160,6 +160,7 @@ def merge_summaries(parts: Sequence[dict]) -> dict:
     for key, sort_key in (("processed", "input"), ("skipped", "input"), ("failed", "input")):
         merged[key] = sorted((r for p in parts for r in p[key]), key=lambda r: r[sort_key])
     merged["outputs"] = sorted(o for p in parts for o in p["outputs"])
+    merged["unwritten"] = [r for p in parts for r in p.get("unwritten", [])]  # e.g. a rank's per-image grids
     merged["ranks"] = [{"rank": k, "processed": len(p["processed"]), "skipped": len(p["skipped"]),
                         "failed": len(p["failed"])} for k, p in enumerate(parts)]
     return merged

@@ -38,6 +38,7 @@ from PIL import Image
 from refiner.errors import RefineError
 from refiner.formats.fingerprint import first_stage_fingerprint, weights_fingerprint
 from refiner.inference.distributed import partial_summary_name
+from refiner.inference.safe_writes import InputFiles
 from refiner.inference.settings import RefineSettings
 from refiner.io import file_id
 
@@ -221,6 +222,25 @@ def report_paths(settings: RefineSettings, output_dir: Path, outputs: Sequence[P
     return paths
 
 
+def write_targets(settings: RefineSettings, output_dir: Path, outputs: Sequence[Path], world_size: int = 1
+                  ) -> list[tuple[Path, str]]:
+    """Every file this run may write, each with what it is: the refined images, their masks, the per-image grids,
+    the combined grid and the reports (:func:`report_paths`), for
+    :func:`refiner.inference.safe_writes.check_no_input_written`."""
+    targets = [(out, "the refined image") for out in outputs]
+    for path in report_paths(settings, output_dir, outputs, world_size):
+        if path.name.endswith(MASK_SUFFIX):
+            what = "the artifact mask"
+        elif path.parent.name == "grids" and path.parent.parent == output_dir:
+            what = "the per-image grid"
+        elif path.name in ("grid.png", "comparison_grid.png"):
+            what = "the combined grid"
+        else:
+            what = "the report"
+        targets.append((path, what))
+    return targets
+
+
 def settings_digest(settings: RefineSettings, chain: Chain, f4_fingerprint: str, f8: nn.Module | None,
                     artifacts: Mapping | None = None) -> str:
     """16 hex chars that change with anything that changes a refined image: the experts' weights and placement,
@@ -257,7 +277,7 @@ def settings_digest(settings: RefineSettings, chain: Chain, f4_fingerprint: str,
 
 def check_outputs(settings: RefineSettings, output_dir: Path, inputs: Sequence[Path], outputs: Sequence[Path],
                   digest: str, indices: Sequence[int] | None = None, reports: bool = True,
-                  world_size: int = 1) -> ExistingOutputs:
+                  world_size: int = 1, protected: InputFiles | None = None) -> ExistingOutputs:
     """What already exists where this run writes (:func:`check_existing`; the outputs at ``indices`` only when
     given, the run-level reports only when ``reports``). Files refiner did not write, or refined with other
     settings, raise :class:`RefineError` before any image is refined, unless ``overwrite=true``. Temporary files
@@ -270,20 +290,22 @@ def check_outputs(settings: RefineSettings, output_dir: Path, inputs: Sequence[P
                           f"with these settings: {'; '.join(existing.conflicts[:3])}{' ...' if n > 3 else ''}. "
                           "Pass overwrite=true to replace them, or choose another output_dir")
     mine = [outputs[i] for i in (range(len(outputs)) if indices is None else indices)]
-    remove_stale_temps(mine + ([mask_path(out) for out in mine] if writes_masks(settings) else []))
+    remove_stale_temps(mine + ([mask_path(out) for out in mine] if writes_masks(settings) else []),
+                       InputFiles.of(inputs) if protected is None else protected)
     if existing.conflicts:
         log.warning("overwrite=true: replacing %d file(s) refiner did not write with these settings (first: %s)",
                     len(existing.conflicts), existing.conflicts[0])
     return existing
 
 
-def remove_stale_temps(outputs: Sequence[Path]) -> list[Path]:
+def remove_stale_temps(outputs: Sequence[Path], inputs: InputFiles | None = None) -> list[Path]:
     """Delete the temporary files ``.<name>.<random>.tmp`` that :func:`refiner.io.atomic_path` leaves next to an
-    output when a run is killed mid-write (only files of exactly that pattern, for these outputs). Returns them."""
+    output when a run is killed mid-write (only files of exactly that pattern, for these outputs, and never one of
+    ``inputs``: an input may carry any name). Returns them."""
     removed = []
     for out in outputs:
         for tmp in out.parent.glob(f".{glob_escape(out.name)}.*.tmp") if out.parent.is_dir() else ():
-            if tmp.is_file() and not tmp.is_symlink():
+            if tmp.is_file() and not tmp.is_symlink() and (inputs is None or inputs.landing_on(tmp) is None):
                 tmp.unlink()
                 removed.append(tmp)
     if removed:

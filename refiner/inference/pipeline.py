@@ -2,7 +2,9 @@
 
 :meth:`Pipeline.refine_images` does, for a batch of same-size uint8 images: pad bottom/right (``pad_mode``) to
 :attr:`Pipeline.multiple`, ``z = f4.encode(x) * scale_factor``, :meth:`Chain.refine`, ``f4.decode(z / scale_factor)``,
-crop back. :meth:`Pipeline.degrade` is the VQ-f8 round trip that makes evaluation inputs.
+crop back. :meth:`Pipeline.degrade` is the VQ-f8 round trip that makes evaluation inputs. An image too small for the
+models' group norms (one ``multiple`` block where they need two) is padded to their measured minimum
+(:meth:`Pipeline.padded_size`, :mod:`refiner.inference.min_size`), so whether an image fits never fails it.
 
 **Large images** (:class:`Tiling`): above ``auto_above_pixels`` (``mode="auto"``; ``"always"`` / ``"never"`` force
 it) the first stages run on overlapping, feathered pixel tiles (:func:`~refiner.inference.tiling.tiled_encode`,
@@ -45,6 +47,7 @@ from refiner.artifacts.dynamics import chain_callbacks
 from refiner.data.images import PaddedImages, crop_to, pad_to_multiple, to_uint8
 from refiner.errors import SettingError
 from refiner.inference.chain import Chain
+from refiner.inference.min_size import PROBE_BLOCKS, minimum_blocks, padded_blocks
 from refiner.inference.tiling import tiled_decode, tiled_decode_rows, tiled_encode
 from refiner.sampling import Callback, randn_like
 from refiner.settings import require_choice, require_int
@@ -202,14 +205,36 @@ class Pipeline:
         self.tiling = (tiling or Tiling()).check(int(f4.factor), int(f8.factor) if f8 is not None else None,
                                                  chain.multiple)
         self.upscale = upscale
+        self._min_blocks: int | None = None
 
     @property
     def multiple(self) -> int:
         """Image sides are padded to this: the f4 factor times the chain's UNet downsampling."""
         return int(self.f4.factor) * self.chain.multiple
 
-    def _pad(self, images: Sequence[np.ndarray]) -> PaddedImages:
-        return PaddedImages(images, self.multiple, self.pad_mode, self.device)
+    @property
+    def min_blocks(self) -> int:
+        """How many ``multiple x multiple`` blocks a padded image needs so that every group norm of the f4 and the
+        experts sees more than one value per group (:func:`refiner.inference.min_size.minimum_blocks`; measured
+        once, on first use)."""
+        if self._min_blocks is None:
+            self._min_blocks = minimum_blocks(self.f4, self.chain.experts, self.multiple, self.chain.scale_factor,
+                                              self.device)
+        return self._min_blocks
+
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``height x width`` is refined at: rounded up to :attr:`multiple`, then grown to
+        :attr:`min_blocks` blocks when it is smaller (:func:`refiner.inference.min_size.padded_blocks`)."""
+        m = self.multiple
+        blocks = (-(-height // m), -(-width // m))
+        if blocks[0] * blocks[1] < PROBE_BLOCKS:  # larger images take every norm (the probe's own size is 4 blocks)
+            blocks = padded_blocks(blocks, self.min_blocks)
+        return blocks[0] * m, blocks[1] * m
+
+    def pad(self, images: Sequence[np.ndarray]) -> PaddedImages:
+        """Same-size images padded to :meth:`padded_size` (``pad_mode``), as :class:`PaddedImages`."""
+        h, w = images[0].shape[:2]
+        return PaddedImages(images, self.multiple, self.pad_mode, self.device, min_size=self.padded_size(h, w))
 
     def tiled(self, height: int, width: int) -> bool:
         """Whether an image of this (padded) size is encoded and refined on tiles."""
@@ -269,17 +294,17 @@ class Pipeline:
             raise ValueError(f"{len(images)} images but {len(indices)} indices")
         h, w = images[0].shape[:2]
         size = (h * self.upscale, w * self.upscale)
-        shape = (-(-h // self.multiple) * self.multiple, -(-w // self.multiple) * self.multiple)  # padded
+        shape = self.padded_size(h, w)
         sampler = dict(t_start=t_start, steps=steps, eta=eta, spacing=spacing, allow_outside_window=allow_outside_window)
         if (starts is not None or callback is not None) and (self.upscale > 1 or self.tiled(*shape)):
             raise SettingError("per-pixel starts and step callbacks (strength maps, t_start=auto, TTC) need whole "
                                "images: set upscale=1 and tiling.mode=never, or refine images below the tiling "
                                "threshold")
         if self.upscale == 1 and not self.tiled(*shape):
-            parts = [self._refine_batch(self._pad(images).full(), indices, seed, sampler, with_stages, size, starts,
+            parts = [self._refine_batch(self.pad(images).full(), indices, seed, sampler, with_stages, size, starts,
                                         callback)]
         else:  # one image at a time: memory is bounded by the tiles, and every draw comes from seed + i
-            parts = [self._refine_one(self._pad([img]), seed + i, sampler, with_stages, size)
+            parts = [self._refine_one(self.pad([img]), seed + i, sampler, with_stages, size)
                      for img, i in zip(images, indices)]
         refined = [img for out, _ in parts for img in out]
         expert_images = [[crop_to(x0[b], size).clamp(-1, 1).cpu() for x0 in expert_x0]
@@ -326,7 +351,9 @@ class Pipeline:
         """A per-pixel map (B, H, W) of the unpadded images -> (B, h, w) float on the padded latent grid: padded
         like the images (replicating the edge) and max-pooled over each latent pixel's f4 block."""
         f = int(self.f4.factor)
-        padded = pad_to_multiple(torch.as_tensor(pixel_map)[:, None].float(), self.multiple, mode="replicate")[0]
+        pixel_map = torch.as_tensor(pixel_map)[:, None].float()
+        padded = pad_to_multiple(pixel_map, self.multiple, mode="replicate",
+                                 min_size=self.padded_size(*pixel_map.shape[-2:]))[0]
         return torch.nn.functional.max_pool2d(padded, f, f)[:, 0]
 
     def _refine_one(self, x: PaddedImages, noise_seed: int, sampler: dict, with_stages: bool, size: tuple[int, int]):

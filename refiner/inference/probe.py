@@ -31,7 +31,7 @@ from refiner.artifacts.detect import (
     residual_mask,
 )
 from refiner.artifacts.dynamics import StepRecorder
-from refiner.inference.pipeline import Pipeline, image_noise, padded_batch
+from refiner.inference.pipeline import Pipeline, image_noise
 
 DETECTORS = ("asced", "asced_code", "residual")
 
@@ -61,7 +61,7 @@ def probe_detect(pipeline: Pipeline, images: Sequence[np.ndarray], method: str, 
         t_end = probe_t_end(chain, t_start)
     parameterizations = {s.weights.parameterization for s in chain.experts}
     size, factor = images[0].shape[:2], int(f4.factor)
-    x = padded_batch(images, pipeline.multiple, pipeline.pad_mode, pipeline.device)
+    x = pipeline.pad(images).full()
     z = f4.encode(x) * chain.scale_factor
     noise = image_noise(z.shape[1:], [seed + i for i in indices]).to(z)
     if method == "asced" and len(parameterizations) != 1:

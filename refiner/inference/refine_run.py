@@ -16,8 +16,14 @@ summaries merged (:mod:`refiner.inference.distributed`).
 
 Everything that can be checked without images is checked first (settings, experts, shared schedule and scale factor,
 channel counts, window coverage of the timestep grid, first-stage files, output names), so a bad chain fails before
-any image is read. Unreadable images, and images above a ``max_pixels`` you set, are reported (file + reason) in
-``summary.json`` and on stderr; the others are still processed. Image ``i`` of the sorted inputs gets every random
+any image is read. Before the first write, every file the run would write (outputs, masks, ``grids/``, grid,
+reports) is checked against the inputs (:func:`refiner.inference.safe_writes.check_no_input_written`): one that would
+land on an input is refused (exit 2) whatever ``overwrite`` says. Unreadable images, images above a ``max_pixels``
+you set, and images the models fail on are reported (file + reason) in ``summary.json`` and on stderr; the others
+are still processed. Images smaller than the models can take are padded further
+(:mod:`refiner.inference.min_size`). ``summary.json`` is written whatever failed, with the files that could not be
+written under ``"unwritten"``; a full disk stops the run with one line naming the file and the bytes written
+(:class:`~refiner.inference.safe_writes.DiskFull`, exit 1). Image ``i`` of the sorted inputs gets every random
 number from a generator seeded ``seed + i``.
 """
 
@@ -32,9 +38,10 @@ from typing import Any
 import torch
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
-from refiner.data.grids import save_combined_grid
+from refiner.data.grids import combined_grid
+from refiner.data.images import encode_png
 from refiner.data.images import scan_images
-from refiner.errors import RefineError
+from refiner.errors import InputsFailed, RefineError
 from refiner.experts import StepPlan
 from refiner.formats.first_stage import first_stage_from_mapping
 from refiner.inference.artifact_batch import artifact_run, grid_column, output_column
@@ -57,10 +64,17 @@ from refiner.inference.outputs import (
     plan_outputs,
     png_text,
     settings_digest,
+    write_targets,
 )
 from refiner.inference.pipeline import Pipeline
+from refiner.inference.safe_writes import (
+    DiskFull,
+    InputFiles,
+    OutputWriteError,
+    check_no_input_written,
+    write_file,
+)
 from refiner.inference.settings import RefineSettings
-from refiner.io import atomic_write_text
 from refiner.progress import progress
 from refiner.settings import check_device, check_writable_dir
 
@@ -129,15 +143,35 @@ def _summary(s: RefineSettings, got: Collected, ignored: list, digest: str, colu
                     for e in pipeline.chain.experts],
         "first_stage_fingerprint": f4_fingerprint,
         "padded_to_multiple_of": pipeline.multiple,
+        "unwritten": list(got.unwritten),  # run-level files that could not be written: {"file", "reason"}
         "tiling": pipeline.tiling.as_dict(),
         "upscale": pipeline.upscale,
     }
 
 
-def _write_reports(s: RefineSettings, ranks: Ranks, output_dir: Path, summary: dict, got: Collected) -> dict:
+def _disk_full(err: BaseException | None) -> OutputWriteError | None:
+    return err if isinstance(err, OutputWriteError) and err.disk_full else None
+
+
+def _write_report(path: Path, data: bytes, unwritten: list[dict], inputs: InputFiles) -> Exception | None:
+    """One run-level file; a failure is listed in ``unwritten`` (and returned) instead of ending the run before the
+    summary is written."""
+    try:
+        write_file(path, data, inputs)
+    except (OSError, ValueError) as err:
+        unwritten.append({"file": str(path), "reason": str(err)})
+        return err
+    return None
+
+
+def _write_reports(s: RefineSettings, ranks: Ranks, output_dir: Path, summary: dict, got: Collected,
+                   inputs: InputFiles) -> tuple[dict, OutputWriteError | None]:
     """summary.json, the combined grid and (evaluate) metrics.json. Across ranks: every rank writes its partial
-    summary, and after a barrier rank 0 merges them with every rank's grid rows; all ranks return the merge."""
-    rows = got.grid_rows
+    summary, and after a barrier rank 0 merges them with every rank's grid rows; all ranks return the merge.
+    A grid or metrics file that cannot be written is listed under ``"unwritten"`` and the summary is still written;
+    a summary that cannot be written raises :class:`~refiner.inference.safe_writes.OutputWriteError`. Returns the
+    summary and the disk-full error that stopped the run, if any."""
+    rows, stopped = got.grid_rows, got.stopped
     if ranks.distributed:
         write_partial_summary(ranks, output_dir, summary)
         ranks.barrier()
@@ -148,25 +182,28 @@ def _write_reports(s: RefineSettings, ranks: Ranks, output_dir: Path, summary: d
     if ranks.is_main:
         if s.grid in ("combined", "both") and rows:
             name = "comparison_grid.png" if s.mode == "evaluate" else "grid.png"
-            summary["grid"] = str(save_combined_grid(output_dir / name, [r for _, r in rows],
-                                                     text=png_text(GRID_RECORD)))
+            grid = encode_png(combined_grid([r for _, r in rows]), png_text(GRID_RECORD))
+            err = _write_report(output_dir / name, grid, summary["unwritten"], inputs)
+            summary.update({} if err else {"grid": str(output_dir / name)})
+            stopped = stopped or _disk_full(err)
         if s.mode == "evaluate" and got.eval_images:
-            summary["metrics"] = str(_write_metrics(s, output_dir, got))
-        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
+            err = _write_report(output_dir / "metrics.json", _metrics_json(s, got), summary["unwritten"], inputs)
+            summary.update({} if err else {"metrics": str(output_dir / "metrics.json")})
+            stopped = stopped or _disk_full(err)
+        write_file(output_dir / "summary.json", json.dumps(summary, indent=2).encode(), inputs)
         for k in range(ranks.world_size if ranks.distributed else 0):
             (output_dir / partial_summary_name(k, ranks.world_size)).unlink()
-    return ranks.broadcast(summary)
+    return ranks.broadcast(summary), stopped
 
 
-def _write_metrics(s: RefineSettings, output_dir: Path, got: Collected) -> Path:
+def _metrics_json(s: RefineSettings, got: Collected) -> bytes:
     ev = sorted(got.eval_images, key=lambda x: x[0])
     metrics = evaluate([e[2] for e in ev], [e[3] for e in ev], [e[4] for e in ev],
                        swd_kwargs=dict(s.swd) if s.swd else None, inception_weights=s.inception_weights)
     metrics["images"] = [e[1] for e in ev]
     metrics["written_by"] = WRITTEN_BY
-    atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(format_metrics_table(metrics))
-    return output_dir / "metrics.json"
+    return json.dumps(metrics, indent=2).encode()
 
 
 def print_report(summary: dict, output_dir: Path) -> None:
@@ -178,6 +215,8 @@ def print_report(summary: dict, output_dir: Path) -> None:
         print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)
     for f in summary["ignored"]:
         print(f"ignored: {f['file']}: {f['reason']}", file=sys.stderr)
+    for f in summary.get("unwritten", []):
+        print(f"not written: {f['file']}: {f['reason']}", file=sys.stderr)
 
 
 def run(s: RefineSettings, config_text: str | None = None) -> dict:
@@ -187,7 +226,9 @@ def run(s: RefineSettings, config_text: str | None = None) -> dict:
 
     Raises :class:`RefineError` / :class:`~refiner.formats.safe_load.CheckpointError` / ``FileNotFoundError`` for
     problems found before processing (bad chain, settings, no inputs). Per-image problems are collected in
-    ``summary["failed"]`` instead.
+    ``summary["failed"]`` instead, files that could not be written in ``summary["unwritten"]``. A full disk stops
+    the run: the summary is still written (it lists the failed write and the images not reached), then
+    :class:`~refiner.inference.safe_writes.DiskFull` is raised (exit 1, one line).
     """
     check_environment(s)
     for note in s.experimental():
@@ -207,6 +248,8 @@ def run(s: RefineSettings, config_text: str | None = None) -> dict:
         raise RefineError(f"inputs={inputs_spec!r}: {err}") from err
     output_dir = Path(s.output_dir)
     outputs = plan_outputs(paths, output_dir)
+    inputs = InputFiles.of(paths)
+    check_no_input_written(inputs, write_targets(s, output_dir, outputs, ranks.world_size), output_dir)
     if opts.active:
         check_whole_images(paths, pipeline)
         opts.load_masks(paths)
@@ -217,21 +260,44 @@ def run(s: RefineSettings, config_text: str | None = None) -> dict:
                                                                   "is each process's own Hydra run dir)")
         mine = ranks.shard(len(paths))
         existing = ranks.agree(lambda: check_outputs(s, output_dir, paths, outputs, digest, indices=mine,
-                                                     reports=ranks.is_main, world_size=ranks.world_size))
+                                                     reports=ranks.is_main, world_size=ranks.world_size,
+                                                     protected=inputs))
         output_dir.mkdir(parents=True, exist_ok=True)
+        unwritten: list[dict] = []
+        config_error = None
         if ranks.is_main and config_text is not None:
-            atomic_write_text(output_dir / "config_resolved.yaml", f"{YAML_MARKER}\n{config_text}")
+            config_error = _write_report(output_dir / "config_resolved.yaml",
+                                         f"{YAML_MARKER}\n{config_text}".encode(), unwritten, inputs)
         log.info("rank %d/%d: %d of %d images, %d steps t=%d..%d, grid columns %s; sides padded to multiples of %d",
                  ranks.rank, ranks.world_size, len(mine), len(paths), len(plan.timesteps), plan.timesteps[0],
                  plan.timesteps[-1], columns, pipeline.multiple)
         # 2. Images (this rank's shard), 3. reports.
         bar = progress(total=len(mine), unit="img", desc=s.mode, enabled=s.progress and ranks.is_main)
-        got = RefineJob(s, pipeline, paths, outputs, digest, existing, output_dir, bar.update,
-                        artifact_run(opts, pipeline, s)).run(mine)
+        job = RefineJob(s, pipeline, paths, outputs, digest, existing, output_dir, bar.update,
+                        artifact_run(opts, pipeline, s), inputs=inputs)
+        got = job.run(mine, stopped=_disk_full(config_error))
         bar.close()
+        got.unwritten[:0] = unwritten
         report = _summary(s, got, ignored, digest, columns, plan, pipeline, f4_fingerprint) | opts.summary() | (
             {"color_fix": s.color_fix.digest()} if s.color_fix.active else {})
-        summary = _write_reports(s, ranks, output_dir, report, got)
+        try:
+            summary, stopped = _write_reports(s, ranks, output_dir, report, got, inputs)
+        except OutputWriteError as err:
+            raise _stop_error(err, report, output_dir, summary_written=False) from err
+    if stopped is not None:
+        raise _stop_error(stopped, summary, output_dir, summary_written=True)
     if ranks.is_main:
         print_report(summary, output_dir)
     return summary
+
+
+def _stop_error(err: OutputWriteError, summary: dict, output_dir: Path, summary_written: bool) -> Exception:
+    """The one line that ends a run whose writes failed: disk full (:class:`DiskFull`), or a summary that could not
+    be written (exit 1 both: the settings were fine)."""
+    counts = (f"{len(summary['processed'])} refined, {len(summary['skipped'])} skipped, {len(summary['failed'])} "
+              "failed or not reached")
+    where = (f"summary (lists what failed): {output_dir / 'summary.json'}" if summary_written else
+             "the summary could not be written either")
+    if err.disk_full:
+        return DiskFull(f"disk full: {err.filename}: {err.strerror}; {counts}; {where}")
+    return InputsFailed(f"cannot write {err.filename}: {err.strerror}; {counts}; {where}")
