@@ -164,6 +164,9 @@ def test_ffhq_preset_carries_compvis_hyperparameters(tmp_path):
     assert cfg.model.base_lr == 2e-6 and cfg.model.scale_lr is True
     assert cfg.trainer.precision == "bf16-mixed"
     assert (cfg.window.t_min, cfg.window.t_max) == (250, 500)
+    if not torch.cuda.is_available():  # else the missing GPU is refused first
+        cfg = compose_config("train", ["experiment=ffhq_500_750", "trainer.accelerator=cpu", "trainer.devices=1"],
+                             tmp_path)
     with pytest.raises(ConfigError, match="paths.compvis_ldm"):
         run(cfg)
 
