@@ -18,6 +18,7 @@ test_cli_contract.py, ...). This script is the end-to-end record, run by hand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -274,12 +275,18 @@ class Cases:
             self.add("one bad item", "disk full during refine (24 kB tmpfs)", cmd, p,
                      "one line naming the path, exit 1, no partial files",
                      p.returncode == 1 and "Traceback" not in p.stderr and not partial)
-            cmd = self.shards_cmd(mnt / "shards")
-            p = run(cmd)
-            partial = [x.name for x in mnt.iterdir() if "building" in x.name]
-            self.add("one bad item", "disk full during build_shards (24 kB tmpfs)", cmd, p,
-                     "one line naming the path, exit 1, no partial output",
-                     p.returncode == 1 and "Traceback" not in p.stderr and not partial and not (mnt / "shards").exists())
+            shutil.rmtree(mnt / "out", ignore_errors=True)
+            for case in ("disk fills during build_shards (24 kB tmpfs)", "build_shards onto a disk already full"):
+                if "already" in case:
+                    with open(mnt / "filler", "wb") as fh:  # fill what is left
+                        with contextlib.suppress(OSError):
+                            fh.write(b"\0" * 64 * 1024)
+                cmd = self.shards_cmd(mnt / "shards")
+                p = run(cmd)
+                partial = [x.name for x in mnt.iterdir() if "building" in x.name]
+                self.add("one bad item", case, cmd, p, "one line naming the path, exit 1, no partial output",
+                         p.returncode == 1 and "Traceback" not in p.stderr and not partial
+                         and not (mnt / "shards").exists())
         finally:
             subprocess.run(["umount", str(mnt)], check=False)
 

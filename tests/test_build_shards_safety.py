@@ -214,3 +214,22 @@ def test_disk_full_is_one_line_exit_1_and_leaves_nothing(tmp_path, vqs, monkeypa
     assert len(err) == 1 and err[0].startswith("error: No space left on device writing "), err
     assert ".out.building-" in err[0] and "/shard-00000" in err[0] and "KiB of shards" in err[0] and str(out) in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_a_disk_already_full_is_one_line_exit_1_and_leaves_no_build_folder(tmp_path, vqs, monkeypatch, capsys):
+    """The disk is full before the first shard: writing the build folder's marker fails. One line, exit 1, and no
+    hidden ``.out.building-*`` folder left (found by scripts/reliability_cases.py on a full tmpfs)."""
+    f4, f8 = vqs
+    images, out = _images(tmp_path / "images", n=2), tmp_path / "out"
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == shards_mod.BUILD_MARKER:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert run_cli(lambda: build_shards(images, out, f4, f8, progress=False)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: No space left on device in ") and str(out) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

@@ -210,10 +210,20 @@ def _building_prefix(out: Path) -> str:
 
 
 def _start_build_folder(out: Path, parent: Path) -> Path:
-    """A new temporary build folder for ``out`` in ``parent``, holding the marker that names this process."""
-    tmp_dir = new_folder(parent, _building_prefix(out))
-    marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out.absolute()), "started": time.time()}
-    (tmp_dir / BUILD_MARKER).write_text(json.dumps(marker))
+    """A new temporary build folder for ``out`` in ``parent``, holding the marker that names this process. A disk
+    already full here is :class:`ShardDiskFull` (exit 1, one line), with nothing left behind."""
+    tmp_dir = None
+    try:
+        tmp_dir = new_folder(parent, _building_prefix(out))
+        marker = {"pid": os.getpid(), "host": socket.gethostname(), "out": str(out.absolute()), "started": time.time()}
+        (tmp_dir / BUILD_MARKER).write_text(json.dumps(marker))
+    except OSError as err:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ShardDiskFull(f"{err.strerror or 'no space left on device'} in {parent} before any shard of {out} was "
+                            f"written; {out} is unchanged") from None
     return tmp_dir
 
 
