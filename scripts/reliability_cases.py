@@ -326,6 +326,7 @@ class Cases:
         many = w / "many"
         self.images(many, 240)
         out = w / "shards" / "train"
+        out.parent.mkdir(parents=True)  # the build folder is made beside the output, in its nearest existing parent
         cmd = self.shards_cmd(out, "maxcount_per_shard=4", "batch_size=2", images=many)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
