@@ -173,11 +173,13 @@ def test_hydra_typo_names_the_nearest_key(monkeypatch, capsys):
     _assert_one_error_line(capsys.readouterr().err, "unknown setting model.lr_typo", "model.base_lr")
 
 
-def test_instantiation_error_from_the_command_line_is_one_line(tmp_path):
+@pytest.mark.parametrize("override, needle", [("trainer.max_steps=-5", "max_steps"), ("data.batch_size=0", "batch_size")])
+def test_instantiation_error_from_the_command_line_is_one_line(tmp_path, override, needle):
     code, err = _cli(["train.py", "logger=none", "model.first_stage=null", "model.scale_factor=1.0",
-                      f"data.train_shards={_fake_shards(tmp_path)}", "trainer.max_steps=-5"], tmp_path)
+                      f"data.train_shards={_fake_shards(tmp_path)}", override], tmp_path)
     assert code == 2
-    _assert_one_error_line(err, "max_steps")
+    _assert_one_error_line(err, needle)
+    assert [line for line in err.splitlines() if line.strip()] == [err.strip()], err  # nothing else on stderr
 
 
 def test_unwritable_working_directory_moves_hydras_run_dir_or_says_permission_denied(tmp_path):

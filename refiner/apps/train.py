@@ -247,16 +247,18 @@ def chain_validation(cfg: DictConfig) -> list:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    # _convert_=all: the library gets plain dicts and lists, never config objects. The datamodule first: its settings
+    # are checked on construction (one error line), before the scale factor reads any latents.
+    datamodule = instantiate(cfg.data, "data", _convert_="all")
     init_state, init_info = read_init_from(cfg)
     if "unet" in cfg.model:
         resolve_scale_factor(cfg, init_info or read_resume_info(cfg))
         resolve_first_stage_fingerprint(cfg, init_info)
         record_lora_base(cfg, init_state)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning's "Seed set to" line on stderr: in our log
+    log.info("seed %d (torch, numpy, random and the dataloader workers)", cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
 
-    # _convert_=all: the library gets plain dicts and lists, never config objects
-    datamodule = instantiate(cfg.data, "data", _convert_="all")
     model = instantiate(cfg.model, "model", _convert_="all")
     if init_state is not None:
         apply_init_from(model, cfg, init_state, init_info)
