@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("refiner.apps.bench", "main", "the composition benchmark: artifact rates per method and source"),
     "bench-artifacts": ("refiner.apps.bench", "artifacts_main", "benchmark of artifact detection and targeted fixes"),
     "bench-upscale": ("refiner.apps.bench", "upscale_main", "benchmark of progressive vs bicubic-then-refine upscaling"),
+    "bench-seeds": ("refiner.apps.seeds", "main", "the benchmark over several training seeds, with intervals"),
     "export": ("refiner.apps.export", "main", "export window experts (safetensors, diffusers, peft)"),
     "inspect": ("refiner.apps.export", "inspect_main", "say what kind of checkpoint a file is"),
 }
