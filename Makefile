@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-full demo-photos chain bench clean-demo
+.PHONY: setup test test-fast demo demo-full demo-photos demo-seeds chain bench clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ demo-full: setup
 
 demo-photos: setup
 	PATH="$(abspath $(BIN)):$$PATH" DEMO=photos bash scripts/demo.sh
+
+# the demo's comparison over 5 training seeds with 95% intervals (docs/experiments/seeds.md; about 1 h on 2 cores):
+# make demo first (its first stages and shards), then refiner bench-seeds into outputs/heads/seeds_study;
+# re-run to continue after an interruption. SEEDS_ARGS: more settings of conf/seeds.yaml
+demo-seeds: demo
+	$(BIN)/python -m refiner bench-seeds resume=true $(SEEDS_ARGS)
 
 # train a chain on your own images (docs/reference/chain.md): make chain DATA=path/to/images [OUT=folder]
 # [ARGS="size=128 full_range=true"]; re-run the same command to continue after an interruption
