@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,8 +129,14 @@ def test_a_folder_of_something_else_or_of_this_study_needs_resume(tmp_path):
         Study(other).check_folder()
 
 
+def _first_stages(tmp_path) -> dict:
+    for name in ("f4.ckpt", "f8.ckpt"):
+        (tmp_path / name).write_bytes(b"")  # only their existence is checked before the steps run
+    return {"vq_f4": str(tmp_path / "f4.ckpt"), "vq_f8": str(tmp_path / "f8.ckpt")}
+
+
 def test_the_plan_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
-    s = SeedStudySettings(seeds=(3,), output_dir=str(tmp_path / "study"), vq_f4="f4.ckpt", vq_f8="f8.ckpt")
+    s = SeedStudySettings(seeds=(3,), output_dir=str(tmp_path / "study"), **_first_stages(tmp_path))
     runs = Study(s).seed_dir(3)
     for run, step in (("refiner_500_750", 1000), ("full_range", 700)):  # the demo's budgets: 1000, 600, 1600
         (runs / run / "checkpoints").mkdir(parents=True)
@@ -141,3 +148,57 @@ def test_the_plan_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
     assert plan["full_range"] == ([*plan["full_range"][0][:-1], f"ckpt_path={runs}/full_range/checkpoints/last.ckpt"],
                                   "resume")
     assert "seed=3" in plan["full_range"][0] and f"paths.demo_outputs={runs}" in plan["full_range"][0]
+
+
+def test_missing_first_stages_or_generator_are_refused_before_any_step(tmp_path):
+    s = SeedStudySettings(output_dir=str(tmp_path / "study"), vq_f4=str(tmp_path / "no.ckpt"), vq_f8="x")
+    with pytest.raises(SettingError, match="vq_f4=.*no.ckpt: no such file"):
+        Study(s).plan()
+    s = SeedStudySettings(output_dir=str(tmp_path / "study"), generator=str(tmp_path / "gen.ckpt"),
+                          **_first_stages(tmp_path))
+    with pytest.raises(SettingError, match="generator=.*gen.ckpt: no such file"):
+        Study(s).plan()
+
+
+def test_a_study_trains_in_two_lanes_benchmarks_aggregates_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
+    """Study.run with the job runner replaced by one that writes what each command would: a training writes its
+    last.ckpt at its budget, a benchmark its results.json. The real commands are tested in their own files."""
+    budgets = {"demo_refiner_500_750": 1000, "demo_refiner_751_1000": 600, "demo_full_range": 1600}
+    calls = []
+
+    def fake_lanes(self, lanes, threads=None):
+        calls.append(([[job.name for job in lane] for lane in lanes], threads))
+        for lane in lanes:
+            for job in lane:
+                args = dict(a.split("=", 1) for a in job.argv[1:] if "=" in a)
+                if job.argv[0] == "train":
+                    seed_dir = Path(args["paths.demo_outputs"])
+                    run = {"demo_refiner_500_750": "refiner_500_750", "demo_refiner_751_1000": "refiner_751_1000",
+                           "demo_full_range": "full_range"}[args["experiment"]]
+                    (seed_dir / run / "checkpoints").mkdir(parents=True)
+                    torch.save({"global_step": budgets[args["experiment"]]}, seed_dir / run / "checkpoints/last.ckpt")
+                else:
+                    seed = int(Path(args["output_dir"]).parent.name.split("_")[1])
+                    Path(args["output_dir"]).mkdir(parents=True)
+                    chain = [0] if seed == 0 else [0, 1]  # seed 0's chain breaks 1 of 4 images, seed 1's 2
+                    Path(args["output_dir"], "results.json").write_text(json.dumps(
+                        _results(chain, [0, 1, 2], split=args["split"]) | {"n": int(args["n"])}))
+        return {}
+
+    monkeypatch.setattr("refiner.apps.lanes.Runner.run_lanes", fake_lanes)
+    s = SeedStudySettings(seeds=(0, 1), output_dir=str(tmp_path / "study"), n=4, **_first_stages(tmp_path))
+    agg = Study(s, say=lambda _: None).run()
+    assert calls == [
+        ([["seed_0_refiner_500_750", "seed_0_refiner_751_1000"], ["seed_0_full_range"]], 1),
+        ([["seed_0_bench"]], None),
+        ([["seed_1_refiner_500_750", "seed_1_refiner_751_1000"], ["seed_1_full_range"]], 1),
+        ([["seed_1_bench"]], None)]
+    assert agg["generator"]["rates"]["chain"].per_seed == (0.25, 0.5)
+    written = json.loads((tmp_path / "study" / "seeds.json").read_text())
+    assert written["sources"]["generator"]["differences"]["chain - full_range"]["mean"] == pytest.approx(-3 / 8)
+    assert (tmp_path / "study" / "seeds.md").is_file() and (tmp_path / "study" / "seeds.png").is_file()
+    calls.clear()
+    with pytest.raises(SettingError, match="resume=true"):
+        Study(s).run()
+    Study(SeedStudySettings(**{**s.__dict__, "resume": True}), say=lambda _: None).run()
+    assert calls == []  # every training at its budget, every benchmark newer than its checkpoints

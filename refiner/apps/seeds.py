@@ -149,6 +149,10 @@ class Study:
 
     def plan(self) -> dict[int, list[tuple[str, list[str], str]]]:
         """Per seed, ``(run, argv, state)`` of its trainings; every command line composed first (one line each)."""
+        for name, path in (("vq_f4", self.s.vq_f4), ("vq_f8", self.s.vq_f8), ("generator", self.s.generator)):
+            if path is not None and not Path(path).is_file():  # the steps would find out only after training
+                raise SettingError(f"{name}={path}: no such file" + (" (make demo trains the demo's first stages)"
+                                                                     if name != "generator" else ""))
         plans = {}
         for seed in self.s.seeds:
             plans[seed] = []
