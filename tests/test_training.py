@@ -84,6 +84,24 @@ def test_resume_continues_step_optimizer_ema_and_data_exactly(world, tmp_path):
     _assert_same_training_state(_train_state(full["last_ckpt"]), _train_state(resumed["last_ckpt"]))
 
 
+def test_a_run_resumed_in_a_moved_folder_keeps_writing_last_ckpt(world, tmp_path):
+    """Lightning restores ModelCheckpoint's record of its own last.ckpt only when the folder is unchanged; in a moved
+    (or copied) run folder it used to write the resumed run to last-v1.ckpt and leave last.ckpt at the old step, so
+    whatever read last.ckpt (init_from of the detail expert, the benchmark) got the unfinished model."""
+    import shutil
+
+    half = world.train_refiner("demo_refiner_500_750", tmp_path / "a", "trainer.max_steps=2",
+                               "trainer.val_check_interval=2")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    resumed = world.train_refiner("demo_refiner_500_750", tmp_path / "b", "trainer.max_steps=4",
+                                  "trainer.val_check_interval=2", f"ckpt_path={moved}")
+    assert resumed["global_step"] == 4
+    assert sorted(p.name for p in moved.parent.glob("last*")) == ["last.ckpt"]
+    assert torch.load(moved, weights_only=True)["global_step"] == 4
+    assert torch.load(half["last_ckpt"], weights_only=True)["global_step"] == 2
+
+
 def test_resume_keeps_the_scale_factor_the_run_inherited(world, shape_window, tmp_path):
     """A finetune inherits scale_factor from init_from; a resume (no init_from) must not recompute it from the
     shards (here they would give another value)."""
