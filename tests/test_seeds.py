@@ -120,13 +120,18 @@ def test_a_folder_of_something_else_or_of_this_study_needs_resume(tmp_path):
     with pytest.raises(SettingError, match="not empty and holds no study.json"):
         Study(s).check_folder()
     (tmp_path / "study" / "notes.txt").unlink()
-    (tmp_path / "study" / MANIFEST).write_text(json.dumps(s.record()))
+    (tmp_path / "study" / MANIFEST).write_text(json.dumps(Study(s).record))
     with pytest.raises(SettingError, match="pass resume=true"):
         Study(s).check_folder()
     Study(SeedStudySettings(**{**s.__dict__, "resume": True})).check_folder()  # the same study, resumed
     other = SeedStudySettings(**{**s.__dict__, "resume": True, "n": 64})
     with pytest.raises(SettingError, match="holds another study .*n differ"):
         Study(other).check_folder()
+    later = SeedStudySettings(**{**s.__dict__, "resume": True, "seeds": (5,)})  # default generator: seed 5's
+    with pytest.raises(SettingError, match="holds another study .*generator differ"):
+        Study(later).check_folder()
+    generator = str(Study(s).seed_dir(0) / "full_range" / "checkpoints" / "last.ckpt")
+    Study(SeedStudySettings(**{**later.__dict__, "generator": generator})).check_folder()
 
 
 def _first_stages(tmp_path) -> dict:

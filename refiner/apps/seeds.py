@@ -90,6 +90,9 @@ class Study:
         self.s, self.say = s, say
         self.out = Path(s.output_dir)
         self.runner = Runner(self.out / "logs", say=say)
+        # the generator resolved: its default depends on the seed list, and every seed of a study must refine the
+        # same generator samples (a later run with seeds=[5] resumes the study only with the same generator)
+        self.record = {**s.record(), "generator": self.generator()}
 
     def seed_dir(self, seed: int) -> Path:
         return self.out / f"seed_{seed}"
@@ -136,8 +139,8 @@ class Study:
         manifest = self.out / MANIFEST
         if manifest.is_file():
             held = json.loads(manifest.read_text())
-            if held != self.s.record():
-                changed = sorted(k for k in set(held) | set(self.s.record()) if held.get(k) != self.s.record().get(k))
+            if held != self.record:
+                changed = sorted(k for k in set(held) | set(self.record) if held.get(k) != self.record.get(k))
                 raise SettingError(f"output_dir {self.out} holds another study (its {', '.join(changed)} differ); "
                                    "choose another output_dir")
             if not self.s.resume:
@@ -170,7 +173,7 @@ class Study:
         self.check_folder()
         plans = self.plan()
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / MANIFEST, json.dumps(self.s.record(), indent=1))
+        atomic_write_text(self.out / MANIFEST, json.dumps(self.record, indent=1))
         for seed, runs in plans.items():
             jobs = {run: Job(f"seed_{seed}_{run}", ["train", *args]) for run, args, state in runs if state != "done"}
             windows = [jobs[r] for r in ("refiner_500_750", "refiner_751_1000") if r in jobs]
