@@ -207,3 +207,15 @@ def test_a_study_trains_in_two_lanes_benchmarks_aggregates_and_a_rerun_redoes_no
         Study(s).run()
     Study(SeedStudySettings(**{**s.__dict__, "resume": True}), say=lambda _: None).run()
     assert calls == []  # every training at its budget, every benchmark newer than its checkpoints
+
+
+def test_the_command_exits_0_after_a_study(tmp_path, monkeypatch):
+    from conftest import compose_config
+
+    from refiner.apps import seeds as app
+
+    monkeypatch.setattr(app.Study, "run", lambda self: {"generator": {}})  # what a finished study returns
+    cfg = compose_config("seeds", [f"output_dir={tmp_path / 'study'}"], tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        app.task(cfg)
+    assert exit_.value.code == 0

@@ -212,7 +212,10 @@ def settings(cfg: DictConfig) -> SeedStudySettings:
 
 
 def task(cfg: DictConfig) -> None:
-    raise SystemExit(run_cli(lambda: Study(settings(cfg)).run()))
+    def body() -> None:
+        Study(settings(cfg)).run()  # its return value is the aggregate, not an exit code
+
+    raise SystemExit(run_cli(body))
 
 
 main = hydra_command("seeds", task)
