@@ -261,12 +261,12 @@ def write_export_folder(out: str | os.PathLike, layout: ExportLayout, write: Cal
     return Path(out)
 
 
-def new_folder(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new empty folder ``<parent>/<prefix><random>``, made by ``mkdir`` with the mode a new folder gets there
-    (0777 minus the umask). ``tempfile.mkdtemp`` makes 0700, and a temporary folder renamed into place keeps it:
-    nobody else in the group could read the result."""
+def new_folder(parent: str | os.PathLike, prefix: str, suffix: str = "") -> Path:
+    """A new empty folder ``<parent>/<prefix><random><suffix>``, made by ``mkdir`` with the mode a new folder gets
+    there (0777 minus the umask). ``tempfile.mkdtemp`` makes 0700, and a temporary folder renamed into place keeps
+    it: nobody else in the group could read the result."""
     while True:
-        candidate = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        candidate = Path(parent) / f"{prefix}{secrets.token_hex(4)}{suffix}"
         try:
             candidate.mkdir()
             return candidate
@@ -276,17 +276,12 @@ def new_folder(parent: str | os.PathLike, prefix: str) -> Path:
 
 def _fresh_sibling(path: Path, suffix: str, create: bool = False) -> Path:
     """An unused name ``.<name>.<random>.<suffix>`` beside ``path`` (made as a folder when ``create``)."""
+    if create:
+        return new_folder(path.parent, f".{path.name}.", f".{suffix}")
     while True:
         candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.{suffix}")
-        if not create:
-            if not candidate.exists() and not candidate.is_symlink():
-                return candidate
-            continue
-        try:
-            candidate.mkdir()
+        if not candidate.exists() and not candidate.is_symlink():
             return candidate
-        except FileExistsError:
-            continue
 
 
 def _settle_files(root: Path) -> None:
