@@ -75,9 +75,11 @@ def _attention_heads(model: UNetModel) -> set[int]:
     tiny_unet_params(use_scale_shift_norm=True, num_res_blocks=2),
     tiny_unet_params(use_new_attention_order=True),
     FFHQ_LAYOUT_TINY,
-], ids=["tiny", "tiny-scale-shift", "tiny-new-qkv-order", "ldm_vq4_ffhq-layout"])
+    tiny_unet_params(model_channels=16, norm_groups=16, num_head_channels=8, use_scale_shift_norm=True),
+], ids=["tiny", "tiny-scale-shift", "tiny-new-qkv-order", "ldm_vq4_ffhq-layout", "half-width-16-groups"])
 def test_unet_matches_exported_unet2dmodel(params):
     ours, state = _our_unet(params)
+    assert unet2d_config(params)["norm_num_groups"] == params.get("norm_groups", 32)
     assert max(_attention_heads(ours)) > 1  # the per-head qkv split is exercised
     theirs = _diffusers_unet(params, state)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 711])
@@ -121,9 +123,11 @@ def test_vq_matches_exported_vqmodel(norm_groups):
     assert theirs.config.scaling_factor == 0.7
 
 
-def test_unet_round_trip_is_bit_identical_and_params_survive():
-    ours, state = _our_unet(FFHQ_LAYOUT_TINY)
-    back, params = unet_from_diffusers(unet_to_diffusers(state, FFHQ_LAYOUT_TINY), unet2d_config(FFHQ_LAYOUT_TINY))
+@pytest.mark.parametrize("layout", [FFHQ_LAYOUT_TINY, tiny_unet_params(model_channels=16, norm_groups=16)],
+                         ids=["ldm_vq4_ffhq-layout", "half-width-16-groups"])
+def test_unet_round_trip_is_bit_identical_and_params_survive(layout):
+    ours, state = _our_unet(layout)
+    back, params = unet_from_diffusers(unet_to_diffusers(state, layout), unet2d_config(layout))
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     rebuilt = UNetModel(**params).config
     rebuilt["attention_resolutions"] = sorted(rebuilt["attention_resolutions"])

@@ -84,6 +84,15 @@ def test_resume_continues_step_optimizer_ema_and_data_exactly(world, tmp_path):
     _assert_same_training_state(_train_state(full["last_ckpt"]), _train_state(resumed["last_ckpt"]))
 
 
+def test_validating_more_often_leaves_the_training_unchanged(world, tmp_path):
+    """``refiner bench-seeds val_every=50`` only adds validations (its study record leaves it out): the weights,
+    optimizer and EMA after 6 steps are the same whether validation ran every 2 steps or once."""
+    common = ["trainer.max_steps=6", "model.warmup_steps=3"]
+    often = world.train_refiner("demo_refiner_500_750", tmp_path / "often", "trainer.val_check_interval=2", *common)
+    once = world.train_refiner("demo_refiner_500_750", tmp_path / "once", "trainer.val_check_interval=6", *common)
+    _assert_same_training_state(_train_state(often["last_ckpt"]), _train_state(once["last_ckpt"]))
+
+
 def test_a_run_resumed_in_a_moved_folder_keeps_writing_last_ckpt(world, tmp_path):
     """Lightning restores ModelCheckpoint's record of its own last.ckpt only when the folder is unchanged; in a moved
     (or copied) run folder it used to write the resumed run to last-v1.ckpt and leave last.ckpt at the old step, so

@@ -242,3 +242,16 @@ def test_bad_configs_raise_clear_errors():
         UNetModel(**tiny_unet_params(), attention_backend="flash")
     with pytest.warns(UserWarning, match="use_fp16"):
         UNetModel(**tiny_unet_params(), use_fp16=True)
+
+
+def test_norm_groups_sets_every_groupnorm_and_only_other_values_are_recorded():
+    """A half-width UNet (16 channels) needs fewer than CompVis's 32 groups; the value reaches every GroupNorm, the
+    default leaves ``config`` exactly CompVis's (no extra key), and channels that the groups do not divide refuse."""
+    from refiner.models.unet import UNetModel, tiny_unet_params
+
+    half = UNetModel(**tiny_unet_params(model_channels=16, norm_groups=16, num_head_channels=8))
+    groups = {m.num_groups for m in half.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {16} and half.config["norm_groups"] == 16
+    assert "norm_groups" not in UNetModel(**tiny_unet_params()).config
+    with pytest.raises(ValueError, match=r"GroupNorm\(32\) needs channels divisible by 32, got 16"):
+        UNetModel(**tiny_unet_params(model_channels=16, num_head_channels=8))

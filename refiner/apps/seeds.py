@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from refiner.apps.hydra_app import check_composes, hydra_command, settings_from
 from refiner.apps.lanes import Job, JobFailed, Runner, tail
+from refiner.bench import efficiency
 from refiner.bench import seeds as study
 from refiner.cli import run_cli
 from refiner.errors import InputsFailed, SettingError
@@ -53,6 +54,8 @@ class SeedStudySettings:
     vq_f8: str = ""
     generator: str | None = None
     width: int | None = None
+    budget: float = 1.0
+    val_every: int | None = None
     split: str = "holdout"
     n: int = 128
     t_start: int = 499
@@ -69,20 +72,58 @@ class SeedStudySettings:
             raise SettingError(f"seeds lists {', '.join(map(str, repeated))} more than once: each training seed once")
         if self.width is not None:
             require_int("width", self.width, minimum=1)
-            if self.width % GROUPS:
+            if self.width % GROUPS and GROUPS % self.width:
                 raise SettingError(f"width={self.width} does not divide into the UNet's {GROUPS} GroupNorm groups: "
-                                   f"use a multiple of {GROUPS}")
+                                   f"use a multiple of {GROUPS}, or a divisor of it (16, 8) for a narrower UNet")
+        if not isinstance(self.budget, (int, float)) or isinstance(self.budget, bool) or not 0 < self.budget <= 100:
+            raise SettingError(f"budget={self.budget!r}: a multiplier of every run's steps in (0, 100], e.g. 2.5")
+        if self.val_every is not None:
+            require_int("val_every", self.val_every, minimum=1)
         require_choice("split", self.split, ("tune", "report", "holdout"))
         require_int("n", self.n, minimum=1)
         require_int("t_start", self.t_start, minimum=0, maximum=999)
         require_int("bootstrap_seed", self.bootstrap_seed, minimum=0)
 
     def record(self) -> dict:
-        """What defines the study (``study.json``): everything but how it is run."""
+        """What defines the study (``study.json``): everything but how it is run (``val_every`` only adds
+        validations: the training draws its t and noise from its own per-step generators, so the weights do not
+        change; tested)."""
         d = asdict(self)
-        for key in ("resume", "parallel", "seeds"):
+        for key in ("resume", "parallel", "seeds", "val_every"):
             d.pop(key)
+        d["budget"] = float(d["budget"])
         return {"written_by": WRITTEN_BY, **d}
+
+    def unet_overrides(self) -> list[str]:
+        """``width`` as model overrides: below the UNet's 32 groups, one GroupNorm group per channel at the first
+        level (``norm_groups = width``), as the demo's 32 channels have with 32 groups."""
+        if self.width is None:
+            return []
+        groups = [f"++model.unet.norm_groups={self.width}"] if self.width < GROUPS else []
+        return [f"model.unet.model_channels={self.width}", *groups]
+
+
+# keys a study.json written before they existed lacks: their value then
+RECORD_DEFAULTS = {"budget": 1.0}
+
+
+def check_study_folder(out: Path, manifest_name: str, record: dict, resume: bool, written_by: str,
+                       defaults: dict | None = None) -> None:
+    """Refuse, before any compute, an ``out`` folder holding another study (its ``manifest_name`` differs from
+    ``record``; keys it lacks take ``defaults``), this study without ``resume``, or anything else."""
+    manifest = out / manifest_name
+    if manifest.is_file():
+        held = {**(defaults or {}), **json.loads(manifest.read_text())}
+        if held != record:
+            changed = sorted(k for k in set(held) | set(record) if held.get(k) != record.get(k))
+            raise SettingError(f"output_dir {out} holds another study (its {', '.join(changed)} differ); "
+                               "choose another output_dir")
+        if not resume:
+            raise SettingError(f"output_dir {out} holds this study already: pass resume=true to go on with it "
+                               "(finished runs are kept), or choose another output_dir")
+    elif out.exists() and any(out.iterdir()):
+        raise SettingError(f"output_dir {out} is not empty and holds no {manifest_name}: it is not a study of "
+                           f"{written_by}; choose another output_dir")
 
 
 class Study:
@@ -106,9 +147,19 @@ class Study:
                 f"paths.demo_outputs={self.seed_dir(seed)}", f"first_stage.f4.ckpt_path={self.s.vq_f4}",
                 f"first_stage.f8.ckpt_path={self.s.vq_f8}"]
 
-    def train_args(self, seed: int, experiment: str) -> list[str]:
-        width = [] if self.s.width is None else [f"model.unet.model_channels={self.s.width}"]
-        return [f"experiment={experiment}", *self.shared(seed), f"seed={seed}", *width]
+    def train_args(self, seed: int, experiment: str, cfg=None) -> list[str]:
+        """The training command line; ``cfg``, the experiment composed without the budget, gives the steps
+        ``budget`` multiplies (None: the plain command, for composing it)."""
+        args = [f"experiment={experiment}", *self.shared(seed), f"seed={seed}", *self.s.unet_overrides()]
+        if cfg is None:
+            return args
+        steps = max(1, round(int(cfg.trainer.max_steps) * self.s.budget))
+        every = min(self.s.val_every or int(cfg.trainer.val_check_interval), steps)
+        if steps != int(cfg.trainer.max_steps):
+            args.append(f"trainer.max_steps={steps}")
+        if every != int(cfg.trainer.val_check_interval):
+            args.append(f"trainer.val_check_interval={every}")
+        return args
 
     def bench_args(self, seed: int) -> list[str]:
         out = self.seed_dir(seed) / "bench"
@@ -136,19 +187,7 @@ class Study:
 
     # ---- steps
     def check_folder(self) -> None:
-        manifest = self.out / MANIFEST
-        if manifest.is_file():
-            held = json.loads(manifest.read_text())
-            if held != self.record:
-                changed = sorted(k for k in set(held) | set(self.record) if held.get(k) != self.record.get(k))
-                raise SettingError(f"output_dir {self.out} holds another study (its {', '.join(changed)} differ); "
-                                   "choose another output_dir")
-            if not self.s.resume:
-                raise SettingError(f"output_dir {self.out} holds this study already: pass resume=true to go on with "
-                                   "it (finished runs are kept), or choose another output_dir")
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise SettingError(f"output_dir {self.out} is not empty and holds no {MANIFEST}: it is not a study of "
-                               "refiner bench-seeds; choose another output_dir")
+        check_study_folder(self.out, MANIFEST, self.record, self.s.resume, WRITTEN_BY, RECORD_DEFAULTS)
 
     def plan(self) -> dict[int, list[tuple[str, list[str], str]]]:
         """Per seed, ``(run, argv, state)`` of its trainings; every command line composed first (one line each)."""
@@ -160,7 +199,7 @@ class Study:
         for seed in self.s.seeds:
             plans[seed] = []
             for run, experiment in RUNS:
-                args = self.train_args(seed, experiment)
+                args = self.train_args(seed, experiment, check_composes("train", self.train_args(seed, experiment)))
                 cfg = check_composes("train", args)
                 state, last = self.training_state(seed, run, int(cfg.trainer.max_steps))
                 if state == "resume":
@@ -197,11 +236,13 @@ class Study:
     def aggregate(self) -> dict:
         results = study.read_results([self.seed_dir(s) / "bench" / "results.json" for s in self.s.seeds])
         meta = {"written_by": WRITTEN_BY, "split": self.s.split, "n": self.s.n, "t_start": self.s.t_start,
-                "generator": self.generator(), "width": self.s.width}
+                "generator": self.generator(), "width": self.s.width, "budget": self.s.budget}
         agg = study.aggregate(study.outcomes(results, self.s.t_start), seed=self.s.bootstrap_seed)
-        text = study.markdown(agg, self.s.seeds, meta)
+        eff = efficiency.study_efficiency([self.seed_dir(s) for s in self.s.seeds])
+        text = study.markdown(agg, self.s.seeds, meta) + "\n" + efficiency.markdown(eff, self.s.seeds)
         atomic_write_text(self.out / "seeds.md", text)
-        atomic_write_text(self.out / "seeds.json", json.dumps(study.to_json(agg, self.s.seeds, meta), indent=1))
+        atomic_write_text(self.out / "seeds.json", json.dumps(
+            {**study.to_json(agg, self.s.seeds, meta), "efficiency": efficiency.to_json(eff, self.s.seeds)}, indent=1))
         atomic_write_bytes(self.out / "seeds.png", study.rates_png(agg))
         print(text)
         return agg

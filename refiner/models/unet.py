@@ -61,10 +61,10 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    if channels % GROUPS:
-        raise ValueError(f"GroupNorm({GROUPS}) needs channels divisible by {GROUPS}, got {channels}")
-    return GroupNorm32(GROUPS, channels)
+def normalization(channels: int, groups: int = GROUPS) -> GroupNorm32:
+    if channels % groups:
+        raise ValueError(f"GroupNorm({groups}) needs channels divisible by {groups}, got {channels}")
+    return GroupNorm32(groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -143,13 +143,14 @@ class ResBlock(TimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        norm_groups: int = GROUPS,
     ):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            normalization(channels, norm_groups), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         if up:
@@ -162,7 +163,7 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
@@ -228,6 +229,7 @@ class AttentionBlock(nn.Module):
         use_checkpoint: bool = False,
         use_new_attention_order: bool = False,
         attention_backend: AttentionBackend = "sdpa",
+        norm_groups: int = GROUPS,
     ):
         super().__init__()
         if num_head_channels == -1:
@@ -241,7 +243,7 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.legacy_order = not use_new_attention_order
         self.attention_backend = attention_backend
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
@@ -272,6 +274,8 @@ class UNetModel(nn.Module):
         use_spatial_transformer, transformer_depth, context_dim: cross-attention is not supported;
             ``use_spatial_transformer=True`` or a ``context_dim`` raises.
         attention_backend: ``"sdpa"`` (default) or ``"math"`` (explicit softmax, for tests/benchmarks).
+        norm_groups: groups of every GroupNorm; CompVis fixes 32 (its ``normalization``), so only another value is
+            stored in ``config``. A width below 32 needs fewer groups (the capacity study's half-width UNet).
 
     Unknown keyword arguments raise ``TypeError`` naming them (Python's own check).
     """
@@ -303,6 +307,7 @@ class UNetModel(nn.Module):
         n_embed: int | None = None,
         legacy: bool = True,
         attention_backend: AttentionBackend = "sdpa",
+        norm_groups: int = GROUPS,
     ):
         super().__init__()
         attention_resolutions = [int(r) for r in attention_resolutions]  # also unwraps OmegaConf lists
@@ -322,6 +327,8 @@ class UNetModel(nn.Module):
             use_new_attention_order=use_new_attention_order, use_spatial_transformer=use_spatial_transformer,
             transformer_depth=transformer_depth, context_dim=context_dim, n_embed=n_embed, legacy=legacy,
         )
+        if norm_groups != GROUPS:  # an extra key, absent in CompVis configs (which always use 32)
+            self.config["norm_groups"] = norm_groups
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -339,12 +346,13 @@ class UNetModel(nn.Module):
             return AttentionBlock(
                 ch, num_heads=heads, num_head_channels=dim_head, use_checkpoint=use_checkpoint,
                 use_new_attention_order=use_new_attention_order, attention_backend=attention_backend,
+                norm_groups=norm_groups,
             )
 
         def resblock(ch: int, out_ch: int | None = None, up: bool = False, down: bool = False) -> ResBlock:
             return ResBlock(
                 ch, time_embed_dim, dropout, out_channels=out_ch, use_scale_shift_norm=use_scale_shift_norm,
-                use_checkpoint=use_checkpoint, up=up, down=down,
+                use_checkpoint=use_checkpoint, up=up, down=down, norm_groups=norm_groups,
             )
 
         time_embed_dim = 4 * model_channels
@@ -386,7 +394,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+            normalization(ch, norm_groups), nn.SiLU(),
+            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
 
     @staticmethod

@@ -48,6 +48,7 @@ def unet2d_config(params: Mapping) -> dict:
         raise DiffusersFormatError("this UNet has no UNet2DModel equivalent: " + "; ".join(problems))
     attn_ds = {int(r) for r in p["attention_resolutions"]}
     levels = range(len(mult))
+    groups = int(p.get("norm_groups", GROUPS))
     return {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": int(p["image_size"]), "in_channels": int(p["in_channels"]),
@@ -59,8 +60,8 @@ def unet2d_config(params: Mapping) -> dict:
         "block_out_channels": [int(p["model_channels"]) * m for m in mult],
         "layers_per_block": int(p["num_res_blocks"]), "mid_block_scale_factor": 1, "downsample_padding": 1,
         "downsample_type": "conv", "upsample_type": "conv", "dropout": float(p.get("dropout", 0.0)),
-        "act_fn": "silu", "attention_head_dim": head_dims.pop(), "norm_num_groups": GROUPS,
-        "attn_norm_num_groups": GROUPS, "norm_eps": UNET_EPS,
+        "act_fn": "silu", "attention_head_dim": head_dims.pop(), "norm_num_groups": groups,
+        "attn_norm_num_groups": groups, "norm_eps": UNET_EPS,
         "resnet_time_scale_shift": "scale_shift" if p.get("use_scale_shift_norm") else "default",
         "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
     }
@@ -99,7 +100,7 @@ def unet_params_from_unet2d_config(config: Mapping, source: str = "UNet2DModel c
     scale_shift = c["resnet_time_scale_shift"] == "scale_shift"
     expected = dict(center_input_sample=False, time_embedding_type="positional", freq_shift=0, flip_sin_to_cos=True,
                     mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1, downsample_padding=1,
-                    downsample_type="conv", upsample_type="conv", act_fn="silu", norm_num_groups=GROUPS,
+                    downsample_type="conv", upsample_type="conv", act_fn="silu",
                     add_attention=True, class_embed_type=None, num_class_embeds=None)
     problems = [f"{k}={c[k]!r} (need {v!r})" for k, v in expected.items() if c[k] != v]
     if c["time_embedding_dim"] not in (None, 4 * mc):
@@ -110,6 +111,9 @@ def unet_params_from_unet2d_config(config: Mapping, source: str = "UNet2DModel c
         problems.append(f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r}")
     if scale_shift and c["attn_norm_num_groups"] is None:
         problems.append("scale_shift without attn_norm_num_groups: the mid-block attention has no GroupNorm")
+    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
+        problems.append(f"attn_norm_num_groups={c['attn_norm_num_groups']} differs from norm_num_groups="
+                        f"{c['norm_num_groups']} (one GroupNorm group count throughout)")
     if any(b % mc for b in boc):
         problems.append(f"block_out_channels {boc} are not multiples of the first")
     if len(downs) != len(boc) or len(ups) != len(boc):
@@ -126,6 +130,8 @@ def unet_params_from_unet2d_config(config: Mapping, source: str = "UNet2DModel c
                   out_channels=int(c["out_channels"]), model_channels=mc, num_res_blocks=int(c["layers_per_block"]),
                   attention_resolutions=[2**i for i in attn_levels], dropout=float(c["dropout"]),
                   channel_mult=[b // mc for b in boc], use_scale_shift_norm=scale_shift, resblock_updown=False)
+    if int(c["norm_num_groups"]) != GROUPS:  # other groups: ours takes the extra key (refiner.models.unet)
+        params["norm_groups"] = int(c["norm_num_groups"])
     head_dim = c["attention_head_dim"]
     if head_dim is None:  # diffusers: one head per block, as wide as the block
         params["num_heads"] = 1

@@ -1,0 +1,139 @@
+"""The blog's efficiency claim over training seeds: how many steps a window needs to reach the equal-compute full-range
+model's final in-window loss (issue 22, item 3).
+
+For each training seed, from the runs' logged in-window validation losses (``val/loss_in_{t_min}_{t_max}``: plain
+eps-MSE at t and noise fixed by seed 0, the same for every model and seed; :mod:`refiner.lit.window_module`):
+
+* **shape window, t in [250, 500):** ``target`` = the full-range model's loss in that window at its last validation;
+  ``steps`` = the first validation at which the shape window's loss is at or below ``target``;
+  ``ratio = full_steps / steps``, the full-range model's training steps per window step to the same loss.
+* **detail window, t in [0, 250):** the same with the detail window, counting the shape window's steps too (the
+  detail window is finetuned from it): ``steps = shape_steps + detail steps``.
+
+A ratio above 1 means the window got there in fewer steps. A run that never reaches ``target`` has no ratio (the
+summary counts it). Steps are counted as training steps done: a validation logged at CSV ``step`` s ran after s + 1
+steps. The resolution is the validation interval (``refiner bench-seeds val_every=50``).
+
+:func:`summary` gives the geometric mean ratio over seeds with a 95% t interval on the log ratios (Student, n - 1
+degrees of freedom). One level only: the validation batches are fixed, so the spread is between trained models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+from refiner.bench.report import first_step_at_or_below, read_logged
+
+# (name, metric, window run, runs trained before it in the chain)
+COMPARISONS = (("shape window, t in [250, 500)", "val/loss_in_250_500", "refiner_500_750", ()),
+               ("detail window, t in [0, 250)", "val/loss_in_0_250", "refiner_751_1000", ("refiner_500_750",)))
+FULL_RANGE = "full_range"
+
+
+@dataclass(frozen=True)
+class Reach:
+    """One seed, one window: the full-range model's final loss ``target`` after ``full_steps`` steps, the window's
+    ``steps`` to reach it (None: not within its budget) and the validation interval seen."""
+
+    target: float
+    full_steps: int
+    steps: int | None
+    interval: int
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.steps is None else self.full_steps / self.steps
+
+
+def _done(steps: Sequence[int]) -> list[int]:
+    return [s + 1 for s in steps]
+
+
+def reach(seed_dir: str | Path, metric: str, window: str, before: Sequence[str] = ()) -> Reach | None:
+    """:class:`Reach` of one seed's ``window`` run against its full-range run (both under ``seed_dir``); None when
+    either did not log ``metric``."""
+    seed_dir = Path(seed_dir)
+    full_steps, full_losses = read_logged(seed_dir / FULL_RANGE, metric)
+    steps, losses = read_logged(seed_dir / window, metric)
+    if not full_steps or not steps:
+        return None
+    offset = 0
+    for run in before:  # the runs this one was finetuned from: their budgets count
+        earlier, _ = read_logged(seed_dir / run, metric)
+        if not earlier:
+            return None
+        offset += _done(earlier)[-1]
+    done = _done(steps)
+    first = first_step_at_or_below(done, losses, full_losses[-1])
+    interval = min(np.diff(done)) if len(done) > 1 else done[0]
+    return Reach(target=full_losses[-1], full_steps=_done(full_steps)[-1],
+                 steps=None if first is None else offset + first, interval=int(interval))
+
+
+@dataclass(frozen=True)
+class RatioSummary:
+    """Geometric mean of the reached ratios with its 95% t interval (None below two reached seeds), and how many of
+    the seeds reached the target at all."""
+
+    geometric_mean: float | None
+    low: float | None
+    high: float | None
+    reached: int
+    seeds: int
+
+
+def summary(reaches: Sequence[Reach | None], level: float = 0.95) -> RatioSummary:
+    ratios = [r.ratio for r in reaches if r is not None and r.ratio is not None]
+    seeds = sum(r is not None for r in reaches)
+    if not ratios:
+        return RatioSummary(None, None, None, 0, seeds)
+    logs = np.log(ratios)
+    mean = float(np.exp(logs.mean()))
+    if len(logs) < 2:
+        return RatioSummary(mean, None, None, len(ratios), seeds)
+    half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+    return RatioSummary(mean, float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half)), len(ratios),
+                        seeds)
+
+
+def study_efficiency(seed_dirs: Sequence[Path]) -> dict:
+    """Per comparison of :data:`COMPARISONS`: every seed's :class:`Reach` and the :class:`RatioSummary`."""
+    out = {}
+    for name, metric, window, before in COMPARISONS:
+        reaches = [reach(d, metric, window, before) for d in seed_dirs]
+        out[name] = {"metric": metric, "per_seed": reaches, "summary": summary(reaches)}
+    return out
+
+
+def markdown(eff: dict, seeds: Sequence[int]) -> str:
+    lines = ["## Steps to the full-range model's final in-window loss", "",
+             "Ratio = the full-range model's steps / the window's steps to reach its final loss in the window (above "
+             "1: the window is faster). Geometric mean over training seeds with a 95% t interval on log ratios; per "
+             "seed, the window's steps (the detail window's include the shape window's). `–`: not reached within "
+             "the window's budget.", "", "| comparison | ratio [95% interval] | reached | per seed: steps (interval) "
+             "|", "|---|---|---|---|"]
+    for name, e in eff.items():
+        s: RatioSummary = e["summary"]
+        if s.geometric_mean is None:
+            ratio = "–"
+        elif s.low is None:
+            ratio = f"{s.geometric_mean:.2f}"
+        else:
+            ratio = f"{s.geometric_mean:.2f} [{s.low:.2f}, {s.high:.2f}]"
+        per = ", ".join(f"{seed}: –" if r is None else f"{seed}: {r.steps or '–'} of {r.full_steps} (every "
+                        f"{r.interval})" for seed, r in zip(seeds, e["per_seed"]))
+        lines.append(f"| {name} | {ratio} | {s.reached} of {s.seeds} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(eff: dict, seeds: Sequence[int]) -> dict:
+    return {name: {"metric": e["metric"], "summary": e["summary"].__dict__,
+                   "per_seed": {str(seed): (None if r is None else {**r.__dict__, "ratio": r.ratio})
+                                for seed, r in zip(seeds, e["per_seed"])}}
+            for name, e in eff.items()}
