@@ -74,7 +74,6 @@ def _settings(tmp_path, **kw) -> CapacitySettings:
     ({"widths": (48,)}, "width=48 does not divide into the UNet's 32 GroupNorm groups"),
     ({"budgets": (0,)}, "budget=0"),
     ({"skip": ("16x3",)}, "skip names 16x3, not a cell of the grid"),
-    ({"reuse": {"128x1": "x"}}, "reuse names 128x1"),
     ({"generator": ""}, "generator is required"),
 ])
 def test_bad_grids_are_refused(tmp_path, kwargs, message):
@@ -107,11 +106,14 @@ def test_reuse_takes_a_study_of_the_same_settings_only(tmp_path):
                                         "output_dir": str(seeds_study)})).record
     del record["budget"]  # written before budgets existed: budget 1
     (seeds_study / "study.json").write_text(json.dumps(record))
-    c = CapacityStudy(_settings(tmp_path, reuse={"32x1": str(seeds_study)}))
-    assert c.reused(32, 1.0).out == seeds_study
+    c = CapacityStudy(_settings(tmp_path, reuse=(str(seeds_study),)))
+    assert c.reused()[32, 1.0].out == seeds_study
     (seeds_study / "study.json").write_text(json.dumps({**record, "n": 128}))
-    with pytest.raises(SettingError, match="reuse.32x1=.*that study's n differ"):
-        c.reused(32, 1.0)
+    with pytest.raises(SettingError, match=r"reuse: .*seeds_study \(cell 32x1\): its n differ"):
+        c.reused()
+    (seeds_study / "study.json").write_text(json.dumps({**record, "width": 128}))
+    with pytest.raises(SettingError, match="is the cell 128x1, not one this study runs"):
+        c.reused()
 
 
 def test_a_grid_runs_its_cells_reads_a_reused_one_and_a_rerun_redoes_nothing(tmp_path, monkeypatch):
@@ -140,7 +142,7 @@ def test_a_grid_runs_its_cells_reads_a_reused_one_and_a_rerun_redoes_nothing(tmp
 
     monkeypatch.setattr("refiner.apps.lanes.Runner.run_lanes", fake_lanes)
     reused = tmp_path / "seeds_study"  # a finished seeds study for 32x1, one seed of two
-    s = _settings(tmp_path, widths=(16, 32), budgets=(1,), seeds=(0, 1), reuse={"32x1": str(reused)})
+    s = _settings(tmp_path, widths=(16, 32), budgets=(1,), seeds=(0, 1), reuse=(str(reused),))
     Study(SeedStudySettings(**{**s.cell(32, 1).__dict__, "output_dir": str(reused), "seeds": (0,),
                                "resume": False}), say=lambda _: None).run()
     calls.clear()

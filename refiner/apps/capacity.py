@@ -15,7 +15,7 @@ being compared.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -40,14 +40,15 @@ def cell_name(width: int, budget: float) -> str:
 @dataclass(frozen=True)
 class CapacitySettings:
     """``conf/capacity.yaml``, checked. ``widths`` and ``budgets``: distinct, each width valid for
-    :class:`SeedStudySettings` (a multiple or a divisor of 32), each budget in (0, 100]; ``skip`` and the keys of
-    ``reuse`` name cells of the grid as ``WIDTHxBUDGET`` (``64x2.5``); ``generator`` is required (one model's samples
+    :class:`SeedStudySettings` (a multiple or a divisor of 32), each budget in (0, 100]; ``skip`` names cells of the
+    grid as ``WIDTHxBUDGET`` (``64x2.5``); ``reuse`` lists finished ``bench-seeds`` study folders, each standing for
+    the cell its ``study.json`` names (checked when the study runs); ``generator`` is required (one model's samples
     for every cell). The other settings are those of ``refiner bench-seeds``."""
 
     widths: tuple[int, ...] = (16, 32, 64)
     budgets: tuple[float, ...] = (1.0, 2.5)
     skip: tuple[str, ...] = ()
-    reuse: dict = field(default_factory=dict)
+    reuse: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2)
     output_dir: str = "outputs/heads/capacity_study"
     resume: bool = False
@@ -73,11 +74,9 @@ class CapacitySettings:
             raise SettingError("generator is required: one full-range model whose samples every cell refines "
                                "(e.g. the seeds study's seed_0/full_range/checkpoints/last.ckpt)")
         names = {cell_name(w, b) for w in self.widths for b in self.budgets}
-        for key, given in (("skip", list(self.skip)), ("reuse", list(self.reuse))):
-            unknown = [c for c in given if c not in names]
-            if unknown:
-                raise SettingError(f"{key} names {', '.join(unknown)}, not a cell of the grid "
-                                   f"({', '.join(sorted(names))})")
+        unknown = [c for c in self.skip if c not in names]
+        if unknown:
+            raise SettingError(f"skip names {', '.join(unknown)}, not a cell of the grid ({', '.join(sorted(names))})")
         for w in self.widths:  # every width and budget through the seeds study's own checks, one line each
             for b in self.budgets:
                 self.cell(w, b)
@@ -109,22 +108,26 @@ class CapacityStudy:
     def check_folder(self) -> None:
         check_study_folder(self.out, MANIFEST, self.s.record(), self.s.resume, WRITTEN_BY)
 
-    def reused(self, width: int, budget: float) -> Study | None:
-        """The finished ``bench-seeds`` study ``reuse`` names for this cell, checked to have the cell's settings."""
-        path = self.s.reuse.get(cell_name(width, budget))
-        if path is None:
-            return None
-        manifest = Path(path) / "study.json"
-        if not manifest.is_file():
-            raise SettingError(f"reuse.{cell_name(width, budget)}={path}: no study.json there (not a bench-seeds study)")
-        held = {**RECORD_DEFAULTS, **json.loads(manifest.read_text())}
-        want = Study(self.s.cell(width, budget)).record
-        held["width"] = held.get("width") or self.demo_width
-        changed = sorted(k for k in want if k != "output_dir" and held.get(k) != want[k])
-        if changed:
-            raise SettingError(f"reuse.{cell_name(width, budget)}={path}: that study's "
-                               f"{', '.join(changed)} differ from this cell's")
-        return Study(replace(self.s.cell(width, budget), output_dir=str(path)), say=self.say)
+    def reused(self) -> dict[tuple[int, float], Study]:
+        """The finished ``bench-seeds`` studies of ``reuse`` by the cell their ``study.json`` names, each checked to
+        have that cell's settings (an absent width is the demo's, an absent budget 1)."""
+        out = {}
+        for path in self.s.reuse:
+            manifest = Path(path) / "study.json"
+            if not manifest.is_file():
+                raise SettingError(f"reuse: {path} holds no study.json (not a bench-seeds study)")
+            held = {**RECORD_DEFAULTS, **json.loads(manifest.read_text())}
+            cell = (int(held.get("width") or self.demo_width), float(held["budget"]))
+            if cell not in self.cells():
+                raise SettingError(f"reuse: {path} is the cell {cell_name(*cell)}, not one this study runs")
+            want = Study(self.s.cell(*cell)).record
+            held["width"] = cell[0]
+            changed = sorted(k for k in want if k != "output_dir" and held.get(k) != want[k])
+            if changed:
+                raise SettingError(f"reuse: {path} (cell {cell_name(*cell)}): its {', '.join(changed)} differ from "
+                                   "this study's")
+            out[cell] = Study(replace(self.s.cell(*cell), output_dir=str(path)), say=self.say)
+        return out
 
     def params(self, width: int) -> int:
         cfg = check_composes("train", ["experiment=demo_refiner_500_750",
@@ -134,7 +137,8 @@ class CapacityStudy:
     def run(self) -> list[dict]:
         self.check_folder()
         cells = self.cells()
-        studies = {(w, b): self.reused(w, b) or Study(self.s.cell(w, b), say=self.say) for w, b in cells}
+        reused = self.reused()
+        studies = {(w, b): reused.get((w, b)) or Study(self.s.cell(w, b), say=self.say) for w, b in cells}
         for st in studies.values():
             if str(st.out).startswith(str(self.out)):
                 st.plan()  # every command line composed and every file checked before the first training
