@@ -111,12 +111,14 @@ def study_efficiency(seed_dirs: Sequence[Path]) -> dict:
     return out
 
 
-def markdown(eff: dict, seeds: Sequence[int]) -> str:
+def markdown(eff: dict, seeds: Sequence[int], chained: bool = True) -> str:
+    """``chained``: the detail window's steps include the shape window's (the study's chain), else each window was
+    trained on its own."""
+    counted = " (the detail window's include the shape window's)" if chained else ""
     lines = ["## Steps to the full-range model's final in-window loss", "",
              "Ratio = the full-range model's steps / the window's steps to reach its final loss in the window (above "
              "1: the window is faster). Geometric mean over training seeds with a 95% t interval on log ratios; per "
-             "seed, the window's steps (the detail window's include the shape window's). `–`: not reached within "
-             "the window's budget.", "", "| comparison | ratio [95% interval] | reached | per seed: steps (interval) "
+             f"seed, the window's steps{counted}. `–`: not reached within the window's budget.", "", "| comparison | ratio [95% interval] | reached | per seed: steps (interval) "
              "|", "|---|---|---|---|"]
     for name, e in eff.items():
         s: RatioSummary = e["summary"]
