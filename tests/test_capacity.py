@@ -36,6 +36,7 @@ def test_steps_to_the_full_range_models_final_loss_by_hand(tmp_path):
     _log(seed / "refiner_500_750", "val/loss_in_250_500", {249: 0.4, 499: 0.2, 999: 0.1})
     r = efficiency.reach(seed, "val/loss_in_250_500", "refiner_500_750")
     assert (r.target, r.full_steps, r.steps, r.interval, r.ratio) == (0.2, 1600, 500, 250, 3.2)
+    assert r.final == 0.1 and r.loss_ratio == pytest.approx(0.5)
     _log(seed / "full_range", "val/loss_in_0_250", {1599: 0.05})
     _log(seed / "refiner_751_1000", "val/loss_in_0_250", {99: 0.2, 199: 0.05, 599: 0.01})
     # the shape run's last validation (after 1000 steps) is what the detail run's steps start from
@@ -48,14 +49,20 @@ def test_steps_to_the_full_range_models_final_loss_by_hand(tmp_path):
 
 
 def test_ratio_summary_is_a_geometric_mean_with_a_t_interval():
-    reaches = [efficiency.Reach(0.1, 1600, s, 50) for s in (400, 800, 1600)] + [efficiency.Reach(0.1, 1600, None, 50)]
+    reaches = [efficiency.Reach(0.1, 1600, s, 50, 0.1) for s in (400, 800, 1600)]
     s = efficiency.summary(reaches)
     logs = [math.log(4), math.log(2), 0.0]
     mean = sum(logs) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2)
     half = 4.302652729911275 * sd / math.sqrt(3)  # Student t, 2 degrees of freedom, 97.5%
-    assert s.geometric_mean == pytest.approx(2.0) and (s.reached, s.seeds) == (3, 4)
+    assert s.geometric_mean == pytest.approx(2.0) and (s.reached, s.seeds) == (3, 3)
     assert s.low == pytest.approx(math.exp(mean - half)) and s.high == pytest.approx(math.exp(mean + half))
+    assert s.loss_ratio == pytest.approx((1.0, 1.0, 1.0))
+    # a seed that never reached the target: the mean over the others stays, its interval goes (it would overstate)
+    censored = efficiency.summary([*reaches, efficiency.Reach(0.1, 1600, None, 50, 0.4)])
+    assert censored.geometric_mean == pytest.approx(2.0) and censored.low is None and (censored.reached,
+                                                                                       censored.seeds) == (3, 4)
+    assert censored.loss_ratio[0] == pytest.approx(4 ** 0.25)  # 1, 1, 1, 4: geometric mean
     one = efficiency.summary([reaches[0], None])
     assert one.geometric_mean == pytest.approx(4.0) and one.low is None and (one.reached, one.seeds) == (1, 1)
 

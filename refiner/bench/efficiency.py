@@ -39,16 +39,23 @@ FULL_RANGE = "full_range"
 @dataclass(frozen=True)
 class Reach:
     """One seed, one window: the full-range model's final loss ``target`` after ``full_steps`` steps, the window's
-    ``steps`` to reach it (None: not within its budget) and the validation interval seen."""
+    ``steps`` to reach it (None: not within its budget), the validation interval seen and the window's own
+    ``final`` loss (after all its steps, and its chain's)."""
 
     target: float
     full_steps: int
     steps: int | None
     interval: int
+    final: float = math.nan
 
     @property
     def ratio(self) -> float | None:
         return None if self.steps is None else self.full_steps / self.steps
+
+    @property
+    def loss_ratio(self) -> float:
+        """The window's final in-window loss over the full-range model's: below 1, the window ends lower."""
+        return self.final / self.target
 
 
 def _done(steps: Sequence[int]) -> list[int]:
@@ -73,33 +80,42 @@ def reach(seed_dir: str | Path, metric: str, window: str, before: Sequence[str] 
     first = first_step_at_or_below(done, losses, full_losses[-1])
     interval = min(np.diff(done)) if len(done) > 1 else done[0]
     return Reach(target=full_losses[-1], full_steps=_done(full_steps)[-1],
-                 steps=None if first is None else offset + first, interval=int(interval))
+                 steps=None if first is None else offset + first, interval=int(interval), final=losses[-1])
 
 
 @dataclass(frozen=True)
 class RatioSummary:
-    """Geometric mean of the reached ratios with its 95% t interval (None below two reached seeds), and how many of
-    the seeds reached the target at all."""
+    """Geometric mean of the step ratios of the seeds that reached the target, with its 95% t interval only when every
+    seed did (a seed that did not reach it has a ratio below ``full_steps / budget``, which a mean over the others
+    would overstate), how many reached it, and the final-loss ratio (:attr:`Reach.loss_ratio`, defined for every
+    seed) as geometric mean with its interval."""
 
     geometric_mean: float | None
     low: float | None
     high: float | None
     reached: int
     seeds: int
+    loss_ratio: tuple[float | None, float | None, float | None] = (None, None, None)
+
+
+def _geometric(values: Sequence[float], level: float) -> tuple[float | None, float | None, float | None]:
+    """Geometric mean and its t interval on logs (Student, n - 1 degrees of freedom); no interval below 2 values."""
+    if not values:
+        return None, None, None
+    logs = np.log(values)
+    if len(logs) < 2:
+        return float(np.exp(logs.mean())), None, None
+    half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+    return float(np.exp(logs.mean())), float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))
 
 
 def summary(reaches: Sequence[Reach | None], level: float = 0.95) -> RatioSummary:
-    ratios = [r.ratio for r in reaches if r is not None and r.ratio is not None]
-    seeds = sum(r is not None for r in reaches)
-    if not ratios:
-        return RatioSummary(None, None, None, 0, seeds)
-    logs = np.log(ratios)
-    mean = float(np.exp(logs.mean()))
-    if len(logs) < 2:
-        return RatioSummary(mean, None, None, len(ratios), seeds)
-    half = stats.t.ppf(0.5 + level / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
-    return RatioSummary(mean, float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half)), len(ratios),
-                        seeds)
+    present = [r for r in reaches if r is not None]
+    ratios = [r.ratio for r in present if r.ratio is not None]
+    mean, low, high = _geometric(ratios, level)
+    if len(ratios) < len(present):
+        low = high = None
+    return RatioSummary(mean, low, high, len(ratios), len(present), _geometric([r.loss_ratio for r in present], level))
 
 
 def study_efficiency(seed_dirs: Sequence[Path]) -> dict:
@@ -124,18 +140,23 @@ def markdown(eff: dict, seeds: Sequence[int], chained: bool = True) -> str:
         s: RatioSummary = e["summary"]
         if s.geometric_mean is None:
             ratio = "–"
+        elif s.low is None and s.reached < s.seeds:
+            ratio = f"{s.geometric_mean:.2f} (reached seeds only)"
         elif s.low is None:
             ratio = f"{s.geometric_mean:.2f}"
         else:
             ratio = f"{s.geometric_mean:.2f} [{s.low:.2f}, {s.high:.2f}]"
         per = ", ".join(f"{seed}: –" if r is None else f"{seed}: {r.steps or '–'} of {r.full_steps} (every "
                         f"{r.interval})" for seed, r in zip(seeds, e["per_seed"]))
-        lines.append(f"| {name} | {ratio} | {s.reached} of {s.seeds} | {per} |")
+        lm, ll, lh = s.loss_ratio
+        loss = "–" if lm is None else (f"{lm:.3f}" if ll is None else f"{lm:.3f} [{ll:.3f}, {lh:.3f}]")
+        lines.append(f"| {name} | {ratio} | {s.reached} of {s.seeds} | {loss} | {per} |")
     return "\n".join(lines) + "\n"
 
 
 def to_json(eff: dict, seeds: Sequence[int]) -> dict:
     return {name: {"metric": e["metric"], "summary": e["summary"].__dict__,
-                   "per_seed": {str(seed): (None if r is None else {**r.__dict__, "ratio": r.ratio})
+                   "per_seed": {str(seed): (None if r is None else {**r.__dict__, "ratio": r.ratio,
+                                                                    "loss_ratio": r.loss_ratio})
                                 for seed, r in zip(seeds, e["per_seed"])}}
             for name, e in eff.items()}
