@@ -132,10 +132,13 @@ def markdown(eff: dict, seeds: Sequence[int], chained: bool = True) -> str:
     trained on its own."""
     counted = " (the detail window's include the shape window's)" if chained else ""
     lines = ["## Steps to the full-range model's final in-window loss", "",
-             "Ratio = the full-range model's steps / the window's steps to reach its final loss in the window (above "
-             "1: the window is faster). Geometric mean over training seeds with a 95% t interval on log ratios; per "
-             f"seed, the window's steps{counted}. `–`: not reached within the window's budget.", "", "| comparison | ratio [95% interval] | reached | per seed: steps (interval) "
-             "|", "|---|---|---|---|"]
+             "Step ratio = the full-range model's steps / the window's steps to reach its final loss in the window "
+             "(above 1: the window is faster); geometric mean over training seeds with a 95% t interval on log "
+             f"ratios; per seed, the window's steps{counted}. `–`: not reached within the window's budget (then no "
+             "interval: those seeds' ratios are lower). Final-loss ratio = the window's final in-window loss over "
+             "the full-range model's (below 1: the window ends lower), geometric mean with its 95% t interval.", "",
+             "| comparison | step ratio [95% interval] | reached | final-loss ratio [95% interval] | per seed: steps "
+             "(validation interval) |", "|---|---|---|---|---|"]
     for name, e in eff.items():
         s: RatioSummary = e["summary"]
         if s.geometric_mean is None:
