@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-full demo-photos demo-seeds chain bench clean-demo
+.PHONY: setup test test-fast demo demo-full demo-photos demo-seeds demo-capacity chain bench clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ demo-photos: setup
 # re-run to continue after an interruption. SEEDS_ARGS: more settings of conf/seeds.yaml
 demo-seeds: demo
 	$(BIN)/python -m refiner bench-seeds resume=true $(SEEDS_ARGS)
+
+# the seeds study over UNet widths x step budgets (docs/experiments/capacity.md; many hours on 2 cores, resumable:
+# re-run to continue); the seeds study stands for the demo's own cell. CAPACITY_ARGS: more settings of conf/capacity.yaml
+demo-capacity: demo-seeds
+	$(BIN)/python -m refiner bench-capacity resume=true reuse=[outputs/heads/seeds_study] $(CAPACITY_ARGS)
 
 # train a chain on your own images (docs/reference/chain.md): make chain DATA=path/to/images [OUT=folder]
 # [ARGS="size=128 full_range=true"]; re-run the same command to continue after an interruption

@@ -219,3 +219,21 @@ def test_the_command_exits_0_after_a_study(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         app.task(cfg)
     assert exit_.value.code == 0
+
+
+def test_an_interrupted_study_exits_130_naming_the_command_that_resumes_it(tmp_path, monkeypatch, capsys):
+    from conftest import compose_config
+
+    from refiner.apps import seeds as app
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # what SIGTERM or Ctrl-C becomes while a training runs
+
+    monkeypatch.setattr(app.Study, "run", interrupted)
+    monkeypatch.setattr("sys.argv", ["refiner", "seeds=[0,1]", "resume=false", f"output_dir={tmp_path}/my study"])
+    cfg = compose_config("seeds", [f"output_dir={tmp_path / 'study'}"], tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        app.task(cfg)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted: resume with: refiner bench-seeds 'seeds=[0,1]' "
+                                               f"'output_dir={tmp_path}/my study' resume=true (finished runs are kept)")

@@ -15,12 +15,14 @@ being compared.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from refiner.apps.hydra_app import check_composes, hydra_command, resolved, settings_from
+from refiner.apps.lanes import resume_command, run_interruptible
 from refiner.apps.seeds import RECORD_DEFAULTS, SeedStudySettings, Study, check_study_folder
 from refiner.bench import capacity, efficiency
 from refiner.bench import seeds as study
@@ -182,7 +184,8 @@ def task(cfg: DictConfig) -> None:
         cells = CapacityStudy(settings(cfg)).run()
         print(capacity.markdown(cells, {"split": cfg.split, "n": cfg.n, "t_start": cfg.t_start}))
 
-    raise SystemExit(run_cli(body))
+    hint = f"resume with: {resume_command('bench-capacity', sys.argv[1:])} (finished runs are kept)"
+    raise SystemExit(run_interruptible(lambda: run_cli(body), hint))
 
 
 main = hydra_command("capacity", task)

@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from refiner.apps.chain_plan import RECORD, TITLES, TRAININGS, ChainSettings, Layout, Plan, check_commands
 from refiner.apps.hydra_app import hydra_command
-from refiner.apps.lanes import Job, JobFailed, Runner, Timing, duration, tail
+from refiner.apps.lanes import Job, JobFailed, Runner, Timing, duration, run_interruptible, tail
 from refiner.cli import run_cli
 from refiner.data.folder_split import link_split, pick_val, survey_folder, write_resized
 from refiner.data.images import scan_images
@@ -303,29 +302,22 @@ def settings(cfg: DictConfig) -> ChainSettings:
     return from_config(ChainSettings, plain)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_chain(settings_of: Callable[[], ChainSettings]) -> int:
     """The recipe with the settings ``settings_of()`` gives, under the exit-code contract: 0 done, 1 a step failed
     (the end of its log on stderr), 2 a setting or folder that cannot work (before any step) or a step that refused
     one, 130 interrupted (SIGTERM is turned into an interrupt, which stops the running steps)."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run_cli(lambda: Chain(settings_of()).run())
-    except JobFailed as err:
-        print("\n".join(f"  | {line}" for line in tail(err.log).splitlines()), file=sys.stderr)
-        print(f"error: step {err.job.name} failed (exit code {err.code}); the end of its log {err.log} is above (| "
-              "lines). Fix the cause and re-run the same command: finished steps are skipped", file=sys.stderr,
-              flush=True)
-        return 2 if err.code == 2 else 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: re-run the same command to continue (finished steps are skipped, a training resumes "
-              "from its last.ckpt)", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def body() -> int:
+        try:
+            return run_cli(lambda: Chain(settings_of()).run())
+        except JobFailed as err:
+            print("\n".join(f"  | {line}" for line in tail(err.log).splitlines()), file=sys.stderr)
+            print(f"error: step {err.job.name} failed (exit code {err.code}); the end of its log {err.log} is above "
+                  "(| lines). Fix the cause and re-run the same command: finished steps are skipped", file=sys.stderr,
+                  flush=True)
+            return 2 if err.code == 2 else 1
+
+    return run_interruptible(body, "re-run the same command to continue (finished steps are skipped, a training "
+                                   "resumes from its last.ckpt)")
 
 
 def run(cfg: DictConfig) -> int:

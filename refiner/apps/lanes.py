@@ -167,3 +167,27 @@ class Runner:
                 proc.kill()
                 proc.wait()
         self.running.clear()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_interruptible(body: Callable[[], int], hint: str) -> int:
+    """``body()`` with SIGTERM turned into an interrupt (which stops the running jobs, see the module docstring);
+    on an interrupt, print ``interrupted: <hint>`` and return 130."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {hint}", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(command: str, argv: Sequence[str]) -> str:
+    """``refiner <command> <argv>`` with ``resume=true`` (replacing any ``resume=``), quoted for a shell."""
+    args = [a for a in argv if not a.lstrip("+").startswith("resume=")]
+    return shlex.join(["refiner", command, *args, "resume=true"])
+

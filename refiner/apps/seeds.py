@@ -17,13 +17,14 @@ else, is refused before any compute unless ``resume=true`` continues the same st
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from refiner.apps.hydra_app import check_composes, hydra_command, settings_from
-from refiner.apps.lanes import Job, JobFailed, Runner, tail
+from refiner.apps.lanes import Job, JobFailed, Runner, resume_command, run_interruptible, tail
 from refiner.bench import efficiency
 from refiner.bench import seeds as study
 from refiner.cli import run_cli
@@ -256,7 +257,8 @@ def task(cfg: DictConfig) -> None:
     def body() -> None:
         Study(settings(cfg)).run()  # its return value is the aggregate, not an exit code
 
-    raise SystemExit(run_cli(body))
+    hint = f"resume with: {resume_command('bench-seeds', sys.argv[1:])} (finished runs are kept)"
+    raise SystemExit(run_interruptible(lambda: run_cli(body), hint))
 
 
 main = hydra_command("seeds", task)
