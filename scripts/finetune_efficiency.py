@@ -66,9 +66,9 @@ def main() -> int:
             print(f"seed {seed}: finetuning {', '.join(j.name for j in jobs)} from {pretrained}", flush=True)
             runner.run_lanes([jobs[::2], jobs[1::2]], threads=1)
     results = {}
-    for window, _, metric in RUNS[:2]:
+    for (window, _, metric), (name, *_) in zip(RUNS[:2], efficiency.COMPARISONS):
         reaches = [efficiency.reach(out / f"seed_{s}", metric, window) for s in a.seeds]
-        results[f"{window} ({metric})"] = {"metric": metric, "per_seed": reaches,
+        results[name] = {"metric": metric, "per_seed": reaches,
                                            "summary": efficiency.summary(reaches)}
     text = efficiency.markdown(results, a.seeds, chained=False)
     (out / "finetune.md").write_text(f"Finetuned from each seed's full-range model for {a.steps} steps "
