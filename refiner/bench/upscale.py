@@ -1,6 +1,7 @@
 """Progressive (DemoFusion-style) against direct (bicubic, then refine) upscaling on the composition benchmark:
 :func:`run` on :class:`~refiner.bench.settings.BenchSettings`, its ``upscale`` block (``refiner
-bench-upscale [overrides]`` over ``conf/bench.yaml``; issue 10).
+bench-upscale [overrides]`` over ``conf/bench.yaml``; issue 10). With ``upscale.target_sizes`` set, the command
+runs :mod:`refiner.bench.upscale_targets` instead: DemoFusion beyond the training size (issue 23).
 
 Inputs: the split's clean heads and its injected-defect heads, rendered at ``size`` and reduced x2 (PIL's box
 filter) to ``size / 2``. Every method returns ``size`` px pictures, scored by :func:`refiner.bench.methods.score`
@@ -29,6 +30,7 @@ from PIL import Image
 
 from refiner.bench.methods import BenchError, score
 from refiner.bench.report import _json_ready
+from refiner.bench import upscale_targets
 from refiner.bench.run import Models, chain_method, check_output_dir, refine_all
 from refiner.bench.settings import BenchSettings
 from refiner.bench.sources import clean_heads, injected_defects
@@ -61,7 +63,10 @@ def markdown(res: dict) -> str:
 @torch.no_grad()
 def run(settings: BenchSettings) -> dict:
     """The comparison of the module docstring on ``settings``; writes ``upscale.json`` and ``upscale.md`` into
-    ``settings.output_dir``."""
+    ``settings.output_dir``. With ``upscale.target_sizes``: the study beyond the training size instead
+    (:func:`refiner.bench.upscale_targets.run`)."""
+    if settings.upscale.target_sizes:
+        return upscale_targets.run(settings)
     s = settings
     seeds = s.split_seeds
     out_dir = Path(s.output_dir)

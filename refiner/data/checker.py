@@ -279,6 +279,34 @@ def _best_pair(eye_uv: list[tuple[float, float]], frame: HeadFrame) -> tuple[int
     return best
 
 
+# ------------------------------------------------------------------------- beyond the training size
+def count_heads(image: np.ndarray, training_size: int) -> int:
+    """How many heads a picture holds, at any size: hole-filled skin regions (4-connected) of at least
+    ``MIN_HEAD_FRAC / 4`` of a ``training_size``-px picture's area, i.e. a head drawn at half the smallest
+    scale :func:`check` counts in a training-size picture still counts.
+
+    :func:`check`'s ``one_head`` rule counts skin regions of ``MIN_HEAD_FRAC`` of *this* picture: a picture of
+    a model trained at ``training_size`` px, run at 4x that side, that repeats the head in every training-size
+    window (DemoFusion's named failure of direct sampling beyond the training size, Du et al., CVPR 2024)
+    holds 16 heads of ``1/16`` that area each, which that rule does not see as heads at all. This count does.
+    At ``training_size`` the threshold is a quarter of ``check``'s, so a picture ``check`` passes has one
+    head here too unless it also holds a smaller skin blob of head scale."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"count_heads expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    if not isinstance(training_size, (int, np.integer)) or training_size < MIN_SIZE:
+        raise ValueError(f"training_size must be an int >= {MIN_SIZE} px, got {training_size!r}")
+    min_area = MIN_HEAD_FRAC / 4 * training_size**2
+    return sum(1 for c in _components(colour_classes(image)["skin"]) if ndimage.binary_fill_holes(c).sum() >= min_area)
+
+
+def composed(image: np.ndarray, training_size: int) -> tuple[bool, int]:
+    """``(passed, heads)``: the composition verdict beyond the training size: :func:`check` passes (one head of
+    this picture's scale, elliptical, two symmetric eyes, the mouth below) *and* :func:`count_heads` finds
+    exactly one head. At ``training_size`` itself, :func:`check`'s own verdict is what the benchmark uses."""
+    heads = count_heads(image, training_size)
+    return check(image).passed and heads == 1, heads
+
+
 def check_batch(images) -> list[CheckResult]:
     return [check(np.asarray(img)) for img in images]
 
