@@ -68,6 +68,11 @@ def test_heads_repeated_at_the_training_scale_are_counted_where_the_one_head_rul
     assert composed(repeated, 64) == (False, 16)
     # check's own rule counts regions of 4% of *this* picture: none of the 16 is that large
     assert check(repeated).info.get("reason") == "no head-sized skin region"
+    yy, xx = np.mgrid[:128, :128]
+    for radius, passes in ((10, True), (15, False)):  # a skin blob without an eye: not a head (check: too small /
+        smeared = render(head_for(2, 0), 128)          # a second head-sized skin region)
+        smeared[(yy - 16) ** 2 + (xx - 16) ** 2 <= radius ** 2] = smeared[64, 64]
+        assert composed(smeared, 64) == (passes, 1) and check(smeared).rules["one_head"] == passes
     blank = np.full((128, 128, 3), (90, 140, 200), np.uint8)
     assert count_heads(blank, 64) == 0 and composed(blank, 64) == (False, 0)
     with pytest.raises(ValueError, match="training_size"):
