@@ -28,7 +28,6 @@ from refiner.data.synthetic import head_for, render
 from refiner.diffusion import ScheduleConfig, Window
 from refiner.experts import Expert
 from refiner.inference.chain import Chain
-from refiner.inference.pipeline import Pipeline, Tiling
 from refiner.inference.progressive import DemoFusionPaths, progressive_refine
 from refiner.models.unet import UNetModel, tiny_unet_params
 from refiner.models.vq import VQModel, tiny_ddconfig

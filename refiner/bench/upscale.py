@@ -24,13 +24,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from refiner.bench.methods import BenchError, score
 from refiner.bench.report import _json_ready
 from refiner.bench import upscale_targets
+from refiner.bench.upscale_targets import resize
 from refiner.bench.run import Models, chain_method, check_output_dir, refine_all
 from refiner.bench.settings import BenchSettings
 from refiner.bench.sources import clean_heads, injected_defects
@@ -41,10 +41,6 @@ from refiner.settings import to_plain
 
 WRITTEN_BY = "refiner bench.upscale"
 OUTPUT_FILES = ("upscale.json", "upscale.md")
-
-
-def _resize(images, size: int, resample) -> list[np.ndarray]:
-    return [np.asarray(Image.fromarray(img).resize((size, size), resample)) for img in images]
 
 
 def markdown(res: dict) -> str:
@@ -85,8 +81,8 @@ def run(settings: BenchSettings) -> dict:
     res = {"written_by": WRITTEN_BY, "split": s.split, "seeds": to_plain(seeds), "n": s.n, "size": s.size,
            "t_starts": t_starts, "sources": {}}
     for name, (full, truth) in sets.items():
-        small = _resize(full, s.size // 2, Image.BOX)
-        bicubic = _resize(small, s.size, Image.BICUBIC)
+        small = resize(full, s.size // 2, Image.BOX)
+        bicubic = resize(small, s.size, Image.BICUBIC)
         rows = [{"method": "bicubic", "unet_evals": 0, "seconds": 0.0,
                  **score(bicubic, bicubic, references, truth)}]
         for t in t_starts:

@@ -24,9 +24,9 @@ Methods (each regime; ``S`` is ``generator.steps`` for ``noise``, ``steps_for(t_
   For ``noise`` the ``size`` px picture is a generator sample (``S`` steps) and every phase runs the generator from
   t = T-1 over ``S`` steps, as DemoFusion's phases run the full schedule; otherwise each phase runs the chain from
   ``t_start``;
-* ``64 px, then bicubic`` (the training size, whatever ``size`` is): the ``size`` px result (the generator sample /
-  the chain's refinement at ``size``) upscaled bicubically, no model at the target size;
-* ``noise`` only, ``64 px, bicubic, then chain``: the generator sample upscaled bicubically, then refined by the
+* ``<size> px, then bicubic`` (``64 px`` for the demo): the ``size`` px result (the generator sample / the chain's
+  refinement at ``size``) upscaled bicubically, no model at the target size;
+* ``noise`` only, ``<size> px, bicubic, then chain``: the generator sample upscaled bicubically, then refined by the
   chain at the target size from each t_start. (For ``generator``/``defects`` this is ``direct`` itself: their
   inputs are ``size`` px pictures upscaled bicubically.)
 
@@ -145,9 +145,9 @@ class UNetEvals:
 
 
 # ---------------------------------------------------------------------------------------------------- study
-def bicubic(images: Sequence[np.ndarray], side: int) -> list[np.ndarray]:
-    """PIL's bicubic resize to ``side x side``."""
-    return [np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC)) for img in images]
+def resize(images: Sequence[np.ndarray], side: int, resample=Image.BICUBIC) -> list[np.ndarray]:
+    """PIL's resize to ``side x side`` (bicubic unless ``resample`` says otherwise)."""
+    return [np.asarray(Image.fromarray(img).resize((side, side), resample)) for img in images]
 
 
 def tiling_at(side0: int) -> Tiling:
@@ -223,7 +223,7 @@ class Study:
         if name == "noise":
             steps, T = s.generator.steps, self.gen.alphas_cumprod.shape[0]
             small, clean, extra, max_steps, chain_start = self.base(), None, float(s.generator.steps), T, T - 1
-            inputs = bicubic(small, target)
+            inputs = resize(small, target)
         else:
             t = int(t_start)
             steps, max_steps, chain_start, extra = steps_for(t, s.t_per_step), t + 1, t, 0.0
@@ -232,7 +232,7 @@ class Study:
             else:
                 small = injected_defects(s.n, self.seeds.images, s.size).inputs
                 clean = [render(head_for(self.seeds.images, i), target) for i in range(s.n)]
-            inputs = bicubic(small, target)
+            inputs = resize(small, target)
         budget = extra + progressive_evals(self.side0, ratio, chain_start, steps)
         direct_steps = equal_steps(budget, ratio**2, max_steps) if s.upscale.equal_evals else steps
         tile_steps = (equal_steps(budget, tiles_per_eval(side, self.side0, self.side0 // 2), max_steps)
@@ -274,7 +274,7 @@ class Study:
                     extra + t_steps * ratio**2, extra)
         else:
             add(f"{s.size} px chain, bicubic", f"{s.size} px chain, then bicubic",
-                lambda: bicubic(refine_all(self.pipeline(self.chain), small, t, s, steps=steps), target),
+                lambda: resize(refine_all(self.pipeline(self.chain), small, t, s, steps=steps), target),
                 extra + steps, extra)
         return rows, shown
 
