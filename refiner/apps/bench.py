@@ -32,17 +32,18 @@ def bench_settings(cfg: DictConfig) -> BenchSettings:
         raise SettingError(f"conf/bench.yaml: {err}") from err
 
 
-def _task(command: Callable[[BenchSettings], dict], report: str, summary: Callable[[BenchSettings, dict], str] | None
-          ) -> Callable[[DictConfig], None]:
+def _task(command: Callable[[BenchSettings], dict], report: str | Callable[[BenchSettings], str],
+          summary: Callable[[BenchSettings, dict], str] | None) -> Callable[[DictConfig], None]:
     """A Hydra task over ``conf/bench.yaml``: settings, then ``command``, then its ``report`` (a file in
-    ``output_dir``) printed, and ``summary``'s line."""
+    ``output_dir``, or a function of the settings naming it) printed, and ``summary``'s line."""
 
     def task(cfg: DictConfig) -> None:
 
         def body() -> None:
             settings = bench_settings(cfg)
             results = command(settings)
-            print((Path(settings.output_dir) / report).read_text())
+            name = report(settings) if callable(report) else report
+            print((Path(settings.output_dir) / name).read_text())
             if summary is not None:
                 print(summary(settings, results))
 
@@ -56,7 +57,8 @@ task = _task(run.run, "results.md",
 # refiner bench-artifacts: detection and targeted correction (refiner.bench.artifacts)
 artifacts_task = _task(artifacts.run, "artifacts.md", None)
 # refiner bench-upscale: progressive vs bicubic-then-refine upscaling (refiner.bench.upscale)
-upscale_task = _task(upscale.run, "upscale.md", None)
+# (with upscale.target_sizes: beyond the training size, refiner.bench.upscale_targets)
+upscale_task = _task(upscale.run, lambda s: "upscale_targets.md" if s.upscale.target_sizes else "upscale.md", None)
 main, artifacts_main, upscale_main = (hydra_command("bench", t) for t in (task, artifacts_task, upscale_task))
 
 if __name__ == "__main__":

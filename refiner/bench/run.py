@@ -167,13 +167,15 @@ def build_sources(settings: BenchSettings, seeds: SplitSeeds, sources: list[str]
 
 
 def refine_all(pipe, images: list[np.ndarray], t_start: int, settings: BenchSettings, *, starts=None,
-               allow_outside_window: bool = False) -> list[np.ndarray]:
-    """``pipe.refine_images`` over ``images`` in batches of ``settings.batch_size`` at ``steps_for(t_start)``; image
-    ``i`` keeps its index (noise ``settings.seed + i``) and, with ``starts`` ((N, H, W)), its own per-pixel starts."""
+               allow_outside_window: bool = False, steps: int | None = None) -> list[np.ndarray]:
+    """``pipe.refine_images`` over ``images`` in batches of ``settings.batch_size`` at ``steps`` DDIM steps (default
+    ``steps_for(t_start)``); image ``i`` keeps its index (noise ``settings.seed + i``) and, with ``starts``
+    ((N, H, W)), its own per-pixel starts."""
     out: list[np.ndarray] = []
+    steps = steps_for(t_start, settings.t_per_step) if steps is None else steps
     for k in range(0, len(images), settings.batch_size):
         idx = list(range(k, min(len(images), k + settings.batch_size)))
-        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps_for(t_start, settings.t_per_step),
+        refined, _ = pipe.refine_images([images[i] for i in idx], t_start, steps,
                                         seed=settings.seed, indices=idx, allow_outside_window=allow_outside_window,
                                         starts=None if starts is None else starts[idx])
         out += refined

@@ -169,18 +169,53 @@ class SwdSettings:
         return to_plain(self)
 
 
+UPSCALE_REGIMES = ("noise", "generator", "defects")
+
+
 @dataclass(frozen=True)
 class UpscaleSettings:
-    """``refiner bench-upscale`` (``upscale``): x2 from ``size / 2`` px through ``methods.chain``.
+    """``refiner bench-upscale`` (``upscale``): x2 from ``size / 2`` px through ``methods.chain``; or, with
+    ``target_sizes``, beyond the training size (:mod:`refiner.bench.upscale_targets`).
 
     Args:
-        t_starts: the t_starts both diffusion upscalers refine from, in [1, 999].
+        t_starts: the t_starts the diffusion upscalers refine from, in [1, 999].
+        target_sizes: empty: the x2 study from ``size / 2``. Else the sides, in px, to make pictures at from models
+            trained at ``size`` px: each above ``size``, ``size`` times a power of 2 (DemoFusion's x2 phases) and a
+            multiple of 8 (checked against the models' latent factor times UNet downsampling before any compute).
+        regimes: which inputs (beyond the training size): ``noise`` (generation at the target size from pure noise,
+            ``generator.experts`` at ``generator.steps``), ``generator`` and ``defects`` (the split's generator
+            samples and injected-defect heads at ``size`` px, refined into the target size through
+            ``methods.chain``).
+        equal_evals: beyond the training size, give direct and tiled sampling as many DDIM steps as make their UNet
+            evaluations (counted at the training size) equal to DemoFusion's with both paths; false: every method
+            on the same grid.
     """
 
     t_starts: tuple[int, ...] = (299, 499)
+    target_sizes: tuple[int, ...] = ()
+    regimes: tuple[str, ...] = UPSCALE_REGIMES
+    equal_evals: bool = True
 
     def __post_init__(self):
         ints("upscale.t_starts", self.t_starts, 1, NUM_TIMESTEPS - 1)
+        ints("upscale.target_sizes", self.target_sizes, 1, empty=True)
+        names("upscale.regimes", self.regimes, UPSCALE_REGIMES)
+        require_bool("upscale.equal_evals", self.equal_evals)
+
+    def check_targets(self, size: int) -> None:
+        """Each target size against the training size ``size`` (the settings' own checks; the models' latent
+        factor is :func:`refiner.bench.upscale_targets.check_latent_multiple`'s)."""
+        for target in self.target_sizes:
+            if target <= size:
+                raise BenchError(f"upscale.target_sizes: {target} px is not above the training size {size} px "
+                                 f"(size); beyond the training size means larger")
+            if target % 8:
+                raise BenchError(f"upscale.target_sizes: {target} px is not a multiple of 8, as size must be "
+                                 f"(the latent factor)")
+            ratio = target // size
+            if target % size or ratio & (ratio - 1):
+                raise BenchError(f"upscale.target_sizes: {target} px is not {size} px (size) times a power of 2; "
+                                 f"DemoFusion's phases double the side")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +295,7 @@ class BenchSettings:
             raise BenchError(f"generator.experts must name one full-range checkpoint, got "
                              f"{list(self.generator.experts)}")
         require_int("recommended_t_start", self.recommended_t_start, 1, NUM_TIMESTEPS - 1)
+        self.upscale.check_targets(self.size)
         for key in ("use_ema", "trust_checkpoint", "allow_first_stage_mismatch", "overwrite"):
             require_bool(key, getattr(self, key))
         strings("", self, ("device", "output_dir"))

@@ -1,6 +1,7 @@
 """Progressive (DemoFusion-style) against direct (bicubic, then refine) upscaling on the composition benchmark:
 :func:`run` on :class:`~refiner.bench.settings.BenchSettings`, its ``upscale`` block (``refiner
-bench-upscale [overrides]`` over ``conf/bench.yaml``; issue 10).
+bench-upscale [overrides]`` over ``conf/bench.yaml``; issue 10). With ``upscale.target_sizes`` set, the command
+runs :mod:`refiner.bench.upscale_targets` instead: DemoFusion beyond the training size (issue 23).
 
 Inputs: the split's clean heads and its injected-defect heads, rendered at ``size`` and reduced x2 (PIL's box
 filter) to ``size / 2``. Every method returns ``size`` px pictures, scored by :func:`refiner.bench.methods.score`
@@ -23,12 +24,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from refiner.bench.methods import BenchError, score
 from refiner.bench.report import _json_ready
+from refiner.bench import upscale_targets
+from refiner.bench.upscale_targets import resize
 from refiner.bench.run import Models, chain_method, check_output_dir, refine_all
 from refiner.bench.settings import BenchSettings
 from refiner.bench.sources import clean_heads, injected_defects
@@ -39,10 +41,6 @@ from refiner.settings import to_plain
 
 WRITTEN_BY = "refiner bench.upscale"
 OUTPUT_FILES = ("upscale.json", "upscale.md")
-
-
-def _resize(images, size: int, resample) -> list[np.ndarray]:
-    return [np.asarray(Image.fromarray(img).resize((size, size), resample)) for img in images]
 
 
 def markdown(res: dict) -> str:
@@ -61,7 +59,10 @@ def markdown(res: dict) -> str:
 @torch.no_grad()
 def run(settings: BenchSettings) -> dict:
     """The comparison of the module docstring on ``settings``; writes ``upscale.json`` and ``upscale.md`` into
-    ``settings.output_dir``."""
+    ``settings.output_dir``. With ``upscale.target_sizes``: the study beyond the training size instead
+    (:func:`refiner.bench.upscale_targets.run`)."""
+    if settings.upscale.target_sizes:
+        return upscale_targets.run(settings)
     s = settings
     seeds = s.split_seeds
     out_dir = Path(s.output_dir)
@@ -80,8 +81,8 @@ def run(settings: BenchSettings) -> dict:
     res = {"written_by": WRITTEN_BY, "split": s.split, "seeds": to_plain(seeds), "n": s.n, "size": s.size,
            "t_starts": t_starts, "sources": {}}
     for name, (full, truth) in sets.items():
-        small = _resize(full, s.size // 2, Image.BOX)
-        bicubic = _resize(small, s.size, Image.BICUBIC)
+        small = resize(full, s.size // 2, Image.BOX)
+        bicubic = resize(small, s.size, Image.BICUBIC)
         rows = [{"method": "bicubic", "unet_evals": 0, "seconds": 0.0,
                  **score(bicubic, bicubic, references, truth)}]
         for t in t_starts:

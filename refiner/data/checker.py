@@ -279,6 +279,44 @@ def _best_pair(eye_uv: list[tuple[float, float]], frame: HeadFrame) -> tuple[int
     return best
 
 
+# ------------------------------------------------------------------------- beyond the training size
+def count_heads(image: np.ndarray, training_size: int) -> int:
+    """How many heads a picture holds, at any size: regions (4-connected) of the hole-filled skin mask of at least
+    ``MIN_HEAD_FRAC / 4`` of a ``training_size``-px picture's area that hold at least one dark blob (an eye: at least
+    ``EYE_AREA[0]`` of a disc of radius ``EYE_RADIUS[0] * training_size / 2``, 60% of it inside the region). That is,
+    a head drawn at half the smallest scale :func:`check` counts in a training-size picture still counts; a skin
+    smear without an eye does not.
+
+    :func:`check`'s ``one_head`` rule counts skin regions of ``MIN_HEAD_FRAC`` of *this* picture: a picture of
+    a model trained at ``training_size`` px, run at 4x that side, that repeats the head in every training-size
+    window (DemoFusion's named failure of direct sampling beyond the training size, Du et al., CVPR 2024)
+    holds 16 heads of ``1/16`` that area each, which that rule does not see as heads at all. This count does."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"count_heads expects an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    if not isinstance(training_size, (int, np.integer)) or training_size < MIN_SIZE:
+        raise ValueError(f"training_size must be an int >= {MIN_SIZE} px, got {training_size!r}")
+    min_area = MIN_HEAD_FRAC / 4 * training_size**2
+    min_eye = EYE_AREA[0] * math.pi * (EYE_RADIUS[0] * training_size / 2) ** 2
+    classes = colour_classes(image)
+    regions, n = ndimage.label(ndimage.binary_fill_holes(classes["skin"]))  # the skin mask's holes (eyes) filled
+    big = np.bincount(regions.ravel(), minlength=n + 1) >= min_area
+    dark, n_dark = ndimage.label(classes["dark"])
+    # overlap[k, r]: pixels of dark blob k in skin region r; an eye is a blob of eye size with 60% in one region
+    overlap = np.bincount(dark.ravel() * (n + 1) + regions.ravel(), minlength=(n_dark + 1) * (n + 1))
+    overlap = overlap.reshape(n_dark + 1, n + 1)[1:]
+    area = overlap.sum(1)
+    eyes = (area >= min_eye)[:, None] & (overlap >= 0.6 * area[:, None])
+    return int((big & eyes.any(0))[1:].sum())
+
+
+def composed(image: np.ndarray, training_size: int) -> tuple[bool, int]:
+    """``(passed, heads)``: the composition verdict beyond the training size: :func:`check` passes (one head of
+    this picture's scale, elliptical, two symmetric eyes, the mouth below) *and* :func:`count_heads` finds
+    exactly one head. At ``training_size`` itself, :func:`check`'s own verdict is what the benchmark uses."""
+    heads = count_heads(image, training_size)
+    return check(image).passed and heads == 1, heads
+
+
 def check_batch(images) -> list[CheckResult]:
     return [check(np.asarray(img)) for img in images]
 

@@ -48,6 +48,7 @@ from refiner.data.images import PaddedImages, crop_to, pad_to_multiple, to_uint8
 from refiner.errors import SettingError
 from refiner.inference.chain import Chain
 from refiner.inference.min_size import PROBE_BLOCKS, minimum_blocks, padded_blocks
+from refiner.inference.progressive import DemoFusionPaths
 from refiner.inference.tiling import tiled_decode, tiled_decode_rows, tiled_encode
 from refiner.sampling import Callback, randn_like
 from refiner.settings import require_choice, require_int
@@ -191,10 +192,12 @@ def vq_round_trip(vq: nn.Module, images: Sequence[np.ndarray], pad_mode: str = "
 class Pipeline:
     """pad -> encode (f4) -> scale -> :meth:`Chain.refine` (or :meth:`Chain.refine_progressive` when ``upscale``
     > 1) -> unscale -> decode (f4) -> crop; ``f8`` degrades. ``tiling`` (default :class:`Tiling`, auto) decides
-    per image size whether the first stages and the UNets run on tiles (see the module docstring)."""
+    per image size whether the first stages and the UNets run on tiles (see the module docstring); ``demofusion``
+    (default: both paths) which of DemoFusion's paths the progressive phases use."""
 
     def __init__(self, f4: nn.Module, chain: Chain, f8: nn.Module | None = None, *, pad_mode: str = "reflect",
-                 device: str | torch.device = "cpu", tiling: Tiling | None = None, upscale: int = 1):
+                 device: str | torch.device = "cpu", tiling: Tiling | None = None, upscale: int = 1,
+                 demofusion: DemoFusionPaths | None = None):
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
         if upscale not in UPSCALES or isinstance(upscale, bool):
@@ -205,6 +208,7 @@ class Pipeline:
         self.tiling = (tiling or Tiling()).check(int(f4.factor), int(f8.factor) if f8 is not None else None,
                                                  chain.multiple)
         self.upscale = upscale
+        self.demofusion = demofusion or DemoFusionPaths()
         self._min_blocks: int | None = None
 
     @property
@@ -366,7 +370,7 @@ class Pipeline:
                 side = max(z.shape[-2:]) * self.upscale  # one tile covering the largest phase: not tiled
                 tiles.update(tile=side, stride=side, jitter=False)
             latent = self.chain.refine_progressive(z, upscale=self.upscale, generator=generator,
-                                                   **{**sampler, **tiles})
+                                                   **{**sampler, **tiles, **self.demofusion.kwargs()})
             return self._finish(latent, [], size)
         generator = image_generators([noise_seed])  # as in _refine_batch: q_sample noise, then the step noise
         noise = image_noise(z.shape[1:], [noise_seed], generator).to(z)

@@ -43,12 +43,17 @@ How this differs from DemoFusion, on purpose:
   whole batch tensor (it generates one image at a time).
 * The global path's sub-lattices go through the same tiled wrapper, so memory stays bounded by the
   tile when the input latent is itself larger than a tile.
+
+**Ablations** (:class:`DemoFusionPaths`): ``global_path=False`` drops step 4 (the local path alone,
+c2 = 0), ``skip_residual=False`` drops step 2 (c1 = 0): the two arms of the paper's ablation study
+of its "Skip Residual" and "Dilated Sampling" mechanisms. With neither, a phase is MultiDiffusion tiles over the
+re-noised bicubic upsampling.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -167,6 +172,39 @@ class DemoFusionModel:
 
 
 # ------------------------------------------------------------------------------------- the sampler
+@dataclass(frozen=True)
+class DemoFusionPaths:
+    """Which of DemoFusion's two additions to MultiDiffusion a progressive phase uses (Du et al., CVPR 2024: the
+    "Skip Residual" and "Dilated Sampling" mechanisms of its method section, and its ablation of both).
+
+    Args:
+        global_path: mix in the dilated global path (step 4 of the module docstring); False: local tiles alone.
+        skip_residual: mix the noised upsampled latent back in before every step (step 2); False: c1 = 0.
+    """
+
+    global_path: bool = True
+    skip_residual: bool = True
+
+    def __post_init__(self):
+        for name in ("global_path", "skip_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DemoFusionPaths.{name} must be true or false, got {getattr(self, name)!r}")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of :func:`progressive_refine`."""
+        return asdict(self)
+
+    def label(self) -> str:
+        parts = [p for p, on in (("dilated global path", self.global_path), ("skip residual", self.skip_residual))
+                 if on]
+        return " + ".join(parts) if parts else "local tiles only"
+
+    def short(self) -> str:
+        """A column title: ``DemoFusion`` with both paths, else what it lacks."""
+        missing = [p for p, on in (("global", self.global_path), ("skip", self.skip_residual)) if not on]
+        return "DemoFusion" + (f" w/o {' & '.join(missing)}" if missing else "")
+
+
 def phase_scales(upscale: int) -> list[int]:
     """Total scale of each phase: ``upscale`` 2 -> [2], 4 -> [2, 4], 8 -> [2, 4, 8]."""
     if not isinstance(upscale, int) or isinstance(upscale, bool) or upscale < 2 or upscale & (upscale - 1):
@@ -198,6 +236,8 @@ def progressive_refine(
     seed: int = 0,
     allow_outside_window: bool = False,
     return_phases: bool = False,
+    global_path: bool = True,
+    skip_residual: bool = True,
 ) -> Tensor | list[Tensor]:
     """Upscale clean latents ``z`` (B, C, h, w) by ``upscale`` in DemoFusion phases, refining with ``experts``.
 
@@ -220,6 +260,8 @@ def progressive_refine(
         generator: draws each phase's noise ``n`` (and the eta > 0 step noise).
         seed: jitter seed (phase ``k`` uses ``seed + k``; the two paths differ too).
         return_phases: return the list of every phase's result instead of the last one.
+        global_path, skip_residual: DemoFusion's two paths (:class:`DemoFusionPaths`); off, the model is the local
+            path alone / c1 = 0 (the global path's UNet evaluations are then not spent).
 
     Returns the latent (B, C, h * upscale, w * upscale) at the noise level of ``ab[0]``.
     """
@@ -238,7 +280,7 @@ def progressive_refine(
         z_up = F.interpolate(z, scale_factor=2, mode="bicubic")
         noise = torch.randn(z_up.shape, generator=generator, device=z_up.device, dtype=z_up.dtype)
 
-        def skip_residual(i, t, x, out, x0, z_up=z_up, noise=noise):
+        def add_skip_residual(i, t, x, out, x0, z_up=z_up, noise=noise):
             if i + 1 >= len(grid):
                 return None
             t_next = grid[i + 1]
@@ -250,11 +292,12 @@ def progressive_refine(
             replace(st, model=DemoFusionModel(
                 MultiDiffusion(st.model, seed=2 * (seed + k), **tiles),
                 DilatedSampling(MultiDiffusion(st.model, seed=2 * (seed + k) + 1, **tiles), s, sigma, alpha3, T),
-                alpha2, T))
+                alpha2, T) if global_path else MultiDiffusion(st.model, seed=2 * (seed + k), **tiles))
             for st in experts
         ]
         z = refine(wrapped, z_up, t_start, steps, alphas_cumprod, eta=eta, generator=generator, spacing=spacing,
-                   callback=skip_residual, allow_outside_window=allow_outside_window, noise=noise)
+                   callback=add_skip_residual if skip_residual else None, allow_outside_window=allow_outside_window,
+                   noise=noise)
         z = renormalize(z, anchor_mean, anchor_std)
         phases.append(z)
     return phases if return_phases else z
