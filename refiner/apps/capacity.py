@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -84,12 +84,11 @@ class CapacitySettings:
                 self.cell(w, b)
 
     def cell(self, width: int, budget: float) -> SeedStudySettings:
-        """The ``bench-seeds`` settings of one cell."""
-        return SeedStudySettings(
-            seeds=tuple(self.seeds), output_dir=str(Path(self.output_dir) / f"width_{width}_budget_{budget:g}"),
-            resume=True, data_dir=self.data_dir, demo=self.demo, vq_f4=self.vq_f4, vq_f8=self.vq_f8,
-            generator=self.generator, width=width, budget=budget, val_every=self.val_every, split=self.split, n=self.n,
-            t_start=self.t_start, parallel=self.parallel, bootstrap_seed=self.bootstrap_seed)
+        """The ``bench-seeds`` settings of one cell: every setting the two share, then the cell's own."""
+        shared = {f.name: getattr(self, f.name) for f in fields(SeedStudySettings) if hasattr(self, f.name)}
+        return SeedStudySettings(**{**shared, "seeds": tuple(self.seeds), "resume": True, "width": width,
+                                    "budget": budget,
+                                    "output_dir": str(Path(self.output_dir) / f"width_{width}_budget_{budget:g}")})
 
     def record(self) -> dict:
         """What defines the grid (``capacity.json``): what every cell shares. Widths, budgets and seeds may grow."""
@@ -102,6 +101,7 @@ class CapacityStudy:
         self.s, self.say = s, say
         self.out = Path(s.output_dir)
         self.demo_width = int(check_composes("train", ["experiment=demo_refiner_500_750"]).model.unet.model_channels)
+        self._size: dict[tuple[int, float], tuple[int, int]] = {}  # cell -> (UNet parameters, full-range steps)
 
     def cells(self) -> list[tuple[int, float]]:
         grid = [(w, b) for w in self.s.widths for b in self.s.budgets if cell_name(w, b) not in self.s.skip]
@@ -141,13 +141,13 @@ class CapacityStudy:
         cells = self.cells()
         reused = self.reused()
         studies = {(w, b): reused.get((w, b)) or Study(self.s.cell(w, b), say=self.say) for w, b in cells}
-        for st in studies.values():
-            if str(st.out).startswith(str(self.out)):
+        for cell, st in studies.items():
+            if cell not in reused:
                 st.plan()  # every command line composed and every file checked before the first training
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / MANIFEST, json.dumps(self.s.record(), indent=1))
         for (w, b), st in studies.items():
-            if str(st.out).startswith(str(self.out)):
+            if (w, b) not in reused:
                 self.say(f"cell width {w}, budget {b:g}x: {st.out}")
                 st.run()
             self.write([self.summary(w2, b2, studies[w2, b2]) for w2, b2 in cells])
@@ -156,10 +156,13 @@ class CapacityStudy:
     def summary(self, width: int, budget: float, st: Study) -> dict:
         finished = [s for s in self.s.seeds if st.bench_done(s)]
         results = study.read_results([st.seed_dir(s) / "bench" / "results.json" for s in finished])
-        cfg = check_composes("train", st.train_args(0, "demo_full_range",
-                                                    check_composes("train", st.train_args(0, "demo_full_range"))))
+        if (width, budget) not in self._size:  # composed once per cell, not at every rewrite of the tables
+            cfg = check_composes("train", st.train_args(0, "demo_full_range",
+                                                        check_composes("train", st.train_args(0, "demo_full_range"))))
+            self._size[width, budget] = (self.params(width), int(cfg.trainer.max_steps))
+        params, steps = self._size[width, budget]
         eff = efficiency.study_efficiency([st.seed_dir(s) for s in finished]) if finished else None
-        return {"width": width, "budget": budget, "params": self.params(width), "steps": int(cfg.trainer.max_steps),
+        return {"width": width, "budget": budget, "params": params, "steps": steps,
                 "seeds": finished, "folder": str(st.out),
                 "summary": capacity.cell_summary(results, self.s.t_start, self.s.bootstrap_seed) if results else None,
                 "efficiency": None if eff is None else efficiency.to_json(eff, finished)}
