@@ -242,3 +242,37 @@ def test_upscale_bench_compares_progressive_with_bicubic_then_refine(trained, tm
     assert "progressive + chain" in (out / "upscale.md").read_text()
     with pytest.raises(SettingError, match="multiple of 16"):
         run_upscale(_settings(world, runs, out.with_name("up2"), "size=40"))
+
+
+def test_bench_asced_reports_each_nfe_and_refuses_a_generator_that_is_not_full_range(trained, tmp_path, monkeypatch):
+    """refiner bench-asced (issue 23) on the tiny models: every detector's image- and pixel-level numbers, the score
+    trap's three groups, TTC with each detector's mask and a random one at the plain run's UNet evaluations, and the
+    chain on the finished samples at the evaluations it adds; a window as the generator is refused before compute."""
+    from refiner.bench import asced
+
+    world, runs = trained
+    out = tmp_path / "asced"
+    res = asced.run(_settings(world, runs, out, "asced.nfe=[5]", "asced.calibration_split=report"))
+    (sec,) = res["by_nfe"]
+    assert sec["nfe"] == 5 and sec["grid_below_t_correct"] == 2  # grid 999, 750, 501, 252, 3; T_c 480
+    assert not sec["calibration_in_sample"]
+    assert set(sec["detection"]) == {"asced", "asced_code"}
+    for d in sec["detection"].values():
+        assert d["image"]["n"] == 5 and 0 <= d["flagged_area"] <= 1
+    assert sec["score_trap"]["bank_t"] == [750, 501]
+    assert sum(g["pixels"] for g in sec["score_trap"]["groups"].values()) == 5 * (CROP // 4) ** 2
+    rows = {r["method"]: r for r in sec["generation"]}
+    assert rows["plain, 5 DDIM steps"]["minus_plain"]["mean"] == 0.0
+    for m in ("asced", "asced_code"):
+        assert rows[f"TTC at 480, {m}"]["unet_evals"] == 5
+        assert rows[f"TTC at 480, random mask of {m}'s area"]["masked_latent"] == pytest.approx(
+            rows[f"TTC at 480, {m}"]["masked_latent"])
+    chain_rows = [r for r in sec["generation"] if r["method"].startswith("the chain")]
+    assert [r["added_evals"] for r in chain_rows] == [2, 5]  # the grid below T_c; steps_for(480, 100)
+    assert [r["unet_evals"] for r in chain_rows] == [7, 10]
+    assert (out / "asced_score_trap.png").stat().st_size > 1000 and "## NFE 5" in (out / "asced.md").read_text()
+
+    monkeypatch.setattr(asced, "watch", lambda *a, **k: pytest.fail("compute started"))
+    with pytest.raises(SettingError, match="generator.experts must be one full-range model"):
+        asced.run(_settings(world, runs, tmp_path / "b", f"generator.experts=[{runs['shape']}]"))
+    assert not (tmp_path / "b").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+from refiner.apps.hydra_app import check_composes
 from refiner.apps.seeds import MANIFEST, SeedStudySettings, Study
 from refiner.bench import seeds as study
 from refiner.bench.intervals import Estimate, two_level_bootstrap
@@ -150,6 +151,15 @@ def test_the_plan_skips_finished_runs_and_resumes_unfinished_ones(tmp_path):
     assert plan["refiner_500_750"][1] == "done"
     assert plan["refiner_751_1000"][1] == "start" and not any(a.startswith("ckpt_path=")
                                                               for a in plan["refiner_751_1000"][0])
+    # an interrupted finetune (the detail window starts from the shape window) resumes from its own checkpoint
+    # alone: train refuses ckpt_path together with init_from
+    (runs / "refiner_751_1000" / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 300}, runs / "refiner_751_1000" / "checkpoints" / "last.ckpt")
+    args, state = {run: (args, state) for run, args, state in Study(s).plan()[3]}["refiner_751_1000"]
+    assert state == "resume" and args[-2:] == [f"ckpt_path={runs}/refiner_751_1000/checkpoints/last.ckpt",
+                                               "init_from=null"]
+    cfg = check_composes("train", args)
+    assert cfg.init_from is None and cfg.ckpt_path.endswith("refiner_751_1000/checkpoints/last.ckpt")
     assert plan["full_range"] == ([*plan["full_range"][0][:-1], f"ckpt_path={runs}/full_range/checkpoints/last.ckpt"],
                                   "resume")
     assert "seed=3" in plan["full_range"][0] and f"paths.demo_outputs={runs}" in plan["full_range"][0]
@@ -237,3 +247,15 @@ def test_an_interrupted_study_exits_130_naming_the_command_that_resumes_it(tmp_p
     assert exit_.value.code == 130
     assert capsys.readouterr().err.strip() == (f"interrupted: resume with: refiner bench-seeds 'seeds=[0,1]' "
                                                f"'output_dir={tmp_path}/my study' resume=true (finished runs are kept)")
+
+
+def test_an_interrupted_finetune_prints_a_resume_command_without_its_init_from(monkeypatch, tmp_path):
+    """train refuses ckpt_path with init_from; the detail window's experiment sets init_from itself, so the printed
+    command must unset it."""
+    from refiner.apps.train import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["refiner train", "experiment=demo_refiner_751_1000", "init_from=/a/shape.ckpt"])
+    ckpt = tmp_path / "last.ckpt"
+    assert resume_command(ckpt, finetune=True) == (f"refiner train experiment=demo_refiner_751_1000 "
+                                                   f"ckpt_path={ckpt} init_from=null")
+    assert resume_command(ckpt).endswith(f"experiment=demo_refiner_751_1000 ckpt_path={ckpt}")

@@ -1,5 +1,5 @@
 """The quality benchmark's commands over ``conf/bench.yaml``: ``refiner bench`` (``python -m refiner.bench``),
-``refiner bench-artifacts`` and ``refiner bench-upscale`` (also ``python -m refiner <command>``), each with Hydra
+``refiner bench-artifacts``, ``refiner bench-upscale`` and ``refiner bench-asced`` (also ``python -m refiner <command>``), each with Hydra
 overrides.
 
 This is the one place the benchmark's Hydra config is read: :func:`bench_settings` turns the composed config into
@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from refiner.apps.hydra_app import hydra_command, settings_from
-from refiner.bench import artifacts, run, upscale
+from refiner.bench import artifacts, asced, run, upscale
 from refiner.bench.settings import BenchSettings
 from refiner.cli import run_cli
 from refiner.errors import SettingError
@@ -59,7 +59,10 @@ artifacts_task = _task(artifacts.run, "artifacts.md", None)
 # refiner bench-upscale: progressive vs bicubic-then-refine upscaling (refiner.bench.upscale)
 # (with upscale.target_sizes: beyond the training size, refiner.bench.upscale_targets)
 upscale_task = _task(upscale.run, lambda s: "upscale_targets.md" if s.upscale.target_sizes else "upscale.md", None)
-main, artifacts_main, upscale_main = (hydra_command("bench", t) for t in (task, artifacts_task, upscale_task))
+# refiner bench-asced: ASCED at its own operating point (refiner.bench.asced)
+asced_task = _task(asced.run, "asced.md", None)
+main, artifacts_main, upscale_main, asced_main = (hydra_command("bench", t)
+                                                  for t in (task, artifacts_task, upscale_task, asced_task))
 
 if __name__ == "__main__":
     main()

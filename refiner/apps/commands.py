@@ -10,6 +10,7 @@
 | ``bench`` | the composition benchmark (quality: artifact rates) | Hydra overrides of ``conf/bench.yaml`` |
 | ``bench-artifacts`` | the benchmark's artifact detection and targeted correction | the same |
 | ``bench-upscale`` | the benchmark's upscaling comparison | the same |
+| ``bench-asced`` | ASCED's detection and correction during generation, at its own NFE | the same |
 | ``bench-seeds`` | the benchmark over several training seeds, with intervals | Hydra overrides of ``conf/seeds.yaml`` |
 | ``bench-capacity`` | the seeds study over UNet widths and step budgets | Hydra overrides of ``conf/capacity.yaml`` |
 | ``export`` | window checkpoints -> ``.safetensors``, a diffusers folder or a peft adapter | ``--help`` |
@@ -39,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("refiner.apps.bench", "main", "the composition benchmark: artifact rates per method and source"),
     "bench-artifacts": ("refiner.apps.bench", "artifacts_main", "benchmark of artifact detection and targeted fixes"),
     "bench-upscale": ("refiner.apps.bench", "upscale_main", "benchmark of progressive vs bicubic-then-refine upscaling"),
+    "bench-asced": ("refiner.apps.bench", "asced_main", "ASCED's detection and correction during generation at NFE 25/50"),
     "bench-seeds": ("refiner.apps.seeds", "main", "the benchmark over several training seeds, with intervals"),
     "bench-capacity": ("refiner.apps.capacity", "main", "the seeds study over UNet widths and step budgets"),
     "export": ("refiner.apps.export", "main", "export window experts (safetensors, diffusers, peft)"),

@@ -203,8 +203,8 @@ class Study:
                 args = self.train_args(seed, experiment, check_composes("train", self.train_args(seed, experiment)))
                 cfg = check_composes("train", args)
                 state, last = self.training_state(seed, run, int(cfg.trainer.max_steps))
-                if state == "resume":
-                    args = [*args, f"ckpt_path={last}"]
+                if state == "resume":  # the checkpoint holds the weights: a finetune resumes without init_from
+                    args = [*args, f"ckpt_path={last}", *(["init_from=null"] if cfg.get("init_from") else [])]
                 plans[seed].append((run, args, state))
             check_composes("bench", self.bench_args(seed))
         return plans

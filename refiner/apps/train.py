@@ -285,7 +285,7 @@ def run(cfg: DictConfig) -> dict:
         if interrupt.path is None:
             raise
     if interrupt.path is not None:
-        raise Interrupted(interrupt, trainer.is_global_zero)
+        raise Interrupted(interrupt, trainer.is_global_zero, finetune=bool(cfg.get("init_from")))
 
     ckpt_cb = trainer.checkpoint_callback
     result = {
@@ -304,23 +304,25 @@ class Interrupted(SystemExit):
     """Training stopped by SIGTERM/SIGINT after saving ``last.ckpt``: exit 128 + signal (143, 130), after one line
     (rank 0) naming the checkpoint and the command that resumes from it."""
 
-    def __init__(self, interrupt: InterruptCheckpoint, announce: bool = True):
+    def __init__(self, interrupt: InterruptCheckpoint, announce: bool = True, finetune: bool = False):
         super().__init__(128 + int(interrupt.signal))
         if announce:
             print(f"interrupted by {interrupt.signal.name} at step {interrupt.step}: saved {interrupt.path}; resume "
-                  f"with: {resume_command(interrupt.path)}", file=sys.stderr, flush=True)
+                  f"with: {resume_command(interrupt.path, finetune)}", file=sys.stderr, flush=True)
 
 
-def resume_command(ckpt: Path) -> str:
+def resume_command(ckpt: Path, finetune: bool = False) -> str:
     """The command line of this run with ``ckpt_path=<ckpt>`` and Hydra's run dir pinned to this run's folder (so the
-    resumed run writes beside the interrupted one), as it can be pasted into a shell."""
+    resumed run writes beside the interrupted one), as it can be pasted into a shell. A ``finetune`` (``init_from``
+    set, perhaps by its experiment) resumes with ``init_from=null``: the checkpoint holds the weights, and train
+    refuses both at once."""
     prog = sys.argv[0]
     head = ["python", prog] if prog.endswith(".py") else prog.split()
     pinned = ("ckpt_path=", "hydra.run.dir=", "init_from=")  # resume replaces finetuning
     args = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(pinned)]
     if HydraConfig.initialized():
         args.append(f"hydra.run.dir={HydraConfig.get().runtime.output_dir}")
-    return shlex.join([*head, *args, f"ckpt_path={Path(ckpt).absolute()}"])
+    return shlex.join([*head, *args, f"ckpt_path={Path(ckpt).absolute()}", *(["init_from=null"] if finetune else [])])
 
 
 def task(cfg: DictConfig) -> None:

@@ -49,6 +49,34 @@ class TtcSettings:
 
 
 @dataclass(frozen=True)
+class AscedSettings:
+    """``refiner bench-asced`` (``asced``; :mod:`refiner.bench.asced`): ASCED at its own operating point, the
+    generator sampled with ``nfe`` DDIM steps. The detectors, ``T_c``, the bank's top, gamma and the correction's
+    eta are ``artifacts.ttc``'s (:class:`TtcSettings`): one place for ASCED's settings.
+
+    Args:
+        nfe: DDIM steps of the generator's sampling, each >= 1 (the paper's 25 and, as its sec. 7.1 check, 50); the
+            score bank must hold at least two changes at each.
+        calibration_split: the split (a key of ``seeds``) whose samples fix each detector's image-level severity
+            threshold (the best balanced accuracy there); the numbers are reported on ``split``. The same split
+            twice makes the thresholded numbers in-sample (the ROC AUC never depends on a threshold).
+        random_masks: also correct with a random latent mask of each image's flagged area, per detector: the
+            control that says whether the place a detector flags matters.
+    """
+
+    nfe: tuple[int, ...] = (25, 50)
+    calibration_split: str = "tune"
+    random_masks: bool = True
+
+    def __post_init__(self):
+        ints("asced.nfe", self.nfe, 1, NUM_TIMESTEPS)
+        if not isinstance(self.calibration_split, str) or not self.calibration_split:
+            raise BenchError(f"asced.calibration_split must be a split name, got {self.calibration_split!r}")
+        if not isinstance(self.random_masks, bool):
+            raise BenchError(f"asced.random_masks must be true or false, got {self.random_masks!r}")
+
+
+@dataclass(frozen=True)
 class PastePoint:
     """One paste-back point (``artifacts.paste_back.points[i]``; :mod:`refiner.artifacts.composite`): the refinement
     ``onto`` kept only inside ``region``, grown by ``grow`` px and feathered outward over ``feather`` px, the input's

@@ -119,6 +119,29 @@ def detection_quality(pipe, sets, settings: BenchSettings, probe_steps: int) -> 
 
 
 # ------------------------------------------------------------------------------------------- 2. generation + TTC
+def watching_recorder(chain, settings: BenchSettings, methods) -> StepRecorder:
+    """A recorder of what ``methods`` (``artifacts.ttc`` detectors) read over the bank ``(t_correct, t_detect]``."""
+    a = settings.artifacts.ttc
+    return StepRecorder(chain.alphas_cumprod, chain.experts[0].weights.parameterization, t_low=a.t_correct,
+                        t_high=a.t_detect, keep_scores="asced" in methods, keep_x0="asced_code" in methods)
+
+
+def detect_from_recorder(method: str, rec: StepRecorder, chain, f4, settings: BenchSettings) -> Detection:
+    """ASCED's detection during generation from what ``rec`` saw: ``asced`` (the paper's score bank) or
+    ``asced_code`` (the public code's rule on the decoded x0 predictions)."""
+    a = settings.artifacts.ttc
+    if method == "asced":
+        return asced_paper_mask(rec.timesteps, rec.scores, t_correct=a.t_correct, t_detect=a.t_detect,
+                                factor=int(f4.factor))
+    decoded = [f4.decode(z / chain.scale_factor).clamp(-1, 1) for z in rec.x0]
+    return pixel_change_mask(decoded, factor=int(f4.factor))
+
+
+def correction_noise(seeds: SplitSeeds, idx: list[int]) -> torch.Generator:
+    """The fresh noise of TTC for the batch of images ``idx`` (every corrected generation draws the same)."""
+    return torch.Generator().manual_seed(seeds.generator + idx[0] + 7)
+
+
 @torch.no_grad()
 def generate_with_ttc(models: Models, settings: BenchSettings, seeds: SplitSeeds, method: str
                       ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -130,19 +153,11 @@ def generate_with_ttc(models: Models, settings: BenchSettings, seeds: SplitSeeds
     corrections: list[tuple[int, TrajectoryCorrection]] = []
 
     def callback_for(idx: list[int], grid: list[int]):
-        rec = StepRecorder(chain.alphas_cumprod, param, t_low=a.t_correct, t_high=a.t_detect,
-                           keep_scores=method == "asced", keep_x0=method != "asced")
-
-        def mask_fn():
-            if method == "asced":
-                return asced_paper_mask(rec.timesteps, rec.scores, t_correct=a.t_correct, t_detect=a.t_detect,
-                                        factor=f4.factor).latent
-            decoded = [f4.decode(z / chain.scale_factor).clamp(-1, 1) for z in rec.x0]
-            return pixel_change_mask(decoded, factor=f4.factor).latent
-
-        ttc = TrajectoryCorrection(grid, chain.alphas_cumprod, mask_fn, a.t_correct, gamma=float(a.gamma),
-                                   correction_eta=float(a.correction_eta), parameterization=param,
-                                   generator=torch.Generator().manual_seed(seeds.generator + idx[0] + 7))
+        rec = watching_recorder(chain, settings, [method])
+        ttc = TrajectoryCorrection(grid, chain.alphas_cumprod,
+                                   lambda: detect_from_recorder(method, rec, chain, f4, settings).latent,
+                                   a.t_correct, gamma=float(a.gamma), correction_eta=float(a.correction_eta),
+                                   parameterization=param, generator=correction_noise(seeds, idx))
         corrections.append((len(idx), ttc))
         return chain_callbacks([rec, ttc])
 

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from refiner.bench.artifact_settings import ArtifactsSettings
+from refiner.bench.artifact_settings import ArtifactsSettings, AscedSettings
 from refiner.bench.checks import NUM_TIMESTEPS, BenchError, ints, names, strings
 from refiner.bench.sources import SOURCES
 from refiner.data.synthetic import MIN_SIZE
@@ -238,6 +238,7 @@ class BenchSettings:
         efficiency: the training runs of ``efficiency.png`` (:class:`EfficiencySettings`); None: no such section.
         artifacts: ``bench-artifacts`` (:class:`ArtifactsSettings`).
         upscale: ``bench-upscale`` (:class:`UpscaleSettings`).
+        asced: ``bench-asced`` (:class:`~refiner.bench.artifact_settings.AscedSettings`).
         grid_images: rows per source in ``comparison_grid.png``, >= 0.
         batch_size: images per batch, >= 1.
         seed: refinement noise: image ``i`` gets its q_sample noise from ``seed + i`` (as ``refine.py``), >= 0.
@@ -265,6 +266,7 @@ class BenchSettings:
     efficiency: EfficiencySettings | None = None
     artifacts: ArtifactsSettings = ArtifactsSettings()
     upscale: UpscaleSettings = UpscaleSettings()
+    asced: AscedSettings = AscedSettings()
     grid_images: int = 4
     batch_size: int = 64
     seed: int = 0
@@ -296,6 +298,9 @@ class BenchSettings:
                              f"{list(self.generator.experts)}")
         require_int("recommended_t_start", self.recommended_t_start, 1, NUM_TIMESTEPS - 1)
         self.upscale.check_targets(self.size)
+        if self.asced.calibration_split not in self.seeds:
+            raise BenchError(f"asced.calibration_split must be one of {sorted(self.seeds)}, got "
+                             f"{self.asced.calibration_split!r}")
         for key in ("use_ema", "trust_checkpoint", "allow_first_stage_mismatch", "overwrite"):
             require_bool(key, getattr(self, key))
         strings("", self, ("device", "output_dir"))
