@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.3,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo demo-full demo-photos demo-seeds demo-capacity chain bench clean-demo
+.PHONY: setup test test-fast demo demo-full demo-photos demo-seeds demo-capacity demo-regimes chain bench clean-demo
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ demo-seeds: demo
 # re-run to continue); the seeds study stands for the demo's own cell. CAPACITY_ARGS: more settings of conf/capacity.yaml
 demo-capacity: demo-seeds
 	$(BIN)/python -m refiner bench-capacity resume=true reuse=[outputs/heads/seeds_study] $(CAPACITY_ARGS)
+
+# ASCED and DemoFusion in their own regimes (docs/experiments/asced.md, docs/experiments/upscaling.md). Both need a
+# generator whose samples are mostly well formed; the demo's breaks 94%. A 64-channel full-range model at 4000 steps
+# (about 25 min on 2 cores; 23% broken at 25 DDIM steps) is one; then bench-asced, and bench-upscale generating at
+# 128 px from noise. Re-run to continue an interrupted training.
+STRONG := outputs/heads/full_range_w64
+demo-regimes: demo
+	$(BIN)/python -m refiner train experiment=demo_full_range model.unet.model_channels=64 trainer.max_steps=4000 \
+	  hydra.run.dir=$(STRONG) $(if $(wildcard $(STRONG)/checkpoints/last.ckpt),ckpt_path=$(STRONG)/checkpoints/last.ckpt)
+	$(BIN)/python -m refiner bench-asced split=holdout n=256 "generator.experts=[$(STRONG)/checkpoints/last.ckpt]" \
+	  output_dir=outputs/heads/bench_asced
+	$(BIN)/python -m refiner bench-upscale split=holdout n=64 "upscale.target_sizes=[128]" "upscale.regimes=[noise]" \
+	  "generator.experts=[$(STRONG)/checkpoints/last.ckpt]" output_dir=outputs/heads/bench_upscale_regime
 
 # train a chain on your own images (docs/reference/chain.md): make chain DATA=path/to/images [OUT=folder]
 # [ARGS="size=128 full_range=true"]; re-run the same command to continue after an interruption

@@ -276,3 +276,15 @@ def test_bench_asced_reports_each_nfe_and_refuses_a_generator_that_is_not_full_r
     with pytest.raises(SettingError, match="generator.experts must be one full-range model"):
         asced.run(_settings(world, runs, tmp_path / "b", f"generator.experts=[{runs['shape']}]"))
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_upscale_beyond_the_training_size_refuses_a_generator_that_is_not_full_range(trained, tmp_path,
+                                                                                          monkeypatch):
+    from refiner.bench import upscale_targets
+
+    world, runs = trained
+    monkeypatch.setattr(upscale_targets, "Study", lambda *a, **k: pytest.fail("compute started"))
+    with pytest.raises(SettingError, match="generator.experts must be one full-range model"):
+        upscale_targets.run(_settings(world, runs, tmp_path / "b", f"upscale.target_sizes=[{2 * CROP}]",
+                                      "upscale.regimes=[noise]", f"generator.experts=[{runs['shape']}]"))
+    assert not (tmp_path / "b").exists()
