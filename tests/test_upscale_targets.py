@@ -123,6 +123,22 @@ def test_the_ablations_change_the_result_and_each_has_its_label():
         DemoFusionPaths(global_path=1)
 
 
+def test_demofusions_cosine_scale_and_blur_are_swept_with_both_paths_and_change_the_result():
+    up = SimpleNamespace(ablations=False, alpha1=(3.0, 1.0), sigma=(1.0, 2.0))
+    assert [p.short() for p in upscale_targets.variants(up)] == [
+        "DemoFusion", "DemoFusion (alpha1 3, sigma 2)", "DemoFusion (alpha1 1, sigma 1)",
+        "DemoFusion (alpha1 1, sigma 2)"]
+    up = SimpleNamespace(ablations=True, alpha1=(1.0,), sigma=(1.0,))   # the ablations at the first of each list
+    assert [p.alpha1 for p in upscale_targets.variants(up)] == [1.0] * 4
+    unet, z = tiny_unet(2), torch.randn(1, 3, 8, 8)
+    outs = [progressive_refine([Expert(unet, Window(0, 1000))], z, 999, 3, AC, upscale=2, tile=8, jitter=False,
+                               generator=torch.Generator().manual_seed(0), **DemoFusionPaths(alpha1=a, sigma=g).kwargs())
+            for a, g in ((3.0, 1.0), (1.0, 1.0), (3.0, 2.0))]
+    assert not torch.allclose(outs[0], outs[1], atol=1e-6) and not torch.allclose(outs[0], outs[2], atol=1e-6)
+    with pytest.raises(ValueError, match="alpha1 must be a number > 0"):
+        DemoFusionPaths(alpha1=0)
+
+
 def test_check_latent_multiple_names_the_size_that_does_not_fit():
     check_latent_multiple(64, [128, 256], 4, 4)
     with pytest.raises(BenchError, match=r"upscale.target_sizes: 80 px is not a multiple of 32, the f4 factor 4 "):
@@ -155,6 +171,19 @@ def test_bad_target_sizes_are_one_error_line_and_exit_2_before_any_model_loads(t
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line) and not out, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, line", [
+    ("upscale.alpha1=[3,0]", "error: upscale.alpha1 must be a non-empty list of numbers > 0, got (3, 0)"),
+    ("upscale.sigma=[]", "error: upscale.sigma must be a non-empty list of numbers > 0, got ()"),
+])
+def test_bad_demofusion_knobs_are_one_error_line_before_any_model_loads(override, line, tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(bench_run.Models, "__init__", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        apps_bench.upscale_task(_compose(tmp_path, "upscale.target_sizes=[128]", override))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
 
 
 def test_a_target_the_models_latents_do_not_fit_is_refused_after_loading_before_any_compute(tmp_path, capsys,

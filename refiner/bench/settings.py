@@ -189,18 +189,32 @@ class UpscaleSettings:
         equal_evals: beyond the training size, give direct and tiled sampling as many DDIM steps as make their UNet
             evaluations (counted at the training size) equal to DemoFusion's with both paths; false: every method
             on the same grid.
+        ablations: beyond the training size, also DemoFusion without its global path, its skip residual, or both.
+        alpha1: beyond the training size, DemoFusion (both paths) with each of these skip-residual cosine scales
+            (its ``cosine_scale_1``; 3 is its default, smaller keeps the upsampled layout longer); > 0.
+        sigma: ... and each of these global-path blurs (its ``sigma``; 1.0 is its default); > 0. The ablations run
+            at the first of each list.
     """
 
     t_starts: tuple[int, ...] = (299, 499)
     target_sizes: tuple[int, ...] = ()
     regimes: tuple[str, ...] = UPSCALE_REGIMES
     equal_evals: bool = True
+    ablations: bool = True
+    alpha1: tuple[float, ...] = (3.0,)
+    sigma: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
         ints("upscale.t_starts", self.t_starts, 1, NUM_TIMESTEPS - 1)
         ints("upscale.target_sizes", self.target_sizes, 1, empty=True)
         names("upscale.regimes", self.regimes, UPSCALE_REGIMES)
         require_bool("upscale.equal_evals", self.equal_evals)
+        require_bool("upscale.ablations", self.ablations)
+        for key in ("alpha1", "sigma"):
+            values = getattr(self, key)
+            if not isinstance(values, tuple) or not values or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values):
+                raise BenchError(f"upscale.{key} must be a non-empty list of numbers > 0, got {values!r}")
 
     def check_targets(self, size: int) -> None:
         """Each target size against the training size ``size`` (the settings' own checks; the models' latent

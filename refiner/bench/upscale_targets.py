@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -75,6 +76,16 @@ WRITTEN_BY = "refiner bench.upscale_targets"
 RECORD = "upscale_targets.json"
 ABLATIONS = (DemoFusionPaths(True, True), DemoFusionPaths(False, True), DemoFusionPaths(True, False),
              DemoFusionPaths(False, False))
+
+
+def variants(up) -> list[DemoFusionPaths]:
+    """The progressive methods of ``up`` (:class:`~refiner.bench.settings.UpscaleSettings`): the ablations (or both
+    paths alone) at the first ``alpha1`` and ``sigma``, then both paths at every other pair of them."""
+    a0, s0 = float(up.alpha1[0]), float(up.sigma[0])
+    out = [replace(p, alpha1=a0, sigma=s0) for p in (ABLATIONS if up.ablations else ABLATIONS[:1])]
+    out += [DemoFusionPaths(True, True, float(a), float(g)) for a in up.alpha1 for g in up.sigma
+            if (float(a), float(g)) != (a0, s0)]
+    return out
 
 
 def output_files(target_sizes: Sequence[int]) -> tuple[str, ...]:
@@ -260,7 +271,7 @@ class Study:
                 lambda: refine_all(self.pipeline(self.chain, tiled=True), inputs, t, s, steps=tile_steps),
                 tile_steps * tiles_per_eval(side, self.side0, self.side0 // 2), 0.0)
         chain = self.gen if name == "noise" else self.chain
-        for paths in ABLATIONS:
+        for paths in variants(s.upscale):
             add(paths.short(), f"progressive: {paths.label()} ({steps} steps/phase)",
                 lambda paths=paths: refine_all(self.pipeline(chain, ratio, paths=paths), small, chain_start, s,
                                                steps=steps),

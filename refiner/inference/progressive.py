@@ -180,29 +180,44 @@ class DemoFusionPaths:
     Args:
         global_path: mix in the dilated global path (step 4 of the module docstring); False: local tiles alone.
         skip_residual: mix the noised upsampled latent back in before every step (step 2); False: c1 = 0.
+        alpha1: the skip residual's cosine scale, ``c1 = cos_factor ** alpha1`` (DemoFusion's ``cosine_scale_1``,
+            3): smaller keeps more of the upsampled layout for longer; > 0.
+        sigma: the global path's blur, std ``sigma * c3`` (DemoFusion's ``sigma``, 1.0); > 0.
     """
 
     global_path: bool = True
     skip_residual: bool = True
+    alpha1: float = 3.0
+    sigma: float = 1.0
 
     def __post_init__(self):
         for name in ("global_path", "skip_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DemoFusionPaths.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("alpha1", "sigma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"DemoFusionPaths.{name} must be a number > 0, got {value!r}")
 
     def kwargs(self) -> dict:
         """Keyword arguments of :func:`progressive_refine`."""
         return asdict(self)
 
+    def knobs(self) -> str:
+        """`` (alpha1 a, sigma s)`` when either differs from DemoFusion's defaults, else empty."""
+        if (self.alpha1, self.sigma) == (3.0, 1.0):
+            return ""
+        return f" (alpha1 {self.alpha1:g}, sigma {self.sigma:g})"
+
     def label(self) -> str:
         parts = [p for p, on in (("dilated global path", self.global_path), ("skip residual", self.skip_residual))
                  if on]
-        return " + ".join(parts) if parts else "local tiles only"
+        return (" + ".join(parts) if parts else "local tiles only") + self.knobs()
 
     def short(self) -> str:
         """A column title: ``DemoFusion`` with both paths, else what it lacks."""
         missing = [p for p, on in (("global", self.global_path), ("skip", self.skip_residual)) if not on]
-        return "DemoFusion" + (f" w/o {' & '.join(missing)}" if missing else "")
+        return "DemoFusion" + (f" w/o {' & '.join(missing)}" if missing else "") + self.knobs()
 
 
 def phase_scales(upscale: int) -> list[int]:
