@@ -53,7 +53,7 @@ demo-capacity: demo-seeds
 
 # ASCED and DemoFusion in their own regimes (docs/experiments/asced.md, docs/experiments/upscaling.md). Both need a
 # generator whose samples are mostly well formed; the demo's breaks 94%. A 64-channel full-range model at 4000 steps
-# (about 25 min on 2 cores; 23% broken at 25 DDIM steps) is one; then bench-asced, and bench-upscale generating at
+# (about 25 min on 2 cores; 47% broken at 25 DDIM steps) is one; then bench-asced, and bench-upscale generating at
 # 128 px from noise. Re-run to continue an interrupted training.
 STRONG := outputs/heads/full_range_w64
 demo-regimes: demo
