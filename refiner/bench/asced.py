@@ -77,9 +77,12 @@ def generation_grid(nfe: int, num_timesteps: int = 1000) -> list[int]:
 
 
 def check_bank(settings: BenchSettings) -> None:
-    """Each NFE's grid must put at least two points in the bank ``(t_correct, t_detect]`` (one score change) and one
-    at or below ``t_correct``; refused with one line before anything loads."""
+    """The calibration split must exist, and each NFE's grid must put at least two points in the bank ``(t_correct,
+    t_detect]`` (one score change) and one at or below ``t_correct``; refused with one line before anything loads."""
     a = settings.artifacts.ttc
+    if settings.asced.calibration_split not in settings.seeds:
+        raise BenchError(f"asced.calibration_split must be one of {sorted(settings.seeds)}, got "
+                         f"{settings.asced.calibration_split!r}")
     if not settings.artifacts.ttc.detectors:
         raise BenchError("artifacts.ttc.detectors is empty: name the detectors to study (asced, asced_code)")
     for nfe in settings.asced.nfe:

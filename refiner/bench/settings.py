@@ -312,9 +312,6 @@ class BenchSettings:
                              f"{list(self.generator.experts)}")
         require_int("recommended_t_start", self.recommended_t_start, 1, NUM_TIMESTEPS - 1)
         self.upscale.check_targets(self.size)
-        if self.asced.calibration_split not in self.seeds:
-            raise BenchError(f"asced.calibration_split must be one of {sorted(self.seeds)}, got "
-                             f"{self.asced.calibration_split!r}")
         for key in ("use_ema", "trust_checkpoint", "allow_first_stage_mismatch", "overwrite"):
             require_bool(key, getattr(self, key))
         strings("", self, ("device", "output_dir"))
