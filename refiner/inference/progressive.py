@@ -204,8 +204,8 @@ class DemoFusionPaths:
         return asdict(self)
 
     def knobs(self) -> str:
-        """`` (alpha1 a, sigma s)`` when either differs from DemoFusion's defaults, else empty."""
-        if (self.alpha1, self.sigma) == (3.0, 1.0):
+        """`` (alpha1 a, sigma s)`` when either differs from DemoFusion's defaults (this class's), else empty."""
+        if (self.alpha1, self.sigma) == (DemoFusionPaths.alpha1, DemoFusionPaths.sigma):
             return ""
         return f" (alpha1 {self.alpha1:g}, sigma {self.sigma:g})"
 
